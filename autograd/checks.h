@@ -1,0 +1,54 @@
+// Argument checks shared by the ops. Each throws cnx::Error with a message that starts with
+// the op's name and shows the tensors involved as dtype[shape] device, e.g.
+//   "linear: weight f32[5, 3] cpu must have 4 columns, the last dimension of x f32[2, 4] cpu"
+#pragma once
+
+#include <initializer_list>
+#include <string>
+#include <utility>
+
+#include "tensor/tensor.h"
+
+namespace cnx::check {
+
+inline void defined(const char* op, const char* name, const Tensor& t) {
+  CNX_CHECK(t.defined(), op, ": ", name, " is undefined");
+}
+
+inline void rank(const char* op, const char* name, const Tensor& t, int r) {
+  defined(op, name, t);
+  CNX_CHECK(t.rank() == r, op, ": ", name, " ", t.str(), " must have rank ", r);
+}
+
+inline void min_rank(const char* op, const char* name, const Tensor& t, int r) {
+  defined(op, name, t);
+  CNX_CHECK(t.rank() >= r, op, ": ", name, " ", t.str(), " must have rank ", r, " or more");
+}
+
+// t must have exactly `expected`; `why` says where the expectation comes from.
+inline void shape(const char* op, const char* name, const Tensor& t, const Shape& expected,
+                  const std::string& why) {
+  defined(op, name, t);
+  CNX_CHECK(t.shape() == expected, op, ": ", name, " ", t.str(), " must have shape ",
+            expected.str(), " (", why, ")");
+}
+
+inline void floating(const char* op, const char* name, const Tensor& t) {
+  defined(op, name, t);
+  CNX_CHECK(t.dtype() == DType::f32 || t.dtype() == DType::f64, op, ": ", name, " ", t.str(),
+            " must be f32 or f64");
+}
+
+// Every defined tensor in `others` has the dtype and the device of `ref`.
+inline void same_kind(const char* op, std::pair<const char*, const Tensor&> ref,
+                      std::initializer_list<std::pair<const char*, const Tensor&>> others) {
+  for (const auto& [name, t] : others) {
+    if (!t.defined()) continue;
+    CNX_CHECK(t.dtype() == ref.second.dtype(), op, ": ", name, " ", t.str(), " and ", ref.first,
+              " ", ref.second.str(), " differ in dtype");
+    CNX_CHECK(t.device() == ref.second.device(), op, ": ", name, " ", t.str(), " and ", ref.first,
+              " ", ref.second.str(), " are on different devices");
+  }
+}
+
+}  // namespace cnx::check

@@ -1,0 +1,70 @@
+// The differentiable ops of ConvNeXt. Each is recorded on the autograd tape when grad mode is
+// on and an input requires grad. All activations are NHWC; (..., C) means any leading shape.
+// Every op validates its arguments and throws cnx::Error naming the op and the shapes.
+// Implementation: one file per op in autograd/ops/, with the Function's forward and backward
+// side by side; the math lives in kernels/<op>.h.
+#pragma once
+
+#include "tensor/tensor.h"
+
+namespace cnx {
+
+// ---- convolutions ----------------------------------------------------------------------------
+// Patchify conv: a k x k kernel with stride k and no padding (the 4x4/4 stem, the 2x2/2
+// downsampling). x (N, H, W, Ci), weight (Co, k, k, Ci), bias (Co) or undefined
+// -> (N, H/k, W/k, Co), sizes floored as in PyTorch (9x9 with k=2 gives 4x4).
+Tensor patchify_conv(const Tensor& x, const Tensor& weight, const Tensor& bias);
+
+// Depthwise conv, odd k, padding k/2, stride 1 (ConvNeXt: 7x7).
+// x (N, H, W, C), weight (k, k, C), bias (C) or undefined -> (N, H, W, C).
+Tensor dwconv(const Tensor& x, const Tensor& weight, const Tensor& bias);
+
+// ---- normalisation and pointwise layers ------------------------------------------------------
+// LayerNorm over the last dimension: (x - mean) / sqrt(var + eps) * weight + bias, with the
+// biased variance. x (..., C), weight (C), bias (C). ConvNeXt uses eps = 1e-6.
+Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps = 1e-6);
+
+// x W^T + b over the last dimension: x (..., K), weight (N, K), bias (N) or undefined
+// -> (..., N). The pointwise 1x1 convs of a block and the classifier head.
+Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias);
+
+// GELU, exact erf form: x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2)). Any shape.
+Tensor gelu(const Tensor& x);
+
+// Layer scale: x (..., C) times gamma (C), per channel.
+Tensor layer_scale(const Tensor& x, const Tensor& gamma);
+
+// ---- drop path (stochastic depth) ------------------------------------------------------------
+// Per-sample multipliers for drop path: scale[n] = 1/keep_prob with probability keep_prob,
+// else 0, with keep_prob = 1 - drop_prob, drawn in order n = 0..N-1 from `gen` on the host (so
+// that every device drops the same samples). Returns a (N) tensor of `dtype` on `device`.
+Tensor drop_path_scale(int64_t N, double drop_prob, Generator& gen, DType dtype = DType::f32,
+                       Device device = Device::cpu());
+// x (N, ...) times scale[n] for each sample n. `scale` is a constant (no gradient).
+Tensor drop_path(const Tensor& x, const Tensor& scale);
+// Training: draws the scale from `gen` and applies it. Identity (returns x, draws nothing)
+// when !training or drop_prob == 0.
+Tensor drop_path(const Tensor& x, double drop_prob, bool training, Generator& gen);
+
+// ---- elementwise and reductions --------------------------------------------------------------
+Tensor add(const Tensor& a, const Tensor& b);  // same shape: the residual connection
+Tensor mul(const Tensor& a, const Tensor& b);  // same shape, elementwise
+Tensor sum(const Tensor& x);                   // all elements -> one-element tensor, shape []
+// Same elements, another shape of the same numel.
+Tensor reshape(const Tensor& x, const Shape& shape);
+// Mean over H and W: x (N, H, W, C) -> (N, C).
+Tensor global_avg_pool(const Tensor& x);
+
+// ---- losses ----------------------------------------------------------------------------------
+// Softmax cross-entropy with hard labels, mean over the batch. logits (N, K) floating,
+// labels (N) i64 in [0, K). With label smoothing s the target is (1 - s) one_hot + s / K.
+Tensor cross_entropy(const Tensor& logits, const Tensor& labels, double label_smoothing = 0.0);
+// Softmax cross-entropy with soft targets (Mixup/CutMix), mean over the batch:
+// mean_n sum_k -targets[n, k] * log_softmax(logits)[n, k]. logits, targets (N, K).
+Tensor soft_cross_entropy(const Tensor& logits, const Tensor& targets);
+
+// ---- not recorded ----------------------------------------------------------------------------
+// dst += src in place (same shape, dtype, device). Used for gradient accumulation.
+void add_(Tensor& dst, const Tensor& src);
+
+}  // namespace cnx

@@ -1,0 +1,75 @@
+// layer_norm over the last dimension (kernels/layernorm.h). Saves x, weight, and the per-row
+// mean and rstd that the forward computed.
+#include "autograd/checks.h"
+#include "autograd/dispatch.h"
+#include "autograd/function.h"
+#include "autograd/ops.h"
+#include "kernels/layernorm.h"
+
+namespace cnx {
+
+class LayerNorm final : public Function {
+ public:
+  const char* name() const override { return "layer_norm"; }
+
+  // ---- forward ----
+  static Tensor apply(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps) {
+    const char* op = "layer_norm";
+    check::floating(op, "x", x);
+    check::min_rank(op, "x", x, 1);
+    check::same_kind(op, {"x", x}, {{"weight", weight}, {"bias", bias}});
+    const int64_t C = x.dim(-1);
+    CNX_CHECK(C > 0, op, ": x ", x.str(), " has no channels");
+    check::shape(op, "weight", weight, Shape{C}, "the channels of x " + x.str());
+    check::shape(op, "bias", bias, Shape{C}, "the channels of x " + x.str());
+    CNX_CHECK(eps > 0, op, ": eps must be positive, got ", eps);
+    const int64_t rows = x.numel() / C;
+    Tensor out = Tensor::empty(x.shape(), x.dtype(), x.device());
+    Tensor mean = Tensor::empty(Shape{rows}, x.dtype(), x.device());
+    Tensor rstd = Tensor::empty(Shape{rows}, x.dtype(), x.device());
+    dispatch(op, x, [&](auto tag) {
+      using T = decltype(tag);
+      cpu::layernorm_forward<T>(out.data<T>(), mean.data<T>(), rstd.data<T>(), x.data<T>(),
+                                weight.data<T>(), bias.data<T>(), rows, C, eps);
+    });
+    if (wants_grad({x, weight, bias})) {
+      auto fn = std::make_shared<LayerNorm>();
+      fn->x_ = x.detach();
+      fn->weight_ = weight.detach();
+      fn->mean_ = mean;
+      fn->rstd_ = rstd;
+      record(fn, out, {x, weight, bias});
+    }
+    return out;
+  }
+
+  // ---- backward ----
+  std::vector<Tensor> backward(const Tensor& grad_out) override {
+    const int64_t C = x_.dim(-1), rows = x_.numel() / C;
+    Tensor dx, dw, db;
+    if (needs_input_grad(0)) dx = Tensor::empty(x_.shape(), x_.dtype(), x_.device());
+    if (needs_input_grad(1)) dw = Tensor::empty(Shape{C}, x_.dtype(), x_.device());
+    if (needs_input_grad(2)) db = Tensor::empty(Shape{C}, x_.dtype(), x_.device());
+    dispatch("layer_norm backward", x_, [&](auto tag) {
+      using T = decltype(tag);
+      cpu::layernorm_backward<T>(ptr_or_null<T>(dx), ptr_or_null<T>(dw), ptr_or_null<T>(db),
+                                 grad_out.data<T>(), x_.data<T>(), weight_.data<T>(),
+                                 mean_.data<T>(), rstd_.data<T>(), rows, C);
+    });
+    return {dx, dw, db};
+  }
+
+ protected:
+  void release_saved() override { x_ = weight_ = mean_ = rstd_ = Tensor(); }
+
+ private:
+  Tensor x_;           // saved: (..., C)
+  Tensor weight_;      // saved: (C)
+  Tensor mean_, rstd_;  // saved: (rows) statistics from the forward
+};
+
+Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps) {
+  return LayerNorm::apply(x, weight, bias, eps);
+}
+
+}  // namespace cnx

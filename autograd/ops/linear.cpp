@@ -1,0 +1,79 @@
+// linear: x (..., K) W^T + b, W (N, K), b (N) (kernels/linear.h); the leading dimensions of x
+// are flattened into M rows. Saves x (for dweight) and weight (for dx), each only when needed.
+#include "autograd/checks.h"
+#include "autograd/dispatch.h"
+#include "autograd/function.h"
+#include "autograd/ops.h"
+#include "kernels/linear.h"
+
+namespace cnx {
+
+class Linear final : public Function {
+ public:
+  const char* name() const override { return "linear"; }
+
+  // ---- forward ----
+  static Tensor apply(const Tensor& x, const Tensor& weight, const Tensor& bias) {
+    const char* op = "linear";
+    check::floating(op, "x", x);
+    check::min_rank(op, "x", x, 1);
+    check::rank(op, "weight", weight, 2);
+    check::same_kind(op, {"x", x}, {{"weight", weight}, {"bias", bias}});
+    const int64_t K = x.dim(-1), N = weight.dim(0);
+    CNX_CHECK(weight.dim(1) == K, op, ": weight ", weight.str(), " must have ", K,
+              " columns, the last dimension of x ", x.str());
+    if (bias.defined()) check::shape(op, "bias", bias, Shape{N}, "the rows of weight " + weight.str());
+    const int64_t M = K ? x.numel() / K : 0;
+    std::vector<int64_t> out_dims = x.shape().vec();
+    out_dims.back() = N;
+    Tensor out = Tensor::empty(Shape(out_dims), x.dtype(), x.device());
+    dispatch(op, x, [&](auto tag) {
+      using T = decltype(tag);
+      cpu::linear_forward<T>(out.data<T>(), x.data<T>(), weight.data<T>(), ptr_or_null<T>(bias),
+                             M, K, N);
+    });
+    if (wants_grad({x, weight, bias})) {
+      auto fn = std::make_shared<Linear>();
+      if (weight.requires_grad()) fn->x_ = x.detach();
+      if (x.requires_grad()) fn->weight_ = weight.detach();
+      fn->x_shape_ = x.shape();
+      fn->M_ = M;
+      fn->K_ = K;
+      fn->N_ = N;
+      record(fn, out, {x, weight, bias});
+    }
+    return out;
+  }
+
+  // ---- backward ----
+  std::vector<Tensor> backward(const Tensor& grad_out) override {
+    const DType dt = grad_out.dtype();
+    const Device dev = grad_out.device();
+    Tensor dx, dw, db;
+    if (needs_input_grad(0)) dx = Tensor::empty(x_shape_, dt, dev);
+    if (needs_input_grad(1)) dw = Tensor::empty(Shape{N_, K_}, dt, dev);
+    if (needs_input_grad(2)) db = Tensor::empty(Shape{N_}, dt, dev);
+    dispatch("linear backward", grad_out, [&](auto tag) {
+      using T = decltype(tag);
+      cpu::linear_backward<T>(ptr_or_null<T>(dx), ptr_or_null<T>(dw), ptr_or_null<T>(db),
+                              grad_out.data<T>(), ptr_or_null<T>(x_), ptr_or_null<T>(weight_), M_,
+                              K_, N_);
+    });
+    return {dx, dw, db};
+  }
+
+ protected:
+  void release_saved() override { x_ = weight_ = Tensor(); }
+
+ private:
+  Tensor x_;       // saved: (..., K), for dweight
+  Tensor weight_;  // saved: (N, K), for dx
+  Shape x_shape_;
+  int64_t M_ = 0, K_ = 0, N_ = 0;
+};
+
+Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
+  return Linear::apply(x, weight, bias);
+}
+
+}  // namespace cnx

@@ -1,0 +1,80 @@
+// patchify_conv: k x k, stride k, no padding (kernels/patchify.h). k is weight.dim(1).
+// Saves x (for dweight) and weight (for dx), each only when needed.
+#include "autograd/checks.h"
+#include "autograd/dispatch.h"
+#include "autograd/function.h"
+#include "autograd/ops.h"
+#include "kernels/patchify.h"
+
+namespace cnx {
+
+class PatchifyConv final : public Function {
+ public:
+  const char* name() const override { return "patchify_conv"; }
+
+  // ---- forward ----
+  static Tensor apply(const Tensor& x, const Tensor& weight, const Tensor& bias) {
+    const char* op = "patchify_conv";
+    check::floating(op, "x", x);
+    check::rank(op, "x", x, 4);
+    check::rank(op, "weight", weight, 4);
+    check::same_kind(op, {"x", x}, {{"weight", weight}, {"bias", bias}});
+    const int64_t N = x.dim(0), H = x.dim(1), W = x.dim(2), Ci = x.dim(3);
+    const int64_t Co = weight.dim(0), k = weight.dim(1);
+    CNX_CHECK(k >= 1, op, ": weight ", weight.str(), " has kernel size ", k);
+    check::shape(op, "weight", weight, Shape{Co, k, k, Ci},
+                 "(Co, k, k, Ci) with Ci the channels of x " + x.str());
+    if (bias.defined()) check::shape(op, "bias", bias, Shape{Co}, "Co of weight " + weight.str());
+    const int64_t Ho = H / k, Wo = W / k;
+    CNX_CHECK(Ho > 0 && Wo > 0, op, ": x ", x.str(), " is smaller than the ", k, "x", k,
+              " patch of weight ", weight.str());
+    Tensor out = Tensor::empty(Shape{N, Ho, Wo, Co}, x.dtype(), x.device());
+    dispatch(op, x, [&](auto tag) {
+      using T = decltype(tag);
+      cpu::patchify_forward<T>(out.data<T>(), x.data<T>(), weight.data<T>(), ptr_or_null<T>(bias),
+                               N, H, W, Ci, Co, k);
+    });
+    if (wants_grad({x, weight, bias})) {
+      auto fn = std::make_shared<PatchifyConv>();
+      if (weight.requires_grad()) fn->x_ = x.detach();
+      if (x.requires_grad()) fn->weight_ = weight.detach();
+      fn->x_shape_ = x.shape();
+      fn->w_shape_ = weight.shape();
+      record(fn, out, {x, weight, bias});
+    }
+    return out;
+  }
+
+  // ---- backward ----
+  std::vector<Tensor> backward(const Tensor& grad_out) override {
+    const int64_t N = x_shape_[0], H = x_shape_[1], W = x_shape_[2], Ci = x_shape_[3];
+    const int64_t Co = w_shape_[0], k = w_shape_[1];
+    const DType dt = grad_out.dtype();
+    const Device dev = grad_out.device();
+    Tensor dx, dw, db;
+    if (needs_input_grad(0)) dx = Tensor::empty(x_shape_, dt, dev);
+    if (needs_input_grad(1)) dw = Tensor::empty(w_shape_, dt, dev);
+    if (needs_input_grad(2)) db = Tensor::empty(Shape{Co}, dt, dev);
+    dispatch("patchify_conv backward", grad_out, [&](auto tag) {
+      using T = decltype(tag);
+      cpu::patchify_backward<T>(ptr_or_null<T>(dx), ptr_or_null<T>(dw), ptr_or_null<T>(db),
+                                grad_out.data<T>(), ptr_or_null<T>(x_), ptr_or_null<T>(weight_),
+                                N, H, W, Ci, Co, k);
+    });
+    return {dx, dw, db};
+  }
+
+ protected:
+  void release_saved() override { x_ = weight_ = Tensor(); }
+
+ private:
+  Tensor x_;        // saved: (N, H, W, Ci), for dweight
+  Tensor weight_;   // saved: (Co, k, k, Ci), for dx
+  Shape x_shape_, w_shape_;
+};
+
+Tensor patchify_conv(const Tensor& x, const Tensor& weight, const Tensor& bias) {
+  return PatchifyConv::apply(x, weight, bias);
+}
+
+}  // namespace cnx

@@ -1,0 +1,16 @@
+// GELU, the exact erf form used by the paper's model (not the tanh approximation):
+//
+//   out = x * Phi(x) = 0.5 * x * (1 + erf(x / sqrt(2)))
+//   dout/dx = Phi(x) + x * phi(x),   phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
+//
+// Elementwise over n values. Backward needs the input.
+#pragma once
+
+#include <cstdint>
+
+namespace cnx::cpu {
+
+template <class T> void gelu_forward(T* out, const T* in, int64_t n);
+template <class T> void gelu_backward(T* din, const T* dout, const T* in, int64_t n);
+
+}  // namespace cnx::cpu

@@ -1,0 +1,21 @@
+// Layer scale: a learned per-channel multiplier on a block's output (init 1e-6 in ConvNeXt).
+//
+//   out[r, c] = in[r, c] * gamma[c]
+//   din[r, c] = dout[r, c] * gamma[c],   dgamma[c] = sum_r dout[r, c] * in[r, c]
+//
+// Layouts: in, out (rows, C) with rows = N*H*W, gamma (C). Backward needs in and gamma.
+#pragma once
+
+#include <cstdint>
+
+namespace cnx::cpu {
+
+template <class T>
+void layer_scale_forward(T* out, const T* in, const T* gamma, int64_t rows, int64_t C);
+
+// Writes each gradient whose pointer is non-null: din (rows, C), dgamma (C).
+template <class T>
+void layer_scale_backward(T* din, T* dgamma, const T* dout, const T* in, const T* gamma,
+                          int64_t rows, int64_t C);
+
+}  // namespace cnx::cpu

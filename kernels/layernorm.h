@@ -1,0 +1,27 @@
+// LayerNorm over the channel (last) dimension of `rows` rows of C values (channels-last
+// activations are rows = N*H*W; the head's norm is rows = N):
+//
+//   mean = sum_c x_c / C,   var = sum_c (x_c - mean)^2 / C   (biased),   rstd = 1/sqrt(var + eps)
+//   xhat_c = (x_c - mean) * rstd,   out_c = xhat_c * weight_c + bias_c
+//
+// Forward saves mean and rstd per row (statistics accumulate in double on the CPU).
+// Backward, with g_c = dout_c * weight_c:
+//   din_c = rstd * (g_c - mean_c'(g) - xhat_c * mean_c'(g * xhat))
+//   dweight_c = sum_rows dout_c * xhat_c,   dbias_c = sum_rows dout_c
+#pragma once
+
+#include <cstdint>
+
+namespace cnx::cpu {
+
+// out, in (rows, C); weight, bias (C); mean, rstd (rows) are written for backward.
+template <class T>
+void layernorm_forward(T* out, T* mean, T* rstd, const T* in, const T* weight, const T* bias,
+                       int64_t rows, int64_t C, double eps);
+
+// Writes each gradient whose pointer is non-null: din (rows, C), dweight (C), dbias (C).
+template <class T>
+void layernorm_backward(T* din, T* dweight, T* dbias, const T* dout, const T* in, const T* weight,
+                        const T* mean, const T* rstd, int64_t rows, int64_t C);
+
+}  // namespace cnx::cpu

@@ -1,0 +1,35 @@
+#include "tensor/device.h"
+
+#include <cstdlib>
+
+#include "tensor/cuda_memory.h"
+#include "tensor/error.h"
+
+namespace cnx {
+
+Device Device::parse(const std::string& s) {
+  if (s == "cpu") return cpu();
+  if (s == "cuda") return cuda(0);
+  if (s.rfind("cuda:", 0) == 0 && s.size() > 5) {
+    char* end = nullptr;
+    long i = std::strtol(s.c_str() + 5, &end, 10);
+    if (*end == '\0' && i >= 0 && i < 1024) return cuda(static_cast<int>(i));
+  }
+  fail("device: expected cpu, cuda or cuda:N, got '", s, "'");
+}
+
+#ifndef CNX_CUDA
+// ---- CPU-only build: every CUDA service says so ---------------------------------------------
+bool cuda_built() { return false; }
+int cuda_device_count() { return 0; }
+
+[[noreturn]] static void no_cuda(const char* what) {
+  fail(what, ": this build has no CUDA backend (nvcc was not found at configure time)");
+}
+void* cuda_malloc(int64_t, Device) { no_cuda("cuda_malloc"); }
+void cuda_free(void*, Device) noexcept {}
+void cuda_copy(void*, Device, const void*, Device, int64_t) { no_cuda("cuda_copy"); }
+void cuda_zero(void*, Device, int64_t) { no_cuda("cuda_zero"); }
+#endif
+
+}  // namespace cnx

@@ -1,0 +1,185 @@
+// The autograd engine: shared inputs, the residual, accumulation, no-grad, freeing the graph.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <numbers>
+
+#include "autograd/function.h"
+#include "autograd/ops.h"
+#include "tests/gradcheck.h"
+
+using namespace cnx;
+using cnx::test::expect_close;
+using cnx::test::expect_error;
+using cnx::test::from_doubles;
+using cnx::test::values;
+
+TEST(Autograd, LeafGradientOfSum) {
+  auto x = from_doubles({2, 3}, {1, 2, 3, 4, 5, 6}).set_requires_grad(true);
+  sum(x).backward();
+  EXPECT_EQ(values(x.grad()), std::vector<double>(6, 1.0));
+}
+
+TEST(Autograd, SharedInputGradientsAdd) {
+  // y = sum(x * x): x feeds both inputs of mul, so dy/dx = 2x.
+  auto x = from_doubles({4}, {1, -2, 3, 0.5}).set_requires_grad(true);
+  sum(mul(x, x)).backward();
+  EXPECT_EQ(values(x.grad()), (std::vector<double>{2, -4, 6, 1}));
+}
+
+TEST(Autograd, ResidualBranchAndSkipBothContribute) {
+  // y = sum(x + gelu(x)) as in a block: dy/dx = 1 + gelu'(x).
+  const std::vector<double> xs{-1.5, -0.2, 0.0, 0.7, 2.0};
+  auto x = from_doubles({5}, xs).set_requires_grad(true);
+  sum(add(x, gelu(x))).backward();
+  std::vector<double> want;
+  for (double v : xs) {
+    const double cdf = 0.5 * (1 + std::erf(v / std::sqrt(2.0)));
+    const double pdf = std::exp(-0.5 * v * v) / std::sqrt(2 * std::numbers::pi);
+    want.push_back(1 + cdf + v * pdf);
+  }
+  expect_close("residual", values(x.grad()), want, 1e-14, 1e-14);
+}
+
+TEST(Autograd, IntermediateUsedTwiceInDiamond) {
+  // h = gelu(x); y = sum(h * h + h): the engine must sum both consumers of h before going on.
+  const std::vector<double> xs{0.3, -0.8, 1.1};
+  auto x = from_doubles({3}, xs).set_requires_grad(true);
+  auto h = gelu(x);
+  sum(add(mul(h, h), h)).backward();
+  std::vector<double> want;
+  for (double v : xs) {
+    const double cdf = 0.5 * (1 + std::erf(v / std::sqrt(2.0)));
+    const double pdf = std::exp(-0.5 * v * v) / std::sqrt(2 * std::numbers::pi);
+    const double hv = v * cdf, dh = cdf + v * pdf;
+    want.push_back((2 * hv + 1) * dh);
+  }
+  expect_close("diamond", values(x.grad()), want, 1e-14, 1e-14);
+}
+
+TEST(Autograd, GradientsAccumulateAcrossBackwardCalls) {
+  auto w = from_doubles({3}, {1, 2, 3}).set_requires_grad(true);
+  auto x = from_doubles({3}, {4, 5, 6});
+  sum(mul(w, x)).backward();
+  sum(mul(w, x)).backward();  // a new graph: parameter gradients add up (+=)
+  EXPECT_EQ(values(w.grad()), (std::vector<double>{8, 10, 12}));
+  w.set_grad({});
+  EXPECT_FALSE(w.grad().defined());
+}
+
+TEST(Autograd, InputsWithoutRequiresGradGetNoGradient) {
+  auto w = from_doubles({2}, {1, 2}).set_requires_grad(true);
+  auto x = from_doubles({2}, {3, 4});
+  auto y = mul(w, x);
+  EXPECT_TRUE(y.requires_grad());
+  EXPECT_FALSE(y.is_leaf());
+  EXPECT_STREQ(y.grad_fn()->name(), "mul");
+  EXPECT_TRUE(y.grad_fn()->needs_input_grad(0));
+  EXPECT_FALSE(y.grad_fn()->needs_input_grad(1));
+  sum(y).backward();
+  EXPECT_EQ(values(w.grad()), (std::vector<double>{3, 4}));
+  EXPECT_FALSE(x.grad().defined());
+}
+
+TEST(Autograd, NoGradScopeRecordsNothing) {
+  auto w = from_doubles({2}, {1, 2}).set_requires_grad(true);
+  {
+    NoGradGuard guard;
+    EXPECT_FALSE(grad_enabled());
+    auto y = sum(mul(w, w));
+    EXPECT_FALSE(y.requires_grad());
+    EXPECT_EQ(y.grad_fn(), nullptr);
+    expect_error([&] { y.backward(); }, {"backward", "does not require grad"});
+  }
+  EXPECT_TRUE(grad_enabled());  // restored
+  EXPECT_TRUE(sum(mul(w, w)).requires_grad());
+}
+
+TEST(Autograd, GraphIsFreedAfterBackward) {
+  auto x = from_doubles({3}, {1, 2, 3}).set_requires_grad(true);
+  auto h = gelu(x);
+  auto loss = sum(mul(h, h));
+  std::weak_ptr<Function> gelu_fn = h.grad_fn();
+  ASSERT_FALSE(gelu_fn.expired());
+  loss.backward();
+  EXPECT_TRUE(loss.grad_fn()->released());
+  EXPECT_TRUE(h.grad_fn()->released());
+  EXPECT_TRUE(loss.grad_fn()->edges().empty());  // edges dropped: nothing upstream is kept
+  expect_error([&] { loss.backward(); }, {"backward", "freed", "run the forward again"});
+  // The saved input of gelu (a view of x) is gone: x's storage is held only by x again.
+  EXPECT_EQ(x.impl_ptr().use_count(), 1);
+  h = Tensor();
+  loss = Tensor();
+  EXPECT_TRUE(gelu_fn.expired());  // the whole tape is gone once the outputs are dropped
+}
+
+TEST(Autograd, BackwardNeedsOneElement) {
+  auto x = from_doubles({2}, {1, 2}).set_requires_grad(true);
+  expect_error([&] { gelu(x).backward(); }, {"backward", "one-element", "f64[2] cpu"});
+}
+
+TEST(Autograd, BackwardOfALeafSeedsItsGradient) {
+  auto x = from_doubles({}, {3}).set_requires_grad(true);
+  x.backward();
+  EXPECT_EQ(values(x.grad()), std::vector<double>{1});
+}
+
+TEST(Autograd, DetachCutsTheGraph) {
+  auto x = from_doubles({2}, {1, 2}).set_requires_grad(true);
+  auto d = gelu(x).detach();
+  EXPECT_FALSE(d.requires_grad());
+  EXPECT_EQ(d.grad_fn(), nullptr);
+}
+
+TEST(Autograd, DeepChainDoesNotOverflowTheStack) {
+  // 20000 ops in a row: the topological sort is iterative.
+  auto x = from_doubles({1}, {0.5}).set_requires_grad(true);
+  Tensor h = x;
+  for (int i = 0; i < 20000; ++i) h = add(h, x);
+  sum(h).backward();
+  EXPECT_EQ(values(x.grad()), std::vector<double>{20001});
+}
+
+TEST(Autograd, DroppingADeepUnusedGraphDoesNotOverflowTheStack) {
+  auto x = from_doubles({1}, {0.5}).set_requires_grad(true);
+  Tensor h = x;
+  for (int i = 0; i < 100000; ++i) h = gelu(h);
+  std::weak_ptr<Function> last = h.grad_fn();
+  h = Tensor();  // no backward: the whole chain is destroyed here
+  EXPECT_TRUE(last.expired());
+}
+
+TEST(Autograd, LeafGradIsNotAliasedWithUpstreamBuffers) {
+  // add passes its incoming gradient through unchanged; the leaf must still own its .grad,
+  // so accumulating a later backward into it cannot change what another leaf received.
+  auto a = from_doubles({2}, {1, 2}).set_requires_grad(true);
+  auto b = from_doubles({2}, {3, 4}).set_requires_grad(true);
+  sum(add(a, b)).backward();
+  sum(add(a, a)).backward();  // a.grad += 2
+  EXPECT_EQ(values(a.grad()), (std::vector<double>{3, 3}));
+  EXPECT_EQ(values(b.grad()), (std::vector<double>{1, 1}));
+}
+
+TEST(Autograd, GradcheckThroughAComposedBlock) {
+  // A miniature ConvNeXt block on a 1x3x5x4 input: dwconv -> LN -> linear -> GELU -> linear ->
+  // layer scale -> + residual, checked end to end against finite differences.
+  Generator g(11);
+  auto x = Tensor::randn({1, 3, 5, 4}, g, DType::f64).set_requires_grad(true);
+  auto dw_w = Tensor::randn({3, 3, 4}, g, DType::f64, Device::cpu(), 0, 0.5).set_requires_grad(true);
+  auto dw_b = Tensor::randn({4}, g, DType::f64).set_requires_grad(true);
+  auto ln_w = Tensor::randn({4}, g, DType::f64, Device::cpu(), 1, 0.2).set_requires_grad(true);
+  auto ln_b = Tensor::randn({4}, g, DType::f64, Device::cpu(), 0, 0.2).set_requires_grad(true);
+  auto w1 = Tensor::randn({8, 4}, g, DType::f64, Device::cpu(), 0, 0.5).set_requires_grad(true);
+  auto b1 = Tensor::randn({8}, g, DType::f64).set_requires_grad(true);
+  auto w2 = Tensor::randn({4, 8}, g, DType::f64, Device::cpu(), 0, 0.5).set_requires_grad(true);
+  auto b2 = Tensor::randn({4}, g, DType::f64).set_requires_grad(true);
+  auto gamma = Tensor::randn({4}, g, DType::f64, Device::cpu(), 1, 0.2).set_requires_grad(true);
+  auto block = [](const std::vector<Tensor>& p) {
+    Tensor h = dwconv(p[0], p[1], p[2]);
+    h = layer_norm(h, p[3], p[4], 1e-6);
+    h = gelu(linear(h, p[5], p[6]));
+    h = layer_scale(linear(h, p[7], p[8]), p[9]);
+    return add(p[0], h);
+  };
+  cnx::test::expect_gradients_match("block", block, {x, dw_w, dw_b, ln_w, ln_b, w1, b1, w2, b2, gamma});
+}
