@@ -20,6 +20,7 @@ void layernorm_forward(T* out, T* mean, T* rstd, const T* in, const T* weight, c
                        int64_t rows, int64_t C, double eps);
 
 // Writes each gradient whose pointer is non-null: din (rows, C), dweight (C), dbias (C).
+// in, mean and rstd may be null when only dbias is wanted; weight when din is not.
 template <class T>
 void layernorm_backward(T* din, T* dweight, T* dbias, const T* dout, const T* in, const T* weight,
                         const T* mean, const T* rstd, int64_t rows, int64_t C);

@@ -1,5 +1,5 @@
-// layer_norm over the last dimension (kernels/layernorm.h). Saves x, weight, and the per-row
-// mean and rstd that the forward computed.
+// layer_norm over the last dimension (kernels/layernorm.h). Saves what the wanted gradients
+// need: x and the per-row mean and rstd of the forward (dx, dweight), weight (dx).
 #include "autograd/checks.h"
 #include "autograd/dispatch.h"
 #include "autograd/function.h"
@@ -34,10 +34,14 @@ class LayerNorm final : public Function {
     });
     if (wants_grad({x, weight, bias})) {
       auto fn = std::make_shared<LayerNorm>();
-      fn->x_ = x.detach();
-      fn->weight_ = weight.detach();
-      fn->mean_ = mean;
-      fn->rstd_ = rstd;
+      // dbias needs only grad_out; dweight needs x and the statistics; dx needs all of them.
+      if (x.requires_grad() || weight.requires_grad()) {
+        fn->x_ = x.detach();
+        fn->mean_ = mean;
+        fn->rstd_ = rstd;
+      }
+      if (x.requires_grad()) fn->weight_ = weight.detach();
+      fn->x_shape_ = x.shape();
       record(fn, out, {x, weight, bias});
     }
     return out;
@@ -45,16 +49,18 @@ class LayerNorm final : public Function {
 
   // ---- backward ----
   std::vector<Tensor> backward(const Tensor& grad_out) override {
-    const int64_t C = x_.dim(-1), rows = x_.numel() / C;
+    const int64_t C = x_shape_[-1], rows = x_shape_.numel() / C;
+    const DType dt = grad_out.dtype();
+    const Device dev = grad_out.device();
     Tensor dx, dw, db;
-    if (needs_input_grad(0)) dx = Tensor::empty(x_.shape(), x_.dtype(), x_.device());
-    if (needs_input_grad(1)) dw = Tensor::empty(Shape{C}, x_.dtype(), x_.device());
-    if (needs_input_grad(2)) db = Tensor::empty(Shape{C}, x_.dtype(), x_.device());
-    dispatch("layer_norm backward", x_, [&](auto tag) {
+    if (needs_input_grad(0)) dx = Tensor::empty(x_shape_, dt, dev);
+    if (needs_input_grad(1)) dw = Tensor::empty(Shape{C}, dt, dev);
+    if (needs_input_grad(2)) db = Tensor::empty(Shape{C}, dt, dev);
+    dispatch("layer_norm backward", grad_out, [&](auto tag) {
       using T = decltype(tag);
       cpu::layernorm_backward<T>(ptr_or_null<T>(dx), ptr_or_null<T>(dw), ptr_or_null<T>(db),
-                                 grad_out.data<T>(), x_.data<T>(), weight_.data<T>(),
-                                 mean_.data<T>(), rstd_.data<T>(), rows, C);
+                                 grad_out.data<T>(), ptr_or_null<T>(x_), ptr_or_null<T>(weight_),
+                                 ptr_or_null<T>(mean_), ptr_or_null<T>(rstd_), rows, C);
     });
     return {dx, dw, db};
   }
@@ -63,9 +69,10 @@ class LayerNorm final : public Function {
   void release_saved() override { x_ = weight_ = mean_ = rstd_ = Tensor(); }
 
  private:
-  Tensor x_;           // saved: (..., C)
-  Tensor weight_;      // saved: (C)
-  Tensor mean_, rstd_;  // saved: (rows) statistics from the forward
+  Tensor x_;            // saved: (..., C), for dx and dweight
+  Tensor weight_;       // saved: (C), for dx
+  Tensor mean_, rstd_;  // saved: (rows) statistics from the forward, for dx and dweight
+  Shape x_shape_;
 };
 
 Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps) {

@@ -23,8 +23,9 @@ class Linear final : public Function {
     CNX_CHECK(weight.dim(1) == K, op, ": weight ", weight.str(), " must have ", K,
               " columns, the last dimension of x ", x.str());
     if (bias.defined()) check::shape(op, "bias", bias, Shape{N}, "the rows of weight " + weight.str());
-    const int64_t M = K ? x.numel() / K : 0;
     std::vector<int64_t> out_dims = x.shape().vec();
+    int64_t M = 1;  // the product of the leading dimensions (not numel / K: K may be 0)
+    for (size_t i = 0; i + 1 < out_dims.size(); ++i) M *= out_dims[i];
     out_dims.back() = N;
     Tensor out = Tensor::empty(Shape(out_dims), x.dtype(), x.device());
     dispatch(op, x, [&](auto tag) {

@@ -60,7 +60,7 @@ void layernorm_backward(T* din, T* dweight, T* dbias, const T* dout, const T* in
       double dw = 0, db = 0;
       for (int64_t r = 0; r < rows; ++r) {
         const double dy = dout[r * C + c];
-        dw += dy * (in[r * C + c] - static_cast<double>(mean[r])) * rstd[r];
+        if (dweight) dw += dy * (in[r * C + c] - static_cast<double>(mean[r])) * rstd[r];
         db += dy;
       }
       if (dweight) dweight[c] = static_cast<T>(dw);
