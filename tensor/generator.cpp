@@ -24,10 +24,14 @@ std::array<uint32_t, 4> philox4x32_10(std::array<uint32_t, 4> c, std::array<uint
 
 uint32_t Generator::next_u32() {
   const uint64_t block = offset_ / 4;
-  const auto out = philox4x32_10(
-      {static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32), 0u, 0u},
-      {static_cast<uint32_t>(seed_), static_cast<uint32_t>(seed_ >> 32)});
-  return out[offset_++ % 4];
+  if (!cached_valid_ || cached_block_ != block) {
+    cached_ = philox4x32_10(
+        {static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32), 0u, 0u},
+        {static_cast<uint32_t>(seed_), static_cast<uint32_t>(seed_ >> 32)});
+    cached_block_ = block;
+    cached_valid_ = true;
+  }
+  return cached_[offset_++ % 4];
 }
 
 double Generator::uniform() {

@@ -21,7 +21,11 @@ class Generator {
 
   uint64_t seed() const { return seed_; }
   uint64_t offset() const { return offset_; }  // 32-bit words drawn so far
-  void set_state(uint64_t seed, uint64_t offset) { seed_ = seed; offset_ = offset; }
+  void set_state(uint64_t seed, uint64_t offset) {
+    seed_ = seed;
+    offset_ = offset;
+    cached_valid_ = false;
+  }
 
   uint32_t next_u32();
   double uniform();                      // in [0, 1), 53 random bits
@@ -35,6 +39,10 @@ class Generator {
  private:
   uint64_t seed_;
   uint64_t offset_ = 0;
+  // The last Philox block computed: a cache only, the state is (seed_, offset_).
+  bool cached_valid_ = false;
+  uint64_t cached_block_ = 0;
+  std::array<uint32_t, 4> cached_{};
 };
 
 }  // namespace cnx

@@ -14,6 +14,7 @@ void visit_dtype(DType dtype, F&& f) {
     case DType::f32: f(float{}); return;
     case DType::f64: f(double{}); return;
     case DType::bf16: f(bf16{}); return;
+    case DType::f16: f(f16{}); return;
     case DType::i64: f(int64_t{}); return;
     case DType::i32: f(int32_t{}); return;
     case DType::u8: f(uint8_t{}); return;
@@ -21,11 +22,12 @@ void visit_dtype(DType dtype, F&& f) {
 }
 
 template <class T> T from_double(double v) {
-  if constexpr (std::is_same_v<T, bf16>) return bf16(static_cast<float>(v));
+  if constexpr (std::is_same_v<T, bf16> || std::is_same_v<T, f16>) return T(static_cast<float>(v));
   else return static_cast<T>(v);
 }
 template <class T> double to_double(T v) {
-  if constexpr (std::is_same_v<T, bf16>) return static_cast<double>(static_cast<float>(v));
+  if constexpr (std::is_same_v<T, bf16> || std::is_same_v<T, f16>)
+    return static_cast<double>(static_cast<float>(v));
   else return static_cast<double>(v);
 }
 
@@ -231,6 +233,7 @@ const std::shared_ptr<Function>& Tensor::grad_fn() const { return checked().grad
 CNX_INSTANTIATE(float)
 CNX_INSTANTIATE(double)
 CNX_INSTANTIATE(bf16)
+CNX_INSTANTIATE(f16)
 CNX_INSTANTIATE(int64_t)
 CNX_INSTANTIATE(int32_t)
 CNX_INSTANTIATE(uint8_t)

@@ -82,7 +82,7 @@ class Tensor {
   Tensor view(const Shape& shape) const;
   Tensor clone() const;                 // deep copy, same device and dtype, no autograd history
   Tensor to(Device device) const;       // copy to another device (or this tensor if same)
-  Tensor to(DType dtype) const;         // convert between f32, f64 and bf16 (CPU)
+  Tensor to(DType dtype) const;         // convert between any two dtypes (CPU; floats round)
   void copy_from(const Tensor& src);    // same shape and dtype, any devices
   void fill_(double value);
   void zero_();

@@ -6,7 +6,7 @@
 
 #include "autograd/function.h"
 #include "autograd/ops.h"
-#include "tests/gradcheck.h"
+#include "tests/testing.h"
 
 using namespace cnx;
 using cnx::test::expect_close;

@@ -8,71 +8,21 @@
 // op's layouts ((Co, k, k, Ci) and (k, k, C)), and transpose the result back: a mistake in
 // the op's layout convention shows up as a mismatch.
 //
-// Backward is checked against central finite differences in double (tests/gradcheck.h).
+// Backward is checked against central finite differences in double (tests/testing.h).
 #include <gtest/gtest.h>
 
-#include <algorithm>
 #include <cmath>
 #include <string>
 #include <vector>
 
 #include "autograd/function.h"
 #include "autograd/ops.h"
-#include "tests/gradcheck.h"
+#include "tests/testing.h"
 
 using namespace cnx;
 using namespace cnx::test;
 
 namespace {
-
-// ---- data ------------------------------------------------------------------------------------
-
-// n standard-normal values, rounded through float so that the f32 and the f64 runs of an op
-// see exactly the same inputs and the reference needs no rounding model for them.
-std::vector<double> randv(int64_t n, Generator& gen, double scale = 1.0) {
-  std::vector<double> v(static_cast<size_t>(n));
-  for (double& x : v) x = static_cast<double>(static_cast<float>(gen.normal() * scale));
-  return v;
-}
-
-Tensor make(const Shape& shape, const std::vector<double>& v, DType dtype) {
-  Tensor t = from_doubles(shape, v);
-  return dtype == DType::f64 ? t : t.to(dtype);
-}
-
-std::string dname(DType d) { return dtype_name(d); }
-
-// |got - want| <= tol * mag elementwise, where mag is the sum of the absolute values of the
-// terms that were added to make `want` (the natural scale of rounding error in a dot product:
-// a relative tolerance on a result that cancels to near zero would demand more precision than
-// the inputs carry). A floor of 1e-300 keeps an all-zero mag from passing NaN.
-void expect_close_mag(const std::string& what, const std::vector<double>& got,
-                      const std::vector<double>& want, const std::vector<double>& mag,
-                      double tol) {
-  ASSERT_EQ(got.size(), want.size()) << what << ": sizes differ";
-  ASSERT_EQ(mag.size(), want.size()) << what << ": mag size";
-  int64_t bad = 0;
-  std::string report;
-  double worst = 0;
-  for (size_t i = 0; i < got.size(); ++i) {
-    const double err = std::abs(got[i] - want[i]);
-    const double rel = err / std::max(mag[i], 1e-300);
-    if (!(rel <= tol)) {
-      if (bad < 8)
-        report += "\n  [" + std::to_string(i) + "] got " + std::to_string(got[i]) + " want " +
-                  std::to_string(want[i]) + " (|err| " + std::to_string(err) + ")";
-      ++bad;
-    }
-    if (!(rel <= worst)) worst = rel;
-  }
-  EXPECT_EQ(bad, 0) << what << ": " << bad << " of " << got.size()
-                    << " values out of tolerance (" << tol << " x sum|terms|)" << report
-                    << "\n  worst |error| / sum|terms| " << worst;
-}
-
-// Forward tolerances relative to sum|terms| (see expect_close_mag): f32 rounding is 6e-8 per
-// operation, and these sums have at most a few hundred terms; f64 is 1e-16 per operation.
-double fwd_tol(DType d) { return d == DType::f32 ? 1e-5 : 1e-12; }
 
 // ---- the reference: NCHW, official weight layouts ------------------------------------------
 
@@ -244,50 +194,6 @@ void check_dwconv_forward(int64_t N, int64_t H, int64_t W, int64_t C, int64_t k,
   }
 }
 
-// f64 leaves with requires_grad for the gradient checks.
-Tensor leaf(const Shape& shape, Generator& gen) {
-  return from_doubles(shape, randv(shape.numel(), gen)).set_requires_grad(true);
-}
-
-// Gradients of L = sum(op(x, w, b) * R) for f32 inputs equal those for f64 inputs: the f32
-// instantiation of the backward kernel is not covered by the finite-difference checks.
-// Tolerance: 1e-5 of the largest gradient (plus 1e-5 relative), because f32 rounding in a sum
-// scales with the magnitude of the terms, which here is that of the typical gradient.
-void check_f32_backward_matches_f64(const std::string& what,
-                                    Tensor (*op)(const Tensor&, const Tensor&, const Tensor&),
-                                    const Shape& xs, const Shape& ws, const Shape& bs,
-                                    uint64_t seed) {
-  Generator gen(seed);
-  const std::vector<double> x = randv(xs.numel(), gen), w = randv(ws.numel(), gen),
-                            b = randv(bs.numel(), gen);
-  std::vector<std::vector<double>> grads[2];
-  std::vector<double> r;
-  for (int i = 0; i < 2; ++i) {
-    const DType dt = i == 0 ? DType::f64 : DType::f32;
-    Tensor xt = make(xs, x, dt).set_requires_grad(true);
-    Tensor wt = make(ws, w, dt).set_requires_grad(true);
-    Tensor bt = make(bs, b, dt).set_requires_grad(true);
-    Tensor y = op(xt, wt, bt);
-    if (r.empty()) {
-      Generator rg(seed + 1);
-      r = randv(y.numel(), rg);
-    }
-    sum(mul(y, make(y.shape(), r, dt))).backward();
-    for (const Tensor* t : {&xt, &wt, &bt}) {
-      ASSERT_TRUE(t->grad().defined()) << what << " " << dname(dt) << ": no gradient";
-      EXPECT_EQ(t->grad().dtype(), dt) << what;
-      grads[i].push_back(values(t->grad()));
-    }
-  }
-  const char* names[] = {"dx", "dweight", "dbias"};
-  for (int j = 0; j < 3; ++j) {
-    double mx = 0;
-    for (double g : grads[0][static_cast<size_t>(j)]) mx = std::max(mx, std::abs(g));
-    expect_close(what + " f32 vs f64 " + names[j], grads[1][static_cast<size_t>(j)],
-                 grads[0][static_cast<size_t>(j)], 1e-5 * mx, 1e-5);
-  }
-}
-
 }  // namespace
 
 // =============================================================================================
@@ -435,44 +341,19 @@ TEST(Patchify, ChainIntoDwconvGradients) {
 }
 
 TEST(Patchify, F32BackwardMatchesF64) {
-  check_f32_backward_matches_f64("patchify k2", patchify_conv, {2, 9, 7, 3}, {5, 2, 2, 3}, {5}, 51);
-  check_f32_backward_matches_f64("patchify k4", patchify_conv, {1, 8, 12, 3}, {6, 4, 4, 3}, {6}, 52);
+  check_f32_backward_matches_f64("patchify k2", patchify_conv, {2, 9, 7, 3}, {5, 2, 2, 3}, {5}, 51,
+                                 /*check_grad_shapes=*/false);
+  check_f32_backward_matches_f64("patchify k4", patchify_conv, {1, 8, 12, 3}, {6, 4, 4, 3}, {6}, 52,
+                                 /*check_grad_shapes=*/false);
 }
 
 // Only the inputs that require grad get a .grad, and the gradient they get is the same as when
 // everything requires grad.
 TEST(Patchify, OnlyRequestedGradients) {
-  Generator gen(61);
-  const Shape xs{1, 5, 7, 3}, ws{2, 2, 2, 3}, bs{2};
-  const std::vector<double> xv = randv(xs.numel(), gen), wv = randv(ws.numel(), gen),
-                            bv = randv(bs.numel(), gen), rv = randv(1 * 2 * 3 * 2, gen);
-  const Tensor R = from_doubles({1, 2, 3, 2}, rv);
-  auto run = [&](bool gx, bool gw, bool gb) {
-    std::vector<Tensor> t = {from_doubles(xs, xv), from_doubles(ws, wv), from_doubles(bs, bv)};
-    t[0].set_requires_grad(gx);
-    t[1].set_requires_grad(gw);
-    t[2].set_requires_grad(gb);
-    Tensor y = patchify_conv(t[0], t[1], t[2]);
-    EXPECT_EQ(y.requires_grad(), gx || gw || gb);
-    if (y.requires_grad()) sum(mul(y, R)).backward();
-    return t;
-  };
-  const std::vector<Tensor> all = run(true, true, true);
-  for (int mask = 0; mask < 8; ++mask) {
-    const bool req[3] = {(mask & 1) != 0, (mask & 2) != 0, (mask & 4) != 0};
-    const std::vector<Tensor> t = run(req[0], req[1], req[2]);
-    for (int i = 0; i < 3; ++i) {
-      if (!req[i]) {
-        EXPECT_FALSE(t[static_cast<size_t>(i)].grad().defined())
-            << "mask " << mask << ": input " << i << " got a .grad it did not ask for";
-      } else {
-        ASSERT_TRUE(t[static_cast<size_t>(i)].grad().defined()) << "mask " << mask << " input " << i;
-        expect_close("patchify mask " + std::to_string(mask) + " input " + std::to_string(i),
-                     values(t[static_cast<size_t>(i)].grad()),
-                     values(all[static_cast<size_t>(i)].grad()), 0, 1e-15);
-      }
-    }
-  }
+  // x (1, 5, 7, 3), weight (2, 2, 2, 3), bias (2); R of the output's shape (1, 2, 3, 2).
+  check_only_requested_gradients(
+      "patchify", [](const std::vector<Tensor>& t) { return patchify_conv(t[0], t[1], t[2]); },
+      {1, 5, 7, 3}, {2, 2, 2, 3}, {2}, 61);
 }
 
 TEST(Patchify, NoGradModeRecordsNothing) {
@@ -613,42 +494,17 @@ TEST(Dwconv, GradientsMatchFiniteDifferences) {
 }
 
 TEST(Dwconv, F32BackwardMatchesF64) {
-  check_f32_backward_matches_f64("dwconv k7", dwconv, {2, 9, 8, 5}, {7, 7, 5}, {5}, 211);
-  check_f32_backward_matches_f64("dwconv k3", dwconv, {1, 4, 3, 7}, {3, 3, 7}, {7}, 212);
+  check_f32_backward_matches_f64("dwconv k7", dwconv, {2, 9, 8, 5}, {7, 7, 5}, {5}, 211,
+                                 /*check_grad_shapes=*/false);
+  check_f32_backward_matches_f64("dwconv k3", dwconv, {1, 4, 3, 7}, {3, 3, 7}, {7}, 212,
+                                 /*check_grad_shapes=*/false);
 }
 
 TEST(Dwconv, OnlyRequestedGradients) {
-  Generator gen(221);
-  const Shape xs{1, 3, 5, 3}, ws{3, 3, 3}, bs{3};
-  const std::vector<double> xv = randv(xs.numel(), gen), wv = randv(ws.numel(), gen),
-                            bv = randv(bs.numel(), gen), rv = randv(xs.numel(), gen);
-  const Tensor R = from_doubles(xs, rv);
-  auto run = [&](bool gx, bool gw, bool gb) {
-    std::vector<Tensor> t = {from_doubles(xs, xv), from_doubles(ws, wv), from_doubles(bs, bv)};
-    t[0].set_requires_grad(gx);
-    t[1].set_requires_grad(gw);
-    t[2].set_requires_grad(gb);
-    Tensor y = dwconv(t[0], t[1], t[2]);
-    EXPECT_EQ(y.requires_grad(), gx || gw || gb);
-    if (y.requires_grad()) sum(mul(y, R)).backward();
-    return t;
-  };
-  const std::vector<Tensor> all = run(true, true, true);
-  for (int mask = 0; mask < 8; ++mask) {
-    const bool req[3] = {(mask & 1) != 0, (mask & 2) != 0, (mask & 4) != 0};
-    const std::vector<Tensor> t = run(req[0], req[1], req[2]);
-    for (int i = 0; i < 3; ++i) {
-      if (!req[i]) {
-        EXPECT_FALSE(t[static_cast<size_t>(i)].grad().defined())
-            << "mask " << mask << ": input " << i << " got a .grad it did not ask for";
-      } else {
-        ASSERT_TRUE(t[static_cast<size_t>(i)].grad().defined()) << "mask " << mask << " input " << i;
-        expect_close("dwconv mask " + std::to_string(mask) + " input " + std::to_string(i),
-                     values(t[static_cast<size_t>(i)].grad()),
-                     values(all[static_cast<size_t>(i)].grad()), 0, 1e-15);
-      }
-    }
-  }
+  // x (1, 3, 5, 3), weight (3, 3, 3), bias (3); R of the output's (= x's) shape.
+  check_only_requested_gradients(
+      "dwconv", [](const std::vector<Tensor>& t) { return dwconv(t[0], t[1], t[2]); },
+      {1, 3, 5, 3}, {3, 3, 3}, {3}, 221);
 }
 
 // Gradients accumulate (+=) into a leaf used twice.

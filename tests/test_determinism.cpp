@@ -5,7 +5,7 @@
 #include <omp.h>
 
 #include "autograd/ops.h"
-#include "tests/gradcheck.h"
+#include "tests/testing.h"
 
 using namespace cnx;
 

@@ -4,7 +4,7 @@
 // Every forward is compared with an independent reference: literal values computed outside
 // this code base (Python's math.erf) or a plain loop in double written here. Every
 // differentiable input is checked against central finite differences in double
-// (tests/gradcheck.h), on tiny shapes with odd sizes and batch 1. Bad arguments must throw
+// (tests/testing.h), on tiny shapes with odd sizes and batch 1. Bad arguments must throw
 // cnx::Error naming the op and the offending shape or value.
 #include <gtest/gtest.h>
 
@@ -16,14 +16,10 @@
 
 #include "autograd/function.h"
 #include "autograd/ops.h"
-#include "tests/gradcheck.h"
+#include "tests/testing.h"
 
 using namespace cnx;
-using cnx::test::expect_close;
-using cnx::test::expect_error;
-using cnx::test::expect_gradients_match;
-using cnx::test::from_doubles;
-using cnx::test::values;
+using namespace cnx::test;
 
 namespace {
 
@@ -32,26 +28,6 @@ const std::vector<Shape> kShapesRank1To5 = {{7}, {3, 5}, {1, 3, 5}, {2, 3, 1, 5}
 // Tiny shapes for the finite-difference checks (each element costs two forward passes).
 const std::vector<Shape> kGradShapes = {{1}, {7}, {1, 3, 5}, {2, 1, 3, 1, 3}};
 const DType kFloatTypes[] = {DType::f32, DType::f64};
-
-Tensor randn(const Shape& shape, uint64_t seed, DType dtype = DType::f64, double std = 1.0) {
-  Generator gen(seed);
-  return Tensor::randn(shape, gen, dtype, Device::cpu(), 0.0, std);
-}
-
-Tensor leaf(const Shape& shape, uint64_t seed, double std = 1.0) {
-  Tensor t = randn(shape, seed, DType::f64, std);
-  t.set_requires_grad(true);
-  return t;
-}
-
-Tensor make(const Shape& shape, const std::vector<double>& v, DType dtype) {
-  return from_doubles(shape, v).to(dtype);
-}
-
-std::string tag(const std::string& what, DType dt) { return what + " " + dtype_name(dt); }
-std::string tag(const std::string& what, const Shape& s, DType dt) {
-  return what + " " + dtype_name(dt) + s.str();
-}
 
 // Forward tolerances against a double reference for results that are one or two correctly
 // rounded operations on the (already rounded) inputs: f32 ulp is 6e-8 relative.

@@ -4,154 +4,26 @@
 // Forward references are written here independently of the kernels: linear is a plain triple
 // loop over (rows, N, K) in long double; layer_norm is a two-pass mean then variance in long
 // double. Backward is checked against central finite differences in double
-// (tests/gradcheck.h), and the f32 backward against the f64 one.
+// (tests/testing.h), and the f32 backward against the f64 one.
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
-#include <functional>
 #include <string>
 #include <vector>
 
 #include "autograd/function.h"
 #include "autograd/ops.h"
-#include "tests/gradcheck.h"
+#include "tests/testing.h"
 
 using namespace cnx;
 using namespace cnx::test;
 
 namespace {
 
-// ---- data ------------------------------------------------------------------------------------
-
-// n normal values (mean, std), rounded through float so that the f32 and the f64 runs of an op
-// see exactly the same inputs.
-std::vector<double> randv(int64_t n, Generator& gen, double std = 1.0, double mean = 0.0) {
-  std::vector<double> v(static_cast<size_t>(n));
-  for (double& x : v) x = static_cast<double>(static_cast<float>(mean + gen.normal() * std));
-  return v;
-}
-
-Tensor make(const Shape& shape, const std::vector<double>& v, DType dtype) {
-  Tensor t = from_doubles(shape, v);
-  return dtype == DType::f64 ? t : t.to(dtype);
-}
-
-std::string dname(DType d) { return dtype_name(d); }
+// ---- names in failure messages ---------------------------------------------------------------
 
 std::string shape_name(const Shape& s) { return s.str(); }
-
-// |got - want| <= tol * mag elementwise, where mag is the natural scale of the rounding error of
-// each result (for a dot product: the sum of the absolute values of its terms), so that a
-// result that cancels to near zero is not asked for more precision than its inputs carry.
-void expect_close_mag(const std::string& what, const std::vector<double>& got,
-                      const std::vector<double>& want, const std::vector<double>& mag,
-                      double tol) {
-  ASSERT_EQ(got.size(), want.size()) << what << ": sizes differ";
-  ASSERT_EQ(mag.size(), want.size()) << what << ": mag size";
-  int64_t bad = 0;
-  std::string report;
-  double worst = 0;
-  for (size_t i = 0; i < got.size(); ++i) {
-    const double err = std::abs(got[i] - want[i]);
-    const double rel = err / std::max(mag[i], 1e-300);
-    if (!(rel <= tol)) {
-      if (bad < 8)
-        report += "\n  [" + std::to_string(i) + "] got " + std::to_string(got[i]) + " want " +
-                  std::to_string(want[i]) + " (|err| " + std::to_string(err) + ")";
-      ++bad;
-    }
-    if (!(rel <= worst)) worst = rel;
-  }
-  EXPECT_EQ(bad, 0) << what << ": " << bad << " of " << got.size()
-                    << " values out of tolerance (" << tol << " x scale)" << report
-                    << "\n  worst |error| / scale " << worst;
-}
-
-// f32 rounding is 6e-8 per operation and these computations have at most a few hundred
-// operations per result; f64 is 1e-16 per operation.
-double fwd_tol(DType d) { return d == DType::f32 ? 1e-5 : 1e-12; }
-
-Tensor leaf(const Shape& shape, Generator& gen, double std = 1.0, double mean = 0.0) {
-  return from_doubles(shape, randv(shape.numel(), gen, std, mean)).set_requires_grad(true);
-}
-
-// Gradients of L = sum(f(x, w, b) * R) with f32 inputs equal those with f64 inputs (the f32
-// backward kernel is not covered by the finite-difference checks). Tolerance: 1e-5 of the
-// largest gradient plus 1e-5 relative, because f32 rounding in a sum scales with the magnitude
-// of the terms, which is that of the typical gradient, not of each (possibly cancelling) one.
-void check_f32_backward_matches_f64(
-    const std::string& what,
-    const std::function<Tensor(const Tensor&, const Tensor&, const Tensor&)>& op, const Shape& xs,
-    const Shape& ws, const Shape& bs, uint64_t seed) {
-  Generator gen(seed);
-  const std::vector<double> x = randv(xs.numel(), gen), w = randv(ws.numel(), gen),
-                            b = randv(bs.numel(), gen);
-  std::vector<std::vector<double>> grads[2];
-  std::vector<double> r;
-  for (int i = 0; i < 2; ++i) {
-    const DType dt = i == 0 ? DType::f64 : DType::f32;
-    Tensor xt = make(xs, x, dt).set_requires_grad(true);
-    Tensor wt = make(ws, w, dt).set_requires_grad(true);
-    Tensor bt = make(bs, b, dt).set_requires_grad(true);
-    Tensor y = op(xt, wt, bt);
-    if (r.empty()) {
-      Generator rg(seed + 1);
-      r = randv(y.numel(), rg);
-    }
-    sum(mul(y, make(y.shape(), r, dt))).backward();
-    for (const Tensor* t : {&xt, &wt, &bt}) {
-      ASSERT_TRUE(t->grad().defined()) << what << " " << dname(dt) << ": no gradient";
-      EXPECT_EQ(t->grad().dtype(), dt) << what;
-      EXPECT_EQ(t->grad().shape(), t->shape()) << what;
-      grads[i].push_back(values(t->grad()));
-    }
-  }
-  const char* names[] = {"dx", "dweight", "dbias"};
-  for (int j = 0; j < 3; ++j) {
-    double mx = 0;
-    for (double g : grads[0][static_cast<size_t>(j)]) mx = std::max(mx, std::abs(g));
-    expect_close(what + " f32 vs f64 " + names[j], grads[1][static_cast<size_t>(j)],
-                 grads[0][static_cast<size_t>(j)], 1e-5 * mx, 1e-5);
-  }
-}
-
-// Only the inputs that require grad get a .grad, equal to the one they get when every input
-// requires grad. f(inputs) must return the op's output for the three inputs.
-void check_only_requested_gradients(
-    const std::string& what, const std::function<Tensor(const std::vector<Tensor>&)>& f,
-    const Shape& xs, const Shape& ws, const Shape& bs, uint64_t seed) {
-  Generator gen(seed);
-  const std::vector<double> xv = randv(xs.numel(), gen), wv = randv(ws.numel(), gen),
-                            bv = randv(bs.numel(), gen);
-  std::vector<double> rv;
-  auto run = [&](bool gx, bool gw, bool gb) {
-    std::vector<Tensor> t = {from_doubles(xs, xv), from_doubles(ws, wv), from_doubles(bs, bv)};
-    t[0].set_requires_grad(gx);
-    t[1].set_requires_grad(gw);
-    t[2].set_requires_grad(gb);
-    Tensor y = f(t);
-    if (rv.empty()) rv = randv(y.numel(), gen);
-    EXPECT_EQ(y.requires_grad(), gx || gw || gb) << what;
-    if (y.requires_grad()) sum(mul(y, from_doubles(y.shape(), rv))).backward();
-    return t;
-  };
-  const std::vector<Tensor> all = run(true, true, true);
-  for (int mask = 0; mask < 8; ++mask) {
-    const bool req[3] = {(mask & 1) != 0, (mask & 2) != 0, (mask & 4) != 0};
-    const std::vector<Tensor> t = run(req[0], req[1], req[2]);
-    for (size_t i = 0; i < 3; ++i) {
-      if (!req[i]) {
-        EXPECT_FALSE(t[i].grad().defined())
-            << what << " mask " << mask << ": input " << i << " got a .grad it did not ask for";
-      } else {
-        ASSERT_TRUE(t[i].grad().defined()) << what << " mask " << mask << " input " << i;
-        expect_close(what + " mask " + std::to_string(mask) + " input " + std::to_string(i),
-                     values(t[i].grad()), values(all[i].grad()), 0, 1e-15);
-      }
-    }
-  }
-}
 
 // ---- references ------------------------------------------------------------------------------
 

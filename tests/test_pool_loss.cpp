@@ -3,7 +3,7 @@
 //
 // Forwards are compared with hand-worked values (derived in the comments) and with plain loops
 // in double written here; every differentiable input is checked against central finite
-// differences in double (tests/gradcheck.h); bad arguments must throw cnx::Error naming the op
+// differences in double (tests/testing.h); bad arguments must throw cnx::Error naming the op
 // and the offending shape or value.
 #include <gtest/gtest.h>
 
@@ -15,33 +15,14 @@
 
 #include "autograd/function.h"
 #include "autograd/ops.h"
-#include "tests/gradcheck.h"
+#include "tests/testing.h"
 
 using namespace cnx;
-using cnx::test::expect_close;
-using cnx::test::expect_error;
-using cnx::test::expect_gradients_match;
-using cnx::test::from_doubles;
-using cnx::test::values;
+using namespace cnx::test;
 
 namespace {
 
 const DType kFloatTypes[] = {DType::f32, DType::f64};
-
-Tensor randn(const Shape& shape, uint64_t seed, DType dtype = DType::f64, double std = 1.0) {
-  Generator gen(seed);
-  return Tensor::randn(shape, gen, dtype, Device::cpu(), 0.0, std);
-}
-
-Tensor leaf(const Shape& shape, uint64_t seed, double std = 1.0) {
-  Tensor t = randn(shape, seed, DType::f64, std);
-  t.set_requires_grad(true);
-  return t;
-}
-
-Tensor make(const Shape& shape, const std::vector<double>& v, DType dtype) {
-  return from_doubles(shape, v).to(dtype);
-}
 
 Tensor labels_of(const std::vector<int64_t>& v) {
   return Tensor::from_data<int64_t>({static_cast<int64_t>(v.size())}, v);
@@ -54,7 +35,20 @@ std::vector<int64_t> random_labels(int64_t N, int64_t K, uint64_t seed) {
   return v;
 }
 
-std::string tag(const std::string& what, DType dt) { return what + " " + dtype_name(dt); }
+// Soft targets (N, K): uniform [0, 1) values from Generator(seed) in row-major order, each row
+// divided by its sum when `normalised` (a distribution, as from Mixup/CutMix), else left as is.
+std::vector<double> random_targets(int64_t N, int64_t K, uint64_t seed, bool normalised) {
+  Generator gen(seed);
+  std::vector<double> t(static_cast<size_t>(N * K));
+  for (auto& v : t) v = gen.uniform();
+  if (normalised)
+    for (int64_t n = 0; n < N; ++n) {
+      double s = 0;
+      for (int64_t k = 0; k < K; ++k) s += t[n * K + k];
+      for (int64_t k = 0; k < K; ++k) t[n * K + k] /= s;
+    }
+  return t;
+}
 
 // ---- independent references -----------------------------------------------------------------
 
@@ -412,16 +406,7 @@ TEST(SoftCrossEntropy, MatchesReferenceLoop) {
   for (DType dt : kFloatTypes) {
     for (const Case& c : cases) {
       const Tensor z = randn({c.N, c.K}, seed++, dt, 3.0);
-      Generator gen(seed++);
-      std::vector<double> t(static_cast<size_t>(c.N * c.K));
-      for (auto& v : t) v = gen.uniform();
-      if (c.normalised)
-        for (int64_t n = 0; n < c.N; ++n) {
-          double s = 0;
-          for (int64_t k = 0; k < c.K; ++k) s += t[n * c.K + k];
-          for (int64_t k = 0; k < c.K; ++k) t[n * c.K + k] /= s;
-        }
-      const Tensor tt = make({c.N, c.K}, t, dt);
+      const Tensor tt = make({c.N, c.K}, random_targets(c.N, c.K, seed++, c.normalised), dt);
       const double want = ce_ref(values(z), values(tt), c.N, c.K);
       expect_close(tag("soft_cross_entropy N=" + std::to_string(c.N) + " K=" + std::to_string(c.K), dt),
                    {soft_cross_entropy(z, tt).item()}, {want}, loss_atol(dt), loss_rtol(dt));
@@ -452,16 +437,7 @@ TEST(SoftCrossEntropy, BackwardMatchesFormula) {
       const int64_t N = 3, K = 4;
       Tensor z = randn({N, K}, seed++, dt, 2.0);
       z.set_requires_grad(true);
-      Generator gen(seed++);
-      std::vector<double> t(N * K);
-      for (auto& v : t) v = gen.uniform();
-      if (normalised)
-        for (int64_t n = 0; n < N; ++n) {
-          double s = 0;
-          for (int64_t k = 0; k < K; ++k) s += t[n * K + k];
-          for (int64_t k = 0; k < K; ++k) t[n * K + k] /= s;
-        }
-      const Tensor tt = make({N, K}, t, dt);
+      const Tensor tt = make({N, K}, random_targets(N, K, seed++, normalised), dt);
       soft_cross_entropy(z, tt).backward();
       ASSERT_TRUE(z.grad().defined());
       expect_close(tag(std::string("soft_cross_entropy dlogits ") + (normalised ? "" : "un") + "normalised", dt),
@@ -476,16 +452,7 @@ TEST(SoftCrossEntropy, Gradcheck) {
   const std::vector<Case> cases = {{1, 3, true}, {3, 5, true}, {2, 4, false}, {1, 1, true}};
   uint64_t seed = 700;
   for (const Case& c : cases) {
-    Generator gen(seed++);
-    std::vector<double> t(static_cast<size_t>(c.N * c.K));
-    for (auto& v : t) v = gen.uniform();
-    if (c.normalised)
-      for (int64_t n = 0; n < c.N; ++n) {
-        double s = 0;
-        for (int64_t k = 0; k < c.K; ++k) s += t[n * c.K + k];
-        for (int64_t k = 0; k < c.K; ++k) t[n * c.K + k] /= s;
-      }
-    const Tensor targets = from_doubles({c.N, c.K}, t);
+    const Tensor targets = from_doubles({c.N, c.K}, random_targets(c.N, c.K, seed++, c.normalised));
     expect_gradients_match(
         "soft_cross_entropy N=" + std::to_string(c.N) + " K=" + std::to_string(c.K),
         [targets](const std::vector<Tensor>& v) { return soft_cross_entropy(v[0], targets); },

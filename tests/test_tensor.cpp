@@ -5,7 +5,7 @@
 #include <numeric>
 
 #include "tensor/tensor.h"
-#include "tests/gradcheck.h"
+#include "tests/testing.h"
 
 using namespace cnx;
 using cnx::test::expect_error;
@@ -216,4 +216,48 @@ TEST(Device, CudaRoundTrip) {
   EXPECT_EQ(z.to_vector<double>(), std::vector<double>(9, 0.0));
   auto f = Tensor::full({4}, -1.5, DType::f32, Device::cuda());
   EXPECT_EQ(f.to_vector<float>(), std::vector<float>(4, -1.5f));
+}
+
+TEST(Float16, KnownValuesAndRounding) {
+  EXPECT_EQ(f16(1.0f).bits, 0x3c00);
+  EXPECT_EQ(f16(-2.0f).bits, 0xc000);
+  EXPECT_EQ(f16(65504.0f).bits, 0x7bff);            // the largest finite half
+  EXPECT_EQ(f16(65519.0f).bits, 0x7bff);            // below the midpoint to 65536: rounds down
+  EXPECT_EQ(f16(65520.0f).bits, 0x7c00);            // the midpoint ties to even: infinity
+  EXPECT_EQ(f16(0x1.0p-14f).bits, 0x0400);          // the smallest normal
+  EXPECT_EQ(f16(0x1.0p-24f).bits, 0x0001);          // the smallest subnormal
+  EXPECT_EQ(f16(0x1.0p-25f).bits, 0x0000);          // half of it: ties to even (0)
+  EXPECT_EQ(f16(3 * 0x1.0p-25f).bits, 0x0002);      // 1.5 ulp: ties to even (2)
+  EXPECT_EQ(f16(1.0f + 0x1.0p-11f).bits, 0x3c00);   // tie between 1 and 1 + 2^-10: even
+  EXPECT_EQ(f16(1.0f + 3 * 0x1.0p-11f).bits, 0x3c02);
+  EXPECT_EQ(f16(0.1f).bits, 0x2e66);
+  EXPECT_EQ(static_cast<float>(f16(0.1f)), 0.0999755859375f);
+  EXPECT_TRUE(std::isnan(static_cast<float>(f16(std::nanf("")))));
+  EXPECT_EQ(f16(-INFINITY).bits, 0xfc00);
+}
+
+TEST(Float16, EveryHalfRoundTripsThroughFloat) {
+  // float holds every half exactly, so half -> float -> half is the identity (NaNs stay NaN).
+  for (uint32_t b = 0; b < 0x10000; ++b) {
+    f16 h;
+    h.bits = static_cast<uint16_t>(b);
+    const float f = static_cast<float>(h);
+    if (std::isnan(f)) {
+      EXPECT_EQ(b & 0x7c00u, 0x7c00u);
+      continue;
+    }
+    ASSERT_EQ(f16(f).bits, b) << "bits 0x" << std::hex << b << " float " << f;
+  }
+  // Spot-check the decoding against the definition: (-1)^s 2^(e-15) (1 + m/1024).
+  f16 h;
+  h.bits = 0x5a3c;  // s 0, e 22, m 0x23c = 572
+  EXPECT_EQ(static_cast<float>(h), std::ldexp(1.0f + 572.0f / 1024.0f, 22 - 15));
+}
+
+TEST(Tensor, Float16Conversion) {
+  auto t = Tensor::from_data<float>({3}, std::vector<float>{1.0f, 65504.0f, 0.1f});
+  auto h = t.to(DType::f16);
+  EXPECT_EQ(h.dtype(), DType::f16);
+  EXPECT_EQ(h.nbytes(), 6);
+  EXPECT_EQ(h.to(DType::f32).to_vector<float>(), (std::vector<float>{1.0f, 65504.0f, 0.0999755859375f}));
 }

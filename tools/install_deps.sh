@@ -8,6 +8,8 @@ packages=(
   cmake ninja-build g++ pkg-config  # the build
   libgtest-dev                      # tests
   libbenchmark-dev                  # bench/
+  nlohmann-json3-dev                # safetensors headers, metadata
+  libcli11-dev                      # the convnext command line
 )
 
 missing=()

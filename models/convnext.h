@@ -1,0 +1,131 @@
+// The ConvNeXt family (Liu et al., "A ConvNet for the 2020s", CVPR 2022), built from the
+// autograd ops, with the official parameter names, shapes and initialisation.
+//
+// Hierarchical models (convnext_tiny ... xlarge, atto ... nano), all NHWC:
+//   images (N, H, W, in_chans)
+//   stem: patchify 4x4/4 -> LayerNorm                 downsample_layers.0.{0: conv, 1: norm}
+//   stage i: depths[i] blocks of width dims[i]        stages.i.j.*
+//   between stages: LayerNorm -> patchify 2x2/2       downsample_layers.i.{0: norm, 1: conv}
+//   mean over H, W -> LayerNorm -> linear head        norm.*, head.*
+// Isotropic models (convnext_isotropic_*): a 16x16/16 patchify stem (stem.*), depth blocks of
+// one width (blocks.j.*), no downsampling, then the same mean, norm and head.
+//
+// A block (stages.i.j or blocks.j), with x (N, H, W, C):
+//   h = dwconv 7x7 (x) -> LayerNorm -> linear C->4C -> GELU -> linear 4C->C -> * gamma
+//   x + drop_path(h)
+// where gamma (layer scale) exists only when layer_scale_init_value > 0, as in the official
+// code, and the drop path rates rise linearly from 0 to drop_path_rate over all blocks.
+// Every LayerNorm uses eps 1e-6.
+//
+// Parameters are stored in the layouts the kernels want (patchify (Co, k, k, Ci), depthwise
+// (k, k, C)) and converted to the official ones ((Co, Ci, k, k), (C, 1, k, k)) at every file
+// boundary: state_dict(), load_state_dict(), gradients().
+#pragma once
+
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "tensor/tensor.h"
+
+namespace cnx {
+
+struct ConvNeXtConfig {
+  std::string name = "custom";
+  int64_t in_chans = 3;
+  int64_t num_classes = 1000;
+  std::vector<int64_t> depths{3, 3, 9, 3};  // blocks per stage; isotropic: one entry
+  std::vector<int64_t> dims{96, 192, 384, 768};  // width per stage; isotropic: one entry
+  bool isotropic = false;
+  double drop_path_rate = 0.0;
+  double layer_scale_init_value = 1e-6;  // 0: no gamma parameters at all
+  double head_init_scale = 1.0;
+
+  // Checks sizes and rates; throws cnx::Error naming the bad field.
+  void validate() const;
+};
+
+// The named variants: convnext_{atto,femto,pico,nano,tiny,small,base,large,xlarge} and
+// convnext_isotropic_{small,base,large}. Unknown names throw, listing the known ones.
+ConvNeXtConfig convnext_config(const std::string& name);
+const std::vector<std::string>& convnext_model_names();
+
+// How a parameter's internal layout relates to the official one.
+enum class ParamLayout {
+  plain,      // the same
+  patchify,   // official (Co, Ci, k, k)  <->  internal (Co, k, k, Ci)
+  depthwise,  // official (C, 1, k, k)    <->  internal (k, k, C)
+};
+
+// Official <-> internal layout conversions (CPU copies; any floating dtype).
+Tensor to_official_layout(const Tensor& internal, ParamLayout layout);
+Tensor from_official_layout(const Tensor& official, ParamLayout layout);
+
+struct Parameter {
+  std::string name;     // the official checkpoint name, e.g. "stages.0.0.dwconv.weight"
+  Shape official_shape;  // e.g. [96, 1, 7, 7]
+  ParamLayout layout = ParamLayout::plain;
+  Tensor value;          // internal layout; requires_grad
+  // AdamW's weight decay applies (the official rule: not to 1-D tensors, not to biases).
+  bool decay = true;
+};
+
+using NamedTensors = std::vector<std::pair<std::string, Tensor>>;
+
+class ConvNeXt {
+ public:
+  // Builds the model with the official initialisation, drawn from `init` in parameter order
+  // (truncated normal std 0.02 on [-2, 2] for conv and linear weights, zero biases, LayerNorm
+  // ones and zeros, gamma = layer_scale_init_value, head weight and bias * head_init_scale).
+  ConvNeXt(const ConvNeXtConfig& config, Generator& init);
+
+  const ConvNeXtConfig& config() const { return config_; }
+
+  // images (N, H, W, in_chans), already normalised -> logits (N, num_classes). In training
+  // mode drop path draws its per-sample masks from `drop_gen`; otherwise nothing is drawn.
+  Tensor forward(const Tensor& images, bool training, Generator& drop_gen) const;
+
+  // In official order (the order of the official model's state_dict()).
+  std::vector<Parameter>& parameters() { return params_; }
+  const std::vector<Parameter>& parameters() const { return params_; }
+  const Parameter& parameter(const std::string& name) const;
+  int64_t num_parameters() const;  // elements
+  // The drop path probability of every block, in order.
+  std::vector<double> drop_path_rates() const;
+
+  // Official names and layouts, f32 CPU copies.
+  NamedTensors state_dict() const;
+  // Strict: every parameter present, nothing unexpected, official shapes, floating dtypes
+  // (converted to f32). Reports every missing, unexpected and mis-shaped name in one error;
+  // the model is unchanged if anything is wrong.
+  void load_state_dict(const NamedTensors& tensors);
+  // The accumulated gradients in official names and layouts (zeros where none was computed).
+  NamedTensors gradients() const;
+  void zero_grad();
+
+ private:
+  struct Block {
+    int64_t dw_w, dw_b, ln_w, ln_b, pw1_w, pw1_b, pw2_w, pw2_b, gamma;  // parameter indices
+    double drop_prob;
+  };
+  struct Downsample {  // a patchify conv with a LayerNorm before (or, for the stem, after) it
+    int64_t conv_w, conv_b, ln_w = -1, ln_b = -1;
+    bool norm_first = false;
+  };
+
+  int64_t add_param(const std::string& name, const Shape& official_shape, ParamLayout layout,
+                    bool decay);
+  Tensor block_forward(const Block& b, const Tensor& x, bool training, Generator& drop_gen) const;
+  const Tensor& p(int64_t index) const { return params_[static_cast<size_t>(index)].value; }
+
+  ConvNeXtConfig config_;
+  std::vector<Parameter> params_;
+  std::vector<Downsample> downsample_;     // one per stage
+  std::vector<std::vector<Block>> stages_;  // blocks per stage
+  int64_t norm_w_ = -1, norm_b_ = -1, head_w_ = -1, head_b_ = -1;
+};
+
+// Images from PyTorch's layout to ours: (N, C, H, W) -> (N, H, W, C), a CPU copy.
+Tensor nchw_to_nhwc(const Tensor& images);
+
+}  // namespace cnx

@@ -1,0 +1,21 @@
+// One parity step, what `convnext grads` computes: a forward and backward pass in training
+// mode with drop path 0 and mean softmax cross-entropy, from images in PyTorch's layout.
+// People coming from PyTorch run the same step there and compare the outputs.
+#pragma once
+
+#include "models/convnext.h"
+
+namespace cnx {
+
+struct GradsResult {
+  Tensor logits;      // (N, num_classes) f32
+  Tensor loss;        // [] f32
+  NamedTensors grads;  // every parameter's gradient, official names and layouts
+};
+
+// images: f32 (N, C, H, W) with C = in_chans; labels: i64 (N) in [0, num_classes). The model's
+// parameters' gradients are reset first. Throws cnx::Error on bad input.
+GradsResult compute_grads(ConvNeXt& model, const Tensor& images_nchw, const Tensor& labels,
+                          Device device = Device::cpu());
+
+}  // namespace cnx

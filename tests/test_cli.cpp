@@ -1,0 +1,252 @@
+// `convnext grads` as a user runs it: the process, its exit status, its stderr, its output.
+// Every bad input gets one line on stderr and a non-zero exit, and --out is left alone: not
+// created when absent, unchanged when present.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "models/convnext.h"
+#include "models/safetensors.h"
+#include "tests/testing.h"
+
+using namespace cnx;
+namespace fs = std::filesystem;
+
+namespace {
+
+struct RunResult {
+  int status;
+  std::string err;
+};
+
+std::string slurp(const fs::path& p) {
+  std::ifstream f(p, std::ios::binary);
+  std::stringstream s;
+  s << f.rdbuf();
+  return s.str();
+}
+
+class Cli : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+    dir_ = fs::temp_directory_path() / (std::string("cnx_cli_") + info->name());
+    fs::remove_all(dir_);
+    fs::create_directories(dir_);
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+
+  fs::path path(const std::string& name) const { return dir_ / name; }
+
+  RunResult run(const std::string& args) const {
+    const fs::path err = path("stderr.txt");
+    const std::string cmd = std::string(CNX_CLI) + " " + args + " 2>" + err.string() + " >/dev/null";
+    const int rc = std::system(cmd.c_str());
+    return {WIFEXITED(rc) ? WEXITSTATUS(rc) : -1, slurp(err)};
+  }
+
+  // The golden case hierarchical_72 (tools/make_golden.py): model flags and its files.
+  static std::string golden(const std::string& file) {
+    return std::string(CNX_TEST_DATA_DIR) + "/golden/hierarchical_72/" + file;
+  }
+  static constexpr const char* kModel = "--depths 2,1,2,1 --dims 8,16,24,32 --num_classes 10";
+
+  // Runs a command that must fail: status != 0, exactly one line on stderr containing every
+  // part, and --out (pre-filled with a sentinel) unchanged, no temporary file left beside it.
+  void expect_failure(const std::string& args, const std::vector<std::string>& parts,
+                      int status = 1) {
+    const fs::path out = path("out.safetensors");
+    { std::ofstream(out) << "sentinel"; }
+    const RunResult r = run(args + " --out " + out.string());
+    EXPECT_EQ(r.status, status) << args << "\nstderr: " << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << "not one line: " << r.err;
+    for (const std::string& part : parts)
+      EXPECT_NE(r.err.find(part), std::string::npos) << "stderr lacks '" << part << "': " << r.err;
+    EXPECT_EQ(slurp(out), "sentinel") << "--out was written";
+    EXPECT_FALSE(fs::exists(out.string() + ".tmp"));
+    // And without a pre-existing file, none is created.
+    fs::remove(out);
+    run(args + " --out " + out.string());
+    EXPECT_FALSE(fs::exists(out)) << args;
+  }
+
+  std::string weights_with(const std::function<void(NamedTensors&)>& edit) const {
+    NamedTensors t = read_safetensors(golden("weights.safetensors")).tensors;
+    edit(t);
+    const fs::path p = path("weights_edited.safetensors");
+    write_safetensors(p.string(), t);
+    return p.string();
+  }
+
+  std::string batch_with(const Tensor& images, const Tensor& labels) const {
+    const fs::path p = path("batch_edited.safetensors");
+    write_safetensors(p.string(), {{"images", images}, {"labels", labels}});
+    return p.string();
+  }
+
+  std::string bytes_file(const std::string& name, const std::string& bytes) const {
+    const fs::path p = path(name);
+    std::ofstream(p, std::ios::binary) << bytes;
+    return p.string();
+  }
+
+  std::string base(const std::string& weights, const std::string& batch) const {
+    return std::string("grads ") + kModel + " --weights " + weights + " --batch " + batch;
+  }
+
+  fs::path dir_;
+};
+
+}  // namespace
+
+TEST_F(Cli, GradsMatchesTheGoldenData) {
+  const fs::path out = path("out.safetensors");
+  const RunResult r = run(base(golden("weights.safetensors"), golden("batch.safetensors")) + " --out " +
+                    out.string());
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_EQ(r.err, "");
+  const Safetensors got = read_safetensors(out.string());
+  const Safetensors want = read_safetensors(golden("expected.safetensors"));
+  ASSERT_EQ(got.tensors.size(), want.tensors.size());
+  for (const auto& [name, w] : want.tensors) {
+    const Tensor g = got.find(name);
+    ASSERT_TRUE(g.defined()) << name;
+    ASSERT_EQ(g.shape(), w.shape()) << name;
+    EXPECT_EQ(g.dtype(), DType::f32) << name;
+    const std::vector<double> wv = test::values(w);
+    double scale = 0;
+    for (double v : wv) scale = std::max(scale, std::abs(v));
+    // logits and loss: 1e-4 relative; gradients: 1e-3 of the largest element.
+    const double tol = (name == "logits" || name == "loss" ? 1e-4 : 1e-3) * scale;
+    test::expect_close(name, test::values(g), wv, tol, 0);
+  }
+}
+
+TEST_F(Cli, GradsOnConvNeXtTinyAt72) {
+  // The size the README promises runs well under a minute on a 2-core CPU.
+  Generator g(0);
+  ConvNeXt model(convnext_config("convnext_tiny"), g);
+  const fs::path w = path("tiny.safetensors"), out = path("out.safetensors");
+  write_safetensors(w.string(), model.state_dict());
+  const std::string batch = batch_with(Tensor::randn({2, 3, 72, 72}, g),
+                                       Tensor::from_data<int64_t>({2}, std::vector<int64_t>{3, 999}));
+  const auto t0 = std::chrono::steady_clock::now();
+  const RunResult r = run("grads --model convnext_tiny --weights " + w.string() + " --batch " + batch +
+                    " --out " + out.string());
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  ASSERT_EQ(r.status, 0) << r.err;
+  std::printf("convnext grads, convnext_tiny, 72x72, batch 2: %.2f s\n", seconds);
+  const Safetensors o = read_safetensors(out.string());
+  EXPECT_EQ(o.tensors.size(), 2u + 182u);
+  EXPECT_EQ(o.find("logits").shape(), Shape({2, 1000}));
+  EXPECT_TRUE(std::isfinite(o.find("loss").item()));
+  EXPECT_NEAR(o.find("loss").item(), std::log(1000.0), 1.0);  // near chance at init
+  EXPECT_EQ(o.find("grad.stages.0.0.dwconv.weight").shape(), Shape({96, 1, 7, 7}));
+  EXPECT_EQ(o.find("grad.downsample_layers.0.0.weight").shape(), Shape({96, 3, 4, 4}));
+  EXPECT_EQ(o.metadata.at("model"), "convnext_tiny");
+}
+
+TEST_F(Cli, MissingWeightsFile) {
+  expect_failure(base(path("nope.safetensors").string(), golden("batch.safetensors")),
+                 {"convnext grads:", "nope.safetensors", "cannot open"});
+}
+
+TEST_F(Cli, EmptyWeightsFile) {
+  expect_failure(base(bytes_file("empty.safetensors", ""), golden("batch.safetensors")),
+                 {"convnext grads:", "empty.safetensors"});
+}
+
+TEST_F(Cli, TruncatedWeightsFile) {
+  const std::string good = slurp(golden("weights.safetensors"));
+  expect_failure(base(bytes_file("cut.safetensors", good.substr(0, good.size() - 100)),
+                      golden("batch.safetensors")),
+                 {"convnext grads:", "cut.safetensors"});
+}
+
+TEST_F(Cli, CorruptWeightsFile) {
+  std::string bytes = slurp(golden("weights.safetensors"));
+  bytes[bytes.find("\":", 8) + 1] = '#';  // the first key's colon: the JSON header is invalid
+  expect_failure(base(bytes_file("corrupt.safetensors", bytes), golden("batch.safetensors")),
+                 {"convnext grads:", "corrupt.safetensors"});
+  expect_failure(base(bytes_file("garbage.safetensors", std::string(64, '\xff')),
+                      golden("batch.safetensors")),
+                 {"convnext grads:", "garbage.safetensors"});
+}
+
+TEST_F(Cli, WrongTensorName) {
+  const std::string w = weights_with([](NamedTensors& t) { t[3].first = "stem.norm.bias"; });
+  expect_failure(base(w, golden("batch.safetensors")),
+                 {"missing (1): downsample_layers.0.1.bias", "unexpected (1): stem.norm.bias"});
+}
+
+TEST_F(Cli, WrongTensorShape) {
+  const std::string w = weights_with([](NamedTensors& t) { t[0].second = Tensor::zeros({8, 3, 2, 2}); });
+  expect_failure(base(w, golden("batch.safetensors")),
+                 {"wrong shape (1): downsample_layers.0.0.weight [8, 3, 2, 2] (expected [8, 3, 4, 4])"});
+}
+
+TEST_F(Cli, WrongTensorDtype) {
+  const std::string w = weights_with([](NamedTensors& t) {
+    t[1].second = Tensor::zeros(t[1].second.shape(), DType::i64);
+  });
+  expect_failure(base(w, golden("batch.safetensors")),
+                 {"not floating point (1): downsample_layers.0.0.bias i64"});
+}
+
+TEST_F(Cli, LabelOutOfRange) {
+  const Safetensors b = read_safetensors(golden("batch.safetensors"));
+  const std::string batch = batch_with(b.find("images"),
+                                       Tensor::from_data<int64_t>({2}, std::vector<int64_t>{0, 10}));
+  expect_failure(base(golden("weights.safetensors"), batch), {"label 10 is outside [0, 10)"});
+  const std::string negative = batch_with(
+      b.find("images"), Tensor::from_data<int64_t>({2}, std::vector<int64_t>{-1, 0}));
+  expect_failure(base(golden("weights.safetensors"), negative), {"label -1 is outside [0, 10)"});
+}
+
+TEST_F(Cli, ImagesWithTheWrongChannelCount) {
+  Generator g(0);
+  const std::string batch = batch_with(Tensor::randn({2, 1, 72, 72}, g),
+                                       Tensor::from_data<int64_t>({2}, std::vector<int64_t>{0, 1}));
+  expect_failure(base(golden("weights.safetensors"), batch),
+                 {"images f32[2, 1, 72, 72] cpu have 1 channels; the model expects 3"});
+}
+
+TEST_F(Cli, BatchWithoutLabels) {
+  const fs::path p = path("nolabels.safetensors");
+  write_safetensors(p.string(), {{"images", read_safetensors(golden("batch.safetensors")).find("images")}});
+  expect_failure(base(golden("weights.safetensors"), p.string()), {"no tensor named 'labels'"});
+}
+
+TEST_F(Cli, UnknownModelName) {
+  expect_failure("grads --model convnext_huge --weights " + golden("weights.safetensors") +
+                     " --batch " + golden("batch.safetensors"),
+                 {"convnext grads: unknown model 'convnext_huge'", "convnext_tiny"});
+}
+
+TEST_F(Cli, BadCommandLines) {
+  const std::string files =
+      " --weights " + golden("weights.safetensors") + " --batch " + golden("batch.safetensors");
+  expect_failure("grads --model convnext_tiny --depths 1,1 --dims 8,8" + files, {"excludes"}, 2);
+  expect_failure("grads --depths 2,x,2,1 --dims 8,16,24,32" + files,
+                 {"--depths: expected comma-separated positive integers, got '2,x,2,1'"});
+  expect_failure("grads --depths 2,1,2,1" + files, {"--depths requires --dims"}, 2);
+  expect_failure("grads" + files, {"give --model NAME, or --depths and --dims"});
+  expect_failure(base(golden("weights.safetensors"), golden("batch.safetensors")) + " --device gpu",
+                 {"device: expected cpu, cuda or cuda:N, got 'gpu'"});
+  expect_failure("grads --num_classes ten --model convnext_tiny" + files, {"num_classes"}, 2);
+  // --out is required: the run fails before anything (and there is no --out to protect).
+  const RunResult r = run(base(golden("weights.safetensors"), golden("batch.safetensors")));
+  EXPECT_EQ(r.status, 2);
+  EXPECT_NE(r.err.find("--out is required"), std::string::npos) << r.err;
+}
+
+TEST_F(Cli, CudaRequestWithoutDevice) {
+  if (cuda_device_count() > 0) GTEST_SKIP() << "a CUDA device is present";
+  expect_failure(base(golden("weights.safetensors"), golden("batch.safetensors")) + " --device cuda",
+                 {"convnext grads: --device cuda: no such CUDA device (0 visible"});
+}

@@ -1,0 +1,24 @@
+// Subcommands of the convnext command line. Each registers its options on the app and returns
+// the function that runs it once the command line is parsed (exit status; throws on error).
+#pragma once
+
+#include <CLI/CLI.hpp>
+
+#include <functional>
+#include <string>
+#include <vector>
+
+namespace cnx {
+
+struct Command {
+  CLI::App* app;
+  std::function<int()> run;
+};
+
+Command grads_command(CLI::App& app);
+
+// "3,3,9,3" -> {3, 3, 9, 3}; throws cnx::Error naming `flag` if it is not a comma-separated
+// list of positive integers.
+std::vector<int64_t> parse_int_list(const std::string& flag, const std::string& text);
+
+}  // namespace cnx

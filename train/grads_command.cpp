@@ -1,0 +1,104 @@
+// convnext grads: one forward/backward pass of a ConvNeXt on a given batch, written out for
+// comparison with PyTorch (see the README). The contract, which outside tools script:
+//
+//   convnext grads (--model NAME | --depths a,b,c,d --dims a,b,c,d) [--in_chans C]
+//                  [--num_classes K] --weights W.safetensors --batch B.safetensors
+//                  --out O.safetensors [--device cpu|cuda]
+//
+// W: every parameter, official names and shapes. B: `images` float32 [N, C, H, W] and
+// `labels` int64 [N]. O: float32 `logits` [N, K], `loss` [] and `grad.<name>` per parameter.
+#include <cerrno>
+#include <cstdlib>
+
+#include "models/convnext.h"
+#include "models/grads.h"
+#include "models/safetensors.h"
+#include "train/commands.h"
+
+namespace cnx {
+
+std::vector<int64_t> parse_int_list(const std::string& flag, const std::string& text) {
+  std::vector<int64_t> out;
+  size_t start = 0;
+  while (true) {
+    const size_t comma = text.find(',', start);
+    const std::string item = text.substr(start, comma == std::string::npos ? comma : comma - start);
+    char* end = nullptr;
+    errno = 0;
+    const long long v = std::strtoll(item.c_str(), &end, 10);
+    CNX_CHECK(!item.empty() && *end == '\0' && errno == 0 && v > 0, flag,
+              ": expected comma-separated positive integers, got '", text, "'");
+    out.push_back(v);
+    if (comma == std::string::npos) return out;
+    start = comma + 1;
+  }
+}
+
+namespace {
+
+struct GradsOptions {
+  std::string model, depths, dims, weights, batch, out, device = "cpu";
+  int64_t in_chans = 3, num_classes = 1000;
+};
+
+int run_grads(const GradsOptions& o) {
+  // Everything is read and checked before anything is written.
+  ConvNeXtConfig cfg;
+  if (!o.model.empty()) {
+    cfg = convnext_config(o.model);
+  } else {
+    cfg.depths = parse_int_list("--depths", o.depths);
+    cfg.dims = parse_int_list("--dims", o.dims);
+  }
+  cfg.in_chans = o.in_chans;
+  cfg.num_classes = o.num_classes;
+  cfg.drop_path_rate = 0;
+  const Device device = Device::parse(o.device);
+  CNX_CHECK(!device.is_cuda() || device.index < cuda_device_count(), "--device ", o.device,
+            ": no such CUDA device (", cuda_device_count(), " visible; built with CUDA: ",
+            cuda_built() ? "yes" : "no", ")");
+
+  Generator init(0);  // every value is overwritten by the weights file
+  ConvNeXt model(cfg, init);
+  model.load_state_dict(read_safetensors(o.weights).tensors);
+
+  const Safetensors batch = read_safetensors(o.batch);
+  const Tensor images = batch.find("images"), labels = batch.find("labels");
+  CNX_CHECK(images.defined(), o.batch, ": no tensor named 'images'");
+  CNX_CHECK(labels.defined(), o.batch, ": no tensor named 'labels'");
+
+  GradsResult r = compute_grads(model, images, labels, device);
+  NamedTensors out{{"logits", r.logits}, {"loss", r.loss}};
+  for (auto& [name, g] : r.grads) out.emplace_back("grad." + name, g);
+  write_safetensors(o.out, out, {{"model", cfg.name}});
+  return 0;
+}
+
+}  // namespace
+
+Command grads_command(CLI::App& app) {
+  auto opts = std::make_shared<GradsOptions>();
+  CLI::App* sub = app.add_subcommand(
+      "grads", "One forward/backward pass (training mode, drop path 0, mean cross-entropy); "
+               "writes logits, loss and every parameter gradient, for parity with PyTorch");
+  auto* model = sub->add_option("--model", opts->model, "A named model, e.g. convnext_tiny");
+  auto* depths = sub->add_option("--depths", opts->depths, "Blocks per stage, e.g. 3,3,9,3");
+  auto* dims = sub->add_option("--dims", opts->dims, "Width per stage, e.g. 96,192,384,768");
+  model->excludes(depths)->excludes(dims);
+  depths->needs(dims);
+  dims->needs(depths);
+  sub->add_option("--in_chans", opts->in_chans, "Input channels")->capture_default_str();
+  sub->add_option("--num_classes", opts->num_classes, "Classes")->capture_default_str();
+  sub->add_option("--weights", opts->weights, "Weights, official names (.safetensors)")->required();
+  sub->add_option("--batch", opts->batch, "images f32 [N,C,H,W] and labels i64 [N] (.safetensors)")
+      ->required();
+  sub->add_option("--out", opts->out, "Output .safetensors")->required();
+  sub->add_option("--device", opts->device, "cpu or cuda")->capture_default_str();
+  return {sub, [opts] {
+            CNX_CHECK(!opts->model.empty() || !opts->depths.empty(),
+                      "give --model NAME, or --depths and --dims");
+            return run_grads(*opts);
+          }};
+}
+
+}  // namespace cnx
