@@ -1,6 +1,8 @@
 #include "models/convnext.h"
 
 #include <algorithm>
+#include <array>
+#include <cstring>
 #include <map>
 #include <set>
 

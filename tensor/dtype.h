@@ -5,8 +5,8 @@
 // general integers.
 #pragma once
 
+#include <bit>
 #include <cstdint>
-#include <cstring>
 #include <string>
 
 namespace cnx {
@@ -50,16 +50,10 @@ struct bf16 {
 
   bf16() = default;
   explicit bf16(float f) : bits(from_float(f)) {}
-  explicit operator float() const {
-    uint32_t u = static_cast<uint32_t>(bits) << 16;
-    float f;
-    std::memcpy(&f, &u, sizeof f);
-    return f;
-  }
+  explicit operator float() const { return std::bit_cast<float>(static_cast<uint32_t>(bits) << 16); }
 
   static uint16_t from_float(float f) {
-    uint32_t u;
-    std::memcpy(&u, &f, sizeof u);
+    const uint32_t u = std::bit_cast<uint32_t>(f);
     if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);  // NaN
     uint32_t rounding = 0x7fffu + ((u >> 16) & 1u);  // round half to even
     return static_cast<uint16_t>((u + rounding) >> 16);
@@ -84,26 +78,19 @@ struct f16 {
     } else if (man == 0) {
       u = sign;  // zero
     } else {     // subnormal: value = man * 2^-24, exact in float
-      float f = static_cast<float>(man) * 0x1.0p-24f;
-      std::memcpy(&u, &f, sizeof u);
-      u |= sign;
+      u = sign | std::bit_cast<uint32_t>(static_cast<float>(man) * 0x1.0p-24f);
     }
-    float f;
-    std::memcpy(&f, &u, sizeof f);
-    return f;
+    return std::bit_cast<float>(u);
   }
 
   static uint16_t from_float(float f) {
-    uint32_t u;
-    std::memcpy(&u, &f, sizeof u);
+    const uint32_t u = std::bit_cast<uint32_t>(f);
     const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
     const uint32_t a = u & 0x7fffffffu;
     if (a > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);  // NaN
     if (a >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // >= 65520: inf
     if (a < 0x38800000u) {  // below 2^-14: subnormal or zero; round a * 2^24 to an integer
-      float mag;
-      std::memcpy(&mag, &a, sizeof mag);
-      const float scaled = mag * 0x1.0p24f;  // exact; < 1024
+      const float scaled = std::bit_cast<float>(a) * 0x1.0p24f;  // exact; < 1024
       uint32_t m = static_cast<uint32_t>(scaled);
       const float rest = scaled - static_cast<float>(m);
       if (rest > 0.5f || (rest == 0.5f && (m & 1u))) ++m;  // to nearest even
