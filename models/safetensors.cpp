@@ -435,8 +435,10 @@ Safetensors parse_safetensors(const std::string& bytes, const std::string& what)
 
 // Reads the file piecewise rather than through parse_safetensors, so that a checkpoint is
 // read straight into its tensors instead of being held twice in memory.
-Safetensors read_safetensors(const std::string& path) {
-  const FileDescriptor fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+namespace {
+// Validates the whole header of an open file against its size; returns it and sets the
+// data buffer's offset.
+Header read_header(const FileDescriptor& fd, const std::string& path, int64_t& data_start) {
   if (fd.get() < 0) fail_in(path, "cannot open: ", errno_message(errno));
   struct stat st;
   if (::fstat(fd.get(), &st) != 0) fail_in(path, "cannot stat: ", errno_message(errno));
@@ -451,8 +453,21 @@ Safetensors read_safetensors(const std::string& path) {
   const int64_t n = header_size(prefix, file_size, path);
   std::string text(static_cast<size_t>(n), '\0');
   read_exactly(fd.get(), text.data(), n, kSizePrefix, path, "the header");
-  const int64_t data_start = kSizePrefix + n;
-  Header header = parse_header(text, file_size - data_start, path);
+  data_start = kSizePrefix + n;
+  return parse_header(text, file_size - data_start, path);
+}
+}  // namespace
+
+std::map<std::string, std::string> read_safetensors_metadata(const std::string& path) {
+  const FileDescriptor fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  int64_t data_start = 0;
+  return read_header(fd, path, data_start).metadata;
+}
+
+Safetensors read_safetensors(const std::string& path) {
+  const FileDescriptor fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  int64_t data_start = 0;
+  Header header = read_header(fd, path, data_start);
 
   Safetensors out;
   out.metadata = std::move(header.metadata);

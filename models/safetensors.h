@@ -44,6 +44,10 @@ constexpr int64_t kSafetensorsMaxHeader = 100'000'000;  // bytes
 
 Safetensors read_safetensors(const std::string& path);
 
+// Only the "__metadata__" of a file (the header is read and validated in full; the tensor
+// data is not read). For picking a checkpoint without loading it.
+std::map<std::string, std::string> read_safetensors_metadata(const std::string& path);
+
 // Writes the tensors (any device; copied to the host) in the given order, names unique and
 // non-empty and not "__metadata__". Atomic: writes path + ".tmp", fsyncs, renames over `path`;
 // on any failure `path` is untouched and the temporary file removed. The header is padded with

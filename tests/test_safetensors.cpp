@@ -611,3 +611,15 @@ TEST_F(SafetensorsFiles, FailedRenameRemovesTheTemporary) {
   EXPECT_EQ(listing(), std::vector<std::string>{"taken"});
   EXPECT_EQ(read_bytes(path("taken/keep")), "keep");
 }
+
+TEST_F(SafetensorsFiles, MetadataOnlyReadValidatesTheHeader) {
+  const std::string p = path("meta.safetensors");
+  write_safetensors(p, {{"w", Tensor::ones({3, 2})}}, {{"epoch", "7"}, {"format", "x"}});
+  const auto md = read_safetensors_metadata(p);
+  EXPECT_EQ(md, (std::map<std::string, std::string>{{"epoch", "7"}, {"format", "x"}}));
+  // A file whose data is cut short is refused even though the data is not read.
+  const std::string bytes = read_bytes(p);
+  write_bytes(p, bytes.substr(0, bytes.size() - 4));
+  expect_error([&] { (void)read_safetensors_metadata(p); }, {p + ": "});
+  expect_error([&] { (void)read_safetensors_metadata(path("missing")); }, {"cannot open"});
+}

@@ -10,6 +10,9 @@ packages=(
   libbenchmark-dev                  # bench/
   nlohmann-json3-dev                # safetensors headers, metadata
   libcli11-dev                      # the convnext command line
+  libopenblas-dev                   # f32 CPU matrix products (optional: without it, the loops)
+  zlib1g-dev                        # Fashion-MNIST .gz files
+  dataset-fashion-mnist             # the default training data (/usr/share/datasets/fashion-mnist)
 )
 
 missing=()

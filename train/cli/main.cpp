@@ -1,5 +1,5 @@
 // The convnext command line. Subcommands:
-//   grads   one forward/backward pass, for parity checks against PyTorch (train/grads_command.cpp)
+//   grads   one forward/backward pass, for parity checks against PyTorch (train/cli/grads_command.cpp)
 // (train, eval and predict arrive with the training loop.)
 //
 // Errors: one line on stderr, "convnext <subcommand>: <what is wrong>", and exit status 1
@@ -9,7 +9,7 @@
 #include <cstdio>
 
 #include "tensor/error.h"
-#include "train/commands.h"
+#include "train/cli/commands.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"convnext: ConvNeXt from scratch in C++/CUDA"};

@@ -13,7 +13,7 @@
 #include "models/convnext.h"
 #include "models/grads.h"
 #include "models/safetensors.h"
-#include "train/commands.h"
+#include "train/cli/commands.h"
 
 namespace cnx {
 
