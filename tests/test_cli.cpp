@@ -250,3 +250,54 @@ TEST_F(Cli, CudaRequestWithoutDevice) {
   expect_failure(base(golden("weights.safetensors"), golden("batch.safetensors")) + " --device cuda",
                  {"convnext grads: --device cuda: no such CUDA device (0 visible"});
 }
+
+// ---- train, eval, predict ----------------------------------------------------------------------
+
+namespace {
+// Runs a command that must fail with one stderr line containing every part.
+void expect_one_line_failure(const Cli* cli, const RunResult& r, const std::vector<std::string>& parts,
+                             int status) {
+  (void)cli;
+  EXPECT_EQ(r.status, status) << r.err;
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << "not one line: " << r.err;
+  for (const std::string& part : parts)
+    EXPECT_NE(r.err.find(part), std::string::npos) << "stderr lacks '" << part << "': " << r.err;
+}
+}  // namespace
+
+TEST_F(Cli, TrainRefusesBadValues) {
+  const std::string data = " --data_path " + path("none").string();
+  expect_one_line_failure(this, run("train --batch_size -5"), {"convnext train: --batch_size must be positive, got -5"}, 1);
+  expect_one_line_failure(this, run("train --epochs 0"), {"--epochs must be positive, got 0"}, 1);
+  expect_one_line_failure(this, run("train --lr abc"), {"convnext train:", "--lr", "abc"}, 2);
+  expect_one_line_failure(this, run("train --model convnext_huge"), {"unknown model 'convnext_huge'"}, 1);
+  expect_one_line_failure(this, run("train --data_set imagenet"), {"imagenet", "fashion_mnist"}, 1);
+  expect_one_line_failure(this, run("train --smoothing 1.5"), {"--smoothing must be in [0, 1), got 1.5"}, 1);
+  expect_one_line_failure(this, run("train --depths 2,2 --dims 8"), {"depths (2,2) and dims (8)"}, 1);
+  expect_one_line_failure(this, run("train --device tpu"), {"--device must be auto, cpu or cuda, got 'tpu'"}, 1);
+  expect_one_line_failure(this, run("train" + data), {"fashion_mnist:", path("none").string(), "train-images-idx3-ubyte"}, 1);
+  expect_one_line_failure(this, run("train --model_ema maybe"), {"--model_ema"}, 2);
+}
+
+TEST_F(Cli, TrainRefusesBrokenDatasetFiles) {
+  // Files with the right names but the wrong content: the labels file where the images belong.
+  const fs::path d = path("broken");
+  fs::create_directories(d);
+  const std::string fm = "/usr/share/datasets/fashion-mnist/";
+  if (!fs::exists(fm + "train-labels-idx1-ubyte.gz")) GTEST_SKIP() << "no Fashion-MNIST installed";
+  fs::copy_file(fm + "train-labels-idx1-ubyte.gz", d / "train-images-idx3-ubyte.gz");
+  fs::copy_file(fm + "train-labels-idx1-ubyte.gz", d / "train-labels-idx1-ubyte.gz");
+  expect_one_line_failure(this, run("train --data_path " + d.string()), {"wrong magic", "0x00000803"}, 1);
+}
+
+TEST_F(Cli, EvalAndPredictRefuseBadInput) {
+  expect_one_line_failure(this, run("eval --weights " + path("none.safetensors").string() + " --model convnext_atto"),
+                          {"convnext eval:", "none.safetensors", "cannot open"}, 1);
+  expect_one_line_failure(this, run("eval --weights " + golden("weights.safetensors")),
+                          {"holds plain weights: give --model NAME or --depths and --dims"}, 1);
+  const std::string not_image = bytes_file("x.pgm", "hello");
+  expect_one_line_failure(this,
+                          run("predict --weights " + golden("weights.safetensors") +
+                              " --depths 2,1,2,1 --dims 8,16,24,32 --data_set cifar10 " + not_image),
+                          {"convnext predict:", "x.pgm", "not a binary PGM/PPM image"}, 1);
+}

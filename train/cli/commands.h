@@ -16,6 +16,9 @@ struct Command {
 };
 
 Command grads_command(CLI::App& app);
+Command train_command(CLI::App& app);
+Command eval_command(CLI::App& app);
+Command predict_command(CLI::App& app);
 
 // "3,3,9,3" -> {3, 3, 9, 3}; throws cnx::Error naming `flag` if it is not a comma-separated
 // list of positive integers.

@@ -1,21 +1,34 @@
 // The convnext command line. Subcommands:
-//   grads   one forward/backward pass, for parity checks against PyTorch (train/cli/grads_command.cpp)
-// (train, eval and predict arrive with the training loop.)
+//   train    train a ConvNeXt (train/cli/train_command.cpp, train/trainer.h)
+//   eval     Acc@1, Acc@5 and loss of trained weights on a test split
+//   predict  top-5 classes of image files
+//   grads    one forward/backward pass, for parity checks against PyTorch (grads_command.cpp)
 //
 // Errors: one line on stderr, "convnext <subcommand>: <what is wrong>", and exit status 1
 // (2 for a malformed command line); nothing is written on failure.
 #include <CLI/CLI.hpp>
 
+#include <unistd.h>
+
 #include <cstdio>
+#include <cstdlib>
 
 #include "tensor/error.h"
 #include "train/cli/commands.h"
 
 int main(int argc, char** argv) {
+  // OpenMP's default wait policy spins idle threads; next to the data loader's threads (or any
+  // other load) on a small machine that costs up to 8x in training speed (measured). libgomp
+  // reads the policy before main runs, so set it and start again, once.
+  if (std::getenv("OMP_WAIT_POLICY") == nullptr) {
+    ::setenv("OMP_WAIT_POLICY", "passive", 1);
+    ::execv("/proc/self/exe", argv);  // returns only on failure: then carry on as we are
+  }
   CLI::App app{"convnext: ConvNeXt from scratch in C++/CUDA"};
   app.require_subcommand(1);
   app.set_help_all_flag("--help-all", "Show the help of every subcommand");
-  std::vector<cnx::Command> commands = {cnx::grads_command(app)};
+  std::vector<cnx::Command> commands = {cnx::train_command(app), cnx::eval_command(app),
+                                        cnx::predict_command(app), cnx::grads_command(app)};
 
   try {
     app.parse(argc, argv);

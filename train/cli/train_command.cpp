@@ -1,0 +1,246 @@
+// convnext train / eval / predict. Flag names follow the official ConvNeXt main.py, so its
+// documented commands carry over (booleans take a value, as there: --model_ema true).
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+
+#include "autograd/function.h"
+#include "autograd/ops.h"
+#include "models/safetensors.h"
+#include "train/cli/commands.h"
+#include "train/data/dataset.h"
+#include "train/data/loader.h"
+#include "train/trainer.h"
+
+namespace cnx {
+
+namespace {
+
+// --model NAME, or --depths/--dims: shared by train, eval and predict.
+struct ModelFlags {
+  std::string model, depths, dims;
+  void add(CLI::App* sub) {
+    auto* m = sub->add_option("--model", model, "A named model, e.g. convnext_atto");
+    auto* d = sub->add_option("--depths", depths, "Blocks per stage, e.g. 2,2,2,2");
+    auto* w = sub->add_option("--dims", dims, "Width per stage, e.g. 32,64,128,256");
+    m->excludes(d)->excludes(w);
+    d->needs(w);
+    w->needs(d);
+  }
+  // Applies the flags given on the command line to `cfg`.
+  void apply(TrainConfig& cfg) const {
+    if (!model.empty()) cfg.model = model;
+    if (!depths.empty()) {
+      cfg.model.clear();
+      cfg.depths = parse_int_list("--depths", depths);
+      cfg.dims = parse_int_list("--dims", dims);
+    }
+  }
+};
+
+// ---- train ----
+struct TrainFlags {
+  TrainConfig cfg;
+  ModelFlags model;
+};
+
+int run_train(TrainFlags& f) {
+  f.model.apply(f.cfg);
+  install_stop_handlers();
+  const TrainResult r = train(f.cfg);
+  if (r.interrupted) return 128 + stop_signal().load();  // the shell's convention: 130, 143
+  return 0;
+}
+
+// ---- eval and predict: a trained model ----
+struct UseFlags {
+  std::string weights, data_set, data_path;
+  ModelFlags model;
+  bool use_ema = false;
+  int64_t batch_size = 256;
+  int num_workers = 2;
+  std::string device = "auto";
+  std::vector<std::string> images;
+};
+
+// The model a weights file was trained as: a checkpoint's own config, overridden by flags.
+std::unique_ptr<ConvNeXt> load_trained(const UseFlags& f, Dataset& info) {
+  TrainConfig cfg = checkpoint_config(f.weights).value_or(TrainConfig{});
+  const bool from_checkpoint = checkpoint_config(f.weights).has_value();
+  if (!f.data_set.empty()) cfg.data_set = f.data_set;
+  if (!f.data_path.empty()) cfg.data_path = f.data_path;
+  f.model.apply(cfg);
+  CNX_CHECK(from_checkpoint || !f.model.model.empty() || !f.model.depths.empty(), f.weights,
+            " holds plain weights: give --model NAME or --depths and --dims");
+  CNX_CHECK(f.device == "auto" || f.device == "cpu", "--device ", f.device,
+            ": the CUDA backend is not built yet; use --device cpu");
+  info = dataset_info(cfg.data_set);
+  cfg.drop_path = 0;
+  Generator g(0);
+  auto model = std::make_unique<ConvNeXt>(cfg.model_config(info.num_classes, info.C), g);
+  model->load_state_dict(load_weights(f.weights, f.use_ema));
+  return model;
+}
+
+int run_eval(UseFlags& f) {
+  Dataset info;
+  auto model = load_trained(f, info);
+  const EvalResult r = evaluate(*model, info.name, f.data_path, f.batch_size, f.num_workers);
+  std::printf("%s on %s test (%lld images): Acc@1 %.2f Acc@5 %.2f loss %.4f\n",
+              model->config().name.c_str(), info.name.c_str(), static_cast<long long>(r.images),
+              r.acc1, r.acc5, r.loss);
+  return 0;
+}
+
+// A binary PGM (P5) or PPM (P6) image with 8-bit samples: (H, W, C) bytes.
+struct Image {
+  int64_t H = 0, W = 0, C = 0;
+  std::vector<uint8_t> pixels;
+};
+
+Image read_pnm(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  CNX_CHECK(f.good(), path, ": cannot open");
+  std::string magic;
+  f >> magic;
+  CNX_CHECK(magic == "P5" || magic == "P6", path, ": not a binary PGM/PPM image (magic '", magic,
+            "'); JPEG and PNG come with the data pipeline");
+  auto number = [&]() {
+    f >> std::ws;
+    while (f.peek() == '#') {  // comments
+      std::string line;
+      std::getline(f, line);
+      f >> std::ws;
+    }
+    long long v = -1;
+    f >> v;
+    CNX_CHECK(f.good() && v > 0, path, ": bad PGM/PPM header");
+    return v;
+  };
+  Image img;
+  img.W = number();
+  img.H = number();
+  const long long maxval = number();
+  CNX_CHECK(maxval < 256, path, ": 16-bit PGM/PPM is not supported");
+  f.get();  // the single whitespace before the data
+  img.C = magic == "P5" ? 1 : 3;
+  img.pixels.resize(static_cast<size_t>(img.H * img.W * img.C));
+  f.read(reinterpret_cast<char*>(img.pixels.data()), static_cast<std::streamsize>(img.pixels.size()));
+  CNX_CHECK(f.gcount() == static_cast<std::streamsize>(img.pixels.size()), path, ": truncated image data");
+  return img;
+}
+
+int run_predict(UseFlags& f) {
+  Dataset info;
+  auto model = load_trained(f, info);
+  NoGradGuard no_grad;
+  Generator unused(0);
+  for (const std::string& path : f.images) {
+    Image img = read_pnm(path);
+    CNX_CHECK(img.H == info.H && img.W == info.W, path, ": image is ", img.W, "x", img.H, "; ",
+              info.name, " models take ", info.W, "x", info.H, " (resizing comes with the data pipeline)");
+    if (img.C != info.C) {  // grey <-> colour
+      std::vector<uint8_t> px(static_cast<size_t>(img.H * img.W * info.C));
+      for (int64_t i = 0; i < img.H * img.W; ++i)
+        for (int64_t c = 0; c < info.C; ++c) {
+          const uint8_t* s = &img.pixels[static_cast<size_t>(i * img.C)];
+          px[static_cast<size_t>(i * info.C + c)] =
+              img.C == 1 ? s[0] : static_cast<uint8_t>((299 * s[0] + 587 * s[1] + 114 * s[2]) / 1000);
+        }
+      img.pixels = std::move(px);
+      img.C = info.C;
+    }
+    const Tensor x = normalize_image(img.pixels, img.H, img.W, img.C, info.mean, info.std);
+    const std::vector<float> logits = model->forward(x, false, unused).to_vector<float>();
+    double mx = logits[0], sum = 0;
+    for (float v : logits) mx = std::max(mx, static_cast<double>(v));
+    std::vector<std::pair<double, int64_t>> probs;
+    for (size_t k = 0; k < logits.size(); ++k) sum += std::exp(logits[k] - mx);
+    for (size_t k = 0; k < logits.size(); ++k)
+      probs.emplace_back(std::exp(logits[k] - mx) / sum, static_cast<int64_t>(k));
+    std::sort(probs.begin(), probs.end(), [](auto& a, auto& b) { return a.first > b.first; });
+    std::printf("%s:", path.c_str());
+    for (size_t i = 0; i < std::min<size_t>(5, probs.size()); ++i) {
+      const int64_t k = probs[i].second;
+      const std::string name = k < static_cast<int64_t>(info.class_names.size()) ? info.class_names[k] : std::to_string(k);
+      std::printf("%s %s %.1f%%", i ? "," : "", name.c_str(), 100.0 * probs[i].first);
+    }
+    std::printf("\n");
+  }
+  return 0;
+}
+
+void add_use_flags(CLI::App* sub, UseFlags& f) {
+  sub->add_option("--weights", f.weights, "Weights (official names) or a training checkpoint")->required();
+  f.model.add(sub);
+  sub->add_option("--data_set", f.data_set, "fashion_mnist, cifar10 or cifar100 (default: the checkpoint's)");
+  sub->add_option("--data_path", f.data_path, "Dataset folder");
+  sub->add_option("--use_ema", f.use_ema, "Use a checkpoint's EMA weights")->capture_default_str();
+  sub->add_option("--device", f.device, "auto, cpu or cuda")->capture_default_str();
+}
+
+}  // namespace
+
+Command train_command(CLI::App& app) {
+  auto f = std::make_shared<TrainFlags>();
+  TrainConfig& c = f->cfg;
+  CLI::App* sub = app.add_subcommand("train", "Train a ConvNeXt (defaults: a small model on Fashion-MNIST)");
+  f->model.add(sub);
+  auto opt = [&](const char* name, auto& field, const char* help) {
+    sub->add_option(name, field, help)->capture_default_str();
+  };
+  opt("--drop_path", c.drop_path, "Drop path rate (linear over the blocks)");
+  opt("--layer_scale_init_value", c.layer_scale_init_value, "Layer scale init (0: no layer scale)");
+  opt("--head_init_scale", c.head_init_scale, "Scale of the head's initial weights");
+  opt("--data_set", c.data_set, "fashion_mnist, cifar10 or cifar100");
+  opt("--data_path", c.data_path, "Dataset folder (default for fashion_mnist: Debian's)");
+  opt("--augment", c.augment, "Random crop + flip on the training images");
+  opt("--num_workers", c.num_workers, "Data loader threads");
+  opt("--batch_size", c.batch_size, "Images per micro-batch");
+  opt("--update_freq", c.update_freq, "Gradient accumulation steps");
+  opt("--epochs", c.epochs, "Epochs");
+  opt("--lr", c.lr, "Peak learning rate for a total batch of 4096 (scaled linearly)");
+  opt("--min_lr", c.min_lr, "Final learning rate of the cosine schedule");
+  opt("--warmup_lr", c.warmup_lr, "Learning rate at the start of the warmup");
+  opt("--warmup_epochs", c.warmup_epochs, "Linear warmup epochs");
+  opt("--warmup_steps", c.warmup_steps, "Linear warmup steps (> 0 overrides --warmup_epochs)");
+  opt("--weight_decay", c.weight_decay, "AdamW weight decay (not for 1-D tensors and biases)");
+  opt("--clip_grad", c.clip_grad, "Clip the gradient norm to this (0: off)");
+  opt("--layer_decay", c.layer_decay, "Layer-wise lr decay (1: off)");
+  opt("--smoothing", c.smoothing, "Label smoothing");
+  opt("--model_ema", c.model_ema, "Keep an EMA of the weights");
+  opt("--model_ema_decay", c.model_ema_decay, "EMA decay");
+  opt("--model_ema_eval", c.model_ema_eval, "Evaluate the EMA every epoch too");
+  opt("--seed", c.seed, "Seed of every random draw");
+  opt("--output_dir", c.output_dir, "Checkpoints, metrics.jsonl and config.json go here");
+  opt("--resume", c.resume, "Continue from this checkpoint");
+  opt("--auto_resume", c.auto_resume, "Continue from the newest checkpoint in --output_dir");
+  opt("--save_ckpt", c.save_ckpt, "Save checkpoints");
+  opt("--save_ckpt_freq", c.save_ckpt_freq, "Save every this many epochs");
+  opt("--save_ckpt_num", c.save_ckpt_num, "Numbered checkpoints to keep");
+  opt("--finetune", c.finetune, "Start from these weights (the head is re-initialised if it does not fit)");
+  opt("--device", c.device, "auto, cpu or cuda");
+  opt("--log_every", c.log_every, "Optimiser steps between log lines");
+  opt("--max_steps", c.max_steps, "Stop after this many optimiser steps (-1: no limit)");
+  opt("--progress_bar", c.progress_bar, "A live progress line on a terminal");
+  return {sub, [f] { return run_train(*f); }};
+}
+
+Command eval_command(CLI::App& app) {
+  auto f = std::make_shared<UseFlags>();
+  CLI::App* sub = app.add_subcommand("eval", "Acc@1, Acc@5 and loss of trained weights on a test split");
+  add_use_flags(sub, *f);
+  sub->add_option("--batch_size", f->batch_size, "Images per batch")->capture_default_str();
+  sub->add_option("--num_workers", f->num_workers, "Data loader threads")->capture_default_str();
+  return {sub, [f] { return run_eval(*f); }};
+}
+
+Command predict_command(CLI::App& app) {
+  auto f = std::make_shared<UseFlags>();
+  CLI::App* sub = app.add_subcommand("predict", "Top-5 classes of images (binary PGM/PPM for now)");
+  add_use_flags(sub, *f);
+  sub->add_option("images", f->images, "Image files")->required();
+  return {sub, [f] { return run_predict(*f); }};
+}
+
+}  // namespace cnx

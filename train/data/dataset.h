@@ -1,0 +1,55 @@
+// Image classification datasets held in memory as uint8 NHWC, read from their distribution
+// formats:
+//
+//   fashion_mnist  idx files (optionally gzipped, read with zlib): train-images-idx3-ubyte[.gz],
+//                  train-labels-idx1-ubyte[.gz], t10k-images-idx3-ubyte[.gz],
+//                  t10k-labels-idx1-ubyte[.gz]. Header: big-endian u32 magic 0x00000803, N,
+//                  rows, cols (images) / magic 0x00000801, N (labels); then one byte per pixel
+//                  or label. 28x28x1, 10 classes. Default folder: /usr/share/datasets/fashion-mnist
+//                  (Debian's dataset-fashion-mnist).
+//   cifar10        the "binary version": data_batch_1.bin .. data_batch_5.bin (train),
+//                  test_batch.bin (test); records of 1 label byte + 3072 pixel bytes, planar
+//                  (1024 R, then 1024 G, then 1024 B, each 32x32 row-major), converted to NHWC.
+//                  Class names from batches.meta.txt when present.
+//   cifar100       train.bin, test.bin; records of 1 coarse label byte + 1 fine label byte + 3072
+//                  pixel bytes (planar as above). The fine labels (100 classes) are used; names
+//                  from fine_label_names.txt when present.
+//
+// For CIFAR, data_path is the folder holding the .bin files or its parent (with
+// cifar-10-batches-bin/ or cifar-100-binary/ inside). There is no default CIFAR location.
+//
+// Bad files are refused with a cnx::Error of one line that starts with the dataset and the
+// file's path and says what is wrong (missing, truncated, wrong magic, counts that disagree,
+// a label out of range, a size that is not a whole number of records).
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace cnx {
+
+struct Dataset {
+  std::string name;  // "fashion_mnist", "cifar10", "cifar100"
+  int64_t N = 0, H = 0, W = 0, C = 0, num_classes = 0;
+  std::vector<uint8_t> images;  // (N, H, W, C)
+  std::vector<int64_t> labels;  // (N), each in [0, num_classes)
+  std::vector<std::string> class_names;  // num_classes names
+  // Per-channel statistics of the training pixels in [0, 1] units (channels >= C unused); the
+  // loader normalises x -> (x / 255 - mean[c]) / std[c].
+  std::array<float, 3> mean{}, std{};
+};
+
+// What is known about a dataset without reading it: everything but N, images and labels (for
+// `convnext predict`, which needs the normalisation and the class names of a trained model).
+Dataset dataset_info(const std::string& name);
+
+// The names load_dataset accepts, in the order the error messages list them.
+const std::vector<std::string>& known_datasets();
+
+// Reads the train or test split of `name` from `data_path` ("" = the default location, which
+// only fashion_mnist has). Throws cnx::Error (one line) on any bad input.
+Dataset load_dataset(const std::string& name, const std::string& data_path, bool train);
+
+}  // namespace cnx

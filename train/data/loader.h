@@ -1,0 +1,122 @@
+// DataLoader: turns a uint8 NHWC Dataset into float batches ready for the model, built ahead by
+// worker threads and delivered strictly in order.
+//
+//   Batch: images (B, S, S, C) f32 NHWC, normalised x -> (x / 255 - mean[c]) / std[c] (computed
+//          in double, rounded once to float); labels (B) i64. S = 32 for 28x28 images (zero
+//          padding of 2 pixels each side: pixel value 0, before normalisation), else S = H
+//          (and W for the width).
+//   Order: training shuffles every epoch with a Fisher-Yates permutation drawn from a Philox
+//          Generator whose key is mixed (splitmix64) from (seed, epoch) alone; evaluation keeps
+//          the dataset's order.
+//          Batch i of an epoch holds the samples at positions [i*B, (i+1)*B) of that order.
+//   Augmentation (training only, `augment`): the image (already padded to S) is zero-padded by
+//          kCropPadding = 4 on every side and an SxS window is cut at offset (dy, dx) in [0, 8]^2,
+//          then flipped left-right with probability 1/2 (RandomCrop(S, padding=4) then
+//          RandomHorizontalFlip, as torchvision). The three draws of a sample come from one
+//          Philox block whose key is mixed from (seed, epoch) (a stream apart from the
+//          permutation's) and whose counter is the sample's position in the epoch: crop_flip().
+// So a batch depends only on (dataset, options, seed, epoch, batch index): not on the number of
+// workers, the order in which they finish, or whether the epoch was resumed with
+// start_epoch(epoch, first_batch).
+//
+//   DataLoader loader(train_set, LoaderOptions::training(128, seed));
+//   for (int64_t epoch = start; epoch < epochs; ++epoch) {
+//     loader.start_epoch(epoch, epoch == start ? resume_batch : 0);
+//     Batch b;
+//     while (loader.next(b)) step(b.images, b.labels);
+//   }
+//
+// Threads: one consumer thread calls start_epoch and next (a DataLoader is not shared between
+// consumers); `workers` std::threads claim batch indices in order and build them; at most
+// `prefetch` batches are claimed but not yet delivered. An exception while building batch i
+// (e.g. a label outside [0, num_classes)) is rethrown by the next() that would have returned
+// batch i, and by every next() after it until start_epoch. The destructor and start_epoch stop
+// and join the workers, also mid-epoch.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "tensor/tensor.h"
+#include "train/data/dataset.h"
+
+namespace cnx {
+
+constexpr int kCropPadding = 4;
+
+struct LoaderOptions {
+  int64_t batch_size = 128;
+  bool train = true;      // shuffle every epoch (and allow augmentation)
+  bool augment = true;    // random crop + flip; only when train (off for parity tests)
+  bool drop_last = true;  // drop a last, partial batch
+  uint64_t seed = 0;
+  int workers = -1;   // -1: min(4, hardware_concurrency); 0: build on the calling thread
+  int prefetch = -1;  // batches claimed ahead of the consumer; -1: 2 x workers
+
+  static LoaderOptions training(int64_t batch_size, uint64_t seed) {
+    return {batch_size, true, true, true, seed, -1, -1};
+  }
+  static LoaderOptions evaluation(int64_t batch_size) {
+    return {batch_size, false, false, false, 0, -1, -1};
+  }
+};
+
+struct Batch {
+  Tensor images;  // (B, S, S, C) f32
+  Tensor labels;  // (B) i64
+  int64_t epoch = -1;
+  int64_t index = -1;  // the batch's index in its epoch
+};
+
+// The output side for an HxW image: 32 for 28 (Fashion-MNIST), else the side itself.
+int64_t loader_image_side(int64_t side);
+
+// The order of epoch `epoch` when training: a permutation of [0, n) that depends only on
+// (n, seed, epoch).
+std::vector<int64_t> epoch_permutation(int64_t n, uint64_t seed, int64_t epoch);
+
+// The augmentation of the sample at `position` in epoch `epoch`: crop offset (dy, dx), each in
+// [0, 2 * kCropPadding], and flip. dy = r0 % 9, dx = r1 % 9, flip = r2 >= 2^31 where r0..r2 are
+// the first three words of Philox block `position` under the epoch's augmentation key.
+struct CropFlip {
+  int dy = kCropPadding, dx = kCropPadding;  // the centre: no shift
+  bool flip = false;
+};
+CropFlip crop_flip(uint64_t seed, int64_t epoch, int64_t position);
+
+// One uint8 HxWxC image (C <= 3) normalised into a (1, S, S, C) f32 tensor exactly as the
+// evaluation loader does (for `convnext predict`).
+Tensor normalize_image(std::span<const uint8_t> hwc, int64_t H, int64_t W, int64_t C,
+                       const std::array<float, 3>& mean, const std::array<float, 3>& std);
+
+class DataLoader {
+ public:
+  // `dataset` must outlive the loader. Throws cnx::Error on an inconsistent dataset (sizes) or
+  // bad options.
+  DataLoader(const Dataset& dataset, LoaderOptions options);
+  ~DataLoader();
+  DataLoader(const DataLoader&) = delete;
+  DataLoader& operator=(const DataLoader&) = delete;
+
+  int64_t batches_per_epoch() const;
+  int64_t image_height() const;  // S
+  int64_t image_width() const;
+  int workers() const;   // resolved (-1 -> the default)
+  int prefetch() const;
+  const LoaderOptions& options() const;
+
+  // Starts (or restarts) epoch `epoch` at batch `first_batch` (resuming mid-epoch), dropping
+  // whatever was being prefetched.
+  void start_epoch(int64_t epoch, int64_t first_batch = 0);
+  // The next batch of the epoch; false once the epoch is over.
+  bool next(Batch& out);
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace cnx

@@ -1,0 +1,384 @@
+#include "train/optim/adamw.h"
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <set>
+
+namespace cnx {
+
+namespace {
+
+// Elementwise loops below this size run on one thread: the OpenMP fork costs more.
+constexpr int64_t kParallelMin = 1 << 15;
+// grad_norm sums the squares over chunks of this many elements, each in order, then the chunk
+// sums in order: the same result for any number of threads.
+constexpr int64_t kNormChunk = 1 << 16;
+
+// Throws unless `t` is a CPU f32 tensor (what the optimiser works on for now).
+void check_cpu_f32(const Tensor& t, const std::string& what) {
+  CNX_CHECK(t.defined(), what, " is undefined");
+  CNX_CHECK(t.device().is_cpu() && t.dtype() == DType::f32, what, " must be a CPU f32 tensor, got ",
+            t.str(), " (the optimiser is CPU f32 only for now)");
+}
+
+// The gradient of `p` if it has one (checked: the value's shape, CPU f32), else undefined.
+const Tensor* checked_grad(const Parameter& p, const char* op) {
+  const Tensor& g = p.value.grad();
+  if (!g.defined()) return nullptr;
+  CNX_CHECK(g.shape() == p.value.shape(), op, ": the gradient of ", p.name, " has shape ",
+            g.shape().str(), " but the parameter ", p.value.shape().str());
+  check_cpu_f32(g, std::string(op) + ": the gradient of " + p.name);
+  return &g;
+}
+
+// "<what> (<n>): a, b, c, ... (k more);" for a list of problems, nothing if empty.
+void append_list(std::string& msg, const char* what, const std::vector<std::string>& names) {
+  if (names.empty()) return;
+  msg += std::string(" ") + what + " (" + std::to_string(names.size()) + "): ";
+  const size_t shown = std::min<size_t>(names.size(), 8);
+  for (size_t i = 0; i < shown; ++i) msg += (i ? ", " : "") + names[i];
+  if (names.size() > shown) msg += ", ... (" + std::to_string(names.size() - shown) + " more)";
+  msg += ";";
+}
+
+Tensor i64_scalar(int64_t v) { return Tensor::from_data<int64_t>(Shape{}, std::vector<int64_t>{v}); }
+
+// The integer in a one-element i64 or i32 tensor, or nothing if it is not one.
+bool read_int(const Tensor& t, int64_t& out) {
+  if (t.numel() != 1 || !t.device().is_cpu()) return false;
+  if (t.dtype() == DType::i64) out = t.data<int64_t>()[0];
+  else if (t.dtype() == DType::i32) out = t.data<int32_t>()[0];
+  else return false;
+  return true;
+}
+
+}  // namespace
+
+void AdamWOptions::validate() const {
+  CNX_CHECK(beta1 >= 0 && beta1 < 1, "AdamW: beta1 must be in [0, 1), got ", beta1);
+  CNX_CHECK(beta2 >= 0 && beta2 < 1, "AdamW: beta2 must be in [0, 1), got ", beta2);
+  CNX_CHECK(eps >= 0 && std::isfinite(eps), "AdamW: eps must be >= 0, got ", eps);
+}
+
+// ---- AdamW -------------------------------------------------------------------------------------
+
+AdamW::AdamW(const std::vector<Parameter>& params, const AdamWOptions& options,
+             std::vector<double> lr_scales)
+    : params_(params), options_(options), lr_scales_(std::move(lr_scales)) {
+  options_.validate();
+  if (lr_scales_.empty()) lr_scales_.assign(params_.size(), 1.0);
+  CNX_CHECK(lr_scales_.size() == params_.size(), "AdamW: ", lr_scales_.size(),
+            " lr scales for ", params_.size(), " parameters");
+  std::set<std::string> names;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const Parameter& p = params_[i];
+    CNX_CHECK(!p.name.empty(), "AdamW: parameter ", i, " has no name");
+    CNX_CHECK(names.insert(p.name).second, "AdamW: parameter name ", p.name, " appears twice");
+    check_cpu_f32(p.value, "AdamW: parameter " + p.name);
+    CNX_CHECK(p.official_shape.numel() == p.value.numel(), "AdamW: parameter ", p.name,
+              " has official shape ", p.official_shape.str(), " but value ", p.value.str());
+    CNX_CHECK(std::isfinite(lr_scales_[i]) && lr_scales_[i] >= 0, "AdamW: the lr scale of ",
+              p.name, " must be finite and >= 0, got ", lr_scales_[i]);
+    m_.push_back(Tensor::zeros(p.value.shape()));
+    v_.push_back(Tensor::zeros(p.value.shape()));
+  }
+  param_steps_.assign(params_.size(), 0);
+}
+
+void AdamW::step(double lr, double weight_decay) {
+  CNX_CHECK(std::isfinite(lr) && lr >= 0, "AdamW.step: lr must be finite and >= 0, got ", lr);
+  CNX_CHECK(std::isfinite(weight_decay) && weight_decay >= 0,
+            "AdamW.step: weight_decay must be finite and >= 0, got ", weight_decay);
+  std::vector<const Tensor*> grads;
+  for (const Parameter& p : params_) grads.push_back(checked_grad(p, "AdamW.step"));
+
+  const double beta1 = options_.beta1, beta2 = options_.beta2;
+  // PyTorch's Python scalars become f32 when they meet the f32 tensors.
+  const float b1 = static_cast<float>(beta1), one_minus_b1 = static_cast<float>(1 - beta1);
+  const float b2 = static_cast<float>(beta2), one_minus_b2 = static_cast<float>(1 - beta2);
+  const float eps = static_cast<float>(options_.eps);
+
+  ++step_count_;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    if (!grads[i]) continue;
+    const int64_t t = ++param_steps_[i];
+    const double lr_p = lr * lr_scales_[i];
+    const double wd_p = params_[i].decay ? weight_decay : 0.0;
+    // As torch.optim.AdamW (_single_tensor_adamw), in double:
+    const double bias_correction1 = 1 - std::pow(beta1, static_cast<double>(t));
+    const double bias_correction2 = 1 - std::pow(beta2, static_cast<double>(t));
+    const float neg_step_size = static_cast<float>(-(lr_p / bias_correction1));
+    const float bias_correction2_sqrt = static_cast<float>(std::sqrt(bias_correction2));
+    const bool decay = wd_p != 0;
+    const float decay_mul = static_cast<float>(1 - lr_p * wd_p);
+
+    float* p = params_[i].value.data<float>();      // (numel)
+    float* m = m_[i].data<float>();                 // (numel)
+    float* v = v_[i].data<float>();                 // (numel)
+    const float* g = grads[i]->data<float>();       // (numel)
+    const int64_t n = params_[i].value.numel();
+#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+    for (int64_t k = 0; k < n; ++k) {
+      float pk = p[k];
+      if (decay) pk = pk * decay_mul;                       // param.mul_(1 - lr * wd)
+      const float gk = g[k];
+      const float mk = m[k] * b1 + one_minus_b1 * gk;       // exp_avg.mul_(b1).add_(g, alpha=1-b1)
+      const float vk = v[k] * b2 + one_minus_b2 * gk * gk;  // exp_avg_sq.mul_(b2).addcmul_(g, g, 1-b2)
+      const float denom = std::sqrt(vk) / bias_correction2_sqrt + eps;
+      p[k] = pk + neg_step_size * mk / denom;               // param.addcdiv_(m, denom, -step_size)
+      m[k] = mk;
+      v[k] = vk;
+    }
+  }
+}
+
+NamedTensors AdamW::state_dict() const {
+  NamedTensors out;
+  out.emplace_back("adamw.step", i64_scalar(step_count_));
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const Parameter& p = params_[i];
+    out.emplace_back("adamw.m." + p.name, to_official_layout(m_[i], p.layout));
+    out.emplace_back("adamw.v." + p.name, to_official_layout(v_[i], p.layout));
+    out.emplace_back("adamw.step." + p.name, i64_scalar(param_steps_[i]));
+  }
+  return out;
+}
+
+void AdamW::load_state_dict(const NamedTensors& tensors) {
+  std::map<std::string, const Tensor*> given;
+  std::vector<std::string> duplicate, unexpected, missing, misshaped, bad_type, bad_step;
+  for (const auto& [name, t] : tensors) {
+    if (!name.starts_with("adamw.")) continue;
+    if (!given.emplace(name, &t).second) duplicate.push_back(name);
+  }
+  std::set<std::string> known;
+  auto find = [&](const std::string& name) -> const Tensor* {
+    known.insert(name);
+    auto it = given.find(name);
+    if (it == given.end()) {
+      missing.push_back(name);
+      return nullptr;
+    }
+    return it->second;
+  };
+  auto check_step = [&](const std::string& name, int64_t& out) {
+    const Tensor* t = find(name);
+    if (!t) return;
+    if (!read_int(*t, out)) {
+      bad_type.push_back(name + " " + t->str() + " (expected one integer)");
+    } else if (out < 0) {
+      bad_step.push_back(name + " = " + std::to_string(out));
+    }
+  };
+  auto check_moment = [&](const std::string& name, const Parameter& p) -> const Tensor* {
+    const Tensor* t = find(name);
+    if (!t) return nullptr;
+    if (t->shape() != p.official_shape) {
+      misshaped.push_back(name + " " + t->shape().str() + " (expected " + p.official_shape.str() + ")");
+      return nullptr;
+    }
+    if (!is_floating(t->dtype())) {
+      bad_type.push_back(name + " " + dtype_name(t->dtype()));
+      return nullptr;
+    }
+    return t;
+  };
+
+  int64_t step_count = 0;
+  check_step("adamw.step", step_count);
+  std::vector<const Tensor*> ms, vs;
+  std::vector<int64_t> steps(params_.size(), 0);
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const Parameter& p = params_[i];
+    ms.push_back(check_moment("adamw.m." + p.name, p));
+    vs.push_back(check_moment("adamw.v." + p.name, p));
+    check_step("adamw.step." + p.name, steps[i]);
+  }
+  for (const auto& [name, t] : given)
+    if (!known.count(name)) unexpected.push_back(name);
+
+  if (!(duplicate.empty() && unexpected.empty() && missing.empty() && misshaped.empty() &&
+        bad_type.empty() && bad_step.empty())) {
+    std::string msg = "AdamW.load_state_dict: the optimiser state does not fit the parameters:";
+    append_list(msg, "missing", missing);
+    append_list(msg, "unexpected", unexpected);
+    append_list(msg, "wrong shape", misshaped);
+    append_list(msg, "wrong dtype", bad_type);
+    append_list(msg, "negative step", bad_step);
+    append_list(msg, "duplicate", duplicate);
+    msg.pop_back();  // the last ';'
+    throw Error(msg);
+  }
+
+  // Everything fits: convert first, assign after, so that a failure changes nothing.
+  std::vector<Tensor> new_m, new_v;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    new_m.push_back(from_official_layout(ms[i]->to(DType::f32), params_[i].layout));
+    new_v.push_back(from_official_layout(vs[i]->to(DType::f32), params_[i].layout));
+  }
+  for (size_t i = 0; i < params_.size(); ++i) {
+    m_[i].copy_from(new_m[i]);
+    v_[i].copy_from(new_v[i]);
+  }
+  param_steps_ = std::move(steps);
+  step_count_ = step_count;
+}
+
+// ---- gradient-norm clipping --------------------------------------------------------------------
+
+double grad_norm(const std::vector<Parameter>& params) {
+  struct Chunk {
+    const float* g;  // (n)
+    int64_t n;
+  };
+  std::vector<Chunk> chunks;
+  for (const Parameter& p : params) {
+    const Tensor* g = checked_grad(p, "grad_norm");
+    if (!g) continue;
+    const float* data = g->data<float>();
+    for (int64_t begin = 0; begin < g->numel(); begin += kNormChunk)
+      chunks.push_back({data + begin, std::min(kNormChunk, g->numel() - begin)});
+  }
+  std::vector<double> partial(chunks.size(), 0.0);
+  const int64_t nchunks = static_cast<int64_t>(chunks.size());
+#pragma omp parallel for schedule(static) if (nchunks > 1)
+  for (int64_t c = 0; c < nchunks; ++c) {
+    double s = 0;
+    for (int64_t k = 0; k < chunks[c].n; ++k) {
+      const double x = chunks[c].g[k];
+      s += x * x;
+    }
+    partial[c] = s;
+  }
+  double total = 0;
+  for (double s : partial) total += s;
+  return std::sqrt(total);
+}
+
+double clip_grad_norm(const std::vector<Parameter>& params, double max_norm) {
+  const double norm = grad_norm(params);
+  if (!(max_norm > 0) || !std::isfinite(norm)) return norm;
+  // clip_coef = max_norm / (total_norm + 1e-6), an f32 tensor in PyTorch.
+  const float coef = static_cast<float>(max_norm) / (static_cast<float>(norm) + 1e-6f);
+  if (!(coef < 1.0f)) return norm;
+  for (const Parameter& p : params) {
+    Tensor g = p.value.grad();  // a handle: the gradient is scaled in place
+    if (!g.defined()) continue;
+    float* d = g.data<float>();  // (numel)
+    const int64_t n = g.numel();
+#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+    for (int64_t k = 0; k < n; ++k) d[k] *= coef;
+  }
+  return norm;
+}
+
+// ---- layer-wise lr decay -----------------------------------------------------------------------
+
+namespace {
+
+std::vector<std::string> split_dots(const std::string& s) {
+  std::vector<std::string> parts;
+  size_t begin = 0;
+  while (true) {
+    const size_t dot = s.find('.', begin);
+    parts.push_back(s.substr(begin, dot == std::string::npos ? std::string::npos : dot - begin));
+    if (dot == std::string::npos) return parts;
+    begin = dot + 1;
+  }
+}
+
+// parts[i] as a non-negative index (Python's int() on the name's field), or an error.
+int64_t index_field(const std::vector<std::string>& parts, size_t i, const std::string& name) {
+  CNX_CHECK(i < parts.size() && !parts[i].empty() && parts[i].size() <= 9 &&
+                std::all_of(parts[i].begin(), parts[i].end(), [](char c) { return c >= '0' && c <= '9'; }),
+            "layer decay: parameter name ", name, " has no index in field ", i);
+  return std::stoll(parts[i]);
+}
+
+}  // namespace
+
+int convnext_layer_id(const std::string& name) {
+  // The official optim_factory.get_num_layer_for_convnext:
+  //   num_max_layer = 12
+  //   if var_name.startswith("downsample_layers"):
+  //       stage_id = int(var_name.split('.')[1])
+  //       if stage_id == 0: layer_id = 0
+  //       elif stage_id == 1 or stage_id == 2: layer_id = stage_id + 1
+  //       elif stage_id == 3: layer_id = 12
+  //       return layer_id
+  //   elif var_name.startswith("stages"):
+  //       stage_id = int(var_name.split('.')[1])
+  //       block_id = int(var_name.split('.')[2])
+  //       if stage_id == 0 or stage_id == 1: layer_id = stage_id + 1
+  //       elif stage_id == 2: layer_id = 3 + block_id // 3
+  //       elif stage_id == 3: layer_id = 12
+  //       return layer_id
+  //   else:
+  //       return num_max_layer + 1
+  const int num_max_layer = kConvNeXtLayerDecayLayers;
+  if (name.starts_with("downsample_layers")) {
+    const auto parts = split_dots(name);
+    const int64_t stage = index_field(parts, 1, name);
+    CNX_CHECK(stage <= 3, "layer decay: ", name, ": the official rule covers stages 0..3 only");
+    if (stage == 0) return 0;
+    if (stage == 1 || stage == 2) return static_cast<int>(stage) + 1;
+    return 12;
+  }
+  if (name.starts_with("stages")) {
+    const auto parts = split_dots(name);
+    const int64_t stage = index_field(parts, 1, name);
+    const int64_t block = index_field(parts, 2, name);
+    CNX_CHECK(stage <= 3, "layer decay: ", name, ": the official rule covers stages 0..3 only");
+    if (stage == 0 || stage == 1) return static_cast<int>(stage) + 1;
+    if (stage == 2) {
+      CNX_CHECK(block < 27, "layer decay: ", name,
+                ": the official rule covers at most 27 blocks in stage 2");
+      return 3 + static_cast<int>(block / 3);
+    }
+    return 12;
+  }
+  return num_max_layer + 1;
+}
+
+int convnext_isotropic_layer_id(const std::string& name, int64_t depth) {
+  // BEiT's get_num_layer_for_vit with num_max_layer = depth + 2: the patch embedding (here the
+  // stem) 0, "blocks.<j>" j + 1, the rest num_max_layer - 1.
+  if (name.starts_with("stem.")) return 0;
+  if (name.starts_with("blocks.")) {
+    const int64_t block = index_field(split_dots(name), 1, name);
+    CNX_CHECK(block < depth, "layer decay: ", name, ": block index past the depth ", depth);
+    return static_cast<int>(block) + 1;
+  }
+  return static_cast<int>(depth) + 1;
+}
+
+int layer_decay_num_layers(const ConvNeXtConfig& config) {
+  if (config.isotropic) return static_cast<int>(config.depths.at(0));
+  return kConvNeXtLayerDecayLayers;
+}
+
+int layer_decay_layer_id(const ConvNeXtConfig& config, const std::string& name) {
+  return config.isotropic ? convnext_isotropic_layer_id(name, config.depths.at(0))
+                          : convnext_layer_id(name);
+}
+
+std::vector<double> layer_decay_lr_scales(const ConvNeXtConfig& config,
+                                          const std::vector<Parameter>& params,
+                                          double layer_decay) {
+  CNX_CHECK(std::isfinite(layer_decay) && layer_decay > 0,
+            "layer decay: the decay must be finite and > 0, got ", layer_decay);
+  std::vector<double> scales;
+  const int num_layers = layer_decay_num_layers(config);
+  for (const Parameter& p : params) {
+    if (layer_decay == 1.0) {  // the official code has no assigner then: lr_scale 1
+      scales.push_back(1.0);
+      continue;
+    }
+    const int id = layer_decay_layer_id(config, p.name);
+    scales.push_back(std::pow(layer_decay, static_cast<double>(num_layers + 1 - id)));
+  }
+  return scales;
+}
+
+}  // namespace cnx

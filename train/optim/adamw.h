@@ -1,0 +1,148 @@
+// AdamW, gradient-norm clipping and layer-wise learning-rate decay: the optimiser side of the
+// official ConvNeXt training (facebookresearch/ConvNeXt main.py, engine.py, optim_factory.py,
+// utils.py), with the update of torch.optim.AdamW (PyTorch 1.13; amsgrad, maximize and
+// foreach off).
+//
+// AdamW, for each parameter p with gradient g, its own step count t (1 on its first update):
+//   p <- p * (1 - lr_p * wd_p)                      decoupled weight decay (skipped if wd_p = 0)
+//   m <- b1 m + (1 - b1) g
+//   v <- b2 v + (1 - b2) g^2
+//   p <- p - (lr_p / (1 - b1^t)) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+// with lr_p = lr * lr_scale(p) and wd_p = weight_decay if p.decay else 0, where lr and
+// weight_decay are the scheduled values of this step (train/optim/schedule.h). These are the
+// official parameter groups: weight decay only for Parameter::decay (not 1-D tensors, not
+// biases), an lr scale per parameter from layer-wise lr decay (1 without it), and engine.py
+// setting group lr = lr_schedule[it] * lr_scale and the decayed groups' wd = wd_schedule[it].
+// A parameter without a gradient this step is skipped: not decayed, its m, v and step count
+// unchanged (PyTorch skips p.grad is None the same way; its state['step'] is per parameter).
+//
+// Arithmetic: m, v and p are f32 and updated elementwise in f32, in PyTorch's order of
+// operations, with the per-step scalars (bias corrections, step size) computed in double as
+// PyTorch does in Python; so the result follows torch.optim.AdamW to f32 rounding. The update is
+// elementwise, so it is the same for any number of OpenMP threads.
+//
+// CPU f32 tensors only for now (the CUDA path comes with the training loop).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "models/convnext.h"
+
+namespace cnx {
+
+struct AdamWOptions {
+  double beta1 = 0.9;
+  double beta2 = 0.999;
+  double eps = 1e-8;
+
+  // Throws cnx::Error unless 0 <= beta < 1 and eps >= 0.
+  void validate() const;
+};
+
+class AdamW {
+ public:
+  // `params` are the tensors to optimise with their official names, layouts and decay flags,
+  // usually model.parameters(); the values are aliased (updated in place), not copied. Names
+  // must be unique; values CPU f32. `lr_scales`: one per parameter (layer_decay_lr_scales()),
+  // or empty for all 1. m and v start at zero, every step count at 0.
+  explicit AdamW(const std::vector<Parameter>& params, const AdamWOptions& options = {},
+                 std::vector<double> lr_scales = {});
+
+  // One update of every parameter that has a gradient (see the top of the file). lr >= 0 and
+  // weight_decay >= 0 are this step's scheduled values. Every gradient is checked (shape of
+  // the value, CPU f32) before any parameter changes.
+  void step(double lr, double weight_decay);
+
+  // step() calls so far; restored by load_state_dict.
+  int64_t step_count() const { return step_count_; }
+  // Updates parameter i has had (PyTorch's state[p]["step"]); equals step_count() unless the
+  // parameter went without a gradient on some step.
+  int64_t param_step(size_t i) const { return param_steps_.at(i); }
+
+  size_t size() const { return params_.size(); }
+  const std::vector<Parameter>& parameters() const { return params_; }
+  double lr_scale(size_t i) const { return lr_scales_.at(i); }
+  const AdamWOptions& options() const { return options_; }
+  // m and v of parameter i, internal layout (the value's shape).
+  const Tensor& exp_avg(size_t i) const { return m_.at(i); }
+  const Tensor& exp_avg_sq(size_t i) const { return v_.at(i); }
+
+  // ---- checkpoints -----------------------------------------------------------------------------
+  // The state as named CPU tensors in the official layouts (like the parameters at every file
+  // boundary), in this order:
+  //   "adamw.step"          i64 []             step_count()
+  //   per parameter, in parameter order:
+  //   "adamw.m.<name>"      f32 official shape  m
+  //   "adamw.v.<name>"      f32 official shape  v
+  //   "adamw.step.<name>"   i64 []             param_step()
+  NamedTensors state_dict() const;
+  // Restores state_dict()'s tensors. Only names that start with "adamw." are looked at, so a
+  // whole checkpoint can be passed; among those, strict: every name above present, nothing
+  // unexpected, no duplicates, the official shapes, floating m and v (converted to f32), integer
+  // steps >= 0. Every problem is reported in one cnx::Error; the optimiser is unchanged if
+  // anything is wrong.
+  void load_state_dict(const NamedTensors& tensors);
+
+ private:
+  std::vector<Parameter> params_;
+  AdamWOptions options_;
+  std::vector<double> lr_scales_;
+  std::vector<Tensor> m_, v_;  // internal layout, f32
+  std::vector<int64_t> param_steps_;
+  int64_t step_count_ = 0;
+};
+
+// ---- gradient-norm clipping --------------------------------------------------------------------
+
+// The total L2 norm of the gradients of `params` (those that have one; 0 if none has), the
+// value that torch.nn.utils.clip_grad_norm_ and the official utils.get_grad_norm_ report. The
+// squares are summed in double over fixed chunks in a fixed order, so the result is the same
+// for any number of threads. Gradients must be CPU f32 of their value's shape.
+double grad_norm(const std::vector<Parameter>& params);
+
+// torch.nn.utils.clip_grad_norm_(params, max_norm) for max_norm > 0: with norm = grad_norm(),
+// coef = max_norm / (norm + 1e-6), and if coef < 1 every gradient is multiplied by coef (in
+// f32, as PyTorch does). max_norm <= 0 means no clipping (the official --clip_grad None): the
+// gradients are left alone. Returns the norm before clipping, for the training log. A non-finite
+// norm is returned as is and the gradients are not touched (PyTorch would multiply them by
+// max_norm / inf = 0, or by NaN); the caller decides what to do with such a step.
+double clip_grad_norm(const std::vector<Parameter>& params, double max_norm);
+
+// ---- layer-wise lr decay -----------------------------------------------------------------------
+//
+// Hierarchical models: the official optim_factory.get_num_layer_for_convnext, with
+// num_layers = 12 ("Divide [3, 3, 27, 3] layers into 12 groups; each group is three consecutive
+// blocks, including possible neighboring downsample layers"):
+//   "downsample_layers.<s>.*": s = 0 -> 0;  s = 1 or 2 -> s + 1;  s = 3 -> 12
+//   "stages.<s>.<b>.*":        s = 0 or 1 -> s + 1;  s = 2 -> 3 + b // 3;  s = 3 -> 12
+//   anything else (norm.*, head.*) -> num_layers + 1 = 13
+// Isotropic models: the official repository has no rule (its main.py allows layer decay only
+// for convnext_small/base/large/xlarge). We use BEiT's get_num_layer_for_vit, which the
+// ConvNeXt rule was adapted from, with num_layers = depth: "stem.*" -> 0, "blocks.<j>.*" -> j + 1,
+// anything else -> depth + 1.
+// The lr scale of a parameter with layer id i is layer_decay^(num_layers + 1 - i), as main.py's
+// LayerDecayValueAssigner(list(layer_decay ** (num_layers + 1 - i) for i in range(num_layers + 2))).
+//
+// The official main.py refuses layer decay for convnext_tiny and the small variants (the rule
+// was written for 27 blocks in stage 2); we apply the same function to them (tiny's stage 2
+// gets ids 3..5, so ids 6..11 are unused). Names that the rule does not cover (a stage above 3,
+// a stage-2 block past 26, a malformed index) throw cnx::Error.
+
+constexpr int kConvNeXtLayerDecayLayers = 12;
+
+int convnext_layer_id(const std::string& name);  // the hierarchical rule
+int convnext_isotropic_layer_id(const std::string& name, int64_t depth);
+
+// num_layers for the model: 12, or the depth for an isotropic model.
+int layer_decay_num_layers(const ConvNeXtConfig& config);
+// The layer id of a parameter of the model (the rule for its kind).
+int layer_decay_layer_id(const ConvNeXtConfig& config, const std::string& name);
+// One lr scale per parameter, in order, for AdamW. layer_decay > 0; 1 gives all 1 (the
+// official code then uses no assigner and lr_scale 1).
+std::vector<double> layer_decay_lr_scales(const ConvNeXtConfig& config,
+                                          const std::vector<Parameter>& params,
+                                          double layer_decay);
+
+}  // namespace cnx

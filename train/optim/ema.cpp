@@ -1,0 +1,132 @@
+#include "train/optim/ema.h"
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <set>
+
+#include "autograd/function.h"
+
+namespace cnx {
+
+namespace {
+
+constexpr int64_t kParallelMin = 1 << 15;  // below this, one thread (the fork costs more)
+
+void check_cpu_f32(const Tensor& t, const std::string& what) {
+  CNX_CHECK(t.defined() && t.device().is_cpu() && t.dtype() == DType::f32, what,
+            " must be a CPU f32 tensor, got ", t.defined() ? t.str() : std::string("undefined"),
+            " (the EMA is CPU f32 only for now)");
+}
+
+}  // namespace
+
+ModelEma::ModelEma(const std::vector<Parameter>& params, double decay) : decay_(decay) {
+  CNX_CHECK(decay >= 0 && decay <= 1, "ModelEma: decay must be in [0, 1], got ", decay);
+  std::set<std::string> names;
+  for (const Parameter& p : params) {
+    CNX_CHECK(names.insert(p.name).second, "ModelEma: parameter name ", p.name, " appears twice");
+    check_cpu_f32(p.value, "ModelEma: parameter " + p.name);
+    Parameter copy = p;
+    copy.value = p.value.detach().clone();  // no history, requires_grad off
+    ema_.push_back(std::move(copy));
+  }
+}
+
+void ModelEma::check_same(const std::vector<Parameter>& params, const char* op) const {
+  CNX_CHECK(params.size() == ema_.size(), op, ": ", params.size(), " parameters, the EMA has ",
+            ema_.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    CNX_CHECK(params[i].name == ema_[i].name, op, ": parameter ", i, " is ", params[i].name,
+              ", the EMA has ", ema_[i].name);
+    check_cpu_f32(params[i].value, std::string(op) + ": parameter " + params[i].name);
+    CNX_CHECK(params[i].value.shape() == ema_[i].value.shape(), op, ": parameter ",
+              params[i].name, " has shape ", params[i].value.shape().str(), ", the EMA ",
+              ema_[i].value.shape().str());
+  }
+}
+
+void ModelEma::update(const std::vector<Parameter>& params) {
+  check_same(params, "ModelEma.update");
+  // timm: ema_v.copy_(ema_v * self.decay + (1. - self.decay) * model_v)
+  const float d = static_cast<float>(decay_);
+  const float one_minus_d = static_cast<float>(1. - decay_);
+  for (size_t i = 0; i < params.size(); ++i) {
+    float* e = ema_[i].value.data<float>();             // (numel)
+    const float* p = params[i].value.data<float>();     // (numel)
+    const int64_t n = ema_[i].value.numel();
+#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+    for (int64_t k = 0; k < n; ++k) e[k] = e[k] * d + one_minus_d * p[k];
+  }
+}
+
+void ModelEma::copy_to(std::vector<Parameter>& params) const {
+  check_same(params, "ModelEma.copy_to");
+  NoGradGuard no_grad;
+  for (size_t i = 0; i < params.size(); ++i) params[i].value.copy_from(ema_[i].value);
+}
+
+NamedTensors ModelEma::state_dict() const {
+  NamedTensors out;
+  for (const Parameter& p : ema_) out.emplace_back("ema." + p.name, to_official_layout(p.value, p.layout));
+  return out;
+}
+
+NamedTensors ModelEma::model_state_dict() const {
+  NamedTensors out;
+  for (const Parameter& p : ema_) out.emplace_back(p.name, to_official_layout(p.value, p.layout));
+  return out;
+}
+
+void ModelEma::load_state_dict(const NamedTensors& tensors) {
+  std::map<std::string, const Tensor*> given;
+  std::vector<std::string> duplicate, unexpected, missing, misshaped, bad_dtype;
+  for (const auto& [name, t] : tensors) {
+    if (!name.starts_with("ema.")) continue;
+    if (!given.emplace(name, &t).second) duplicate.push_back(name);
+  }
+  std::set<std::string> known;
+  for (const Parameter& p : ema_) {
+    const std::string name = "ema." + p.name;
+    known.insert(name);
+    auto it = given.find(name);
+    if (it == given.end()) {
+      missing.push_back(name);
+    } else if (it->second->shape() != p.official_shape) {
+      misshaped.push_back(name + " " + it->second->shape().str() + " (expected " +
+                          p.official_shape.str() + ")");
+    } else if (!is_floating(it->second->dtype())) {
+      bad_dtype.push_back(name + " " + dtype_name(it->second->dtype()));
+    }
+  }
+  for (const auto& [name, t] : given)
+    if (!known.count(name)) unexpected.push_back(name);
+
+  if (!(duplicate.empty() && unexpected.empty() && missing.empty() && misshaped.empty() &&
+        bad_dtype.empty())) {
+    std::string msg = "ModelEma.load_state_dict: the EMA state does not fit the parameters:";
+    auto list = [&](const char* what, const std::vector<std::string>& names) {
+      if (names.empty()) return;
+      msg += std::string(" ") + what + " (" + std::to_string(names.size()) + "): ";
+      const size_t shown = std::min<size_t>(names.size(), 8);
+      for (size_t i = 0; i < shown; ++i) msg += (i ? ", " : "") + names[i];
+      if (names.size() > shown) msg += ", ... (" + std::to_string(names.size() - shown) + " more)";
+      msg += ";";
+    };
+    list("missing", missing);
+    list("unexpected", unexpected);
+    list("wrong shape", misshaped);
+    list("not floating point", bad_dtype);
+    list("duplicate", duplicate);
+    msg.pop_back();  // the last ';'
+    throw Error(msg);
+  }
+
+  // Convert first, assign after: a failure leaves the averages unchanged.
+  std::vector<Tensor> values;
+  for (const Parameter& p : ema_)
+    values.push_back(from_official_layout(given.at("ema." + p.name)->to(DType::f32), p.layout));
+  for (size_t i = 0; i < ema_.size(); ++i) ema_[i].value.copy_from(values[i]);
+}
+
+}  // namespace cnx

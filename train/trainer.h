@@ -1,0 +1,107 @@
+// The training loop of `convnext train`, after the official main.py / engine.py: AdamW with
+// per-iteration warmup + cosine schedules, gradient accumulation (update_freq), label
+// smoothing, optional gradient clipping, layer-wise lr decay and an EMA of the weights;
+// evaluation on the test split every epoch; checkpoints that resume bitwise.
+//
+// Reproducibility: everything random is drawn from generators seeded by `seed` (initial
+// weights, the data order and augmentation of each epoch, drop path), and their states are in
+// every checkpoint, so a resumed run continues exactly as the uninterrupted one would.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "models/convnext.h"
+
+namespace cnx {
+
+struct TrainConfig {
+  // ---- model ----
+  std::string model;                     // a named model, or "" for depths/dims
+  std::vector<int64_t> depths{2, 2, 2, 2};
+  std::vector<int64_t> dims{32, 64, 128, 256};
+  double drop_path = 0.1;
+  double layer_scale_init_value = 1e-6;
+  double head_init_scale = 1.0;
+  // ---- data ----
+  std::string data_set = "fashion_mnist";  // fashion_mnist | cifar10 | cifar100
+  std::string data_path;                   // "" = the dataset's default location
+  bool augment = true;                     // random crop + flip on the training split
+  int num_workers = 2;
+  // ---- optimisation ----
+  int64_t batch_size = 128;
+  int64_t update_freq = 1;      // gradient accumulation steps
+  int64_t epochs = 10;
+  double lr = 4e-3;             // for a total batch of 4096; scaled linearly to the real one
+  double min_lr = 1e-6;         // likewise
+  double warmup_lr = 0.0;       // the warmup's start value
+  int64_t warmup_epochs = 1;
+  int64_t warmup_steps = -1;    // > 0 overrides warmup_epochs
+  double weight_decay = 0.05;
+  double clip_grad = 0.0;       // > 0: clip the gradient norm to this
+  double layer_decay = 1.0;     // < 1: layer-wise lr decay (fine-tuning)
+  double smoothing = 0.1;       // label smoothing
+  // ---- EMA ----
+  bool model_ema = false;
+  double model_ema_decay = 0.9999;
+  bool model_ema_eval = false;  // also evaluate the EMA every epoch
+  // ---- run ----
+  uint64_t seed = 0;
+  std::string output_dir;       // "" = no checkpoints or metrics files
+  std::string resume;           // a checkpoint to continue from
+  bool auto_resume = true;      // continue from the newest checkpoint in output_dir
+  bool save_ckpt = true;
+  int64_t save_ckpt_freq = 1;   // epochs
+  int64_t save_ckpt_num = 3;    // numbered checkpoints kept
+  std::string finetune;         // weights to start from (head re-initialised if its size differs)
+  std::string device = "auto";  // auto | cpu | cuda
+  int64_t log_every = 50;       // optimiser steps between log lines
+  int64_t max_steps = -1;       // > 0: stop after this many optimiser steps, leaving a
+                                // recovery checkpoint (as a signal does)
+  bool progress_bar = true;     // on a terminal; plain lines otherwise
+
+  // The model configuration these flags describe (num_classes from the dataset).
+  ConvNeXtConfig model_config(int64_t num_classes, int64_t in_chans) const;
+  // Throws cnx::Error with one line naming the first bad value.
+  void validate() const;
+  std::string to_json() const;  // every field
+  // The fields present in a to_json() text (others keep their defaults).
+  static TrainConfig from_json(const std::string& text);
+};
+
+// The configuration recorded in a training checkpoint (std::nullopt for plain weights), and the
+// model weights of a weights or checkpoint file under their official names ("model." stripped;
+// with use_ema, a checkpoint's EMA weights instead).
+std::optional<TrainConfig> checkpoint_config(const std::string& path);
+NamedTensors load_weights(const std::string& path, bool use_ema = false);
+
+// What a finished (or interrupted) run reports.
+struct TrainResult {
+  int64_t epochs_done = 0;
+  int64_t steps = 0;
+  double best_acc1 = 0.0;
+  double last_acc1 = 0.0, last_acc5 = 0.0, last_loss = 0.0;
+  std::vector<double> losses;  // the training loss of every optimiser step, in order
+  bool interrupted = false;    // stopped by a signal; a recovery checkpoint was written
+};
+
+// Set by SIGINT/SIGTERM handlers (install_stop_handlers); checked between steps.
+std::atomic<int>& stop_signal();
+void install_stop_handlers();
+
+// Runs training; prints progress to stdout. Throws cnx::Error on bad input.
+TrainResult train(const TrainConfig& config);
+
+// Accuracy of a model on a dataset split.
+struct EvalResult {
+  double acc1 = 0, acc5 = 0, loss = 0;
+  int64_t images = 0;
+};
+EvalResult evaluate(const ConvNeXt& model, const std::string& data_set,
+                    const std::string& data_path, int64_t batch_size, int workers);
+
+}  // namespace cnx
