@@ -159,6 +159,25 @@ TEST_F(Training, ResumedRunContinuesExactly) {
   EXPECT_FALSE(fs::exists(checkpoint_path(out("parts"), "recovery")));  // superseded
 }
 
+TEST_F(Training, LeftoverAccumulationBatchesAreSkipped) {
+  // 64 images, batch 8 -> 8 batches; update_freq 3 -> 2 optimiser steps per epoch and 2
+  // leftover batches. A checkpoint holds no gradients, so a run resumed from the end of epoch
+  // 0 matches the uninterrupted one only if nothing of those leftovers reaches epoch 1.
+  TrainConfig c = config();
+  c.batch_size = 8;
+  c.update_freq = 3;
+  c.epochs = 2;
+  c.output_dir = out("full");
+  const TrainResult full = train(c);
+  ASSERT_EQ(full.losses.size(), 4u);
+  c.output_dir = out("resumed");
+  c.resume = checkpoint_path(out("full"), "0");
+  const TrainResult resumed = train(c);
+  ASSERT_EQ(resumed.losses.size(), 2u);
+  EXPECT_EQ(resumed.losses[0], full.losses[2]);
+  EXPECT_EQ(resumed.losses[1], full.losses[3]);
+}
+
 TEST_F(Training, CheckpointsMetricsAndConfigAreWritten) {
   TrainConfig c = config();
   c.epochs = 3;

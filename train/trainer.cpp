@@ -389,12 +389,16 @@ TrainResult train(const TrainConfig& cfg) {
 
   for (int64_t epoch = start_epoch; epoch < cfg.epochs; ++epoch) {
     loader.start_epoch(epoch, epoch == start_epoch ? start_batch : 0);
+    model.zero_grad();  // as engine.py: nothing carries over from an earlier epoch
     auto t_log = std::chrono::steady_clock::now();
     int64_t images_since_log = 0, steps_since_log = 0;
     double loss_since_log = 0;
     Batch b;
     bool stopped = false;
     while (loader.next(b)) {
+      // Batches past the last whole group of update_freq make no optimiser step: skipped, as
+      // in engine.py (their gradients would leak into the next epoch's first step).
+      if (b.index >= steps_per_epoch * cfg.update_freq) break;
       // ---- one micro-batch: forward, backward (gradients accumulate over update_freq) ----
       const int64_t micro = b.index % cfg.update_freq;
       if (micro == 0) current_lr = lr_schedule[static_cast<size_t>(std::min(step, total_steps - 1))];

@@ -37,7 +37,7 @@ struct TrainConfig {
   int64_t update_freq = 1;      // gradient accumulation steps
   int64_t epochs = 10;
   double lr = 4e-3;             // for a total batch of 4096; scaled linearly to the real one
-  double min_lr = 1e-6;         // likewise
+  double min_lr = 1e-6;         // the cosine schedule's end value (not scaled, as in main.py)
   double warmup_lr = 0.0;       // the warmup's start value
   int64_t warmup_epochs = 1;
   int64_t warmup_steps = -1;    // > 0 overrides warmup_epochs
