@@ -4,10 +4,12 @@
 //   din = dout W,   dweight = dout^T in,   dbias = sum_m dout[m, :]
 //
 // Layouts: in (M, K), weight (N, K) (the official layout of nn.Linear), bias (N), out (M, N).
-// This is the plain reference (loops); the CUDA backend uses cuBLAS(Lt).
+// cnx::cpu is the plain reference (loops), f32 and f64; cnx::blas (below) is the fast CPU path
+// for f32 through OpenBLAS when the build found it; the CUDA backend uses cuBLAS(Lt).
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 namespace cnx::cpu {
 
@@ -22,3 +24,54 @@ void linear_backward(T* din, T* dweight, T* dbias, const T* dout, const T* in, c
                      int64_t M, int64_t K, int64_t N);
 
 }  // namespace cnx::cpu
+
+// =============================================================================================
+// Fast CPU path: f32 through OpenBLAS (kernels/cpu/linear_blas.cpp)
+// =============================================================================================
+// The same three products as cpu:: above, through cblas_sgemm, with the same semantics (outputs
+// overwritten, a null gradient pointer skips that gradient, any of M, K, N may be 0). Results
+// differ from the loops only by f32 rounding (another summation order) and are bitwise the same
+// run to run and for any number of OpenMP threads: OpenBLAS runs single-threaded, and the output
+// is cut into tiles whose boundaries depend only on M, K, N, one sgemm over the whole reduction
+// per tile. autograd's linear takes this path for f32 CPU tensors when enabled() is true; f64
+// always takes the loops. Built only when CMake found OpenBLAS (it then defines CNX_HAVE_BLAS);
+// otherwise available() is false and these functions run the loops.
+namespace cnx::blas {
+
+// True when the build links OpenBLAS.
+bool available();
+
+// "OpenBLAS 0.3.21 ... (SapphireRapids)", or a sentence saying the build has no BLAS.
+std::string describe();
+
+// Forces the reference loops for f32 too: starts as the environment variable CNX_CPU_REFERENCE
+// (set and neither empty nor "0"; read once, at the first use), then whatever
+// set_cpu_reference last said. Thread-safe; meant to be flipped between ops, not during one.
+bool cpu_reference();
+void set_cpu_reference(bool on);
+
+// available() && !cpu_reference(): whether autograd's f32 linear goes through the BLAS.
+bool enabled();
+
+// set_cpu_reference(on) for one scope, then back to what it was (tests, benchmarks).
+class ScopedCpuReference {
+ public:
+  explicit ScopedCpuReference(bool on = true) : saved_(cpu_reference()) { set_cpu_reference(on); }
+  ~ScopedCpuReference() { set_cpu_reference(saved_); }
+  ScopedCpuReference(const ScopedCpuReference&) = delete;
+  ScopedCpuReference& operator=(const ScopedCpuReference&) = delete;
+
+ private:
+  bool saved_;
+};
+
+// out (M, N) = in (M, K) weight^T (K, N) + bias (N); bias may be null.
+void linear_forward(float* out, const float* in, const float* weight, const float* bias,
+                    int64_t M, int64_t K, int64_t N);
+
+// din (M, K) = dout (M, N) weight (N, K); dweight (N, K) = dout^T in (M, K);
+// dbias (N) = column sums of dout. Each written only when its pointer is non-null.
+void linear_backward(float* din, float* dweight, float* dbias, const float* dout,
+                     const float* in, const float* weight, int64_t M, int64_t K, int64_t N);
+
+}  // namespace cnx::blas

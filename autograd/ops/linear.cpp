@@ -1,5 +1,10 @@
 // linear: x (..., K) W^T + b, W (N, K), b (N) (kernels/linear.h); the leading dimensions of x
 // are flattened into M rows. Saves x (for dweight) and weight (for dx), each only when needed.
+// f32 on the CPU goes through OpenBLAS when the build has it (cnx::blas, unless
+// CNX_CPU_REFERENCE=1 or blas::set_cpu_reference(true) asks for the loops); f64 always takes
+// the reference loops.
+#include <type_traits>
+
 #include "autograd/checks.h"
 #include "autograd/dispatch.h"
 #include "autograd/function.h"
@@ -30,6 +35,11 @@ class Linear final : public Function {
     Tensor out = Tensor::empty(Shape(out_dims), x.dtype(), x.device());
     dispatch(op, x, [&](auto tag) {
       using T = decltype(tag);
+      if constexpr (std::is_same_v<T, float>) {
+        if (blas::enabled())
+          return blas::linear_forward(out.data<T>(), x.data<T>(), weight.data<T>(),
+                                      ptr_or_null<T>(bias), M, K, N);
+      }
       cpu::linear_forward<T>(out.data<T>(), x.data<T>(), weight.data<T>(), ptr_or_null<T>(bias),
                              M, K, N);
     });
@@ -56,6 +66,12 @@ class Linear final : public Function {
     if (needs_input_grad(2)) db = Tensor::empty(Shape{N_}, dt, dev);
     dispatch("linear backward", grad_out, [&](auto tag) {
       using T = decltype(tag);
+      if constexpr (std::is_same_v<T, float>) {
+        if (blas::enabled())
+          return blas::linear_backward(ptr_or_null<T>(dx), ptr_or_null<T>(dw), ptr_or_null<T>(db),
+                                       grad_out.data<T>(), ptr_or_null<T>(x_),
+                                       ptr_or_null<T>(weight_), M_, K_, N_);
+      }
       cpu::linear_backward<T>(ptr_or_null<T>(dx), ptr_or_null<T>(dw), ptr_or_null<T>(db),
                               grad_out.data<T>(), ptr_or_null<T>(x_), ptr_or_null<T>(weight_), M_,
                               K_, N_);
