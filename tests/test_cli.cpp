@@ -3,6 +3,9 @@
 // created when absent, unchanged when present.
 #include <gtest/gtest.h>
 #include <sys/wait.h>
+#include <unistd.h>
+
+#include <csignal>
 
 #include <chrono>
 #include <cmath>
@@ -300,4 +303,51 @@ TEST_F(Cli, EvalAndPredictRefuseBadInput) {
                           run("predict --weights " + golden("weights.safetensors") +
                               " --depths 2,1,2,1 --dims 8,16,24,32 --data_set cifar10 " + not_image),
                           {"convnext predict:", "x.pgm", "not a binary PGM/PPM image"}, 1);
+}
+
+TEST_F(Cli, TrainStopsOnSigintWithARecoveryCheckpointAndResumes) {
+  // A tiny Fashion-MNIST-format dataset: 256 noise images, 10 classes.
+  const fs::path data = path("data");
+  fs::create_directories(data);
+  for (const auto& [prefix, n] : {std::pair<std::string, int>{"train", 256}, {"t10k", 64}}) {
+    std::string images = std::string("\0\0\x08\x03", 4), labels = std::string("\0\0\x08\x01", 4);
+    auto be32 = [](std::string& s, uint32_t v) {
+      for (int b = 24; b >= 0; b -= 8) s.push_back(static_cast<char>(v >> b));
+    };
+    be32(images, n); be32(images, 28); be32(images, 28); be32(labels, n);
+    Generator g(7);
+    for (int i = 0; i < n * 28 * 28; ++i) images.push_back(static_cast<char>(g.next_u32() & 0xff));
+    for (int i = 0; i < n; ++i) labels.push_back(static_cast<char>(i % 10));
+    std::ofstream(data / (prefix + "-images-idx3-ubyte"), std::ios::binary) << images;
+    std::ofstream(data / (prefix + "-labels-idx1-ubyte"), std::ios::binary) << labels;
+  }
+  const fs::path out = path("run"), log = path("train.log");
+  const std::string args = std::string(CNX_CLI) + " train --data_path " + data.string() +
+                           " --depths 1,1 --dims 8,16 --batch_size 16 --epochs 1000 --log_every 1 "
+                           "--output_dir " + out.string();
+  const pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    std::freopen(log.c_str(), "w", stdout);
+    std::freopen("/dev/null", "w", stderr);
+    execl("/bin/sh", "sh", "-c", ("exec " + args).c_str(), static_cast<char*>(nullptr));
+    _exit(127);
+  }
+  // Wait until it has made a few steps, then interrupt it.
+  for (int i = 0; i < 600 && slurp(log).find("step 3/") == std::string::npos; ++i) usleep(50000);
+  ASSERT_NE(slurp(log).find("step 3/"), std::string::npos) << slurp(log);
+  kill(pid, SIGINT);
+  int status = 0;
+  ASSERT_EQ(waitpid(pid, &status, 0), pid);
+  ASSERT_TRUE(WIFEXITED(status)) << "killed instead of stopping cleanly";
+  EXPECT_EQ(WEXITSTATUS(status), 130);  // 128 + SIGINT, the shell's convention
+  EXPECT_NE(slurp(log).find("stopped by signal 2"), std::string::npos) << slurp(log);
+  ASSERT_TRUE(fs::exists(out / "checkpoint-recovery.safetensors"));
+  // The next run picks it up (auto_resume) and goes on; --max_steps bounds it here.
+  const fs::path log2 = path("resume.log");
+  const int rc = std::system((args + " --max_steps 40 > " + log2.string() + " 2>&1").c_str());
+  EXPECT_TRUE(WIFEXITED(rc) && WEXITSTATUS(rc) == 0) << slurp(log2);
+  EXPECT_NE(slurp(log2).find("resumed from " + (out / "checkpoint-recovery.safetensors").string()),
+            std::string::npos) << slurp(log2);
+  EXPECT_NE(slurp(log2).find("stopped by --max_steps at step 40"), std::string::npos) << slurp(log2);
 }

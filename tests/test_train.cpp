@@ -71,6 +71,7 @@ class Training : public ::testing::Test {
     c.data_path = (root_ / "data").string();
     c.batch_size = 16;
     c.epochs = 2;
+    c.augment = true;  // off by default; exercised here (crop and flip draws are in the state)
     c.lr = 0.5;  // for batch 4096: 2e-3 at batch 16
     c.warmup_epochs = 0;
     c.num_workers = 2;

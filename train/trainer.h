@@ -19,24 +19,27 @@
 
 namespace cnx {
 
+// The defaults are the default job: a small ConvNeXt (1.6M parameters) on Fashion-MNIST,
+// which reaches 90.7% test top-1 in 10 epochs, 11m43s on a 2-core CPU (README). Flags keep
+// main.py's names; where a default differs from main.py's, the comment says so.
 struct TrainConfig {
   // ---- model ----
   std::string model;                     // a named model, or "" for depths/dims
   std::vector<int64_t> depths{2, 2, 2, 2};
   std::vector<int64_t> dims{32, 64, 128, 256};
-  double drop_path = 0.1;
-  double layer_scale_init_value = 1e-6;
+  double drop_path = 0.0;
+  double layer_scale_init_value = 0.1;   // main.py: 1e-6 (for deep models trained 300 epochs)
   double head_init_scale = 1.0;
   // ---- data ----
   std::string data_set = "fashion_mnist";  // fashion_mnist | cifar10 | cifar100
   std::string data_path;                   // "" = the dataset's default location
-  bool augment = true;                     // random crop + flip on the training split
+  bool augment = false;                    // random crop + flip on the training split
   int num_workers = 2;
   // ---- optimisation ----
   int64_t batch_size = 128;
   int64_t update_freq = 1;      // gradient accumulation steps
   int64_t epochs = 10;
-  double lr = 4e-3;             // for a total batch of 4096; scaled linearly to the real one
+  double lr = 0.128;            // for a total batch of 4096, scaled linearly: 2e-3 at 128
   double min_lr = 1e-6;         // the cosine schedule's end value (not scaled, as in main.py)
   double warmup_lr = 0.0;       // the warmup's start value
   int64_t warmup_epochs = 1;
@@ -59,7 +62,7 @@ struct TrainConfig {
   int64_t save_ckpt_num = 3;    // numbered checkpoints kept
   std::string finetune;         // weights to start from (head re-initialised if its size differs)
   std::string device = "auto";  // auto | cpu | cuda
-  int64_t log_every = 50;       // optimiser steps between log lines
+  int64_t log_every = 100;      // optimiser steps between log lines
   int64_t max_steps = -1;       // > 0: stop after this many optimiser steps, leaving a
                                 // recovery checkpoint (as a signal does)
   bool progress_bar = true;     // on a terminal; plain lines otherwise
