@@ -351,3 +351,50 @@ TEST_F(Cli, TrainStopsOnSigintWithARecoveryCheckpointAndResumes) {
             std::string::npos) << slurp(log2);
   EXPECT_NE(slurp(log2).find("stopped by --max_steps at step 40"), std::string::npos) << slurp(log2);
 }
+
+TEST_F(Cli, EvalAndPredictUseATrainedCheckpoint) {
+  // Train 2 epochs on a tiny one-channel CIFAR-shaped set? Fashion-MNIST format: 4 classes as
+  // bright quadrants, so the model learns them.
+  const fs::path data = path("data");
+  fs::create_directories(data);
+  auto be32 = [](std::string& s, uint32_t v) {
+    for (int b = 24; b >= 0; b -= 8) s.push_back(static_cast<char>(v >> b));
+  };
+  std::string quadrant0;  // one image of class 0, kept for predict
+  for (const auto& [prefix, n] : {std::pair<std::string, int>{"train", 128}, {"t10k", 32}}) {
+    std::string images = std::string("\0\0\x08\x03", 4), labels = std::string("\0\0\x08\x01", 4);
+    be32(images, n); be32(images, 28); be32(images, 28); be32(labels, n);
+    for (int i = 0; i < n; ++i) {
+      const int k = i % 4;
+      std::string img;
+      for (int y = 0; y < 28; ++y)
+        for (int x = 0; x < 28; ++x) img.push_back(static_cast<char>((y / 14) * 2 + x / 14 == k ? 220 : 20));
+      if (k == 0 && quadrant0.empty()) quadrant0 = img;
+      images += img;
+      labels.push_back(static_cast<char>(k));
+    }
+    std::ofstream(data / (prefix + "-images-idx3-ubyte"), std::ios::binary) << images;
+    std::ofstream(data / (prefix + "-labels-idx1-ubyte"), std::ios::binary) << labels;
+  }
+  const fs::path out = path("run"), log = path("train.log");
+  const int rc = std::system((std::string(CNX_CLI) + " train --data_path " + data.string() +
+                              " --depths 1,1 --dims 8,16 --batch_size 16 --epochs 8 --warmup_epochs 0 --lr 2.0"
+                              " --output_dir " + out.string() + " > " + log.string() + " 2>&1").c_str());
+  ASSERT_TRUE(WIFEXITED(rc) && WEXITSTATUS(rc) == 0) << slurp(log);
+  // eval of the best checkpoint prints the accuracy the training run reported for it.
+  const std::string trained = slurp(log);
+  const size_t at = trained.rfind("best test Acc@1 ");
+  ASSERT_NE(at, std::string::npos) << trained;
+  const std::string best = trained.substr(at + 16, 5);
+  const fs::path eval_log = path("eval.log");
+  std::system((std::string(CNX_CLI) + " eval --weights " + (out / "checkpoint-best.safetensors").string() +
+               " > " + eval_log.string() + " 2>&1").c_str());
+  EXPECT_NE(slurp(eval_log).find("fashion_mnist test (32 images): Acc@1 " + best), std::string::npos)
+      << slurp(eval_log) << "\nexpected Acc@1 " << best;
+  // predict names the class of a class-0 image first.
+  const std::string pgm = bytes_file("q0.pgm", "P5\n# a comment\n28 28\n255\n" + quadrant0);
+  const fs::path pred = path("predict.log");
+  std::system((std::string(CNX_CLI) + " predict --weights " + (out / "checkpoint-best.safetensors").string() +
+               " " + pgm + " > " + pred.string() + " 2>&1").c_str());
+  EXPECT_EQ(slurp(pred).rfind(pgm + ": T-shirt/top ", 0), 0u) << slurp(pred);
+}

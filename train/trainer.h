@@ -39,7 +39,7 @@ struct TrainConfig {
   int64_t batch_size = 128;
   int64_t update_freq = 1;      // gradient accumulation steps
   int64_t epochs = 10;
-  double lr = 0.128;            // for a total batch of 4096, scaled linearly: 2e-3 at 128
+  double lr = 0.128;            // for a total batch of 4096, scaled linearly: 4e-3 at 128
   double min_lr = 1e-6;         // the cosine schedule's end value (not scaled, as in main.py)
   double warmup_lr = 0.0;       // the warmup's start value
   int64_t warmup_epochs = 1;
@@ -62,7 +62,7 @@ struct TrainConfig {
   int64_t save_ckpt_num = 3;    // numbered checkpoints kept
   std::string finetune;         // weights to start from (head re-initialised if its size differs)
   std::string device = "auto";  // auto | cpu | cuda
-  int64_t log_every = 100;      // optimiser steps between log lines
+  int64_t log_every = 50;       // optimiser steps between log lines
   int64_t max_steps = -1;       // > 0: stop after this many optimiser steps, leaving a
                                 // recovery checkpoint (as a signal does)
   bool progress_bar = true;     // on a terminal; plain lines otherwise

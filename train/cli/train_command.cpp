@@ -64,7 +64,8 @@ struct UseFlags {
 };
 
 // The model a weights file was trained as: a checkpoint's own config, overridden by flags.
-std::unique_ptr<ConvNeXt> load_trained(const UseFlags& f, Dataset& info) {
+// Sets `info` to the dataset's description and `data_path` to where its files are.
+std::unique_ptr<ConvNeXt> load_trained(const UseFlags& f, Dataset& info, std::string& data_path) {
   TrainConfig cfg = checkpoint_config(f.weights).value_or(TrainConfig{});
   const bool from_checkpoint = checkpoint_config(f.weights).has_value();
   if (!f.data_set.empty()) cfg.data_set = f.data_set;
@@ -75,6 +76,7 @@ std::unique_ptr<ConvNeXt> load_trained(const UseFlags& f, Dataset& info) {
   CNX_CHECK(f.device == "auto" || f.device == "cpu", "--device ", f.device,
             ": the CUDA backend is not built yet; use --device cpu");
   info = dataset_info(cfg.data_set);
+  data_path = cfg.data_path;
   cfg.drop_path = 0;
   Generator g(0);
   auto model = std::make_unique<ConvNeXt>(cfg.model_config(info.num_classes, info.C), g);
@@ -84,8 +86,9 @@ std::unique_ptr<ConvNeXt> load_trained(const UseFlags& f, Dataset& info) {
 
 int run_eval(UseFlags& f) {
   Dataset info;
-  auto model = load_trained(f, info);
-  const EvalResult r = evaluate(*model, info.name, f.data_path, f.batch_size, f.num_workers);
+  std::string data_path;
+  auto model = load_trained(f, info, data_path);
+  const EvalResult r = evaluate(*model, info.name, data_path, f.batch_size, f.num_workers);
   std::printf("%s on %s test (%lld images): Acc@1 %.2f Acc@5 %.2f loss %.4f\n",
               model->config().name.c_str(), info.name.c_str(), static_cast<long long>(r.images),
               r.acc1, r.acc5, r.loss);
@@ -132,7 +135,8 @@ Image read_pnm(const std::string& path) {
 
 int run_predict(UseFlags& f) {
   Dataset info;
-  auto model = load_trained(f, info);
+  std::string data_path;
+  auto model = load_trained(f, info, data_path);
   NoGradGuard no_grad;
   Generator unused(0);
   for (const std::string& path : f.images) {
