@@ -8,6 +8,7 @@
 
 #include "autograd/function.h"
 #include "autograd/ops.h"
+#include "models/state_dict.h"
 
 namespace cnx {
 
@@ -342,54 +343,17 @@ NamedTensors ConvNeXt::state_dict() const {
 }
 
 void ConvNeXt::load_state_dict(const NamedTensors& tensors) {
-  std::map<std::string, const Tensor*> given;
-  std::vector<std::string> duplicate, unexpected, missing, misshaped, bad_dtype;
-  for (const auto& [name, t] : tensors)
-    if (!given.emplace(name, &t).second) duplicate.push_back(name);
-  std::set<std::string> known;
-  for (const Parameter& prm : params_) {
-    known.insert(prm.name);
-    auto it = given.find(prm.name);
-    if (it == given.end()) {
-      missing.push_back(prm.name);
-    } else if (it->second->shape() != prm.official_shape) {
-      misshaped.push_back(prm.name + " " + it->second->shape().str() + " (expected " +
-                          prm.official_shape.str() + ")");
-    } else if (!is_floating(it->second->dtype())) {
-      bad_dtype.push_back(prm.name + " " + dtype_name(it->second->dtype()));
-    }
-  }
-  for (const auto& [name, t] : given)
-    if (!known.count(name)) unexpected.push_back(name);
-
-  if (!(duplicate.empty() && unexpected.empty() && missing.empty() && misshaped.empty() &&
-        bad_dtype.empty())) {
-    std::string msg = "load_state_dict: weights do not fit model " + config_.name + ":";
-    auto list = [&](const char* what, const std::vector<std::string>& names) {
-      if (names.empty()) return;
-      msg += std::string(" ") + what + " (" + std::to_string(names.size()) + "): ";
-      const size_t shown = std::min<size_t>(names.size(), 8);
-      for (size_t i = 0; i < shown; ++i) msg += (i ? ", " : "") + names[i];
-      if (names.size() > shown) msg += ", ... (" + std::to_string(names.size() - shown) + " more)";
-      msg += ";";
-    };
-    list("missing", missing);
-    list("unexpected", unexpected);
-    list("wrong shape", misshaped);
-    list("not floating point", bad_dtype);
-    list("duplicate", duplicate);
-    msg.pop_back();  // the last ';'
-    throw Error(msg);
-  }
+  StateDictMatcher match(tensors);
+  std::vector<const Tensor*> found;
+  for (const Parameter& prm : params_) found.push_back(match.floating(prm.name, prm.official_shape));
+  match.finish("load_state_dict: weights do not fit model " + config_.name + ":");
 
   // Everything fits: convert first, assign after, so a failure leaves the model unchanged.
   std::vector<Tensor> values;
-  for (const Parameter& prm : params_)
-    values.push_back(from_official_layout(given.at(prm.name)->to(DType::f32), prm.layout));
-  for (size_t i = 0; i < params_.size(); ++i) {
-    NoGradGuard no_grad;
-    params_[i].value.copy_from(values[i]);
-  }
+  for (size_t i = 0; i < params_.size(); ++i)
+    values.push_back(from_official_layout(found[i]->to(DType::f32), params_[i].layout));
+  NoGradGuard no_grad;
+  for (size_t i = 0; i < params_.size(); ++i) params_[i].value.copy_from(values[i]);
 }
 
 NamedTensors ConvNeXt::gradients() const {

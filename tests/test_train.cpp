@@ -235,5 +235,7 @@ TEST_F(Training, FinetuneReinitialisesAHeadOfAnotherSize) {
   // Everything but the head came from the file (before one step moved it: compare a norm).
   const Checkpoint ck = load_checkpoint(checkpoint_path(c.output_dir, "recovery"));
   for (const auto& [name, t] : ck.tensors)
-    if (name == "model.head.weight") EXPECT_EQ(t.shape(), Shape({10, 16}));
+    if (name == "model.head.weight") {
+      EXPECT_EQ(t.shape(), Shape({10, 16}));
+    }
 }

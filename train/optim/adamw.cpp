@@ -5,6 +5,8 @@
 #include <map>
 #include <set>
 
+#include "models/state_dict.h"
+
 namespace cnx {
 
 namespace {
@@ -30,16 +32,6 @@ const Tensor* checked_grad(const Parameter& p, const char* op) {
             g.shape().str(), " but the parameter ", p.value.shape().str());
   check_cpu_f32(g, std::string(op) + ": the gradient of " + p.name);
   return &g;
-}
-
-// "<what> (<n>): a, b, c, ... (k more);" for a list of problems, nothing if empty.
-void append_list(std::string& msg, const char* what, const std::vector<std::string>& names) {
-  if (names.empty()) return;
-  msg += std::string(" ") + what + " (" + std::to_string(names.size()) + "): ";
-  const size_t shown = std::min<size_t>(names.size(), 8);
-  for (size_t i = 0; i < shown; ++i) msg += (i ? ", " : "") + names[i];
-  if (names.size() > shown) msg += ", ... (" + std::to_string(names.size() - shown) + " more)";
-  msg += ";";
 }
 
 Tensor i64_scalar(int64_t v) { return Tensor::from_data<int64_t>(Shape{}, std::vector<int64_t>{v}); }
@@ -146,70 +138,24 @@ NamedTensors AdamW::state_dict() const {
 }
 
 void AdamW::load_state_dict(const NamedTensors& tensors) {
-  std::map<std::string, const Tensor*> given;
-  std::vector<std::string> duplicate, unexpected, missing, misshaped, bad_type, bad_step;
-  for (const auto& [name, t] : tensors) {
-    if (!name.starts_with("adamw.")) continue;
-    if (!given.emplace(name, &t).second) duplicate.push_back(name);
-  }
-  std::set<std::string> known;
-  auto find = [&](const std::string& name) -> const Tensor* {
-    known.insert(name);
-    auto it = given.find(name);
-    if (it == given.end()) {
-      missing.push_back(name);
-      return nullptr;
-    }
-    return it->second;
-  };
+  StateDictMatcher match(tensors, "adamw.");
   auto check_step = [&](const std::string& name, int64_t& out) {
-    const Tensor* t = find(name);
+    const Tensor* t = match.find(name);
     if (!t) return;
-    if (!read_int(*t, out)) {
-      bad_type.push_back(name + " " + t->str() + " (expected one integer)");
-    } else if (out < 0) {
-      bad_step.push_back(name + " = " + std::to_string(out));
-    }
+    if (!read_int(*t, out)) match.note("wrong dtype", name + " " + t->str() + " (expected one integer)");
+    else if (out < 0) match.note("negative step", name + " = " + std::to_string(out));
   };
-  auto check_moment = [&](const std::string& name, const Parameter& p) -> const Tensor* {
-    const Tensor* t = find(name);
-    if (!t) return nullptr;
-    if (t->shape() != p.official_shape) {
-      misshaped.push_back(name + " " + t->shape().str() + " (expected " + p.official_shape.str() + ")");
-      return nullptr;
-    }
-    if (!is_floating(t->dtype())) {
-      bad_type.push_back(name + " " + dtype_name(t->dtype()));
-      return nullptr;
-    }
-    return t;
-  };
-
   int64_t step_count = 0;
   check_step("adamw.step", step_count);
   std::vector<const Tensor*> ms, vs;
   std::vector<int64_t> steps(params_.size(), 0);
   for (size_t i = 0; i < params_.size(); ++i) {
     const Parameter& p = params_[i];
-    ms.push_back(check_moment("adamw.m." + p.name, p));
-    vs.push_back(check_moment("adamw.v." + p.name, p));
+    ms.push_back(match.floating("adamw.m." + p.name, p.official_shape, "wrong dtype"));
+    vs.push_back(match.floating("adamw.v." + p.name, p.official_shape, "wrong dtype"));
     check_step("adamw.step." + p.name, steps[i]);
   }
-  for (const auto& [name, t] : given)
-    if (!known.count(name)) unexpected.push_back(name);
-
-  if (!(duplicate.empty() && unexpected.empty() && missing.empty() && misshaped.empty() &&
-        bad_type.empty() && bad_step.empty())) {
-    std::string msg = "AdamW.load_state_dict: the optimiser state does not fit the parameters:";
-    append_list(msg, "missing", missing);
-    append_list(msg, "unexpected", unexpected);
-    append_list(msg, "wrong shape", misshaped);
-    append_list(msg, "wrong dtype", bad_type);
-    append_list(msg, "negative step", bad_step);
-    append_list(msg, "duplicate", duplicate);
-    msg.pop_back();  // the last ';'
-    throw Error(msg);
-  }
+  match.finish("AdamW.load_state_dict: the optimiser state does not fit the parameters:");
 
   // Everything fits: convert first, assign after, so that a failure changes nothing.
   std::vector<Tensor> new_m, new_v;

@@ -6,6 +6,7 @@
 #include <set>
 
 #include "autograd/function.h"
+#include "models/state_dict.h"
 
 namespace cnx {
 
@@ -79,53 +80,15 @@ NamedTensors ModelEma::model_state_dict() const {
 }
 
 void ModelEma::load_state_dict(const NamedTensors& tensors) {
-  std::map<std::string, const Tensor*> given;
-  std::vector<std::string> duplicate, unexpected, missing, misshaped, bad_dtype;
-  for (const auto& [name, t] : tensors) {
-    if (!name.starts_with("ema.")) continue;
-    if (!given.emplace(name, &t).second) duplicate.push_back(name);
-  }
-  std::set<std::string> known;
-  for (const Parameter& p : ema_) {
-    const std::string name = "ema." + p.name;
-    known.insert(name);
-    auto it = given.find(name);
-    if (it == given.end()) {
-      missing.push_back(name);
-    } else if (it->second->shape() != p.official_shape) {
-      misshaped.push_back(name + " " + it->second->shape().str() + " (expected " +
-                          p.official_shape.str() + ")");
-    } else if (!is_floating(it->second->dtype())) {
-      bad_dtype.push_back(name + " " + dtype_name(it->second->dtype()));
-    }
-  }
-  for (const auto& [name, t] : given)
-    if (!known.count(name)) unexpected.push_back(name);
-
-  if (!(duplicate.empty() && unexpected.empty() && missing.empty() && misshaped.empty() &&
-        bad_dtype.empty())) {
-    std::string msg = "ModelEma.load_state_dict: the EMA state does not fit the parameters:";
-    auto list = [&](const char* what, const std::vector<std::string>& names) {
-      if (names.empty()) return;
-      msg += std::string(" ") + what + " (" + std::to_string(names.size()) + "): ";
-      const size_t shown = std::min<size_t>(names.size(), 8);
-      for (size_t i = 0; i < shown; ++i) msg += (i ? ", " : "") + names[i];
-      if (names.size() > shown) msg += ", ... (" + std::to_string(names.size() - shown) + " more)";
-      msg += ";";
-    };
-    list("missing", missing);
-    list("unexpected", unexpected);
-    list("wrong shape", misshaped);
-    list("not floating point", bad_dtype);
-    list("duplicate", duplicate);
-    msg.pop_back();  // the last ';'
-    throw Error(msg);
-  }
+  StateDictMatcher match(tensors, "ema.");
+  std::vector<const Tensor*> found;
+  for (const Parameter& p : ema_) found.push_back(match.floating("ema." + p.name, p.official_shape));
+  match.finish("ModelEma.load_state_dict: the EMA state does not fit the parameters:");
 
   // Convert first, assign after: a failure leaves the averages unchanged.
   std::vector<Tensor> values;
-  for (const Parameter& p : ema_)
-    values.push_back(from_official_layout(given.at("ema." + p.name)->to(DType::f32), p.layout));
+  for (size_t i = 0; i < ema_.size(); ++i)
+    values.push_back(from_official_layout(found[i]->to(DType::f32), ema_[i].layout));
   for (size_t i = 0; i < ema_.size(); ++i) ema_[i].value.copy_from(values[i]);
 }
 
