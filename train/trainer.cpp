@@ -391,6 +391,8 @@ TrainResult train(const TrainConfig& cfg) {
     loader.start_epoch(epoch, epoch == start_epoch ? start_batch : 0);
     model.zero_grad();  // as engine.py: nothing carries over from an earlier epoch
     auto t_log = std::chrono::steady_clock::now();
+    const auto t_epoch = t_log;
+    const int64_t epoch_first_batch = epoch == start_epoch ? start_batch : 0;
     int64_t images_since_log = 0, steps_since_log = 0;
     double loss_since_log = 0;
     Batch b;
@@ -422,9 +424,16 @@ TrainResult train(const TrainConfig& cfg) {
       result.losses.push_back(loss_value);
 
       const bool log_now = step % cfg.log_every == 0 || b.index + 1 == batches;
-      if (tty && !log_now) {
-        std::printf("\repoch %lld [%lld/%lld] loss %.4f", static_cast<long long>(epoch),
-                    static_cast<long long>(b.index + 1), static_cast<long long>(batches), loss_value);
+      if (tty && !log_now) {  // a live bar: [=====>    ] done/total, loss, time left in the epoch
+        const int64_t done = b.index + 1, width = 30, filled = width * done / batches;
+        const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_epoch).count();
+        const double left = elapsed / static_cast<double>(done - epoch_first_batch) *
+                            static_cast<double>(batches - done);
+        std::string bar(static_cast<size_t>(filled), '=');
+        if (filled < width) bar += '>' + std::string(static_cast<size_t>(width - filled - 1), ' ');
+        std::printf("\r\033[Kepoch %lld [%s] %lld/%lld loss %.4f eta %d:%02d", static_cast<long long>(epoch),
+                    bar.c_str(), static_cast<long long>(done), static_cast<long long>(batches), loss_value,
+                    static_cast<int>(left) / 60, static_cast<int>(left) % 60);
         std::fflush(stdout);
       }
       if (log_now) {
