@@ -398,3 +398,26 @@ TEST_F(Cli, EvalAndPredictUseATrainedCheckpoint) {
                " " + pgm + " > " + pred.string() + " 2>&1").c_str());
   EXPECT_EQ(slurp(pred).rfind(pgm + ": T-shirt/top ", 0), 0u) << slurp(pred);
 }
+
+TEST_F(Cli, TrainRefusesTruncatedDataAndBadLabels) {
+  auto be32 = [](std::string& s, uint32_t v) {
+    for (int b = 24; b >= 0; b -= 8) s.push_back(static_cast<char>(v >> b));
+  };
+  auto write_set = [&](const fs::path& d, int n, int bad_label, size_t cut) {
+    fs::create_directories(d);
+    for (const std::string prefix : {"train", "t10k"}) {
+      std::string images = std::string("\0\0\x08\x03", 4), labels = std::string("\0\0\x08\x01", 4);
+      be32(images, n); be32(images, 28); be32(images, 28); be32(labels, n);
+      images += std::string(static_cast<size_t>(n) * 28 * 28, '\x40');
+      for (int i = 0; i < n; ++i) labels.push_back(static_cast<char>(i == 5 ? bad_label : i % 10));
+      std::ofstream(d / (prefix + "-images-idx3-ubyte"), std::ios::binary) << images.substr(0, images.size() - cut);
+      std::ofstream(d / (prefix + "-labels-idx1-ubyte"), std::ios::binary) << labels;
+    }
+  };
+  write_set(path("cut"), 32, 1, 100);
+  expect_one_line_failure(this, run("train --data_path " + path("cut").string()),
+                          {"convnext train: fashion_mnist:", "train-images-idx3-ubyte"}, 1);
+  write_set(path("label"), 32, 12, 0);
+  expect_one_line_failure(this, run("train --data_path " + path("label").string()),
+                          {"convnext train: fashion_mnist:", "train-labels-idx1-ubyte", "12"}, 1);
+}
