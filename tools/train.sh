@@ -6,11 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-bash tools/install_deps.sh
-if ! command -v nvcc >/dev/null 2>&1 && [ -x /usr/local/cuda/bin/nvcc ] && [ -z "${CUDACXX:-}" ]; then
-  export CUDACXX=/usr/local/cuda/bin/nvcc
-fi
-BUILD_DIR=${BUILD_DIR:-build}
+source tools/build_env.sh
 [ -f "$BUILD_DIR/build.ninja" ] || cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release
-cmake --build "$BUILD_DIR" --target convnext -j "$(nproc)"
+cmake --build "$BUILD_DIR" --target convnext -j "$JOBS"
 exec "$BUILD_DIR/convnext" train "$@"
