@@ -423,7 +423,7 @@ TrainResult train(const TrainConfig& cfg) {
       ++steps_since_log;
       result.losses.push_back(loss_value);
 
-      const bool log_now = step % cfg.log_every == 0 || b.index + 1 == batches;
+      const bool log_now = step % cfg.log_every == 0 || b.index + 1 == steps_per_epoch * cfg.update_freq;
       if (tty && !log_now) {  // a live bar: [=====>    ] done/total, loss, time left in the epoch
         const int64_t done = b.index + 1, width = 30, filled = width * done / batches;
         const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_epoch).count();
