@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import convnext_reference as ref  # noqa: E402
 import safetensors_io  # noqa: E402
+from cosine_schedule import cosine_scheduler  # noqa: E402
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "data", "optim",
                    "reference.safetensors")
@@ -97,23 +98,6 @@ def clip_case(out, rng):
         out[f"clip.{label}.norm"] = np.array(total.item(), dtype=np.float64)
         for i, t in enumerate(ts):
             out[f"clip.{label}.result.{i}"] = t.grad.numpy().copy()
-
-
-def cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epochs=0,
-                     start_warmup_value=0, warmup_steps=-1):
-    """The official ConvNeXt utils.cosine_scheduler (same computation, numpy float64)."""
-    warmup_schedule = np.array([])
-    warmup_iters = warmup_epochs * niter_per_ep
-    if warmup_steps > 0:
-        warmup_iters = warmup_steps
-    if warmup_epochs > 0:
-        warmup_schedule = np.linspace(start_warmup_value, base_value, warmup_iters)
-    iters = np.arange(epochs * niter_per_ep - warmup_iters)
-    schedule = np.array([final_value + 0.5 * (base_value - final_value) *
-                         (1 + math.cos(math.pi * i / (len(iters)))) for i in iters])
-    schedule = np.concatenate((warmup_schedule, schedule))
-    assert len(schedule) == epochs * niter_per_ep
-    return schedule
 
 
 SCHEDULES = [

@@ -58,7 +58,6 @@ Files (official parameter names and shapes everywhere):
                                its own generator, so only a one-batch epoch has a known batch);
                                the configuration and the float32 cross-check in __metadata__
 """
-import math
 import os
 import sys
 
@@ -69,6 +68,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import convnext_reference as ref  # noqa: E402
 import safetensors_io  # noqa: E402
+from cosine_schedule import cosine_scheduler  # noqa: E402
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "data",
                    "train_parity")
@@ -83,24 +83,6 @@ CONFIG = dict(
 )
 CONFIG["iters_per_epoch"] = CONFIG["dataset_size"] // CONFIG["batch_size"]
 STEPS = CONFIG["epochs"] * CONFIG["iters_per_epoch"]
-
-
-def cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epochs=0,
-                     start_warmup_value=0, warmup_steps=-1):
-    """The official utils.cosine_scheduler, verbatim but for the print."""
-    warmup_schedule = np.array([])
-    warmup_iters = warmup_epochs * niter_per_ep
-    if warmup_steps > 0:
-        warmup_iters = warmup_steps
-    if warmup_epochs > 0:
-        warmup_schedule = np.linspace(start_warmup_value, base_value, warmup_iters)
-    iters = np.arange(epochs * niter_per_ep - warmup_iters)
-    schedule = np.array(
-        [final_value + 0.5 * (base_value - final_value) * (1 + math.cos(math.pi * i / (len(iters))))
-         for i in iters])
-    schedule = np.concatenate((warmup_schedule, schedule))
-    assert len(schedule) == epochs * niter_per_ep
-    return schedule
 
 
 def official_model():
