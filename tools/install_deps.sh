@@ -12,6 +12,7 @@ packages=(
   libcli11-dev                      # the convnext command line
   libopenblas-dev                   # f32 CPU matrix products (optional: without it, the loops)
   zlib1g-dev                        # Fashion-MNIST .gz files
+  libturbojpeg0-dev                 # JPEG decoding (ImageFolder datasets)
   dataset-fashion-mnist             # the default training data (/usr/share/datasets/fashion-mnist)
 )
 
