@@ -20,6 +20,10 @@ Command train_command(CLI::App& app);
 Command eval_command(CLI::App& app);
 Command predict_command(CLI::App& app);
 
+// Registers --model NAME and the --depths/--dims pair (each pair needs the other, both exclude
+// --model) on `sub`, bound to the three strings.
+void add_model_flags(CLI::App* sub, std::string& model, std::string& depths, std::string& dims);
+
 // "3,3,9,3" -> {3, 3, 9, 3}; throws cnx::Error naming `flag` if it is not a comma-separated
 // list of positive integers.
 std::vector<int64_t> parse_int_list(const std::string& flag, const std::string& text);

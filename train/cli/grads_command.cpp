@@ -34,6 +34,15 @@ std::vector<int64_t> parse_int_list(const std::string& flag, const std::string& 
   }
 }
 
+void add_model_flags(CLI::App* sub, std::string& model, std::string& depths, std::string& dims) {
+  auto* m = sub->add_option("--model", model, "A named model, e.g. convnext_tiny");
+  auto* d = sub->add_option("--depths", depths, "Blocks per stage, e.g. 3,3,9,3");
+  auto* w = sub->add_option("--dims", dims, "Width per stage, e.g. 96,192,384,768");
+  m->excludes(d)->excludes(w);
+  d->needs(w);
+  w->needs(d);
+}
+
 namespace {
 
 struct GradsOptions {
@@ -81,12 +90,7 @@ Command grads_command(CLI::App& app) {
   CLI::App* sub = app.add_subcommand(
       "grads", "One forward/backward pass (training mode, drop path 0, mean cross-entropy); "
                "writes logits, loss and every parameter gradient, for parity with PyTorch");
-  auto* model = sub->add_option("--model", opts->model, "A named model, e.g. convnext_tiny");
-  auto* depths = sub->add_option("--depths", opts->depths, "Blocks per stage, e.g. 3,3,9,3");
-  auto* dims = sub->add_option("--dims", opts->dims, "Width per stage, e.g. 96,192,384,768");
-  model->excludes(depths)->excludes(dims);
-  depths->needs(dims);
-  dims->needs(depths);
+  add_model_flags(sub, opts->model, opts->depths, opts->dims);
   sub->add_option("--in_chans", opts->in_chans, "Input channels")->capture_default_str();
   sub->add_option("--num_classes", opts->num_classes, "Classes")->capture_default_str();
   sub->add_option("--weights", opts->weights, "Weights, official names (.safetensors)")->required();

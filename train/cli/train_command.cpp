@@ -19,14 +19,7 @@ namespace {
 // --model NAME, or --depths/--dims: shared by train, eval and predict.
 struct ModelFlags {
   std::string model, depths, dims;
-  void add(CLI::App* sub) {
-    auto* m = sub->add_option("--model", model, "A named model, e.g. convnext_atto");
-    auto* d = sub->add_option("--depths", depths, "Blocks per stage, e.g. 2,2,2,2");
-    auto* w = sub->add_option("--dims", dims, "Width per stage, e.g. 32,64,128,256");
-    m->excludes(d)->excludes(w);
-    d->needs(w);
-    w->needs(d);
-  }
+  void add(CLI::App* sub) { add_model_flags(sub, model, depths, dims); }
   // Applies the flags given on the command line to `cfg`.
   void apply(TrainConfig& cfg) const {
     if (!model.empty()) cfg.model = model;
@@ -66,8 +59,9 @@ struct UseFlags {
 // The model a weights file was trained as: a checkpoint's own config, overridden by flags.
 // Sets `info` to the dataset's description and `data_path` to where its files are.
 std::unique_ptr<ConvNeXt> load_trained(const UseFlags& f, Dataset& info, std::string& data_path) {
-  TrainConfig cfg = checkpoint_config(f.weights).value_or(TrainConfig{});
-  const bool from_checkpoint = checkpoint_config(f.weights).has_value();
+  const std::optional<TrainConfig> saved = checkpoint_config(f.weights);
+  const bool from_checkpoint = saved.has_value();
+  TrainConfig cfg = saved.value_or(TrainConfig{});
   if (!f.data_set.empty()) cfg.data_set = f.data_set;
   if (!f.data_path.empty()) cfg.data_path = f.data_path;
   f.model.apply(cfg);
