@@ -4,20 +4,14 @@
 #include <cmath>
 
 #include "tensor/error.h"
+#include "train/data/draws.h"
 
 namespace cnx {
 
 namespace {
 
-// An integer in [lo, hi] inclusive (Python's random.randint / torch.randint(lo, hi + 1)).
-int64_t randint(Generator& gen, int64_t lo, int64_t hi) {
-  const int64_t n = hi - lo + 1;
-  const auto k = static_cast<int64_t>(std::floor(gen.uniform() * static_cast<double>(n)));
-  return lo + std::min(k, n - 1);
-}
-
-// Python's round(): nearest, ties to even (the default floating-point rounding mode).
-int64_t py_round(double x) { return static_cast<int64_t>(std::nearbyint(x)); }
+using draws::py_round;
+using draws::randint;
 
 void check_image(const char* op, size_t size, int64_t H, int64_t W, int64_t C) {
   CNX_CHECK(H > 0 && W > 0 && C > 0, op, ": image sizes must be positive, got H=", H, " W=", W,
