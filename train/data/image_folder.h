@@ -82,6 +82,10 @@ class DecodeStats {
   // "image_folder: 12 of 40 files (30%) could not be decoded, more than the allowed 10%".
   // Nothing happens while total is 0.
   void check(double max_fraction) const;
+  void reset() {
+    failed_.store(0, std::memory_order_relaxed);
+    total_.store(0, std::memory_order_relaxed);
+  }
 
  private:
   std::atomic<int64_t> failed_{0}, total_{0};

@@ -2,15 +2,18 @@
 #include "train/data/loader.h"
 
 #include <algorithm>
+#include <cmath>
 #include <condition_variable>
 #include <exception>
 #include <map>
 #include <mutex>
 #include <numeric>
+#include <optional>
 #include <thread>
 
 #include "tensor/error.h"
 #include "tensor/generator.h"
+#include "train/data/rand_augment.h"
 
 namespace cnx {
 
@@ -26,7 +29,7 @@ uint64_t splitmix64(uint64_t x) {
 }
 
 // Separate streams, so the permutation and the augmentation of an epoch are unrelated.
-constexpr uint64_t kPermutationStream = 1, kAugmentStream = 2;
+constexpr uint64_t kPermutationStream = 1, kAugmentStream = 2, kSampleStream = 3, kMixStream = 4;
 
 uint64_t mix_key(uint64_t seed, uint64_t stream, int64_t epoch) {
   return splitmix64(splitmix64(splitmix64(seed) ^ stream) ^ static_cast<uint64_t>(epoch));
@@ -45,6 +48,9 @@ uint64_t uniform_below(Generator& gen, uint64_t n) {
 
 // ---- pixels: normalisation, padding, crop and flip --------------------------------------------
 
+std::vector<float> normalization_lut(int64_t C, const std::array<float, 3>& mean,
+                                     const std::array<float, 3>& std, const std::string& who);
+
 struct Normalizer {
   int64_t H = 0, W = 0, C = 0;
   int64_t out_h = 0, out_w = 0;  // S
@@ -60,13 +66,7 @@ struct Normalizer {
     out_w = loader_image_side(W);
     pad_y = (out_h - H) / 2;
     pad_x = (out_w - W) / 2;
-    lut.resize(static_cast<size_t>(C * 256));
-    for (int64_t ch = 0; ch < C; ++ch) {
-      CNX_CHECK(std[ch] > 0, who, ": std of channel ", ch, " is ", std[ch], "; it must be > 0");
-      for (int v = 0; v < 256; ++v)
-        lut[ch * 256 + v] = static_cast<float>((v / 255.0 - static_cast<double>(mean[ch])) /
-                                               static_cast<double>(std[ch]));
-    }
+    lut = normalization_lut(C, mean, std, who);
   }
 
   // dst (out_h, out_w, C) from src (H, W, C): out(y, x) = padded(y + dy - 4, x' + dx - 4) with
@@ -97,6 +97,19 @@ struct Slot {
   std::exception_ptr error;
 };
 
+// The normalised value of each byte value, per channel: (C, 256).
+std::vector<float> normalization_lut(int64_t C, const std::array<float, 3>& mean,
+                                     const std::array<float, 3>& std, const std::string& who) {
+  std::vector<float> lut(static_cast<size_t>(C * 256));
+  for (int64_t ch = 0; ch < C; ++ch) {
+    CNX_CHECK(std[ch] > 0, who, ": std of channel ", ch, " is ", std[ch], "; it must be > 0");
+    for (int v = 0; v < 256; ++v)
+      lut[ch * 256 + v] = static_cast<float>((v / 255.0 - static_cast<double>(mean[ch])) /
+                                             static_cast<double>(std[ch]));
+  }
+  return lut;
+}
+
 }  // namespace
 
 int64_t loader_image_side(int64_t side) { return side == 28 ? 32 : side; }
@@ -112,6 +125,10 @@ std::vector<int64_t> epoch_permutation(int64_t n, uint64_t seed, int64_t epoch) 
     std::swap(p[i], p[j]);
   }
   return p;
+}
+
+Generator sample_generator(uint64_t seed, int64_t epoch, int64_t position) {
+  return Generator(splitmix64(mix_key(seed, kSampleStream, epoch) ^ static_cast<uint64_t>(position)));
 }
 
 CropFlip crop_flip(uint64_t seed, int64_t epoch, int64_t position) {
@@ -142,11 +159,19 @@ Tensor normalize_image(std::span<const uint8_t> hwc, int64_t H, int64_t W, int64
 // ---- the loader ------------------------------------------------------------------------------
 
 struct DataLoader::Impl {
-  const Dataset& ds;
+  // Exactly one of ds and folder is set.
+  const Dataset* ds = nullptr;
+  const ImageFolder* folder = nullptr;
   LoaderOptions opt;
-  Normalizer norm;
+  std::string who;                 // "DataLoader: dataset 'name'" for messages
+  int64_t N = 0, num_classes = 0;  // samples, classes
+  int64_t out_h = 0, out_w = 0, C = 0;  // the batch's image shape
+  std::optional<Normalizer> norm;  // in-memory datasets
+  std::vector<float> folder_lut;   // ImageFolder: (3, 256) normalisation table
+  std::optional<RandAugmentOptions> rand_augment_opt;  // ImageFolder with --aa
   int nworkers = 0, depth = 0;
   int64_t per_epoch = 0;
+  mutable DecodeStats decode_stats;  // this epoch's decode attempts (ImageFolder)
 
   // The epoch being delivered. Written by the consumer only while no worker runs (workers are
   // joined before and started after), read by the workers.
@@ -165,31 +190,92 @@ struct DataLoader::Impl {
   std::map<int64_t, Slot> ready;  // built batches (or their errors) by index
   std::vector<std::thread> threads;
 
-  Impl(const Dataset& d, const LoaderOptions& o)
-      : ds(d), opt(o), norm(d.H, d.W, d.C, d.mean, d.std, "DataLoader: dataset '" + d.name + "'") {}
+  bool augmenting() const { return opt.train && opt.augment; }
+
+  int64_t label_of(int64_t i) const {
+    const int64_t label = ds ? ds->labels[static_cast<size_t>(i)] : folder->samples[static_cast<size_t>(i)].second;
+    if (label < 0 || label >= num_classes)
+      fail(who, ": sample ", i, " has label ", label, " outside [0, ", num_classes, ")");
+    return label;
+  }
+
+  // ImageFolder: decodes sample i and writes its transformed, normalised image to dst
+  // (out_h, out_w, 3). False when the file does not decode (warned and counted).
+  bool folder_sample(float* dst, int64_t i, Generator& gen) const {
+    DecodedImage img;
+    if (!decode_jpeg_or_warn(folder->samples[static_cast<size_t>(i)].first, img, &decode_stats)) {
+      const int64_t allowed = static_cast<int64_t>(opt.folder.max_bad_fraction * static_cast<double>(N));
+      if (decode_stats.failed() > allowed)
+        fail("image_folder: ", decode_stats.failed(), " files of ", folder->root, "/", folder->split,
+             " could not be decoded this epoch, more than the allowed ", opt.folder.max_bad_fraction * 100,
+             "% of its ", N, " files");
+      return false;
+    }
+    const int64_t S = opt.folder.input_size;
+    std::vector<uint8_t> x;
+    if (augmenting()) {
+      const CropBox box = random_resized_crop_box(img.H, img.W, gen, opt.folder.crop);
+      x = resize_bicubic(img.rgb, img.H, img.W, 3, box, S, S);
+      random_hflip(x, S, S, 3, gen, opt.folder.hflip);
+      if (rand_augment_opt) rand_augment(x, S, S, 3, *rand_augment_opt, gen);
+      else color_jitter(x, S, S, 3, opt.folder.color_jitter, gen);
+    } else {
+      x = eval_transform(img.rgb, img.H, img.W, 3, S, opt.folder.crop_pct);
+    }
+    for (int64_t k = 0; k < S * S * 3; ++k) dst[k] = folder_lut[(k % 3) * 256 + x[static_cast<size_t>(k)]];
+    return true;
+  }
 
   Batch build(int64_t index) const {
     const int64_t lo = index * opt.batch_size;
-    const int64_t hi = std::min(lo + opt.batch_size, ds.N);
-    const int64_t B = hi - lo, image_bytes = ds.H * ds.W * ds.C;
-    const int64_t out_image = norm.out_h * norm.out_w * ds.C;
-    const bool augment = opt.train && opt.augment;
+    const int64_t hi = std::min(lo + opt.batch_size, N);
+    const int64_t image = out_h * out_w * C;
     Batch b;
     b.epoch = epoch;
     b.index = index;
-    b.images = Tensor::empty({B, norm.out_h, norm.out_w, ds.C});
-    b.labels = Tensor::empty({B}, DType::i64);
+    b.images = Tensor::empty({hi - lo, out_h, out_w, C});
+    b.labels = Tensor::empty({hi - lo}, DType::i64);
     float* images = b.images.data<float>();
     int64_t* labels = b.labels.data<int64_t>();
-    for (int64_t k = 0; k < B; ++k) {
-      const int64_t pos = lo + k, i = order[static_cast<size_t>(pos)];
-      const int64_t label = ds.labels[static_cast<size_t>(i)];
-      if (label < 0 || label >= ds.num_classes)
-        fail("DataLoader: dataset '", ds.name, "': sample ", i, " has label ", label,
-             " outside [0, ", ds.num_classes, ")");
-      labels[k] = label;
-      const CropFlip cf = augment ? crop_flip(opt.seed, epoch, pos) : CropFlip{};
-      norm.write(images + k * out_image, ds.images.data() + i * image_bytes, cf);
+    int64_t B = 0;  // samples written so far
+    for (int64_t pos = lo; pos < hi; ++pos) {
+      int64_t i = order[static_cast<size_t>(pos)];
+      float* dst = images + B * image;
+      Generator gen = sample_generator(opt.seed, epoch, pos);
+      if (ds) {
+        const CropFlip cf = augmenting() ? crop_flip(opt.seed, epoch, pos) : CropFlip{};
+        norm->write(dst, ds->images.data() + i * ds->H * ds->W * ds->C, cf);
+      } else {
+        bool ok = folder_sample(dst, i, gen);
+        // Training: the next sample in dataset order that decodes takes its place.
+        for (int64_t tries = 1; !ok && opt.train && tries < N; ++tries) {
+          i = (i + 1) % N;
+          gen = sample_generator(opt.seed, epoch, pos);
+          ok = folder_sample(dst, i, gen);
+        }
+        if (!ok) continue;  // evaluation: left out
+      }
+      labels[B] = label_of(i);
+      if (augmenting() && opt.reprob > 0) {
+        RandomErasingOptions eo = opt.erasing;
+        eo.probability = opt.reprob;
+        random_erasing(std::span<float>(dst, static_cast<size_t>(image)), out_h, out_w, C, gen, eo);
+      }
+      ++B;
+    }
+    if (B < hi - lo) {  // evaluation with files left out
+      b.images = Tensor::from_data<float>({B, out_h, out_w, C}, std::span<const float>(images, static_cast<size_t>(B * image)));
+      b.labels = Tensor::from_data<int64_t>({B}, std::span<const int64_t>(labels, static_cast<size_t>(B)));
+    }
+    if (augmenting() && opt.mixing()) {
+      MixupOptions mo = opt.mixup;
+      mo.num_classes = num_classes;
+      Generator gen(splitmix64(mix_key(opt.seed, kMixStream, epoch) ^ static_cast<uint64_t>(index)));
+      MixupResult r = mixup_cutmix(std::span<const float>(b.images.data<float>(), static_cast<size_t>(B * image)),
+                                   std::span<const int64_t>(b.labels.data<int64_t>(), static_cast<size_t>(B)),
+                                   B, out_h, out_w, C, gen, mo);
+      b.images = Tensor::from_data<float>(b.images.shape(), r.images);
+      b.targets = Tensor::from_data<float>({B, num_classes}, r.targets);
     }
     return b;
   }
@@ -232,6 +318,28 @@ struct DataLoader::Impl {
     stop = false;
     ready.clear();
   }
+
+  // Checks shared by both kinds of dataset and the worker/prefetch/epoch sizes.
+  void finish_setup() {
+    CNX_CHECK(opt.batch_size > 0, "DataLoader: batch size must be > 0, got ", opt.batch_size);
+    CNX_CHECK(opt.workers >= -1, "DataLoader: workers must be >= 0 (or -1: default), got ", opt.workers);
+    CNX_CHECK(opt.prefetch == -1 || opt.prefetch >= 1,
+              "DataLoader: prefetch must be >= 1 (or -1: 2 x workers), got ", opt.prefetch);
+    CNX_CHECK(opt.reprob >= 0 && opt.reprob <= 1, "DataLoader: --reprob must be in [0, 1], got ", opt.reprob);
+    if (opt.train && opt.augment && opt.mixing())
+      CNX_CHECK(opt.batch_size % 2 == 0 && opt.drop_last, "DataLoader: Mixup/CutMix mixes each batch with its "
+                "reverse and needs an even batch size with drop_last, got ", opt.batch_size);
+    if (opt.workers == -1) {
+      const unsigned hw = std::thread::hardware_concurrency();
+      nworkers = static_cast<int>(std::clamp(hw, 1u, 4u));
+    } else {
+      nworkers = opt.workers;
+    }
+    depth = opt.prefetch == -1 ? std::max(1, 2 * nworkers) : opt.prefetch;
+    per_epoch = opt.drop_last ? N / opt.batch_size : (N + opt.batch_size - 1) / opt.batch_size;
+    CNX_CHECK(per_epoch > 0, who, ": batch size ", opt.batch_size, " is larger than its ", N,
+              " samples and drop_last is on: an epoch would have no batch");
+  }
 };
 
 DataLoader::DataLoader(const Dataset& ds, LoaderOptions opt) {
@@ -244,22 +352,47 @@ DataLoader::DataLoader(const Dataset& ds, LoaderOptions opt) {
             " (", ds.N * ds.H * ds.W * ds.C, ")");
   CNX_CHECK(static_cast<int64_t>(ds.labels.size()) == ds.N, who, " holds ", ds.labels.size(),
             " labels for ", ds.N, " images");
-  CNX_CHECK(opt.batch_size > 0, "DataLoader: batch size must be > 0, got ", opt.batch_size);
-  CNX_CHECK(opt.workers >= -1, "DataLoader: workers must be >= 0 (or -1: default), got ", opt.workers);
-  CNX_CHECK(opt.prefetch == -1 || opt.prefetch >= 1,
-            "DataLoader: prefetch must be >= 1 (or -1: 2 x workers), got ", opt.prefetch);
-  impl_ = std::make_unique<Impl>(ds, opt);
+  impl_ = std::make_unique<Impl>();
   Impl& m = *impl_;
-  if (opt.workers == -1) {
-    const unsigned hw = std::thread::hardware_concurrency();
-    m.nworkers = static_cast<int>(std::clamp(hw, 1u, 4u));
-  } else {
-    m.nworkers = opt.workers;
-  }
-  m.depth = opt.prefetch == -1 ? std::max(1, 2 * m.nworkers) : opt.prefetch;
-  m.per_epoch = opt.drop_last ? ds.N / opt.batch_size : (ds.N + opt.batch_size - 1) / opt.batch_size;
-  CNX_CHECK(m.per_epoch > 0, who, ": batch size ", opt.batch_size, " is larger than its ", ds.N,
-            " samples and drop_last is on: an epoch would have no batch");
+  m.ds = &ds;
+  m.opt = opt;
+  m.who = who;
+  m.N = ds.N;
+  m.num_classes = ds.num_classes;
+  m.norm.emplace(ds.H, ds.W, ds.C, ds.mean, ds.std, who);
+  m.out_h = m.norm->out_h;
+  m.out_w = m.norm->out_w;
+  m.C = ds.C;
+  m.finish_setup();
+}
+
+DataLoader::DataLoader(const ImageFolder& folder, LoaderOptions opt) {
+  const std::string who = "DataLoader: image folder '" + folder.root + "/" + folder.split + "'";
+  CNX_CHECK(!folder.samples.empty(), who, " has no samples");
+  CNX_CHECK(!folder.classes.empty(), who, " has no classes");
+  const FolderTransform& t = opt.folder;
+  CNX_CHECK(t.input_size >= 8, "--input_size must be >= 8, got ", t.input_size);
+  CNX_CHECK(t.max_bad_fraction >= 0 && t.max_bad_fraction <= 1,
+            "DataLoader: max_bad_fraction must be in [0, 1], got ", t.max_bad_fraction);
+  CNX_CHECK(t.hflip >= 0 && t.hflip <= 1, "DataLoader: hflip must be in [0, 1], got ", t.hflip);
+  CNX_CHECK(t.color_jitter >= 0, "--color_jitter must be >= 0, got ", t.color_jitter);
+  CNX_CHECK(t.crop_pct <= 1, "--crop_pct must be in (0, 1] (or <= 0: the default), got ", t.crop_pct);
+  impl_ = std::make_unique<Impl>();
+  Impl& m = *impl_;
+  m.folder = &folder;
+  m.opt = opt;
+  m.who = who;
+  m.N = static_cast<int64_t>(folder.samples.size());
+  m.num_classes = static_cast<int64_t>(folder.classes.size());
+  m.out_h = m.out_w = t.input_size;
+  m.C = 3;
+  m.folder_lut = normalization_lut(3, t.mean, t.std, who);
+  if (!t.auto_augment.empty() && t.auto_augment != "none")
+    m.rand_augment_opt = parse_rand_augment(t.auto_augment);
+  if (m.rand_augment_opt)  // geometric ops fill with the mean colour (timm's img_mean)
+    for (int c = 0; c < 3; ++c)
+      m.rand_augment_opt->fill[c] = static_cast<uint8_t>(std::min(255.0, std::nearbyint(255.0 * t.mean[c])));
+  m.finish_setup();
 }
 
 DataLoader::~DataLoader() {
@@ -267,8 +400,10 @@ DataLoader::~DataLoader() {
 }
 
 int64_t DataLoader::batches_per_epoch() const { return impl_->per_epoch; }
-int64_t DataLoader::image_height() const { return impl_->norm.out_h; }
-int64_t DataLoader::image_width() const { return impl_->norm.out_w; }
+int64_t DataLoader::image_height() const { return impl_->out_h; }
+int64_t DataLoader::image_width() const { return impl_->out_w; }
+int64_t DataLoader::num_classes() const { return impl_->num_classes; }
+int64_t DataLoader::decode_failures() const { return impl_->decode_stats.failed(); }
 int DataLoader::workers() const { return impl_->nworkers; }
 int DataLoader::prefetch() const { return impl_->depth; }
 const LoaderOptions& DataLoader::options() const { return impl_->opt; }
@@ -282,10 +417,11 @@ void DataLoader::start_epoch(int64_t epoch, int64_t first_batch) {
   m.started = true;
   m.failed = nullptr;
   m.epoch = epoch;
+  m.decode_stats.reset();
   if (m.opt.train) {
-    m.order = epoch_permutation(m.ds.N, m.opt.seed, epoch);
-  } else if (static_cast<int64_t>(m.order.size()) != m.ds.N) {
-    m.order.resize(static_cast<size_t>(m.ds.N));
+    m.order = epoch_permutation(m.N, m.opt.seed, epoch);
+  } else if (static_cast<int64_t>(m.order.size()) != m.N) {
+    m.order.resize(static_cast<size_t>(m.N));
     std::iota(m.order.begin(), m.order.end(), int64_t{0});
   }
   m.end = m.per_epoch;

@@ -1,23 +1,48 @@
-// DataLoader: turns a uint8 NHWC Dataset into float batches ready for the model, built ahead by
-// worker threads and delivered strictly in order.
+// DataLoader: turns a dataset into float batches ready for the model, built ahead by worker
+// threads and delivered strictly in order. Two kinds of dataset:
+//
+//  - an in-memory uint8 NHWC Dataset (Fashion-MNIST, CIFAR; train/data/dataset.h): the small-
+//    image pipeline below;
+//  - an ImageFolder (train/data/image_folder.h): JPEGs decoded by the workers, then the paper's
+//    recipe (FolderTransform below).
 //
 //   Batch: images (B, S, S, C) f32 NHWC, normalised x -> (x / 255 - mean[c]) / std[c] (computed
-//          in double, rounded once to float); labels (B) i64. S = 32 for 28x28 images (zero
-//          padding of 2 pixels each side: pixel value 0, before normalisation), else S = H
-//          (and W for the width).
+//          in double, rounded once to float); labels (B) i64; with Mixup/CutMix on, also
+//          targets (B, K) f32, the soft targets (smoothing folded in) that the loss must use.
+//          In-memory datasets: S = 32 for 28x28 images (zero padding of 2 pixels each side:
+//          pixel value 0, before normalisation), else S = H (and W for the width).
+//          ImageFolder: S = input_size, C = 3.
 //   Order: training shuffles every epoch with a Fisher-Yates permutation drawn from a Philox
 //          Generator whose key is mixed (splitmix64) from (seed, epoch) alone; evaluation keeps
 //          the dataset's order.
 //          Batch i of an epoch holds the samples at positions [i*B, (i+1)*B) of that order.
-//   Augmentation (training only, `augment`): the image (already padded to S) is zero-padded by
-//          kCropPadding = 4 on every side and an SxS window is cut at offset (dy, dx) in [0, 8]^2,
-//          then flipped left-right with probability 1/2 (RandomCrop(S, padding=4) then
-//          RandomHorizontalFlip, as torchvision). The three draws of a sample come from one
-//          Philox block whose key is mixed from (seed, epoch) (a stream apart from the
-//          permutation's) and whose counter is the sample's position in the epoch: crop_flip().
+//   Augmentation, in-memory datasets (training only, `augment`): the image (already padded to
+//          S) is zero-padded by kCropPadding = 4 on every side and an SxS window is cut at offset
+//          (dy, dx) in [0, 8]^2, then flipped left-right with probability 1/2 (RandomCrop(S,
+//          padding=4) then RandomHorizontalFlip, as torchvision). The three draws of a sample
+//          come from one Philox block whose key is mixed from (seed, epoch) (a stream apart from
+//          the permutation's) and whose counter is the sample's position in the epoch:
+//          crop_flip().
+//   Augmentation, ImageFolder (training only, `augment`), per sample, as timm's
+//          create_transform(is_training=True) builds it for the official main.py:
+//          RandomResizedCrop to input_size (bicubic) -> horizontal flip (p = hflip) ->
+//          RandAugment (auto_augment) or, when that is "none", colour jitter -> normalise.
+//          Evaluation: eval_transform (resize the short side to input_size / crop_pct, centre
+//          crop). The draws of a sample come from a Generator keyed by (seed, epoch, position):
+//          sample_generator().
+//   Both kinds, training only, `augment`: Random Erasing (reprob > 0) on each normalised image
+//          (after the steps above, same per-sample generator: for in-memory datasets one keyed
+//          like sample_generator), then Mixup/CutMix (mixup.mixup_alpha or cutmix_alpha > 0) on
+//          the whole batch from a Generator keyed by (seed, epoch, batch index).
 // So a batch depends only on (dataset, options, seed, epoch, batch index): not on the number of
 // workers, the order in which they finish, or whether the epoch was resumed with
 // start_epoch(epoch, first_batch).
+//
+// Files that do not decode (ImageFolder): each is skipped with a warning on stderr and counted.
+// In training the sample is replaced by the next sample of the dataset that decodes (so batches
+// keep their size and stay deterministic); in evaluation it is left out of its batch. When the
+// failures of an epoch exceed max_bad_fraction of the split, the batch that crosses the line
+// fails with a one-line error (rethrown by next()).
 //
 //   DataLoader loader(train_set, LoaderOptions::training(128, seed));
 //   for (int64_t epoch = start; epoch < epochs; ++epoch) {
@@ -41,11 +66,26 @@
 #include <vector>
 
 #include "tensor/tensor.h"
+#include "train/data/augment.h"
 #include "train/data/dataset.h"
+#include "train/data/image_folder.h"
 
 namespace cnx {
 
 constexpr int kCropPadding = 4;
+
+// The ImageFolder pipeline's settings (main.py's flags and defaults).
+struct FolderTransform {
+  int64_t input_size = 224;                          // --input_size
+  double crop_pct = -1;                              // --crop_pct; <= 0: the official default
+  RandomResizedCropOptions crop;                     // scale (0.08, 1), ratio (3/4, 4/3)
+  double hflip = 0.5;
+  std::string auto_augment = "rand-m9-mstd0.5-inc1";  // --aa; "none" or "": colour jitter
+  double color_jitter = 0.4;                         // --color_jitter, when --aa is none
+  std::array<float, 3> mean{0.485f, 0.456f, 0.406f};  // ImageNet's (timm's defaults)
+  std::array<float, 3> std{0.229f, 0.224f, 0.225f};
+  double max_bad_fraction = 0.01;  // of a split's files that may fail to decode in an epoch
+};
 
 struct LoaderOptions {
   int64_t batch_size = 128;
@@ -55,18 +95,32 @@ struct LoaderOptions {
   uint64_t seed = 0;
   int workers = -1;   // -1: min(4, hardware_concurrency); 0: build on the calling thread
   int prefetch = -1;  // batches claimed ahead of the consumer; -1: 2 x workers
+  FolderTransform folder;  // ImageFolder datasets only
+  double reprob = 0.0;     // Random Erasing probability (training with augment)
+  RandomErasingOptions erasing;  // its other settings; probability is reprob
+  // Mixup/CutMix (training with augment) when either alpha > 0; num_classes is set by the
+  // loader from the dataset. Needs an even batch size.
+  MixupOptions mixup{.mixup_alpha = 0.0, .cutmix_alpha = 0.0};
 
   static LoaderOptions training(int64_t batch_size, uint64_t seed) {
-    return {batch_size, true, true, true, seed, -1, -1};
+    LoaderOptions o;
+    o.batch_size = batch_size;
+    o.seed = seed;
+    return o;
   }
   static LoaderOptions evaluation(int64_t batch_size) {
-    return {batch_size, false, false, false, 0, -1, -1};
+    LoaderOptions o;
+    o.batch_size = batch_size;
+    o.train = o.augment = o.drop_last = false;
+    return o;
   }
+  bool mixing() const { return mixup.mixup_alpha > 0 || mixup.cutmix_alpha > 0; }
 };
 
 struct Batch {
-  Tensor images;  // (B, S, S, C) f32
-  Tensor labels;  // (B) i64
+  Tensor images;   // (B, S, S, C) f32
+  Tensor labels;   // (B) i64
+  Tensor targets;  // (B, K) f32 soft targets when Mixup/CutMix is on; else undefined
   int64_t epoch = -1;
   int64_t index = -1;  // the batch's index in its epoch
 };
@@ -87,6 +141,10 @@ struct CropFlip {
 };
 CropFlip crop_flip(uint64_t seed, int64_t epoch, int64_t position);
 
+// The generator of the per-sample augmentation draws (ImageFolder pipeline, Random Erasing)
+// of the sample at `position` in epoch `epoch`: its own key, mixed from (seed, epoch, position).
+Generator sample_generator(uint64_t seed, int64_t epoch, int64_t position);
+
 // One uint8 HxWxC image (C <= 3) normalised into a (1, S, S, C) f32 tensor exactly as the
 // evaluation loader does (for `convnext predict`).
 Tensor normalize_image(std::span<const uint8_t> hwc, int64_t H, int64_t W, int64_t C,
@@ -97,6 +155,8 @@ class DataLoader {
   // `dataset` must outlive the loader. Throws cnx::Error on an inconsistent dataset (sizes) or
   // bad options.
   DataLoader(const Dataset& dataset, LoaderOptions options);
+  // `folder` (from scan_image_folder) must outlive the loader.
+  DataLoader(const ImageFolder& folder, LoaderOptions options);
   ~DataLoader();
   DataLoader(const DataLoader&) = delete;
   DataLoader& operator=(const DataLoader&) = delete;
@@ -107,6 +167,9 @@ class DataLoader {
   int workers() const;   // resolved (-1 -> the default)
   int prefetch() const;
   const LoaderOptions& options() const;
+  int64_t num_classes() const;
+  // Files that failed to decode in the current epoch so far (ImageFolder; 0 otherwise).
+  int64_t decode_failures() const;
 
   // Starts (or restarts) epoch `epoch` at batch `first_batch` (resuming mid-epoch), dropping
   // whatever was being prefetched.
