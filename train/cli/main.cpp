@@ -28,7 +28,8 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   app.set_help_all_flag("--help-all", "Show the help of every subcommand");
   std::vector<cnx::Command> commands = {cnx::train_command(app), cnx::eval_command(app),
-                                        cnx::predict_command(app), cnx::grads_command(app)};
+                                        cnx::predict_command(app), cnx::grads_command(app),
+                                        cnx::make_folder_command(app)};
 
   try {
     app.parse(argc, argv);

@@ -47,7 +47,7 @@ namespace {
 
 // One stripes image: `vertical` stripes run top to bottom (the colour changes along x).
 std::vector<uint8_t> stripes(int64_t H, int64_t W, bool vertical, Generator& gen) {
-  const int64_t period = 4 + static_cast<int64_t>(gen.uniform() * 7);  // 4..10
+  const int64_t period = 8 + static_cast<int64_t>(gen.uniform() * 9);  // 8..16
   const int64_t phase = static_cast<int64_t>(gen.uniform() * static_cast<double>(period));
   uint8_t a[3], b[3];
   for (int c = 0; c < 3; ++c) a[c] = static_cast<uint8_t>(gen.next_u32() & 0xFF);

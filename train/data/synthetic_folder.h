@@ -3,7 +3,7 @@
 //
 //   convnext make-folder --out /tmp/stripes --train_per_class 200 --val_per_class 50 --size 64
 //
-// Two classes, "horizontal" and "vertical": stripes of a random period (4 to 10 pixels), phase
+// Two classes, "horizontal" and "vertical": stripes of a random period (8 to 16 pixels), phase
 // and pair of colours, plus uniform noise of +-24 levels. A class is a property of the whole
 // image that survives every augmentation of the paper's recipe (crops, flips, small rotations
 // and shears, colour changes), so a small ConvNeXt learns to tell them apart.
