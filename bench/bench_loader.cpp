@@ -1,0 +1,135 @@
+// Google Benchmark: the ImageFolder data pipeline on JPEGs of ImageNet size (500x375, the
+// typical ImageNet photo; written once into a temporary folder by write_stripes_folder: stripes
+// plus noise, quality 90, ~100 KB per file), in images per second:
+//
+//   BM_decode              decode_jpeg only, one thread
+//   BM_train_transform     decode + RandomResizedCrop 224 + flip + RandAugment rand-m9-mstd0.5-inc1
+//                          + normalise + Random Erasing 0.25, one thread: the per-core cost of
+//                          the paper's training recipe (Mixup/CutMix, per batch, is in the next)
+//   BM_eval_transform      decode + resize 256 + centre crop 224 + normalise, one thread
+//   BM_loader/workers:N    the DataLoader end to end (batch 16, Mixup/CutMix on), N worker threads
+//
+//   ./build/bench/bench_loader --benchmark_counters_tabular=true
+// The per-core training figure tells how many cores keep a GPU fed: cores = GPU images/s
+// divided by BM_train_transform's images/s (see bench/RESULTS.md).
+#include <benchmark/benchmark.h>
+
+#include <unistd.h>
+
+#include <filesystem>
+#include <string>
+
+#include "tensor/generator.h"
+#include "train/data/augment.h"
+#include "train/data/image_folder.h"
+#include "train/data/loader.h"
+#include "train/data/rand_augment.h"
+#include "train/data/synthetic_folder.h"
+
+namespace {
+
+using namespace cnx;
+namespace fs = std::filesystem;
+
+// 2 classes x 48 files of 500x375, written on first use and removed at exit.
+const ImageFolder& folder() {
+  struct Holder {
+    std::string root;
+    ImageFolder f;
+    Holder() {
+      root = (fs::temp_directory_path() / ("cnx_bench_loader_" + std::to_string(::getpid()))).string();
+      SyntheticFolderOptions o;
+      o.train_per_class = 48;
+      o.val_per_class = 1;
+      o.height = 375;
+      o.width = 500;
+      write_stripes_folder(root, o);
+      f = scan_image_folder(root, "train");
+    }
+    ~Holder() { fs::remove_all(root); }
+  };
+  static Holder h;
+  return h.f;
+}
+
+const std::string& sample_path(int64_t i) {
+  const ImageFolder& f = folder();
+  return f.samples[static_cast<size_t>(i) % f.samples.size()].first;
+}
+
+void BM_decode(benchmark::State& state) {
+  folder();  // write the files before timing
+  DecodedImage img;
+  std::string err;
+  int64_t i = 0, bytes = 0;
+  for (auto _ : state) {
+    if (!decode_jpeg(sample_path(i++), img, err)) state.SkipWithError(err.c_str());
+    bytes += static_cast<int64_t>(fs::file_size(sample_path(i - 1)));
+  }
+  state.SetItemsProcessed(state.iterations());
+  state.counters["KB/file"] = static_cast<double>(bytes) / 1024.0 / static_cast<double>(state.iterations());
+}
+BENCHMARK(BM_decode)->Unit(benchmark::kMillisecond);
+
+void BM_train_transform(benchmark::State& state) {
+  folder();  // write the files before timing
+  const FolderTransform t;
+  const RandAugmentOptions ra = parse_rand_augment(t.auto_augment);
+  RandomErasingOptions re;
+  DecodedImage img;
+  std::string err;
+  std::vector<float> out(224 * 224 * 3);
+  int64_t i = 0;
+  for (auto _ : state) {
+    Generator gen(static_cast<uint64_t>(i));
+    if (!decode_jpeg(sample_path(i++), img, err)) state.SkipWithError(err.c_str());
+    const CropBox box = random_resized_crop_box(img.H, img.W, gen, t.crop);
+    std::vector<uint8_t> x = resize_bicubic(img.rgb, img.H, img.W, 3, box, 224, 224);
+    random_hflip(x, 224, 224, 3, gen, t.hflip);
+    rand_augment(x, 224, 224, 3, ra, gen);
+    for (size_t k = 0; k < x.size(); ++k)
+      out[k] = (x[k] / 255.0f - t.mean[k % 3]) / t.std[k % 3];
+    random_erasing(out, 224, 224, 3, gen, re);
+    benchmark::DoNotOptimize(out.data());
+  }
+  state.SetItemsProcessed(state.iterations());
+}
+BENCHMARK(BM_train_transform)->Unit(benchmark::kMillisecond);
+
+void BM_eval_transform(benchmark::State& state) {
+  folder();  // write the files before timing
+  const FolderTransform t;
+  DecodedImage img;
+  std::string err;
+  std::vector<float> out(224 * 224 * 3);
+  int64_t i = 0;
+  for (auto _ : state) {
+    if (!decode_jpeg(sample_path(i++), img, err)) state.SkipWithError(err.c_str());
+    const std::vector<uint8_t> x = eval_transform(img.rgb, img.H, img.W, 3, 224, -1.0);
+    for (size_t k = 0; k < x.size(); ++k)
+      out[k] = (x[k] / 255.0f - t.mean[k % 3]) / t.std[k % 3];
+    benchmark::DoNotOptimize(out.data());
+  }
+  state.SetItemsProcessed(state.iterations());
+}
+BENCHMARK(BM_eval_transform)->Unit(benchmark::kMillisecond);
+
+// Whole epochs of the loader (96 images = 6 batches of 16 per epoch): images/s.
+void BM_loader(benchmark::State& state) {
+  folder();  // write the files before timing
+  LoaderOptions o = LoaderOptions::training(16, 0);
+  o.workers = static_cast<int>(state.range(0));
+  o.reprob = 0.25;
+  o.mixup = MixupOptions{};
+  DataLoader loader(folder(), o);
+  int64_t epoch = 0, images = 0;
+  for (auto _ : state) {
+    loader.start_epoch(epoch++);
+    Batch b;
+    while (loader.next(b)) images += b.images.dim(0);
+  }
+  state.SetItemsProcessed(images);
+}
+BENCHMARK(BM_loader)->ArgName("workers")->Arg(1)->Arg(2)->UseRealTime()->Unit(benchmark::kMillisecond);
+
+}  // namespace
