@@ -1,9 +1,15 @@
-// CUDA runtime services for the tensor core (built only with nvcc; see cuda_memory.h).
+// CUDA runtime services for the tensor core (built only with nvcc; see cuda_memory.h): one
+// caching allocator per device over cudaMalloc/cudaFree, and copies and fills on the device's
+// stream.
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <mutex>
+#include <vector>
 
 #include "tensor/cuda_check.h"
+#include "tensor/cuda_context.h"
 #include "tensor/cuda_memory.h"
 
 namespace cnx {
@@ -11,13 +17,17 @@ namespace cnx {
 bool cuda_built() { return true; }
 
 int cuda_device_count() {
-  int n = 0;
-  // No driver or no device is not an error here: it means "run on the CPU".
-  if (cudaGetDeviceCount(&n) != cudaSuccess) {
-    cudaGetLastError();  // clear the sticky error state
-    return 0;
-  }
-  return n;
+  // Read once: the set of visible devices does not change while the process runs.
+  static const int count = [] {
+    int n = 0;
+    // No driver or no device is not an error here: it means "run on the CPU".
+    if (cudaGetDeviceCount(&n) != cudaSuccess) {
+      cudaGetLastError();  // clear the error state
+      return 0;
+    }
+    return n;
+  }();
+  return count;
 }
 
 bool cuda_sync_after_launch() {
@@ -29,47 +39,131 @@ bool cuda_sync_after_launch() {
 }
 
 namespace {
-// Makes `device` current for the lifetime of the guard, restoring the previous one after.
-class DeviceGuard {
- public:
-  explicit DeviceGuard(Device d) {
-    CNX_CUDA_CHECK(cudaGetDevice(&prev_));
-    if (d.index != prev_) CNX_CUDA_CHECK(cudaSetDevice(d.index));
-  }
-  ~DeviceGuard() { cudaSetDevice(prev_); }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
 
- private:
-  int prev_ = 0;
-};
-}  // namespace
-
-void* cuda_malloc(int64_t nbytes, Device device) {
-  DeviceGuard guard(device);
+// cudaMalloc on `device`: nullptr when out of memory, cnx::Error on any other failure.
+void* device_alloc(int device, int64_t nbytes) {
+  cuda::DeviceGuard guard(Device::cuda(device));
   void* p = nullptr;
-  CNX_CUDA_CHECK(cudaMalloc(&p, static_cast<size_t>(nbytes)));
+  const cudaError_t e = cudaMalloc(&p, static_cast<size_t>(nbytes));
+  if (e == cudaErrorMemoryAllocation) {
+    cudaGetLastError();  // not sticky, but clear it so the next check does not see it
+    return nullptr;
+  }
+  CNX_CUDA_CHECK(e);
   return p;
 }
 
+// cudaFree on `device`; logs, never throws.
+void device_free(int device, void* p) noexcept {
+  int previous = -1;
+  if (cudaGetDevice(&previous) != cudaSuccess) previous = -1;
+  if (previous != device) cudaSetDevice(device);
+  const cudaError_t e = cudaFree(p);
+  if (previous >= 0 && previous != device) cudaSetDevice(previous);
+  if (e != cudaSuccess) std::fprintf(stderr, "cnx: cudaFree on cuda:%d failed: %s\n", device, cudaGetErrorString(e));
+}
+
+std::mutex g_allocators_mutex;
+
+// One allocator per device, made on first use. Never destroyed (as the streams, cuda_context.cu):
+// tensors may be freed during static destruction, after main returns.
+CachingAllocator& allocator(int device) {
+  const int count = cuda_device_count();
+  CNX_CHECK(device >= 0 && device < count, "cuda:", device, ": no such CUDA device (", count,
+            " visible)");
+  std::lock_guard<std::mutex> lock(g_allocators_mutex);
+  static auto* table = new std::vector<std::unique_ptr<CachingAllocator>>();
+  if (table->size() <= static_cast<size_t>(device)) table->resize(static_cast<size_t>(device) + 1);
+  auto& a = (*table)[static_cast<size_t>(device)];
+  if (!a) {
+    CachingAllocator::Backend backend;
+    backend.alloc = [device](int64_t nbytes) { return device_alloc(device, nbytes); };
+    backend.free = [device](void* p) { device_free(device, p); };
+    backend.synchronize = [device] {
+      cuda::DeviceGuard guard(Device::cuda(device));
+      CNX_CUDA_CHECK(cudaDeviceSynchronize());
+    };
+    a = std::make_unique<CachingAllocator>(std::move(backend), Device::cuda(device).str());
+  }
+  return *a;
+}
+
+}  // namespace
+
+void* cuda_malloc(int64_t nbytes, Device device) {
+  CNX_CHECK(device.is_cuda(), "cuda_malloc: ", device.str(), " is not a CUDA device");
+  if (nbytes == 0) return nullptr;
+  return allocator(device.index).allocate(nbytes);
+}
+
 void cuda_free(void* ptr, Device device) noexcept {
-  int prev = 0;
-  cudaGetDevice(&prev);
-  cudaSetDevice(device.index);
-  cudaError_t err = cudaFree(ptr);
-  cudaSetDevice(prev);
-  if (err != cudaSuccess)
-    std::fprintf(stderr, "cnx: cudaFree failed: %s\n", cudaGetErrorString(err));
+  if (!ptr) return;
+  // A non-null pointer came from cuda_malloc on this device, so its allocator exists and
+  // allocator() cannot throw here.
+  try {
+    allocator(device.index).deallocate(ptr);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "cnx: cuda_free: %s\n", e.what());
+  }
 }
 
 void cuda_copy(void* dst, Device dst_device, const void* src, Device src_device, int64_t nbytes) {
-  DeviceGuard guard(dst_device.is_cuda() ? dst_device : src_device);
-  CNX_CUDA_CHECK(cudaMemcpy(dst, src, static_cast<size_t>(nbytes), cudaMemcpyDefault));
+  if (nbytes == 0) return;
+  const size_t n = static_cast<size_t>(nbytes);
+  if (src_device.is_cuda() && dst_device.is_cpu()) {
+    // Device to host: enqueue after the kernels that produce src, then wait for them.
+    cuda::DeviceGuard guard(src_device);
+    const cudaStream_t s = cuda::device_stream(src_device);
+    CNX_CUDA_CHECK(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToHost, s));
+    CNX_CUDA_CHECK(cudaStreamSynchronize(s));
+  } else if (src_device.is_cpu() && dst_device.is_cuda()) {
+    // Host to device, from pageable memory (CPU storage is never pinned): the driver copies the
+    // source to a staging buffer before the call returns, so the caller may free it at once
+    // (PyTorch's non_blocking copies rely on the same). dst may be a reused cache block that
+    // queued kernels still read: the copy is ordered after them on the stream.
+    cuda::DeviceGuard guard(dst_device);
+    const cudaStream_t s = cuda::device_stream(dst_device);
+    CNX_CUDA_CHECK(cudaMemcpyAsync(dst, src, n, cudaMemcpyHostToDevice, s));
+    if (cuda_sync_after_launch()) CNX_CUDA_CHECK(cudaStreamSynchronize(s));  // CNX_CUDA_SYNC=1
+  } else if (src_device == dst_device) {
+    cuda::DeviceGuard guard(dst_device);
+    CNX_CUDA_CHECK(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToDevice, cuda::device_stream(dst_device)));
+  } else {
+    // Between two devices: dst's stream may still use the (reused) block, src's stream may
+    // still be producing src. Wait for dst's stream, copy on src's, and wait for that too.
+    CNX_CHECK(src_device.is_cuda() && dst_device.is_cuda(), "cuda_copy: ", src_device.str(), " -> ",
+              dst_device.str(), " needs a CUDA device on one side");
+    cuda::synchronize(dst_device);
+    cuda::DeviceGuard guard(src_device);
+    const cudaStream_t s = cuda::device_stream(src_device);
+    CNX_CUDA_CHECK(cudaMemcpyPeerAsync(dst, dst_device.index, src, src_device.index, n, s));
+    CNX_CUDA_CHECK(cudaStreamSynchronize(s));
+  }
 }
 
 void cuda_zero(void* dst, Device device, int64_t nbytes) {
-  DeviceGuard guard(device);
-  CNX_CUDA_CHECK(cudaMemset(dst, 0, static_cast<size_t>(nbytes)));
+  if (nbytes == 0) return;
+  cuda::DeviceGuard guard(device);
+  CNX_CUDA_CHECK(cudaMemsetAsync(dst, 0, static_cast<size_t>(nbytes), cuda::device_stream(device)));
 }
+
+namespace cuda {
+
+AllocatorStats memory_stats(Device device) {
+  CNX_CHECK(device.is_cuda(), "memory_stats: ", device.str(), " is not a CUDA device");
+  return allocator(device.index).stats();
+}
+
+void reset_peak_memory_stats(Device device) {
+  CNX_CHECK(device.is_cuda(), "reset_peak_memory_stats: ", device.str(), " is not a CUDA device");
+  allocator(device.index).reset_peak();
+}
+
+void empty_cache(Device device) {
+  CNX_CHECK(device.is_cuda(), "empty_cache: ", device.str(), " is not a CUDA device");
+  allocator(device.index).empty_cache();  // synchronises the device before releasing
+}
+
+}  // namespace cuda
 
 }  // namespace cnx

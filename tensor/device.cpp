@@ -2,6 +2,7 @@
 
 #include <cstdlib>
 
+#include "tensor/cuda_context.h"
 #include "tensor/cuda_memory.h"
 #include "tensor/error.h"
 
@@ -30,6 +31,23 @@ void* cuda_malloc(int64_t, Device) { no_cuda("cuda_malloc"); }
 void cuda_free(void*, Device) noexcept {}
 void cuda_copy(void*, Device, const void*, Device, int64_t) { no_cuda("cuda_copy"); }
 void cuda_zero(void*, Device, int64_t) { no_cuda("cuda_zero"); }
+
+namespace cuda {
+AllocatorStats memory_stats(Device) { no_cuda("memory_stats"); }
+void reset_peak_memory_stats(Device) { no_cuda("reset_peak_memory_stats"); }
+void empty_cache(Device) { no_cuda("empty_cache"); }
+int current_device() { no_cuda("current_device"); }
+cudaStream_t current_stream() { no_cuda("current_stream"); }
+cudaStream_t device_stream(Device) { no_cuda("device_stream"); }
+void synchronize(Device) { no_cuda("synchronize"); }
+// No CUDA tensor can exist, so a guard is only ever made for the CPU (a no-op).
+DeviceGuard::DeviceGuard(Device device) {
+  if (device.is_cuda()) no_cuda("DeviceGuard");
+}
+DeviceGuard::~DeviceGuard() = default;
+bool allow_tf32() { return false; }
+void set_allow_tf32(bool) {}
+}  // namespace cuda
 #endif
 
 }  // namespace cnx

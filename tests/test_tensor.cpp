@@ -4,6 +4,8 @@
 #include <cmath>
 #include <numeric>
 
+#include "tensor/cuda_context.h"
+#include "tensor/cuda_memory.h"
 #include "tensor/tensor.h"
 #include "tests/testing.h"
 
@@ -201,6 +203,8 @@ TEST(Device, ParseAndBuildInfo) {
   if (!cuda_built()) {
     EXPECT_EQ(cuda_device_count(), 0);
     expect_error([] { Tensor::zeros({2}, DType::f32, Device::cuda()); }, {"no CUDA backend"});
+    expect_error([] { cuda::memory_stats(Device::cuda()); }, {"memory_stats", "no CUDA backend"});
+    expect_error([] { cuda::current_stream(); }, {"current_stream", "no CUDA backend"});
   }
 }
 
