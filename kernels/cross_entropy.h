@@ -14,6 +14,8 @@
 
 #include <cstdint>
 
+#include "kernels/stream.h"
+
 namespace cnx::cpu {
 
 template <class T>
@@ -25,3 +27,22 @@ void cross_entropy_backward(T* dlogits, const T* dloss, const T* probs, const in
                             const T* targets, int64_t N, int64_t K, double smoothing);
 
 }  // namespace cnx::cpu
+
+// CUDA launchers (kernels/cuda/cross_entropy.cu): f32 (labels int64), device pointers,
+// asynchronous on `stream`. The forward's mean over rows is a deterministic reduction through
+// `workspace` (cross_entropy_forward_workspace_floats(N, K) floats). dloss is a device pointer
+// to one float. Labels are not range-checked on the device (the autograd layer checks them):
+// a row whose label is outside [0, K) gets a NaN loss and NaN gradients, so it cannot pass
+// unnoticed.
+namespace cnx::cuda {
+
+int64_t cross_entropy_forward_workspace_floats(int64_t N, int64_t K);
+void cross_entropy_forward(float* loss, float* probs, const float* logits, const int64_t* labels,
+                           const float* targets, int64_t N, int64_t K, double smoothing,
+                           float* workspace, cudaStream_t stream);
+
+void cross_entropy_backward(float* dlogits, const float* dloss, const float* probs,
+                            const int64_t* labels, const float* targets, int64_t N, int64_t K,
+                            double smoothing, cudaStream_t stream);
+
+}  // namespace cnx::cuda

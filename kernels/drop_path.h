@@ -11,6 +11,7 @@
 
 #include <cstdint>
 
+#include "kernels/stream.h"
 #include "tensor/generator.h"
 
 namespace cnx::cpu {
@@ -24,3 +25,14 @@ template <class T>
 void drop_path_backward(T* din, const T* dout, const T* scale, int64_t N, int64_t per_sample);
 
 }  // namespace cnx::cpu
+
+// CUDA launchers (kernels/cuda/drop_path.cu): f32, device pointers (scale too: drawn on the
+// host with cnx::cpu::drop_path_scales and copied to the device), asynchronous on `stream`.
+namespace cnx::cuda {
+
+void drop_path_forward(float* out, const float* in, const float* scale, int64_t N,
+                       int64_t per_sample, cudaStream_t stream);
+void drop_path_backward(float* din, const float* dout, const float* scale, int64_t N,
+                        int64_t per_sample, cudaStream_t stream);
+
+}  // namespace cnx::cuda

@@ -8,9 +8,19 @@
 
 #include <cstdint>
 
+#include "kernels/stream.h"
+
 namespace cnx::cpu {
 
 template <class T> void gelu_forward(T* out, const T* in, int64_t n);
 template <class T> void gelu_backward(T* din, const T* dout, const T* in, int64_t n);
 
 }  // namespace cnx::cpu
+
+// CUDA launchers (kernels/cuda/gelu.cu): f32, device pointers, asynchronous on `stream`.
+namespace cnx::cuda {
+
+void gelu_forward(float* out, const float* in, int64_t n, cudaStream_t stream);
+void gelu_backward(float* din, const float* dout, const float* in, int64_t n, cudaStream_t stream);
+
+}  // namespace cnx::cuda

@@ -8,6 +8,8 @@
 
 #include <cstdint>
 
+#include "kernels/stream.h"
+
 namespace cnx::cpu {
 
 template <class T>
@@ -19,3 +21,19 @@ void layer_scale_backward(T* din, T* dgamma, const T* dout, const T* in, const T
                           int64_t rows, int64_t C);
 
 }  // namespace cnx::cpu
+
+// CUDA launchers (kernels/cuda/layer_scale.cu): f32, device pointers, asynchronous on `stream`.
+// dgamma is reduced over rows in two deterministic stages through `workspace`
+// (layer_scale_backward_workspace_floats(rows, C) floats; unused when dgamma is null).
+namespace cnx::cuda {
+
+void layer_scale_forward(float* out, const float* in, const float* gamma, int64_t rows, int64_t C,
+                         cudaStream_t stream);
+
+int64_t layer_scale_backward_workspace_floats(int64_t rows, int64_t C);
+// Writes each gradient whose pointer is non-null: din (rows, C), dgamma (C).
+void layer_scale_backward(float* din, float* dgamma, const float* dout, const float* in,
+                          const float* gamma, int64_t rows, int64_t C, float* workspace,
+                          cudaStream_t stream);
+
+}  // namespace cnx::cuda

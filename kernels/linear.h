@@ -5,11 +5,14 @@
 //
 // Layouts: in (M, K), weight (N, K) (the official layout of nn.Linear), bias (N), out (M, N).
 // cnx::cpu is the plain reference (loops), f32 and f64; cnx::blas (below) is the fast CPU path
-// for f32 through OpenBLAS when the build found it; the CUDA backend uses cuBLAS(Lt).
+// for f32 through OpenBLAS when the build found it; cnx::cuda (at the end) runs the products on
+// the GPU with cuBLASLt.
 #pragma once
 
 #include <cstdint>
 #include <string>
+
+#include "kernels/stream.h"
 
 namespace cnx::cpu {
 
@@ -75,3 +78,35 @@ void linear_backward(float* din, float* dweight, float* dbias, const float* dout
                      const float* in, const float* weight, int64_t M, int64_t K, int64_t N);
 
 }  // namespace cnx::blas
+
+// =============================================================================================
+// CUDA: cuBLASLt, fp32 (kernels/cuda/linear.cu)
+// =============================================================================================
+// The same products and semantics as cpu:: above (outputs overwritten, a null gradient pointer
+// skips that gradient, any of M, K, N may be 0), enqueued on `stream` of the current device.
+// Row-major (M, K) memory is a column-major (K, M) matrix, so each product is one column-major
+// GEMM on the same buffers, no transposes copied:
+//   forward   out^T (N, M) = W (N, K) . in^T (K, M)     + bias per row: the BIAS epilogue
+//   din       din^T (K, M) = W^T (K, N) . dout^T (N, M)
+//   dweight   dW^T (K, N)  = in^T (K, M) . dout (M, N)  + dbias = sum over M of dout: the BGRADB
+//             epilogue when cuBLASLt offers it for the call, else a two-pass column sum in fixed
+//             order (deterministic, no atomics)
+// fp32 inputs and outputs with CUBLAS_COMPUTE_32F (no TF32 unless cnx::cuda::allow_tf32(),
+// tensor/cuda_context.h). cuBLAS's algorithm for a shape is chosen once per process and then
+// cached, so results are bitwise the same run to run on the same GPU and library. Where cuBLASLt
+// offers no algorithm with an epilogue (or at all, for odd alignments), the product falls back
+// to a plain GEMM (cublasSgemm as the last resort) plus a small kernel for the bias. The library's
+// 32 MiB cuBLAS workspace of the current device is used (no workspace argument): `stream` must be
+// that device's library stream (cnx::cuda::current_stream()). No device memory is allocated.
+namespace cnx::cuda {
+
+// out (M, N), in (M, K), weight (N, K), bias (N) or null.
+void linear_forward(float* out, const float* in, const float* weight, const float* bias, int64_t M,
+                    int64_t K, int64_t N, cudaStream_t stream);
+
+// din (M, K), dweight (N, K), dbias (N), each written when non-null; dout (M, N); in (M, K) is
+// needed for dweight, weight (N, K) for din.
+void linear_backward(float* din, float* dweight, float* dbias, const float* dout, const float* in,
+                     const float* weight, int64_t M, int64_t K, int64_t N, cudaStream_t stream);
+
+}  // namespace cnx::cuda

@@ -12,6 +12,8 @@
 
 #include <cstdint>
 
+#include "kernels/stream.h"
+
 namespace cnx::cpu {
 
 // bias may be null.
@@ -26,3 +28,31 @@ void patchify_backward(T* din, T* dweight, T* dbias, const T* dout, const T* in,
                        int64_t N, int64_t H, int64_t W, int64_t Ci, int64_t Co, int64_t k);
 
 }  // namespace cnx::cpu
+
+// =============================================================================================
+// CUDA: space-to-depth + cuBLASLt, fp32 (kernels/cuda/patchify.cu)
+// =============================================================================================
+// The conv is a GEMM on the patch matrix P (N*Ho*Wo, k*k*Ci), whose row (n, i, j) is the patch
+// in[n, i*k : i*k+k, j*k : j*k+k, :] flattened in (p, q, c) order, with weight seen as
+// (Co, k*k*Ci):
+//   forward   gather P (space-to-depth), then out = P W^T + bias   (cnx::cuda::linear_forward)
+//   backward  dP = dout W, then scatter dP into din (depth-to-space), writing 0 in the rows and
+//             columns past Ho*k, Wo*k; dweight = dout^T P and dbias = column sums of dout
+//             (cnx::cuda::linear_backward, P gathered again)
+// P and dP live in scratch memory from the caching allocator (no cudaMalloc once warm; k == 1
+// needs none: P is the input itself). Same semantics as cpu:: above; `stream` must be the
+// current device's library stream (cnx::cuda::current_stream()), as for linear.
+namespace cnx::cuda {
+
+// out (N, Ho, Wo, Co), in (N, H, W, Ci), weight (Co, k, k, Ci), bias (Co) or null.
+void patchify_forward(float* out, const float* in, const float* weight, const float* bias,
+                      int64_t N, int64_t H, int64_t W, int64_t Ci, int64_t Co, int64_t k,
+                      cudaStream_t stream);
+
+// din (N, H, W, Ci), dweight (Co, k, k, Ci), dbias (Co), each written when non-null;
+// dout (N, Ho, Wo, Co); in is needed for dweight, weight for din.
+void patchify_backward(float* din, float* dweight, float* dbias, const float* dout, const float* in,
+                       const float* weight, int64_t N, int64_t H, int64_t W, int64_t Ci, int64_t Co,
+                       int64_t k, cudaStream_t stream);
+
+}  // namespace cnx::cuda

@@ -1,0 +1,47 @@
+// The fused, multi-tensor AdamW update on the GPU: one kernel updates every parameter tensor
+// (in as few launches as there are groups of 48 tensors), decoupled weight decay included.
+// The optimiser (train/optim/adamw.h) computes the per-parameter scalars on the host, in
+// double, exactly as AdamW::step does, and passes one AdamWSlot per parameter that has a
+// gradient this step. Per element, in this order (the same float operations as the CPU loop of
+// AdamW::step, never fused into FMAs, sqrt and division correctly rounded, so GPU and CPU agree
+// to the last bit on the same inputs):
+//
+//   p  = p * decay_mul                         (decay_mul is exactly 1 when p does not decay)
+//   m  = m * beta1 + one_minus_beta1 * g
+//   v  = v * beta2 + one_minus_beta2 * g * g
+//   p  = p + neg_step_size * m / (sqrt(v) / bias_correction2_sqrt + eps)
+//
+// All pointers are device pointers to f32 tensors of n elements; the four of a slot must not
+// overlap one another. Layouts are irrelevant (elementwise).
+#pragma once
+
+#include <cstdint>
+
+#include "kernels/stream.h"
+
+namespace cnx::cuda {
+
+// One parameter's slice of a multi-tensor AdamW step; the scalars are precomputed on the
+// host exactly as train/optim/adamw.cpp computes them (see AdamW::step).
+struct AdamWSlot {
+  float* param;             // (n) updated in place
+  const float* grad;        // (n)
+  float* exp_avg;           // (n) m, updated in place
+  float* exp_avg_sq;        // (n) v, updated in place
+  int64_t n;
+  float neg_step_size;          // -(lr_p / bias_correction1)
+  float bias_correction2_sqrt;  // sqrt(1 - beta2^t)
+  float decay_mul;              // 1 - lr_p * wd_p; exactly 1.0f when the parameter does not decay
+};
+
+struct AdamWScalars {
+  float beta1, one_minus_beta1, beta2, one_minus_beta2, eps;
+};
+
+// Updates every slot (any count) with as few launches as possible: slots travel in the
+// kernel's parameter block, in chunks; no device memory is allocated. `slots` is a host array
+// (read before the call returns); the update runs asynchronously on `stream`. Slots with n == 0
+// are skipped.
+void adamw_step(const AdamWSlot* slots, int64_t count, AdamWScalars s, cudaStream_t stream);
+
+}  // namespace cnx::cuda

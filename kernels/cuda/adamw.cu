@@ -1,0 +1,123 @@
+// CUDA multi-tensor AdamW (see kernels/adamw.h for the update and the contract).
+//
+// Launch: the slots go to the kernel by value, up to 48 per launch in an AdamWTable (~3.1 KB of
+// kernel parameters, under the classic 4 KB limit), with a prefix table of block offsets:
+// every slot is cut into chunks of 4096 elements, and block b of the launch updates the chunk
+// b - block_start[s] of the slot s with block_start[s] <= b < block_start[s + 1] (a binary
+// search in the parameter block, uniform over the block). 256 threads a block, 16 elements a
+// thread per chunk (float4 when the four pointers of the slot are 16-byte aligned, the chunk's
+// n % 4 tail scalar). The table is a __grid_constant__ parameter, so indexing it with a
+// run-time slot number reads the parameter space directly instead of copying the table to
+// local memory. ConvNeXt-T's 182 tensors take 4 launches.
+//
+// Arithmetic: the float operations of AdamW::step's loop (train/optim/adamw.cpp) one by one,
+// with the _rn intrinsics so that nvcc cannot contract a multiply and an add into an FMA (the
+// CPU build has no FMA), and IEEE sqrt and division: bitwise the CPU result.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+
+#include "kernels/adamw.h"
+#include "kernels/cuda/vec.cuh"
+#include "tensor/cuda_check.h"
+
+namespace cnx::cuda {
+
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kSlotsPerLaunch = 48;
+constexpr int64_t kChunk = 4096;             // elements per block: 256 threads x 4 float4 x 4
+constexpr int64_t kMaxGrid = int64_t(1) << 24;  // larger launches loop over blockIdx.x
+
+struct AdamWTable {
+  AdamWSlot slot[kSlotsPerLaunch];
+  int64_t block_start[kSlotsPerLaunch + 1];  // block_start[count] = blocks of the launch
+  int count;
+  AdamWScalars s;
+};
+static_assert(sizeof(AdamWTable) <= 4096, "kernel parameters must stay under 4 KB");
+
+// One element: the loop body of AdamW::step, operation for operation.
+__device__ __forceinline__ void adamw_element(float& p, float& m, float& v, float g,
+                                              const AdamWSlot& slot, const AdamWScalars& s) {
+  const float pk = __fmul_rn(p, slot.decay_mul);                            // param.mul_(1 - lr wd)
+  const float mk = __fadd_rn(__fmul_rn(m, s.beta1), __fmul_rn(s.one_minus_beta1, g));
+  const float vk = __fadd_rn(__fmul_rn(v, s.beta2),
+                             __fmul_rn(__fmul_rn(s.one_minus_beta2, g), g));
+  const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(vk), slot.bias_correction2_sqrt), s.eps);
+  p = __fadd_rn(pk, __fdiv_rn(__fmul_rn(slot.neg_step_size, mk), denom));  // addcdiv_(m, denom)
+  m = mk;
+  v = vk;
+}
+
+__global__ void __launch_bounds__(kThreads) adamw_kernel(const __grid_constant__ AdamWTable table) {
+  const int64_t blocks = table.block_start[table.count];
+  for (int64_t b = blockIdx.x; b < blocks; b += gridDim.x) {  // uniform over the block
+    // The last slot that starts at or before block b (empty slots never reach the table).
+    int lo = 0, hi = table.count - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (table.block_start[mid] <= b) lo = mid;
+      else hi = mid - 1;
+    }
+    const AdamWSlot& slot = table.slot[lo];
+    const int64_t begin = (b - table.block_start[lo]) * kChunk;
+    const int64_t end = begin + kChunk < slot.n ? begin + kChunk : slot.n;
+    float* const param = slot.param;
+    const float* const grad = slot.grad;
+    float* const m = slot.exp_avg;
+    float* const v = slot.exp_avg_sq;
+    const bool vec = ((reinterpret_cast<uintptr_t>(param) | reinterpret_cast<uintptr_t>(grad) |
+                       reinterpret_cast<uintptr_t>(m) | reinterpret_cast<uintptr_t>(v)) & 15u) == 0;
+    int64_t i = begin + threadIdx.x;  // first scalar element of this thread
+    if (vec) {  // begin is a multiple of 4 (kChunk is), so every float4 here is aligned
+      const int64_t end4 = begin + (end - begin) / 4 * 4;
+      for (int64_t j = begin + 4 * threadIdx.x; j < end4; j += 4 * kThreads) {
+        float4 p4 = detail::load4(param + j), m4 = detail::load4(m + j), v4 = detail::load4(v + j);
+        const float4 g4 = detail::load4(grad + j);
+        adamw_element(p4.x, m4.x, v4.x, g4.x, slot, table.s);
+        adamw_element(p4.y, m4.y, v4.y, g4.y, slot, table.s);
+        adamw_element(p4.z, m4.z, v4.z, g4.z, slot, table.s);
+        adamw_element(p4.w, m4.w, v4.w, g4.w, slot, table.s);
+        detail::store4(param + j, p4);
+        detail::store4(m + j, m4);
+        detail::store4(v + j, v4);
+      }
+      i = end4 + threadIdx.x;
+    }
+    for (; i < end; i += kThreads) {
+      float pk = param[i], mk = m[i], vk = v[i];
+      adamw_element(pk, mk, vk, grad[i], slot, table.s);
+      param[i] = pk;
+      m[i] = mk;
+      v[i] = vk;
+    }
+  }
+}
+
+void launch_table(const AdamWTable& table, cudaStream_t stream) {
+  const int64_t blocks = table.block_start[table.count];
+  adamw_kernel<<<static_cast<unsigned>(std::min(blocks, kMaxGrid)), kThreads, 0, stream>>>(table);
+  CNX_CUDA_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+void adamw_step(const AdamWSlot* slots, int64_t count, AdamWScalars s, cudaStream_t stream) {
+  AdamWTable table{};
+  table.s = s;
+  for (int64_t k = 0; k < count; ++k) {
+    if (slots[k].n <= 0) continue;
+    table.slot[table.count] = slots[k];
+    table.block_start[table.count + 1] =
+        table.block_start[table.count] + (slots[k].n + kChunk - 1) / kChunk;
+    if (++table.count == kSlotsPerLaunch) {
+      launch_table(table, stream);  // the parameters are copied at the launch: the table is reused
+      table.count = 0;
+    }
+  }
+  if (table.count > 0) launch_table(table, stream);
+}
+
+}  // namespace cnx::cuda

@@ -1,0 +1,182 @@
+// CUDA layer scale (see kernels/layer_scale.h):
+//
+//   out[r, c] = in[r, c] * gamma[c]
+//   din[r, c] = dout[r, c] * gamma[c],   dgamma[c] = sum_r dout[r, c] * in[r, c]
+//
+// Forward, and backward without dgamma: one grid-stride loop over the rows * C elements, 256
+// threads a block, one wave of resident blocks (vec.cuh); the channel of each element from a
+// DivWalk (no 64-bit division per element). float4 when C % 4 == 0 and every pointer is
+// 16-byte aligned (then a group of four never leaves its row and gamma + c is aligned too),
+// one float a step otherwise. One correctly rounded multiply: bitwise the CPU reference.
+//
+// Backward with dgamma, two stages (deterministic, no atomics; see kernels/cuda/reduce.cuh):
+//  1. grid (P, column tiles), P = detail::row_partitions(rows) blocks of consecutive rows.
+//     Block (p, t) walks its rows with `lanes` rows at a time and `tile` column units side by
+//     side (detail::column_tiling), writes din = dout * gamma as it goes, and accumulates
+//     dout * in per column in registers; the lanes' sums are then added in lane order through
+//     shared memory into partials[p, c] (the workspace, (P, C) row-major). dout and in are read
+//     once, din written once: the three streams of the elementwise kernel.
+//  2. detail::launch_column_sums: dgamma[c] = sum_p partials[p, c] in index order.
+#include <cuda_runtime.h>
+
+#include "kernels/cuda/reduce.cuh"
+#include "kernels/cuda/vec.cuh"
+#include "kernels/layer_scale.h"
+#include "tensor/cuda_check.h"
+
+namespace cnx::cuda {
+
+namespace {
+
+using detail::DivWalk;
+using detail::load4;
+using detail::store4;
+
+__device__ __forceinline__ float4 mul4(float4 a, float4 b) {
+  return make_float4(a.x * b.x, a.y * b.y, a.z * b.z, a.w * b.w);
+}
+
+// out, in (rows, C) as n = rows * C elements; gamma (C).
+template <bool kVec>
+__global__ void __launch_bounds__(detail::kBlockThreads)
+    layer_scale_forward_kernel(float* __restrict__ out, const float* __restrict__ in,
+                               const float* __restrict__ gamma, int64_t n, int64_t C) {
+  const int64_t first = detail::global_thread(), stride = detail::grid_threads();
+  if constexpr (kVec) {
+    const int64_t n4 = n / 4;
+    DivWalk channel(4 * first, 4 * stride, C);  // channel.r: the channel of element 4 i
+    for (int64_t i = first; i < n4; i += stride, channel.advance())
+      store4(out + 4 * i, mul4(load4(in + 4 * i), load4(gamma + channel.r)));
+  } else {
+    DivWalk channel(first, stride, C);
+    for (int64_t i = first; i < n; i += stride, channel.advance())
+      out[i] = in[i] * gamma[channel.r];
+  }
+}
+
+void launch_forward(float* out, const float* in, const float* gamma, int64_t rows, int64_t C,
+                    cudaStream_t stream) {
+  const int64_t n = rows * C;
+  if (n <= 0) return;
+  if (C % 4 == 0 && detail::all_aligned16(out, in, gamma)) {
+    const unsigned grid =
+        detail::wave_grid<layer_scale_forward_kernel<true>, detail::kBlockThreads>(n / 4);
+    layer_scale_forward_kernel<true>
+        <<<grid, detail::kBlockThreads, 0, stream>>>(out, in, gamma, n, C);
+  } else {
+    const unsigned grid =
+        detail::wave_grid<layer_scale_forward_kernel<false>, detail::kBlockThreads>(n);
+    layer_scale_forward_kernel<false>
+        <<<grid, detail::kBlockThreads, 0, stream>>>(out, in, gamma, n, C);
+  }
+  CNX_CUDA_LAUNCH_CHECK();
+}
+
+// The float4 or float unit of the column kernel.
+template <bool kVec> struct Unit;
+template <> struct Unit<true> {
+  using T = float4;
+  static constexpr int kWidth = 4;
+  __device__ static T load(const float* p) { return load4(p); }
+  __device__ static void store(float* p, T v) { store4(p, v); }
+  __device__ static T zero() { return make_float4(0.f, 0.f, 0.f, 0.f); }
+  __device__ static T mul(T a, T b) { return mul4(a, b); }
+  __device__ static T add(T a, T b) {
+    return make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w);
+  }
+};
+template <> struct Unit<false> {
+  using T = float;
+  static constexpr int kWidth = 1;
+  __device__ static T load(const float* p) { return *p; }
+  __device__ static void store(float* p, T v) { *p = v; }
+  __device__ static T zero() { return 0.f; }
+  __device__ static T mul(T a, T b) { return a * b; }
+  __device__ static T add(T a, T b) { return a + b; }
+};
+
+// Stage 1 of the backward with dgamma (see the top of the file). din (rows, C) or null;
+// partials (P, C); dout, in (rows, C); gamma (C). Block (p, t): rows
+// [p * rows_per_block, min(rows, (p + 1) * rows_per_block)), column units
+// [t * tile, t * tile + tile) for t = blockIdx.y, blockIdx.y + gridDim.y, ...
+template <bool kVec>
+__global__ void __launch_bounds__(detail::kBlockThreads)
+    layer_scale_backward_kernel(float* __restrict__ din, float* __restrict__ partials,
+                                const float* __restrict__ dout, const float* __restrict__ in,
+                                const float* __restrict__ gamma, int64_t rows, int64_t C,
+                                int64_t rows_per_block, int tile, int lanes, int64_t tiles) {
+  using U = Unit<kVec>;
+  using T = typename U::T;
+  __shared__ T lane_sums[detail::kBlockThreads];
+  const int64_t units = C / U::kWidth;
+  const int64_t p = blockIdx.x;
+  const int64_t r_begin = p * rows_per_block;
+  const int64_t r_end = r_begin + rows_per_block < rows ? r_begin + rows_per_block : rows;
+  const int u_local = threadIdx.x % tile, lane = threadIdx.x / tile;
+  for (int64_t t = blockIdx.y; t < tiles; t += gridDim.y) {  // uniform over the block
+    const int64_t unit = t * tile + u_local;
+    const int64_t c = unit * U::kWidth;  // first channel of this thread's unit
+    const bool active = lane < lanes && unit < units;
+    T acc = U::zero();
+    if (active) {
+      const T g = U::load(gamma + c);
+      for (int64_t r = r_begin + lane; r < r_end; r += lanes) {
+        const T dy = U::load(dout + r * C + c);
+        if (din) U::store(din + r * C + c, U::mul(dy, g));
+        acc = U::add(acc, U::mul(dy, U::load(in + r * C + c)));
+      }
+    }
+    lane_sums[threadIdx.x] = acc;
+    __syncthreads();
+    if (lane == 0 && unit < units) {  // lanes added in order 0, 1, ...: deterministic
+      T total = lane_sums[u_local];
+      for (int l = 1; l < lanes; ++l) total = U::add(total, lane_sums[l * tile + u_local]);
+      U::store(partials + p * C + c, total);
+    }
+    __syncthreads();  // lane_sums is rewritten by the next tile
+  }
+}
+
+}  // namespace
+
+// ================================ forward ================================
+void layer_scale_forward(float* out, const float* in, const float* gamma, int64_t rows, int64_t C,
+                         cudaStream_t stream) {
+  launch_forward(out, in, gamma, rows, C, stream);
+}
+
+// ================================ backward ================================
+int64_t layer_scale_backward_workspace_floats(int64_t rows, int64_t C) {
+  if (rows <= 0 || C <= 0) return 0;
+  return detail::row_partitions(rows) * C;
+}
+
+void layer_scale_backward(float* din, float* dgamma, const float* dout, const float* in,
+                          const float* gamma, int64_t rows, int64_t C, float* workspace,
+                          cudaStream_t stream) {
+  if (C <= 0) return;
+  if (!dgamma) {
+    if (din) launch_forward(din, dout, gamma, rows, C, stream);  // din = dout * gamma
+    return;
+  }
+  if (rows <= 0) {  // a sum over no rows
+    CNX_CUDA_CHECK(cudaMemsetAsync(dgamma, 0, static_cast<size_t>(C) * sizeof(float), stream));
+    return;
+  }
+  const int64_t P = detail::row_partitions(rows);
+  const int64_t rows_per_block = detail::rows_per_partition(rows);
+  const bool vec = C % 4 == 0 && detail::all_aligned16(din, dout, in, gamma, workspace);
+  const detail::ColumnTiling ct = detail::column_tiling(vec ? C / 4 : C);
+  const dim3 grid(static_cast<unsigned>(P),
+                  static_cast<unsigned>(std::min<int64_t>(ct.tiles, detail::kMaxGridY)));
+  if (vec)
+    layer_scale_backward_kernel<true><<<grid, detail::kBlockThreads, 0, stream>>>(
+        din, workspace, dout, in, gamma, rows, C, rows_per_block, ct.tile, ct.lanes, ct.tiles);
+  else
+    layer_scale_backward_kernel<false><<<grid, detail::kBlockThreads, 0, stream>>>(
+        din, workspace, dout, in, gamma, rows, C, rows_per_block, ct.tile, ct.lanes, ct.tiles);
+  CNX_CUDA_LAUNCH_CHECK();
+  detail::launch_column_sums(dgamma, nullptr, workspace, P, C, C, stream);
+}
+
+}  // namespace cnx::cuda
