@@ -1,26 +1,58 @@
 // Picks the kernel for a tensor's device and dtype.
 //
-//   dispatch("gelu", x, [&](auto tag) {
-//     using T = decltype(tag);                       // float or double
-//     cpu::gelu_forward<T>(y.data<T>(), x.data<T>(), x.numel());
-//   });
+//   dispatch("gelu", x,
+//       [&](auto tag) {                                   // CPU: T is float or double
+//         using T = decltype(tag);
+//         cpu::gelu_forward<T>(y.data<T>(), x.data<T>(), x.numel());
+//       },
+//       [&](auto stream) {                                // CUDA, f32: the device's stream
+//         cuda::gelu_forward(y.data<float>(), x.data<float>(), x.numel(), stream);
+//       });
 //
-// The CPU reference kernels are templates on float and double. CUDA kernels are added here
-// by the CUDA backend; until then a CUDA tensor gets a clear error.
+// CPU tensors run the reference kernels (templates on float and double). CUDA tensors run the
+// cnx::cuda launchers, f32 only for now (bf16 comes with the performance work): the tensor's
+// device is made current for the call and the lambda gets that device's library stream
+// (tensor/cuda_context.h), on which everything of the library is enqueued. Any other dtype, on
+// either device, is a cnx::Error naming the op and the tensor.
+//
+// The CUDA lambda is generic ([&](auto stream)) on purpose: a CPU-only build has no definitions
+// of the cnx::cuda launchers, and there the lambda is never instantiated, so nothing refers to
+// them.
 #pragma once
 
+#include "kernels/stream.h"
+#include "tensor/cuda_context.h"
 #include "tensor/tensor.h"
 
 namespace cnx {
 
-template <class CpuKernel>
-void dispatch(const char* op, const Tensor& t, CpuKernel&& cpu_kernel) {
-  CNX_CHECK(t.device().is_cpu(), op, ": no CUDA kernel in this build yet for ", t.str());
+template <class CpuKernel, class CudaKernel>
+void dispatch(const char* op, const Tensor& t, CpuKernel&& cpu_kernel, CudaKernel&& cuda_kernel) {
+  if (t.device().is_cuda()) {
+    CNX_CHECK(t.dtype() == DType::f32, op, ": the CUDA backend supports f32 only for now, got ",
+              t.str());
+#if defined(CNX_CUDA) && CNX_CUDA
+    cuda::DeviceGuard guard(t.device());
+    cuda_kernel(cuda::device_stream(t.device()));
+    return;
+#else
+    (void)cuda_kernel;  // never instantiated with launcher calls in a CPU-only build
+    fail(op, ": ", t.str(), " is a CUDA tensor but this build has no CUDA backend");
+#endif
+  }
   switch (t.dtype()) {
     case DType::f32: cpu_kernel(float{}); return;
     case DType::f64: cpu_kernel(double{}); return;
     default: fail(op, ": dtype ", dtype_name(t.dtype()), " is not supported (f32, f64): ", t.str());
   }
+}
+
+// A device scratch buffer for a CUDA launcher's `workspace` argument: `floats` f32 elements on
+// `device`, from the caching allocator (undefined data; a 0-element tensor when none is needed,
+// whose data pointer is null). Keep it alive until the launcher has been called: freeing it
+// after that is safe (the next user of the block is enqueued after the launcher's kernels).
+inline Tensor cuda_workspace(int64_t floats, Device device) {
+  return Tensor::empty(Shape{floats}, DType::f32, device);
 }
 
 // Typed data pointer of an optional tensor: nullptr when undefined.

@@ -285,6 +285,20 @@ ConvNeXt::ConvNeXt(const ConvNeXtConfig& config, Generator& init) : config_(conf
   }
 }
 
+// ---- device ----------------------------------------------------------------------------------
+
+void ConvNeXt::to(Device device) {
+  // Copy everything first, assign after: a failure (no such device, out of memory) leaves the
+  // model as it was.
+  std::vector<Tensor> moved(params_.size());
+  for (size_t i = 0; i < params_.size(); ++i)
+    if (params_[i].value.device() != device) moved[i] = params_[i].value.detach().to(device);
+  for (size_t i = 0; i < params_.size(); ++i)
+    if (moved[i].defined()) params_[i].value = moved[i].set_requires_grad(true);
+}
+
+Device ConvNeXt::device() const { return params_.empty() ? Device::cpu() : params_.front().value.device(); }
+
 // ---- forward ---------------------------------------------------------------------------------
 
 Tensor ConvNeXt::block_forward(const Block& b, const Tensor& x, bool training,
@@ -301,6 +315,8 @@ Tensor ConvNeXt::block_forward(const Block& b, const Tensor& x, bool training,
 Tensor ConvNeXt::forward(const Tensor& images, bool training, Generator& drop_gen) const {
   CNX_CHECK(images.rank() == 4 && images.dim(3) == config_.in_chans, "model ", config_.name,
             ": images ", images.str(), " must be (N, H, W, ", config_.in_chans, ")");
+  CNX_CHECK(images.device() == device(), "model ", config_.name, ": images ", images.str(),
+            " are not on the model's device ", device().str(), " (move them with .to())");
   Tensor x = images;
   for (size_t i = 0; i < stages_.size(); ++i) {
     const Downsample& d = downsample_[i];

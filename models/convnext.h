@@ -81,8 +81,17 @@ class ConvNeXt {
 
   const ConvNeXtConfig& config() const { return config_; }
 
-  // images (N, H, W, in_chans), already normalised -> logits (N, num_classes). In training
-  // mode drop path draws its per-sample masks from `drop_gen`; otherwise nothing is drawn.
+  // Moves every parameter to `device` (a no-op for those already there): each becomes a new
+  // leaf on the device, requiring grad, without a gradient. Tensors aliasing the old values
+  // (an AdamW or a ModelEma made before) no longer see the model's: move the model first.
+  // The values are copied exactly (f32 bytes).
+  void to(Device device);
+  // Where the parameters are (the device of the first; to() keeps them together).
+  Device device() const;
+
+  // images (N, H, W, in_chans) on the model's device, already normalised -> logits
+  // (N, num_classes). In training mode drop path draws its per-sample masks from `drop_gen` (on
+  // the host, so every device drops the same samples); otherwise nothing is drawn.
   Tensor forward(const Tensor& images, bool training, Generator& drop_gen) const;
 
   // In official order (the order of the official model's state_dict()).
@@ -93,13 +102,14 @@ class ConvNeXt {
   // The drop path probability of every block, in order.
   std::vector<double> drop_path_rates() const;
 
-  // Official names and layouts, f32 CPU copies.
+  // Official names and layouts, f32 CPU copies (from any device).
   NamedTensors state_dict() const;
   // Strict: every parameter present, nothing unexpected, official shapes, floating dtypes
-  // (converted to f32). Reports every missing, unexpected and mis-shaped name in one error;
-  // the model is unchanged if anything is wrong.
+  // (converted to f32), copied to the parameters' device. Reports every missing, unexpected and
+  // mis-shaped name in one error; the model is unchanged if anything is wrong.
   void load_state_dict(const NamedTensors& tensors);
-  // The accumulated gradients in official names and layouts (zeros where none was computed).
+  // The accumulated gradients in official names and layouts, CPU copies (zeros where none was
+  // computed).
   NamedTensors gradients() const;
   void zero_grad();
 

@@ -22,6 +22,7 @@ GradsResult compute_grads(ConvNeXt& model, const Tensor& images_nchw, const Tens
   CNX_CHECK(cfg.drop_path_rate == 0, "grads: the model must have drop_path_rate 0, got ",
             cfg.drop_path_rate);
 
+  model.to(device);  // a no-op when it is there already
   model.zero_grad();
   Generator no_drop(0);  // drop path 0: nothing is drawn
   const Tensor x = nchw_to_nhwc(images_nchw).to(device);  // (N, H, W, C)

@@ -2,7 +2,6 @@
 // a tiny ConvNeXt on a tiny Fashion-MNIST-format dataset written here (idx .gz files).
 #include <gtest/gtest.h>
 #include <sys/wait.h>
-#include <zlib.h>
 
 #include <cmath>
 #include <filesystem>
@@ -19,36 +18,8 @@ namespace fs = std::filesystem;
 
 namespace {
 
-void write_gz(const fs::path& p, const std::vector<uint8_t>& bytes) {
-  gzFile f = gzopen(p.c_str(), "wb");
-  ASSERT_NE(f, nullptr);
-  ASSERT_EQ(gzwrite(f, bytes.data(), static_cast<unsigned>(bytes.size())), static_cast<int>(bytes.size()));
-  gzclose(f);
-}
-
-void be32(std::vector<uint8_t>& v, uint32_t x) {
-  for (int s = 24; s >= 0; s -= 8) v.push_back(static_cast<uint8_t>(x >> s));
-}
-
-// n images of 28x28: class k in [0, 4) is a bright 8x8 square in quadrant k, on noise.
 void write_split(const fs::path& dir, const std::string& prefix, int n, uint64_t seed) {
-  std::vector<uint8_t> images, labels;
-  be32(images, 0x803); be32(images, n); be32(images, 28); be32(images, 28);
-  be32(labels, 0x801); be32(labels, n);
-  Generator g(seed);
-  for (int i = 0; i < n; ++i) {
-    const int k = i % 4;
-    labels.push_back(static_cast<uint8_t>(k));
-    const int y0 = 3 + (k / 2) * 14 + static_cast<int>(g.uniform() * 3);
-    const int x0 = 3 + (k % 2) * 14 + static_cast<int>(g.uniform() * 3);
-    for (int y = 0; y < 28; ++y)
-      for (int x = 0; x < 28; ++x) {
-        const bool on = y >= y0 && y < y0 + 8 && x >= x0 && x < x0 + 8;
-        images.push_back(static_cast<uint8_t>(on ? 200 + g.uniform() * 55 : g.uniform() * 60));
-      }
-  }
-  write_gz(dir / (prefix + "-images-idx3-ubyte.gz"), images);
-  write_gz(dir / (prefix + "-labels-idx1-ubyte.gz"), labels);
+  test::write_quadrant_split(dir.string(), prefix, n, seed);
 }
 
 class Training : public ::testing::Test {

@@ -6,6 +6,8 @@
 #include <cmath>
 #include <sstream>
 
+#include <zlib.h>
+
 #include "autograd/function.h"
 
 namespace cnx::test {
@@ -237,6 +239,43 @@ void check_only_requested_gradients(const std::string& what,
       }
     }
   }
+}
+
+// ---- dataset files -----------------------------------------------------------------------------
+
+namespace {
+
+void write_gz(const std::string& path, const std::vector<uint8_t>& bytes) {
+  gzFile f = gzopen(path.c_str(), "wb");
+  ASSERT_NE(f, nullptr) << path;
+  ASSERT_EQ(gzwrite(f, bytes.data(), static_cast<unsigned>(bytes.size())), static_cast<int>(bytes.size()));
+  gzclose(f);
+}
+
+void be32(std::vector<uint8_t>& v, uint32_t x) {
+  for (int s = 24; s >= 0; s -= 8) v.push_back(static_cast<uint8_t>(x >> s));
+}
+
+}  // namespace
+
+void write_quadrant_split(const std::string& dir, const std::string& prefix, int n, uint64_t seed) {
+  std::vector<uint8_t> images, labels;
+  be32(images, 0x803); be32(images, n); be32(images, 28); be32(images, 28);
+  be32(labels, 0x801); be32(labels, n);
+  Generator g(seed);
+  for (int i = 0; i < n; ++i) {
+    const int k = i % 4;
+    labels.push_back(static_cast<uint8_t>(k));
+    const int y0 = 3 + (k / 2) * 14 + static_cast<int>(g.uniform() * 3);
+    const int x0 = 3 + (k % 2) * 14 + static_cast<int>(g.uniform() * 3);
+    for (int y = 0; y < 28; ++y)
+      for (int x = 0; x < 28; ++x) {
+        const bool on = y >= y0 && y < y0 + 8 && x >= x0 && x < x0 + 8;
+        images.push_back(static_cast<uint8_t>(on ? 200 + g.uniform() * 55 : g.uniform() * 60));
+      }
+  }
+  write_gz(dir + "/" + prefix + "-images-idx3-ubyte.gz", images);
+  write_gz(dir + "/" + prefix + "-labels-idx1-ubyte.gz", labels);
 }
 
 }  // namespace cnx::test

@@ -107,4 +107,11 @@ void check_only_requested_gradients(const std::string& what,
                                     const Shape& xs, const Shape& ws, const Shape& bs,
                                     uint64_t seed);
 
+// ---- dataset files -----------------------------------------------------------------------------
+
+// Writes <dir>/<prefix>-images-idx3-ubyte.gz and -labels-idx1-ubyte.gz (Fashion-MNIST's format):
+// n images of 28x28 where class k in [0, 4) (sample i has class i % 4) is a bright 8x8 square
+// in quadrant k, at a small random offset, on noise. A small model learns it in a few steps.
+void write_quadrant_split(const std::string& dir, const std::string& prefix, int n, uint64_t seed);
+
 }  // namespace cnx::test

@@ -19,9 +19,11 @@
 #include "train/checkpoint.h"
 #include "train/data/dataset.h"
 #include "train/data/loader.h"
+#include "train/data/rand_augment.h"
 #include "train/optim/adamw.h"
 #include "train/optim/ema.h"
 #include "train/optim/schedule.h"
+#include "tensor/cuda_memory.h"
 
 namespace cnx {
 
@@ -81,16 +83,53 @@ void TrainConfig::validate() const {
   CNX_CHECK(num_workers >= 0, "--num_workers must be >= 0, got ", num_workers);
   CNX_CHECK(device == "auto" || device == "cpu" || device == "cuda" || device.rfind("cuda:", 0) == 0,
             "--device must be auto, cpu or cuda, got '", device, "'");
-  bool known = false;
-  for (const std::string& d : known_datasets()) known = known || d == data_set;
-  if (!known) (void)dataset_info(data_set);  // throws, listing the known names
+  bool known = data_set == "image_folder";
+  std::string names;
+  for (const std::string& d : known_datasets()) {
+    known = known || d == data_set;
+    names += d + ", ";
+  }
+  CNX_CHECK(known, "unknown dataset '", data_set, "' (known: ", names, "image_folder)");
+  CNX_CHECK(data_set != "image_folder" || !data_path.empty(),
+            "--data_set image_folder needs --data_path (the folder that holds train/ and val/)");
+  CNX_CHECK(input_size >= 32, "--input_size must be >= 32 (the model downsamples by 32), got ", input_size);
+  CNX_CHECK(crop_pct <= 1, "--crop_pct must be in (0, 1] (or <= 0: the default), got ", crop_pct);
+  if (aa != "none" && !aa.empty()) (void)parse_rand_augment(aa);
+  non_negative("--color_jitter", color_jitter);
+  CNX_CHECK(reprob == -1 || (reprob >= 0 && reprob <= 1), "--reprob must be in [0, 1], got ", reprob);
+  CNX_CHECK(mixup == -1 || mixup >= 0, "--mixup must be >= 0, got ", mixup);
+  CNX_CHECK(cutmix == -1 || cutmix >= 0, "--cutmix must be >= 0, got ", cutmix);
+  CNX_CHECK(mixup_prob >= 0 && mixup_prob <= 1, "--mixup_prob must be in [0, 1], got ", mixup_prob);
+  CNX_CHECK(mixup_switch_prob >= 0 && mixup_switch_prob <= 1,
+            "--mixup_switch_prob must be in [0, 1], got ", mixup_switch_prob);
+}
+
+LoaderOptions TrainConfig::train_loader_options() const {
+  const bool folder = data_set == "image_folder";
+  auto pick = [&](double v, double official) { return v == -1 ? (folder ? official : 0.0) : v; };
+  LoaderOptions o = LoaderOptions::training(batch_size, seed);
+  o.augment = folder || augment;
+  o.workers = num_workers;
+  o.folder.input_size = input_size;
+  o.folder.crop_pct = crop_pct;
+  o.folder.auto_augment = aa;
+  o.folder.color_jitter = color_jitter;
+  o.reprob = pick(reprob, 0.25);
+  o.mixup.mixup_alpha = pick(mixup, 0.8);
+  o.mixup.cutmix_alpha = pick(cutmix, 1.0);
+  o.mixup.prob = mixup_prob;
+  o.mixup.switch_prob = mixup_switch_prob;
+  o.mixup.label_smoothing = smoothing;  // folded into the soft targets, as main.py
+  return o;
 }
 
 std::string TrainConfig::to_json() const {
   json j = {{"model", model}, {"depths", depths}, {"dims", dims}, {"drop_path", drop_path},
             {"layer_scale_init_value", layer_scale_init_value}, {"head_init_scale", head_init_scale},
             {"data_set", data_set}, {"data_path", data_path}, {"augment", augment},
-            {"num_workers", num_workers}, {"batch_size", batch_size}, {"update_freq", update_freq},
+            {"num_workers", num_workers}, {"input_size", input_size}, {"crop_pct", crop_pct},
+            {"aa", aa}, {"color_jitter", color_jitter}, {"reprob", reprob}, {"mixup", mixup},
+            {"cutmix", cutmix}, {"mixup_prob", mixup_prob}, {"mixup_switch_prob", mixup_switch_prob}, {"batch_size", batch_size}, {"update_freq", update_freq},
             {"epochs", epochs}, {"lr", lr}, {"min_lr", min_lr}, {"warmup_lr", warmup_lr},
             {"warmup_epochs", warmup_epochs}, {"warmup_steps", warmup_steps},
             {"weight_decay", weight_decay}, {"clip_grad", clip_grad}, {"layer_decay", layer_decay},
@@ -113,6 +152,9 @@ TrainConfig TrainConfig::from_json(const std::string& text) {
   get("drop_path", c.drop_path); get("layer_scale_init_value", c.layer_scale_init_value);
   get("head_init_scale", c.head_init_scale); get("data_set", c.data_set);
   get("data_path", c.data_path); get("augment", c.augment); get("num_workers", c.num_workers);
+  get("input_size", c.input_size); get("crop_pct", c.crop_pct); get("aa", c.aa);
+  get("color_jitter", c.color_jitter); get("reprob", c.reprob); get("mixup", c.mixup);
+  get("cutmix", c.cutmix); get("mixup_prob", c.mixup_prob); get("mixup_switch_prob", c.mixup_switch_prob);
   get("batch_size", c.batch_size); get("update_freq", c.update_freq); get("epochs", c.epochs);
   get("lr", c.lr); get("min_lr", c.min_lr); get("warmup_lr", c.warmup_lr);
   get("warmup_epochs", c.warmup_epochs); get("warmup_steps", c.warmup_steps);
@@ -147,6 +189,19 @@ NamedTensors load_weights(const std::string& path, bool use_ema) {
   CNX_CHECK(!out.empty(), path, ": the checkpoint holds no ", prefix, "* tensors",
             use_ema ? " (trained without --model_ema)" : "");
   return out;
+}
+
+Device resolve_device(const std::string& flag) {
+  if (flag == "auto" || flag == "cpu") return Device::cpu();
+  const Device d = Device::parse(flag);  // "cuda", "cuda:N"; anything else throws
+  CNX_CHECK(cuda_built(), "--device ", flag,
+            ": this build has no CUDA backend (nvcc was not found at configure time); use --device cpu");
+  const int count = cuda_device_count();
+  CNX_CHECK(d.index < count, "--device ", flag, ": ",
+            count == 0 ? std::string("no CUDA device found (no driver, or no GPU visible)")
+                       : "no such CUDA device (" + std::to_string(count) + " visible)",
+            "; use --device cpu");
+  return d;
 }
 
 // ---- signals ----------------------------------------------------------------------------------
@@ -191,19 +246,17 @@ void score(const Tensor& logits, const Tensor& labels, int64_t& top1, int64_t& t
   }
 }
 
-EvalResult evaluate_loaded(const ConvNeXt& model, const Dataset& data, int64_t batch_size, int workers) {
+EvalResult evaluate_loaded(const ConvNeXt& model, DataLoader& loader) {
   NoGradGuard no_grad;
-  LoaderOptions opt = LoaderOptions::evaluation(batch_size);
-  opt.workers = workers;
-  DataLoader loader(data, opt);
   loader.start_epoch(0);
   Generator unused(0);  // evaluation draws nothing
+  const Device device = model.device();
   int64_t top1 = 0, top5 = 0;
   double loss_sum = 0;
   EvalResult r;
   Batch b;
   while (loader.next(b)) {
-    score(model.forward(b.images, /*training=*/false, unused), b.labels, top1, top5, loss_sum);
+    score(model.forward(b.images.to(device), /*training=*/false, unused), b.labels, top1, top5, loss_sum);
     r.images += b.labels.numel();
   }
   if (r.images > 0) {
@@ -255,41 +308,76 @@ json resume_key(const TrainConfig& c) {
 
 }  // namespace
 
+namespace {
+
+// The data of a run: an in-memory dataset's split or an ImageFolder's, with its loader.
+struct SplitData {
+  std::optional<Dataset> memory;
+  std::optional<ImageFolder> folder;
+  std::unique_ptr<DataLoader> loader;
+  int64_t size() const { return memory ? memory->N : static_cast<int64_t>(folder->samples.size()); }
+  int64_t num_classes() const { return loader->num_classes(); }
+  int64_t channels() const { return memory ? memory->C : 3; }
+};
+
+SplitData open_split(const std::string& data_set, const std::string& data_path, bool train,
+                     const LoaderOptions& opt) {
+  SplitData d;
+  if (data_set == "image_folder") {
+    d.folder = scan_image_folder(data_path, train ? "train" : "val");
+    d.loader = std::make_unique<DataLoader>(*d.folder, opt);
+  } else {
+    d.memory = load_dataset(data_set, data_path, train);
+    d.loader = std::make_unique<DataLoader>(*d.memory, opt);
+  }
+  return d;
+}
+
+LoaderOptions eval_loader_options(int64_t batch_size, int workers, int64_t input_size, double crop_pct) {
+  LoaderOptions o = LoaderOptions::evaluation(batch_size);
+  o.workers = workers;
+  o.folder.input_size = input_size;
+  o.folder.crop_pct = crop_pct;
+  return o;
+}
+
+}  // namespace
+
 EvalResult evaluate(const ConvNeXt& model, const std::string& data_set, const std::string& data_path,
-                    int64_t batch_size, int workers) {
-  const Dataset test = load_dataset(data_set, data_path, /*train=*/false);
-  CNX_CHECK(test.num_classes == model.config().num_classes, "eval: the model has ",
-            model.config().num_classes, " classes, ", data_set, " has ", test.num_classes);
-  return evaluate_loaded(model, test, batch_size, workers);
+                    int64_t batch_size, int workers, int64_t input_size, double crop_pct) {
+  SplitData test = open_split(data_set, data_path, /*train=*/false,
+                              eval_loader_options(batch_size, workers, input_size, crop_pct));
+  CNX_CHECK(test.num_classes() == model.config().num_classes, "eval: the model has ",
+            model.config().num_classes, " classes, ", data_set, " has ", test.num_classes());
+  return evaluate_loaded(model, *test.loader);
 }
 
 // ---- training ---------------------------------------------------------------------------------
 
 TrainResult train(const TrainConfig& cfg) {
   cfg.validate();
-  CNX_CHECK(cfg.device == "auto" || cfg.device == "cpu", "--device ", cfg.device,
-            ": the CUDA backend is not built yet; use --device cpu");
+  const Device device = resolve_device(cfg.device);
 
   // ---- data ----
-  const Dataset train_set = load_dataset(cfg.data_set, cfg.data_path, /*train=*/true);
-  const Dataset test_set = load_dataset(cfg.data_set, cfg.data_path, /*train=*/false);
-  LoaderOptions lopt = LoaderOptions::training(cfg.batch_size, cfg.seed);
-  lopt.augment = cfg.augment;
-  lopt.workers = cfg.num_workers;
-  DataLoader loader(train_set, lopt);
+  SplitData train_set = open_split(cfg.data_set, cfg.data_path, /*train=*/true, cfg.train_loader_options());
+  SplitData test_set = open_split(cfg.data_set, cfg.data_path, /*train=*/false,
+                                  eval_loader_options(cfg.batch_size, cfg.num_workers, cfg.input_size, cfg.crop_pct));
+  CNX_CHECK(train_set.num_classes() == test_set.num_classes(), cfg.data_set, ": the training split has ",
+            train_set.num_classes(), " classes, the test split ", test_set.num_classes());
+  DataLoader& loader = *train_set.loader;
   const int64_t batches = loader.batches_per_epoch();
   CNX_CHECK(batches >= cfg.update_freq, "--batch_size ", cfg.batch_size, " x --update_freq ",
-            cfg.update_freq, " is more than the ", train_set.N, " training images");
+            cfg.update_freq, " is more than the ", train_set.size(), " training images");
   const int64_t steps_per_epoch = batches / cfg.update_freq;  // optimiser steps
 
   // ---- model, optimiser, schedules ----
   Generator init(cfg.seed);
-  ConvNeXt model(cfg.model_config(train_set.num_classes, train_set.C), init);
+  ConvNeXt model(cfg.model_config(train_set.num_classes(), train_set.channels()), init);
   std::printf("model %s: %zu tensors, %lld parameters; %s: %lld train / %lld test images, %lld classes\n",
               model.config().name.c_str(), model.parameters().size(),
               static_cast<long long>(model.num_parameters()), cfg.data_set.c_str(),
-              static_cast<long long>(train_set.N), static_cast<long long>(test_set.N),
-              static_cast<long long>(train_set.num_classes));
+              static_cast<long long>(train_set.size()), static_cast<long long>(test_set.size()),
+              static_cast<long long>(train_set.num_classes()));
 
   if (!cfg.finetune.empty()) {
     NamedTensors weights = load_weights(cfg.finetune);
@@ -315,6 +403,9 @@ TrainResult train(const TrainConfig& cfg) {
     model.load_state_dict(weights);
     std::printf("finetune: loaded %s\n", cfg.finetune.c_str());
   }
+  // On its device before the optimiser and the EMA alias its parameters. (The initial values
+  // were drawn on the host, so every device starts from the same weights.)
+  model.to(device);
 
   const ScaledValue lr = scale_lr_linear(cfg.lr, cfg.batch_size * cfg.update_freq, kReferenceBatch, "lr");
   std::printf("%s\n", lr.description.c_str());
@@ -383,7 +474,8 @@ TrainResult train(const TrainConfig& cfg) {
   TrainResult result;
   result.best_acc1 = best_acc1;
   const bool tty = cfg.progress_bar && ::isatty(STDOUT_FILENO);
-  const Tensor inv_update_freq = Tensor::full({}, 1.0 / static_cast<double>(cfg.update_freq));
+  const Tensor inv_update_freq =
+      Tensor::full({}, 1.0 / static_cast<double>(cfg.update_freq), DType::f32, device);
   std::unique_ptr<ConvNeXt> ema_model;  // evaluation copy for the EMA weights
   double current_lr = 0;                // this optimiser step's scheduled lr
 
@@ -404,8 +496,10 @@ TrainResult train(const TrainConfig& cfg) {
       // ---- one micro-batch: forward, backward (gradients accumulate over update_freq) ----
       const int64_t micro = b.index % cfg.update_freq;
       if (micro == 0) current_lr = lr_schedule[static_cast<size_t>(std::min(step, total_steps - 1))];
-      Tensor logits = model.forward(b.images, /*training=*/true, drop_gen);
-      Tensor loss = cross_entropy(logits, b.labels, cfg.smoothing);
+      Tensor logits = model.forward(b.images.to(device), /*training=*/true, drop_gen);
+      // Mixup/CutMix: soft targets (smoothing folded in), as main.py's SoftTargetCrossEntropy.
+      Tensor loss = b.targets.defined() ? soft_cross_entropy(logits, b.targets.to(device))
+                                        : cross_entropy(logits, b.labels.to(device), cfg.smoothing);
       const double loss_value = loss.item();
       CNX_CHECK(std::isfinite(loss_value), "training diverged: loss ", loss_value, " at epoch ",
                 epoch, " batch ", b.index);
@@ -442,16 +536,25 @@ TrainResult train(const TrainConfig& cfg) {
         const double mean_loss = loss_since_log / static_cast<double>(steps_since_log * cfg.update_freq);
         const double ips = static_cast<double>(images_since_log) / secs;
         const double ms = 1000.0 * secs / static_cast<double>(steps_since_log);
-        std::printf("%sepoch %lld step %lld/%lld loss %s lr %s grad_norm %s img/s %s ms/step %s mem %s MB\n",
+        json record = {{"type", "train"}, {"epoch", epoch}, {"step", step}, {"loss", mean_loss},
+                       {"lr", current_lr}, {"grad_norm", norm}, {"images_per_s", ips},
+                       {"ms_per_step", ms}, {"mem_mb", resident_mb()}};
+        std::string gpu_mem;  // on a GPU: the most device memory in tensors since the last line
+        if (device.is_cuda()) {
+          const double peak_mb =
+              static_cast<double>(cuda::memory_stats(device).peak_allocated_bytes) / (1 << 20);
+          cuda::reset_peak_memory_stats(device);
+          gpu_mem = " gpu_mem " + fixed(peak_mb, 0) + " MB";
+          record["gpu_mem_mb"] = peak_mb;
+        }
+        std::printf("%sepoch %lld step %lld/%lld loss %s lr %s grad_norm %s img/s %s ms/step %s mem %s MB%s\n",
                     tty ? "\r\033[K" : "", static_cast<long long>(epoch),
                     static_cast<long long>(step - epoch * steps_per_epoch),
                     static_cast<long long>(steps_per_epoch), fixed(mean_loss, 4).c_str(),
                     sci(current_lr).c_str(), fixed(norm, 3).c_str(), fixed(ips, 1).c_str(),
-                    fixed(ms, 1).c_str(), fixed(resident_mb(), 0).c_str());
+                    fixed(ms, 1).c_str(), fixed(resident_mb(), 0).c_str(), gpu_mem.c_str());
         std::fflush(stdout);
-        metrics.write({{"type", "train"}, {"epoch", epoch}, {"step", step}, {"loss", mean_loss},
-                       {"lr", current_lr}, {"grad_norm", norm}, {"images_per_s", ips},
-                       {"ms_per_step", ms}, {"mem_mb", resident_mb()}});
+        metrics.write(record);
         t_log = now;
         images_since_log = steps_since_log = 0;
         loss_since_log = 0;
@@ -480,7 +583,7 @@ TrainResult train(const TrainConfig& cfg) {
     }
 
     // ---- end of epoch: evaluate, log, checkpoint ----
-    const EvalResult ev = evaluate_loaded(model, test_set, cfg.batch_size, cfg.num_workers);
+    const EvalResult ev = evaluate_loaded(model, *test_set.loader);
     json record = {{"type", "eval"}, {"epoch", epoch}, {"step", step}, {"acc1", ev.acc1},
                    {"acc5", ev.acc5}, {"loss", ev.loss}};
     std::printf("epoch %lld test: Acc@1 %.2f Acc@5 %.2f loss %.4f", static_cast<long long>(epoch),
@@ -489,9 +592,10 @@ TrainResult train(const TrainConfig& cfg) {
       if (!ema_model) {
         Generator g(0);
         ema_model = std::make_unique<ConvNeXt>(model.config(), g);
+        ema_model->to(device);
       }
       ema->copy_to(ema_model->parameters());
-      const EvalResult ee = evaluate_loaded(*ema_model, test_set, cfg.batch_size, cfg.num_workers);
+      const EvalResult ee = evaluate_loaded(*ema_model, *test_set.loader);
       std::printf(" | EMA Acc@1 %.2f Acc@5 %.2f loss %.4f", ee.acc1, ee.acc5, ee.loss);
       record["ema_acc1"] = ee.acc1;
       record["ema_acc5"] = ee.acc5;

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "models/convnext.h"
+#include "train/data/loader.h"
 
 namespace cnx {
 
@@ -31,10 +32,22 @@ struct TrainConfig {
   double layer_scale_init_value = 0.1;   // main.py: 1e-6 (for deep models trained 300 epochs)
   double head_init_scale = 1.0;
   // ---- data ----
-  std::string data_set = "fashion_mnist";  // fashion_mnist | cifar10 | cifar100
-  std::string data_path;                   // "" = the dataset's default location
-  bool augment = false;                    // random crop + flip on the training split
+  std::string data_set = "fashion_mnist";  // fashion_mnist | cifar10 | cifar100 | image_folder
+  std::string data_path;                   // "" = the dataset's default location; image_folder:
+                                           // the root holding train/ and val/
+  bool augment = false;                    // in-memory sets: random crop + flip (+ the erasing
+                                           // and mixing below) on the training split
   int num_workers = 2;
+  // ---- the paper's recipe (image_folder always; erasing and mixing also in-memory with augment) ----
+  int64_t input_size = 224;                // image_folder: train crop and eval size
+  double crop_pct = -1;                    // image_folder eval: <= 0: 0.875 below 384, else warp
+  std::string aa = "rand-m9-mstd0.5-inc1";  // image_folder: RandAugment; "none": colour jitter
+  double color_jitter = 0.4;               // image_folder, when --aa none
+  double reprob = -1;                      // Random Erasing; -1: 0.25 on image_folder, else 0
+  double mixup = -1;                       // Mixup alpha; -1: 0.8 on image_folder, else 0
+  double cutmix = -1;                      // CutMix alpha; -1: 1.0 on image_folder, else 0
+  double mixup_prob = 1.0;                 // probability of mixing a batch
+  double mixup_switch_prob = 0.5;          // probability of CutMix when both are on
   // ---- optimisation ----
   int64_t batch_size = 128;
   int64_t update_freq = 1;      // gradient accumulation steps
@@ -61,12 +74,14 @@ struct TrainConfig {
   int64_t save_ckpt_freq = 1;   // epochs
   int64_t save_ckpt_num = 3;    // numbered checkpoints kept
   std::string finetune;         // weights to start from (head re-initialised if its size differs)
-  std::string device = "auto";  // auto | cpu | cuda
+  std::string device = "auto";  // auto | cpu | cuda | cuda:N (resolve_device)
   int64_t log_every = 50;       // optimiser steps between log lines
   int64_t max_steps = -1;       // > 0: stop after this many optimiser steps, leaving a
                                 // recovery checkpoint (as a signal does)
   bool progress_bar = true;     // on a terminal; plain lines otherwise
 
+  // The training loader's options these flags describe (the -1 defaults resolved by dataset).
+  LoaderOptions train_loader_options() const;
   // The model configuration these flags describe (num_classes from the dataset).
   ConvNeXtConfig model_config(int64_t num_classes, int64_t in_chans) const;
   // Throws cnx::Error with one line naming the first bad value.
@@ -92,6 +107,12 @@ struct TrainResult {
   bool interrupted = false;    // stopped by a signal; a recovery checkpoint was written
 };
 
+// The device a --device flag names: "cpu"; "cuda" or "cuda:N", which must exist (otherwise a
+// cnx::Error says whether the build has the CUDA backend and how many devices are visible); and
+// "auto", the CPU for now: the GPU path is chosen explicitly until it has been measured against
+// the CPU on a device (then auto should pick cuda:0 when one is visible).
+Device resolve_device(const std::string& flag);
+
 // Set by SIGINT/SIGTERM handlers (install_stop_handlers); checked between steps.
 std::atomic<int>& stop_signal();
 void install_stop_handlers();
@@ -99,12 +120,14 @@ void install_stop_handlers();
 // Runs training; prints progress to stdout. Throws cnx::Error on bad input.
 TrainResult train(const TrainConfig& config);
 
-// Accuracy of a model on a dataset split.
+// Accuracy of a model on a dataset split, computed on the model's device.
 struct EvalResult {
   double acc1 = 0, acc5 = 0, loss = 0;
   int64_t images = 0;
 };
+// image_folder: the val split at input_size with crop_pct (the eval transform).
 EvalResult evaluate(const ConvNeXt& model, const std::string& data_set,
-                    const std::string& data_path, int64_t batch_size, int workers);
+                    const std::string& data_path, int64_t batch_size, int workers,
+                    int64_t input_size = 224, double crop_pct = -1);
 
 }  // namespace cnx

@@ -28,6 +28,8 @@ class Add final : public Function {
     dispatch("add", a, [&](auto tag) {
       using T = decltype(tag);
       cpu::add_forward<T>(out.data<T>(), a.data<T>(), b.data<T>(), a.numel());
+    }, [&](auto stream) {
+      cuda::add_forward(out.data<float>(), a.data<float>(), b.data<float>(), a.numel(), stream);
     });
     if (wants_grad({a, b})) record(std::make_shared<Add>(), out, {a, b});
     return out;
@@ -49,6 +51,8 @@ void add_(Tensor& dst, const Tensor& src) {
   dispatch("add_", dst, [&](auto tag) {
     using T = decltype(tag);
     cpu::add_inplace<T>(dst.data<T>(), src.data<T>(), dst.numel());
+  }, [&](auto stream) {
+    cuda::add_inplace(dst.data<float>(), src.data<float>(), dst.numel(), stream);
   });
 }
 

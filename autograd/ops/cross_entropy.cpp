@@ -38,6 +38,11 @@ class CrossEntropy final : public Function {
       cpu::cross_entropy_forward<T>(loss.data<T>(), probs.data<T>(), logits.data<T>(),
                                     ptr_or_null<int64_t>(labels), ptr_or_null<T>(targets), N, K,
                                     smoothing);
+    }, [&](auto stream) {
+      Tensor ws = cuda_workspace(cuda::cross_entropy_forward_workspace_floats(N, K), logits.device());
+      cuda::cross_entropy_forward(loss.data<float>(), probs.data<float>(), logits.data<float>(),
+                                  ptr_or_null<int64_t>(labels), ptr_or_null<float>(targets), N, K,
+                                  smoothing, ws.data<float>(), stream);
     });
     if (wants_grad({logits})) {
       auto fn = std::make_shared<CrossEntropy>();
@@ -58,6 +63,10 @@ class CrossEntropy final : public Function {
       cpu::cross_entropy_backward<T>(dlogits.data<T>(), grad_out.data<T>(), probs_.data<T>(),
                                      ptr_or_null<int64_t>(labels_), ptr_or_null<T>(targets_),
                                      probs_.dim(0), probs_.dim(1), smoothing_);
+    }, [&](auto stream) {
+      cuda::cross_entropy_backward(dlogits.data<float>(), grad_out.data<float>(), probs_.data<float>(),
+                                   ptr_or_null<int64_t>(labels_), ptr_or_null<float>(targets_),
+                                   probs_.dim(0), probs_.dim(1), smoothing_, stream);
     });
     return {dlogits};
   }

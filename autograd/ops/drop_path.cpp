@@ -15,8 +15,8 @@ Tensor drop_path_scale(int64_t N, double drop_prob, Generator& gen, DType dtype,
   dispatch("drop_path", scale, [&](auto tag) {
     using T = decltype(tag);
     cpu::drop_path_scales<T>(scale.data<T>(), N, drop_prob, gen);
-  });
-  return scale.to(device);
+  }, [](auto) {});  // never taken: `scale` is on the host
+  return scale.to(device);  // the same samples are dropped on every device
 }
 
 class DropPath final : public Function {
@@ -34,6 +34,9 @@ class DropPath final : public Function {
     dispatch("drop_path", x, [&](auto tag) {
       using T = decltype(tag);
       cpu::drop_path_forward<T>(out.data<T>(), x.data<T>(), scale.data<T>(), N, per_sample);
+    }, [&](auto stream) {
+      cuda::drop_path_forward(out.data<float>(), x.data<float>(), scale.data<float>(), N, per_sample,
+                              stream);
     });
     if (wants_grad({x})) {  // scale is a constant: it gets no gradient
       auto fn = std::make_shared<DropPath>();
@@ -50,6 +53,9 @@ class DropPath final : public Function {
     dispatch("drop_path backward", grad_out, [&](auto tag) {
       using T = decltype(tag);
       cpu::drop_path_backward<T>(dx.data<T>(), grad_out.data<T>(), scale_.data<T>(), N, per_sample);
+    }, [&](auto stream) {
+      cuda::drop_path_backward(dx.data<float>(), grad_out.data<float>(), scale_.data<float>(), N,
+                               per_sample, stream);
     });
     return {dx};
   }

@@ -29,6 +29,9 @@ class Dwconv final : public Function {
       using T = decltype(tag);
       cpu::dwconv_forward<T>(out.data<T>(), x.data<T>(), weight.data<T>(), ptr_or_null<T>(bias),
                              N, H, W, C, k);
+    }, [&](auto stream) {
+      cuda::dwconv_forward(out.data<float>(), x.data<float>(), weight.data<float>(),
+                           ptr_or_null<float>(bias), N, H, W, C, k, stream);
     });
     if (wants_grad({x, weight, bias})) {
       auto fn = std::make_shared<Dwconv>();
@@ -55,6 +58,11 @@ class Dwconv final : public Function {
       cpu::dwconv_backward<T>(ptr_or_null<T>(dx), ptr_or_null<T>(dw), ptr_or_null<T>(db),
                               grad_out.data<T>(), ptr_or_null<T>(x_), ptr_or_null<T>(weight_), N,
                               H, W, C, k_);
+    }, [&](auto stream) {
+      Tensor ws = cuda_workspace(cuda::dwconv_backward_workspace_floats(N, H, W, C, k_), dev);
+      cuda::dwconv_backward(ptr_or_null<float>(dx), ptr_or_null<float>(dw), ptr_or_null<float>(db),
+                            grad_out.data<float>(), ptr_or_null<float>(x_), ptr_or_null<float>(weight_),
+                            N, H, W, C, k_, ws.data<float>(), stream);
     });
     return {dx, dw, db};
   }

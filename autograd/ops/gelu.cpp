@@ -18,6 +18,8 @@ class Gelu final : public Function {
     dispatch("gelu", x, [&](auto tag) {
       using T = decltype(tag);
       cpu::gelu_forward<T>(out.data<T>(), x.data<T>(), x.numel());
+    }, [&](auto stream) {
+      cuda::gelu_forward(out.data<float>(), x.data<float>(), x.numel(), stream);
     });
     if (wants_grad({x})) {
       auto fn = std::make_shared<Gelu>();
@@ -33,6 +35,9 @@ class Gelu final : public Function {
     dispatch("gelu backward", x_, [&](auto tag) {
       using T = decltype(tag);
       cpu::gelu_backward<T>(din.data<T>(), grad_out.data<T>(), x_.data<T>(), x_.numel());
+    }, [&](auto stream) {
+      cuda::gelu_backward(din.data<float>(), grad_out.data<float>(), x_.data<float>(), x_.numel(),
+                          stream);
     });
     return {din};
   }

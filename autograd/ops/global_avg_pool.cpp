@@ -22,6 +22,8 @@ class GlobalAvgPool final : public Function {
     dispatch("global_avg_pool", x, [&](auto tag) {
       using T = decltype(tag);
       cpu::global_avgpool_forward<T>(out.data<T>(), x.data<T>(), N, H, W, C);
+    }, [&](auto stream) {
+      cuda::global_avgpool_forward(out.data<float>(), x.data<float>(), N, H, W, C, stream);
     });
     if (wants_grad({x})) {
       auto fn = std::make_shared<GlobalAvgPool>();
@@ -38,6 +40,9 @@ class GlobalAvgPool final : public Function {
       using T = decltype(tag);
       cpu::global_avgpool_backward<T>(dx.data<T>(), grad_out.data<T>(), in_shape_[0],
                                       in_shape_[1], in_shape_[2], in_shape_[3]);
+    }, [&](auto stream) {
+      cuda::global_avgpool_backward(dx.data<float>(), grad_out.data<float>(), in_shape_[0],
+                                    in_shape_[1], in_shape_[2], in_shape_[3], stream);
     });
     return {dx};
   }

@@ -31,6 +31,10 @@ class LayerNorm final : public Function {
       using T = decltype(tag);
       cpu::layernorm_forward<T>(out.data<T>(), mean.data<T>(), rstd.data<T>(), x.data<T>(),
                                 weight.data<T>(), bias.data<T>(), rows, C, eps);
+    }, [&](auto stream) {
+      cuda::layernorm_forward(out.data<float>(), mean.data<float>(), rstd.data<float>(),
+                              x.data<float>(), weight.data<float>(), bias.data<float>(), rows, C, eps,
+                              stream);
     });
     if (wants_grad({x, weight, bias})) {
       auto fn = std::make_shared<LayerNorm>();
@@ -61,6 +65,12 @@ class LayerNorm final : public Function {
       cpu::layernorm_backward<T>(ptr_or_null<T>(dx), ptr_or_null<T>(dw), ptr_or_null<T>(db),
                                  grad_out.data<T>(), ptr_or_null<T>(x_), ptr_or_null<T>(weight_),
                                  ptr_or_null<T>(mean_), ptr_or_null<T>(rstd_), rows, C);
+    }, [&](auto stream) {
+      Tensor ws = cuda_workspace(cuda::layernorm_backward_workspace_floats(rows, C), dev);
+      cuda::layernorm_backward(ptr_or_null<float>(dx), ptr_or_null<float>(dw), ptr_or_null<float>(db),
+                               grad_out.data<float>(), ptr_or_null<float>(x_),
+                               ptr_or_null<float>(weight_), ptr_or_null<float>(mean_),
+                               ptr_or_null<float>(rstd_), rows, C, ws.data<float>(), stream);
     });
     return {dx, dw, db};
   }

@@ -25,6 +25,9 @@ class LayerScale final : public Function {
     dispatch("layer_scale", x, [&](auto tag) {
       using T = decltype(tag);
       cpu::layer_scale_forward<T>(out.data<T>(), x.data<T>(), gamma.data<T>(), rows, C);
+    }, [&](auto stream) {
+      cuda::layer_scale_forward(out.data<float>(), x.data<float>(), gamma.data<float>(), rows, C,
+                                stream);
     });
     if (wants_grad({x, gamma})) {
       auto fn = std::make_shared<LayerScale>();
@@ -46,6 +49,12 @@ class LayerScale final : public Function {
       using T = decltype(tag);
       cpu::layer_scale_backward<T>(ptr_or_null<T>(dx), ptr_or_null<T>(dgamma), grad_out.data<T>(),
                                    ptr_or_null<T>(x_), ptr_or_null<T>(gamma_), rows_, C_);
+    }, [&](auto stream) {
+      Tensor ws = cuda_workspace(cuda::layer_scale_backward_workspace_floats(rows_, C_),
+                                 grad_out.device());
+      cuda::layer_scale_backward(ptr_or_null<float>(dx), ptr_or_null<float>(dgamma),
+                                 grad_out.data<float>(), ptr_or_null<float>(x_),
+                                 ptr_or_null<float>(gamma_), rows_, C_, ws.data<float>(), stream);
     });
     return {dx, dgamma};
   }

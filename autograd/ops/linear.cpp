@@ -42,6 +42,9 @@ class Linear final : public Function {
       }
       cpu::linear_forward<T>(out.data<T>(), x.data<T>(), weight.data<T>(), ptr_or_null<T>(bias),
                              M, K, N);
+    }, [&](auto stream) {
+      cuda::linear_forward(out.data<float>(), x.data<float>(), weight.data<float>(),
+                           ptr_or_null<float>(bias), M, K, N, stream);
     });
     if (wants_grad({x, weight, bias})) {
       auto fn = std::make_shared<Linear>();
@@ -75,6 +78,10 @@ class Linear final : public Function {
       cpu::linear_backward<T>(ptr_or_null<T>(dx), ptr_or_null<T>(dw), ptr_or_null<T>(db),
                               grad_out.data<T>(), ptr_or_null<T>(x_), ptr_or_null<T>(weight_), M_,
                               K_, N_);
+    }, [&](auto stream) {
+      cuda::linear_backward(ptr_or_null<float>(dx), ptr_or_null<float>(dw), ptr_or_null<float>(db),
+                            grad_out.data<float>(), ptr_or_null<float>(x_),
+                            ptr_or_null<float>(weight_), M_, K_, N_, stream);
     });
     return {dx, dw, db};
   }

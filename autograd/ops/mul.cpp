@@ -21,6 +21,8 @@ class Mul final : public Function {
     dispatch("mul", a, [&](auto tag) {
       using T = decltype(tag);
       cpu::mul_forward<T>(out.data<T>(), a.data<T>(), b.data<T>(), a.numel());
+    }, [&](auto stream) {
+      cuda::mul_forward(out.data<float>(), a.data<float>(), b.data<float>(), a.numel(), stream);
     });
     if (wants_grad({a, b})) {
       auto fn = std::make_shared<Mul>();
@@ -41,6 +43,9 @@ class Mul final : public Function {
       using T = decltype(tag);
       cpu::mul_backward<T>(ptr_or_null<T>(da), ptr_or_null<T>(db), grad_out.data<T>(),
                            ptr_or_null<T>(a_), ptr_or_null<T>(b_), grad_out.numel());
+    }, [&](auto stream) {
+      cuda::mul_backward(ptr_or_null<float>(da), ptr_or_null<float>(db), grad_out.data<float>(),
+                         ptr_or_null<float>(a_), ptr_or_null<float>(b_), grad_out.numel(), stream);
     });
     return {da, db};
   }

@@ -33,6 +33,9 @@ class PatchifyConv final : public Function {
       using T = decltype(tag);
       cpu::patchify_forward<T>(out.data<T>(), x.data<T>(), weight.data<T>(), ptr_or_null<T>(bias),
                                N, H, W, Ci, Co, k);
+    }, [&](auto stream) {
+      cuda::patchify_forward(out.data<float>(), x.data<float>(), weight.data<float>(),
+                             ptr_or_null<float>(bias), N, H, W, Ci, Co, k, stream);
     });
     if (wants_grad({x, weight, bias})) {
       auto fn = std::make_shared<PatchifyConv>();
@@ -60,6 +63,10 @@ class PatchifyConv final : public Function {
       cpu::patchify_backward<T>(ptr_or_null<T>(dx), ptr_or_null<T>(dw), ptr_or_null<T>(db),
                                 grad_out.data<T>(), ptr_or_null<T>(x_), ptr_or_null<T>(weight_),
                                 N, H, W, Ci, Co, k);
+    }, [&](auto stream) {
+      cuda::patchify_backward(ptr_or_null<float>(dx), ptr_or_null<float>(dw), ptr_or_null<float>(db),
+                              grad_out.data<float>(), ptr_or_null<float>(x_),
+                              ptr_or_null<float>(weight_), N, H, W, Ci, Co, k, stream);
     });
     return {dx, dw, db};
   }

@@ -18,6 +18,9 @@ class Sum final : public Function {
     dispatch("sum", x, [&](auto tag) {
       using T = decltype(tag);
       cpu::sum_forward<T>(out.data<T>(), x.data<T>(), x.numel());
+    }, [&](auto stream) {
+      Tensor ws = cuda_workspace(cuda::sum_forward_workspace_floats(x.numel()), x.device());
+      cuda::sum_forward(out.data<float>(), x.data<float>(), x.numel(), ws.data<float>(), stream);
     });
     if (wants_grad({x})) {
       auto fn = std::make_shared<Sum>();
@@ -33,6 +36,8 @@ class Sum final : public Function {
     dispatch("sum backward", grad_out, [&](auto tag) {
       using T = decltype(tag);
       cpu::sum_backward<T>(din.data<T>(), grad_out.data<T>(), din.numel());
+    }, [&](auto stream) {
+      cuda::sum_backward(din.data<float>(), grad_out.data<float>(), din.numel(), stream);
     });
     return {din};
   }

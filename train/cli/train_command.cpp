@@ -9,7 +9,9 @@
 #include "models/safetensors.h"
 #include "train/cli/commands.h"
 #include "train/data/dataset.h"
+#include "train/data/image_folder.h"
 #include "train/data/loader.h"
+#include "train/data/synthetic_folder.h"
 #include "train/trainer.h"
 
 namespace cnx {
@@ -52,13 +54,16 @@ struct UseFlags {
   bool use_ema = false;
   int64_t batch_size = 256;
   int num_workers = 2;
+  int64_t input_size = -1;  // image_folder: -1 = the checkpoint's
+  double crop_pct = -2;     // image_folder: -2 = the checkpoint's
   std::string device = "auto";
   std::vector<std::string> images;
 };
 
 // The model a weights file was trained as: a checkpoint's own config, overridden by flags.
-// Sets `info` to the dataset's description and `data_path` to where its files are.
-std::unique_ptr<ConvNeXt> load_trained(const UseFlags& f, Dataset& info, std::string& data_path) {
+// Sets `info` to the dataset's description (for image_folder: the val split's classes) and
+// `cfg` to the configuration used.
+std::unique_ptr<ConvNeXt> load_trained(const UseFlags& f, Dataset& info, TrainConfig& used) {
   const std::optional<TrainConfig> saved = checkpoint_config(f.weights);
   const bool from_checkpoint = saved.has_value();
   TrainConfig cfg = saved.value_or(TrainConfig{});
@@ -67,22 +72,35 @@ std::unique_ptr<ConvNeXt> load_trained(const UseFlags& f, Dataset& info, std::st
   f.model.apply(cfg);
   CNX_CHECK(from_checkpoint || !f.model.model.empty() || !f.model.depths.empty(), f.weights,
             " holds plain weights: give --model NAME or --depths and --dims");
-  CNX_CHECK(f.device == "auto" || f.device == "cpu", "--device ", f.device,
-            ": the CUDA backend is not built yet; use --device cpu");
-  info = dataset_info(cfg.data_set);
-  data_path = cfg.data_path;
+  const Device device = resolve_device(f.device);  // a clear error for a missing CUDA device
+  if (f.input_size != -1) cfg.input_size = f.input_size;
+  if (f.crop_pct != -2) cfg.crop_pct = f.crop_pct;
+  if (cfg.data_set == "image_folder") {
+    CNX_CHECK(!cfg.data_path.empty(), "--data_set image_folder needs --data_path");
+    const ImageFolder val = scan_image_folder(cfg.data_path, "val");
+    info = Dataset{};
+    info.name = "image_folder";
+    info.C = 3;
+    info.num_classes = static_cast<int64_t>(val.classes.size());
+    info.class_names = val.classes;
+  } else {
+    info = dataset_info(cfg.data_set);
+  }
   cfg.drop_path = 0;
+  used = cfg;
   Generator g(0);
   auto model = std::make_unique<ConvNeXt>(cfg.model_config(info.num_classes, info.C), g);
   model->load_state_dict(load_weights(f.weights, f.use_ema));
+  model->to(device);
   return model;
 }
 
 int run_eval(UseFlags& f) {
   Dataset info;
-  std::string data_path;
-  auto model = load_trained(f, info, data_path);
-  const EvalResult r = evaluate(*model, info.name, data_path, f.batch_size, f.num_workers);
+  TrainConfig cfg;
+  auto model = load_trained(f, info, cfg);
+  const EvalResult r = evaluate(*model, info.name, cfg.data_path, f.batch_size, f.num_workers,
+                                cfg.input_size, cfg.crop_pct);
   std::printf("%s on %s test (%lld images): Acc@1 %.2f Acc@5 %.2f loss %.4f\n",
               model->config().name.c_str(), info.name.c_str(), static_cast<long long>(r.images),
               r.acc1, r.acc5, r.loss);
@@ -101,7 +119,7 @@ Image read_pnm(const std::string& path) {
   std::string magic;
   f >> magic;
   CNX_CHECK(magic == "P5" || magic == "P6", path, ": not a binary PGM/PPM image (magic '", magic,
-            "'); JPEG and PNG come with the data pipeline");
+            "'); models trained on image_folder read JPEG too");
   auto number = [&]() {
     f >> std::ws;
     while (f.peek() == '#') {  // comments
@@ -127,14 +145,50 @@ Image read_pnm(const std::string& path) {
   return img;
 }
 
+// image_folder models: a JPEG (or PGM/PPM) of any size, through the evaluation transform.
+Image read_any_size(const std::string& path, const TrainConfig& cfg) {
+  Image img;
+  DecodedImage jpeg;
+  std::string error;
+  std::ifstream probe(path, std::ios::binary);
+  CNX_CHECK(probe.good(), path, ": cannot open");
+  const int first = probe.get();
+  probe.close();
+  if (first == 'P') {
+    img = read_pnm(path);
+  } else {
+    CNX_CHECK(decode_jpeg(path, jpeg, error), path, ": ", error);
+    img.H = jpeg.H;
+    img.W = jpeg.W;
+    img.C = 3;
+    img.pixels = std::move(jpeg.rgb);
+  }
+  if (img.C == 1) {  // grey -> RGB
+    std::vector<uint8_t> rgb;
+    for (uint8_t v : img.pixels) rgb.insert(rgb.end(), {v, v, v});
+    img.pixels = std::move(rgb);
+    img.C = 3;
+  }
+  img.pixels = eval_transform(img.pixels, img.H, img.W, 3, cfg.input_size, cfg.crop_pct);
+  img.H = img.W = cfg.input_size;
+  return img;
+}
+
 int run_predict(UseFlags& f) {
   Dataset info;
-  std::string data_path;
-  auto model = load_trained(f, info, data_path);
+  TrainConfig cfg;
+  auto model = load_trained(f, info, cfg);
+  const bool folder = info.name == "image_folder";
+  if (folder) {  // ImageNet's normalisation, the loader's FolderTransform defaults
+    const FolderTransform t;
+    info.mean = t.mean;
+    info.std = t.std;
+    info.H = info.W = cfg.input_size;
+  }
   NoGradGuard no_grad;
   Generator unused(0);
   for (const std::string& path : f.images) {
-    Image img = read_pnm(path);
+    Image img = folder ? read_any_size(path, cfg) : read_pnm(path);
     CNX_CHECK(img.H == info.H && img.W == info.W, path, ": image is ", img.W, "x", img.H, "; ",
               info.name, " models take ", info.W, "x", info.H, " (resizing comes with the data pipeline)");
     if (img.C != info.C) {  // grey <-> colour
@@ -149,7 +203,8 @@ int run_predict(UseFlags& f) {
       img.C = info.C;
     }
     const Tensor x = normalize_image(img.pixels, img.H, img.W, img.C, info.mean, info.std);
-    const std::vector<float> logits = model->forward(x, false, unused).to_vector<float>();
+    const std::vector<float> logits =
+        model->forward(x.to(model->device()), false, unused).to_vector<float>();
     double mx = logits[0], sum = 0;
     for (float v : logits) mx = std::max(mx, static_cast<double>(v));
     std::vector<std::pair<double, int64_t>> probs;
@@ -171,10 +226,10 @@ int run_predict(UseFlags& f) {
 void add_use_flags(CLI::App* sub, UseFlags& f) {
   sub->add_option("--weights", f.weights, "Weights (official names) or a training checkpoint")->required();
   f.model.add(sub);
-  sub->add_option("--data_set", f.data_set, "fashion_mnist, cifar10 or cifar100 (default: the checkpoint's)");
+  sub->add_option("--data_set", f.data_set, "fashion_mnist, cifar10, cifar100 or image_folder (default: the checkpoint's)");
   sub->add_option("--data_path", f.data_path, "Dataset folder");
   sub->add_option("--use_ema", f.use_ema, "Use a checkpoint's EMA weights")->capture_default_str();
-  sub->add_option("--device", f.device, "auto, cpu or cuda")->capture_default_str();
+  sub->add_option("--device", f.device, "auto (the CPU for now), cpu, cuda or cuda:N")->capture_default_str();
 }
 
 }  // namespace
@@ -190,10 +245,19 @@ Command train_command(CLI::App& app) {
   opt("--drop_path", c.drop_path, "Drop path rate (linear over the blocks)");
   opt("--layer_scale_init_value", c.layer_scale_init_value, "Layer scale init (0: no layer scale)");
   opt("--head_init_scale", c.head_init_scale, "Scale of the head's initial weights");
-  opt("--data_set", c.data_set, "fashion_mnist, cifar10 or cifar100");
-  opt("--data_path", c.data_path, "Dataset folder (default for fashion_mnist: Debian's)");
-  opt("--augment", c.augment, "Random crop + flip on the training images");
+  opt("--data_set", c.data_set, "fashion_mnist, cifar10, cifar100 or image_folder");
+  opt("--data_path", c.data_path, "Dataset folder (default for fashion_mnist: Debian's; image_folder: the root of train/ and val/)");
+  opt("--augment", c.augment, "In-memory sets: random crop + flip (+ --reprob, --mixup, --cutmix) on the training images");
   opt("--num_workers", c.num_workers, "Data loader threads");
+  opt("--input_size", c.input_size, "image_folder: image side for training and evaluation");
+  opt("--crop_pct", c.crop_pct, "image_folder eval: resize to input_size / crop_pct, centre crop (<= 0: 0.875 below 384, else warp)");
+  opt("--aa", c.aa, "image_folder: RandAugment policy, or none (then --color_jitter)");
+  opt("--color_jitter", c.color_jitter, "image_folder: colour jitter strength when --aa none");
+  opt("--reprob", c.reprob, "Random Erasing probability (-1: 0.25 on image_folder, else 0)");
+  opt("--mixup", c.mixup, "Mixup alpha (-1: 0.8 on image_folder, else 0)");
+  opt("--cutmix", c.cutmix, "CutMix alpha (-1: 1.0 on image_folder, else 0)");
+  opt("--mixup_prob", c.mixup_prob, "Probability of mixing a batch");
+  opt("--mixup_switch_prob", c.mixup_switch_prob, "Probability of CutMix when both are on");
   opt("--batch_size", c.batch_size, "Images per micro-batch");
   opt("--update_freq", c.update_freq, "Gradient accumulation steps");
   opt("--epochs", c.epochs, "Epochs");
@@ -217,7 +281,7 @@ Command train_command(CLI::App& app) {
   opt("--save_ckpt_freq", c.save_ckpt_freq, "Save every this many epochs");
   opt("--save_ckpt_num", c.save_ckpt_num, "Numbered checkpoints to keep");
   opt("--finetune", c.finetune, "Start from these weights (the head is re-initialised if it does not fit)");
-  opt("--device", c.device, "auto, cpu or cuda");
+  opt("--device", c.device, "auto (the CPU for now), cpu, cuda or cuda:N");
   opt("--log_every", c.log_every, "Optimiser steps between log lines");
   opt("--max_steps", c.max_steps, "Stop after this many optimiser steps (-1: no limit)");
   opt("--progress_bar", c.progress_bar, "A live progress line on a terminal");
@@ -230,15 +294,45 @@ Command eval_command(CLI::App& app) {
   add_use_flags(sub, *f);
   sub->add_option("--batch_size", f->batch_size, "Images per batch")->capture_default_str();
   sub->add_option("--num_workers", f->num_workers, "Data loader threads")->capture_default_str();
+  sub->add_option("--input_size", f->input_size, "image_folder: eval image side (default: the checkpoint's)");
+  sub->add_option("--crop_pct", f->crop_pct, "image_folder: eval crop fraction (default: the checkpoint's)");
   return {sub, [f] { return run_eval(*f); }};
 }
 
 Command predict_command(CLI::App& app) {
   auto f = std::make_shared<UseFlags>();
-  CLI::App* sub = app.add_subcommand("predict", "Top-5 classes of images (binary PGM/PPM for now)");
+  CLI::App* sub = app.add_subcommand("predict", "Top-5 classes of images (PGM/PPM at the dataset's size; image_folder models: JPEG too, any size)");
   add_use_flags(sub, *f);
   sub->add_option("images", f->images, "Image files")->required();
   return {sub, [f] { return run_predict(*f); }};
+}
+
+}  // namespace cnx
+
+namespace cnx {
+
+Command make_folder_command(CLI::App& app) {
+  struct Flags {
+    std::string out;
+    SyntheticFolderOptions opt;
+  };
+  auto f = std::make_shared<Flags>();
+  CLI::App* sub = app.add_subcommand(
+      "make-folder", "Write a synthetic two-class ImageFolder of JPEGs (horizontal vs vertical stripes)");
+  sub->add_option("--out", f->out, "Folder to create (must not exist, or be empty)")->required();
+  sub->add_option("--train_per_class", f->opt.train_per_class, "Training images per class")->capture_default_str();
+  sub->add_option("--val_per_class", f->opt.val_per_class, "Validation images per class")->capture_default_str();
+  sub->add_option("--height", f->opt.height, "Image height")->capture_default_str();
+  sub->add_option("--width", f->opt.width, "Image width")->capture_default_str();
+  sub->add_option("--seed", f->opt.seed, "Seed")->capture_default_str();
+  return {sub, [f] {
+            write_stripes_folder(f->out, f->opt);
+            std::printf("wrote %s/{train,val}/{horizontal,vertical}: %lld + %lld images per class, %lldx%lld\n",
+                        f->out.c_str(), static_cast<long long>(f->opt.train_per_class),
+                        static_cast<long long>(f->opt.val_per_class), static_cast<long long>(f->opt.height),
+                        static_cast<long long>(f->opt.width));
+            return 0;
+          }};
 }
 
 }  // namespace cnx

@@ -5,7 +5,11 @@
 #include <map>
 #include <set>
 
+#include "autograd/function.h"
+#include "autograd/ops.h"
+#include "kernels/adamw.h"
 #include "models/state_dict.h"
+#include "tensor/cuda_context.h"
 
 namespace cnx {
 
@@ -17,20 +21,30 @@ constexpr int64_t kParallelMin = 1 << 15;
 // sums in order: the same result for any number of threads.
 constexpr int64_t kNormChunk = 1 << 16;
 
-// Throws unless `t` is a CPU f32 tensor (what the optimiser works on for now).
-void check_cpu_f32(const Tensor& t, const std::string& what) {
+// Throws unless `t` is an f32 tensor on `device` (the optimiser works on CPU f32 or CUDA f32
+// tensors, all on one device).
+void check_f32_on(const Tensor& t, Device device, const std::string& what) {
   CNX_CHECK(t.defined(), what, " is undefined");
-  CNX_CHECK(t.device().is_cpu() && t.dtype() == DType::f32, what, " must be a CPU f32 tensor, got ",
-            t.str(), " (the optimiser is CPU f32 only for now)");
+  CNX_CHECK(t.dtype() == DType::f32, what, " must be an f32 tensor (CPU f32 or CUDA f32), got ",
+            t.str());
+  CNX_CHECK(t.device() == device, what, " ", t.str(), " is not on ", device.str(),
+            ", where the parameters are");
 }
 
-// The gradient of `p` if it has one (checked: the value's shape, CPU f32), else undefined.
-const Tensor* checked_grad(const Parameter& p, const char* op) {
+// The device of the parameters (all on one): the first one's, or the CPU when there is none.
+Device params_device(const std::vector<Parameter>& params) {
+  return params.empty() || !params.front().value.defined() ? Device::cpu()
+                                                           : params.front().value.device();
+}
+
+// The gradient of `p` if it has one (checked: the value's shape, f32 on `device`), else
+// undefined.
+const Tensor* checked_grad(const Parameter& p, Device device, const char* op) {
   const Tensor& g = p.value.grad();
   if (!g.defined()) return nullptr;
   CNX_CHECK(g.shape() == p.value.shape(), op, ": the gradient of ", p.name, " has shape ",
             g.shape().str(), " but the parameter ", p.value.shape().str());
-  check_cpu_f32(g, std::string(op) + ": the gradient of " + p.name);
+  check_f32_on(g, device, std::string(op) + ": the gradient of " + p.name);
   return &g;
 }
 
@@ -57,7 +71,8 @@ void AdamWOptions::validate() const {
 
 AdamW::AdamW(const std::vector<Parameter>& params, const AdamWOptions& options,
              std::vector<double> lr_scales)
-    : params_(params), options_(options), lr_scales_(std::move(lr_scales)) {
+    : params_(params), options_(options), lr_scales_(std::move(lr_scales)),
+      device_(params_device(params)) {
   options_.validate();
   if (lr_scales_.empty()) lr_scales_.assign(params_.size(), 1.0);
   CNX_CHECK(lr_scales_.size() == params_.size(), "AdamW: ", lr_scales_.size(),
@@ -67,13 +82,13 @@ AdamW::AdamW(const std::vector<Parameter>& params, const AdamWOptions& options,
     const Parameter& p = params_[i];
     CNX_CHECK(!p.name.empty(), "AdamW: parameter ", i, " has no name");
     CNX_CHECK(names.insert(p.name).second, "AdamW: parameter name ", p.name, " appears twice");
-    check_cpu_f32(p.value, "AdamW: parameter " + p.name);
+    check_f32_on(p.value, device_, "AdamW: parameter " + p.name);
     CNX_CHECK(p.official_shape.numel() == p.value.numel(), "AdamW: parameter ", p.name,
               " has official shape ", p.official_shape.str(), " but value ", p.value.str());
     CNX_CHECK(std::isfinite(lr_scales_[i]) && lr_scales_[i] >= 0, "AdamW: the lr scale of ",
               p.name, " must be finite and >= 0, got ", lr_scales_[i]);
-    m_.push_back(Tensor::zeros(p.value.shape()));
-    v_.push_back(Tensor::zeros(p.value.shape()));
+    m_.push_back(Tensor::zeros(p.value.shape(), DType::f32, device_));
+    v_.push_back(Tensor::zeros(p.value.shape(), DType::f32, device_));
   }
   param_steps_.assign(params_.size(), 0);
 }
@@ -83,7 +98,7 @@ void AdamW::step(double lr, double weight_decay) {
   CNX_CHECK(std::isfinite(weight_decay) && weight_decay >= 0,
             "AdamW.step: weight_decay must be finite and >= 0, got ", weight_decay);
   std::vector<const Tensor*> grads;
-  for (const Parameter& p : params_) grads.push_back(checked_grad(p, "AdamW.step"));
+  for (const Parameter& p : params_) grads.push_back(checked_grad(p, device_, "AdamW.step"));
 
   const double beta1 = options_.beta1, beta2 = options_.beta2;
   // PyTorch's Python scalars become f32 when they meet the f32 tensors.
@@ -92,6 +107,7 @@ void AdamW::step(double lr, double weight_decay) {
   const float eps = static_cast<float>(options_.eps);
 
   ++step_count_;
+  std::vector<cuda::AdamWSlot> slots;  // the CUDA path: every update in one adamw_step call
   for (size_t i = 0; i < params_.size(); ++i) {
     if (!grads[i]) continue;
     const int64_t t = ++param_steps_[i];
@@ -105,6 +121,12 @@ void AdamW::step(double lr, double weight_decay) {
     const bool decay = wd_p != 0;
     const float decay_mul = static_cast<float>(1 - lr_p * wd_p);
 
+    if (device_.is_cuda()) {
+      slots.push_back({params_[i].value.data<float>(), grads[i]->data<float>(), m_[i].data<float>(),
+                       v_[i].data<float>(), params_[i].value.numel(), neg_step_size,
+                       bias_correction2_sqrt, decay ? decay_mul : 1.0f});
+      continue;
+    }
     float* p = params_[i].value.data<float>();      // (numel)
     float* m = m_[i].data<float>();                 // (numel)
     float* v = v_[i].data<float>();                 // (numel)
@@ -122,6 +144,17 @@ void AdamW::step(double lr, double weight_decay) {
       m[k] = mk;
       v[k] = vk;
     }
+  }
+  if (device_.is_cuda()) {
+#if defined(CNX_CUDA) && CNX_CUDA
+    // The same f32 scalars and per-element expressions as the loop above (kernels/adamw.h).
+    const cuda::AdamWScalars scalars{b1, one_minus_b1, b2, one_minus_b2, eps};
+    cuda::DeviceGuard guard(device_);
+    cuda::adamw_step(slots.data(), static_cast<int64_t>(slots.size()), scalars,
+                     cuda::device_stream(device_));
+#else
+    fail("AdamW.step: parameters on ", device_.str(), " but this build has no CUDA backend");
+#endif
   }
 }
 
@@ -173,14 +206,39 @@ void AdamW::load_state_dict(const NamedTensors& tensors) {
 
 // ---- gradient-norm clipping --------------------------------------------------------------------
 
+namespace {
+
+// grad_norm of CUDA gradients: each gradient's sum of squares on the device (the mul and sum
+// kernels, deterministic), gathered into one buffer and copied to the host at once, then added
+// in double in parameter order.
+double grad_norm_cuda(const std::vector<Parameter>& params, Device device) {
+  NoGradGuard no_grad;
+  std::vector<Tensor> squares;  // f32 [] each
+  for (const Parameter& p : params) {
+    const Tensor* g = checked_grad(p, device, "grad_norm");
+    if (g && g->numel() > 0) squares.push_back(sum(mul(*g, *g)));
+  }
+  if (squares.empty()) return 0.0;
+  Tensor gathered = Tensor::empty(Shape{static_cast<int64_t>(squares.size())}, DType::f32, device);
+  for (size_t i = 0; i < squares.size(); ++i)
+    copy_bytes(gathered.data<float>() + i, device, squares[i].raw_data(), device, sizeof(float));
+  double total = 0;
+  for (float s : gathered.to_vector<float>()) total += s;  // waits for the device
+  return std::sqrt(total);
+}
+
+}  // namespace
+
 double grad_norm(const std::vector<Parameter>& params) {
+  const Device device = params_device(params);
+  if (device.is_cuda()) return grad_norm_cuda(params, device);
   struct Chunk {
     const float* g;  // (n)
     int64_t n;
   };
   std::vector<Chunk> chunks;
   for (const Parameter& p : params) {
-    const Tensor* g = checked_grad(p, "grad_norm");
+    const Tensor* g = checked_grad(p, device, "grad_norm");
     if (!g) continue;
     const float* data = g->data<float>();
     for (int64_t begin = 0; begin < g->numel(); begin += kNormChunk)
@@ -208,6 +266,21 @@ double clip_grad_norm(const std::vector<Parameter>& params, double max_norm) {
   // clip_coef = max_norm / (total_norm + 1e-6), an f32 tensor in PyTorch.
   const float coef = static_cast<float>(max_norm) / (static_cast<float>(norm) + 1e-6f);
   if (!(coef < 1.0f)) return norm;
+  const Device device = params_device(params);
+  if (device.is_cuda()) {
+    // g * coef in f32 on the device, as the loop below: drop_path's per-sample multiply with the
+    // whole gradient as one sample (a (1, n) view) and coef as its scale. The product replaces
+    // the gradient (a new tensor from the cache; nothing else holds the old one).
+    NoGradGuard no_grad;
+    const Tensor scale = Tensor::full(Shape{1}, coef, DType::f32, device);
+    for (const Parameter& p : params) {
+      const Tensor& g = p.value.grad();
+      if (!g.defined() || g.numel() == 0) continue;
+      Tensor value = p.value;  // a handle: set_grad changes the parameter itself
+      value.set_grad(drop_path(g.view(Shape{1, g.numel()}), scale).view(g.shape()));
+    }
+    return norm;
+  }
   for (const Parameter& p : params) {
     Tensor g = p.value.grad();  // a handle: the gradient is scaled in place
     if (!g.defined()) continue;

@@ -21,7 +21,10 @@
 // PyTorch does in Python; so the result follows torch.optim.AdamW to f32 rounding. The update is
 // elementwise, so it is the same for any number of OpenMP threads.
 //
-// CPU f32 tensors only for now (the CUDA path comes with the training loop).
+// Devices: the parameters, their gradients and the moments are f32 tensors on one device. On the
+// CPU the update is the loop in adamw.cpp; on a CUDA device one cnx::cuda::adamw_step call per
+// step updates every parameter (kernels/adamw.h: the same f32 expressions in the same order), and
+// grad_norm / clip_grad_norm run on the device too (deterministic, like the CPU path).
 #pragma once
 
 #include <cstdint>
@@ -45,14 +48,15 @@ class AdamW {
  public:
   // `params` are the tensors to optimise with their official names, layouts and decay flags,
   // usually model.parameters(); the values are aliased (updated in place), not copied. Names
-  // must be unique; values CPU f32. `lr_scales`: one per parameter (layer_decay_lr_scales()),
-  // or empty for all 1. m and v start at zero, every step count at 0.
+  // must be unique; values f32, all on one device (CPU or CUDA; m and v are made there). Move
+  // the model to its device before making the optimiser. `lr_scales`: one per parameter
+  // (layer_decay_lr_scales()), or empty for all 1. m and v start at zero, every step count at 0.
   explicit AdamW(const std::vector<Parameter>& params, const AdamWOptions& options = {},
                  std::vector<double> lr_scales = {});
 
   // One update of every parameter that has a gradient (see the top of the file). lr >= 0 and
   // weight_decay >= 0 are this step's scheduled values. Every gradient is checked (shape of
-  // the value, CPU f32) before any parameter changes.
+  // the value, f32 on the parameters' device) before any parameter changes.
   void step(double lr, double weight_decay);
 
   // step() calls so far; restored by load_state_dict.
@@ -65,6 +69,7 @@ class AdamW {
   const std::vector<Parameter>& parameters() const { return params_; }
   double lr_scale(size_t i) const { return lr_scales_.at(i); }
   const AdamWOptions& options() const { return options_; }
+  Device device() const { return device_; }
   // m and v of parameter i, internal layout (the value's shape).
   const Tensor& exp_avg(size_t i) const { return m_.at(i); }
   const Tensor& exp_avg_sq(size_t i) const { return v_.at(i); }
@@ -92,6 +97,7 @@ class AdamW {
   std::vector<Tensor> m_, v_;  // internal layout, f32
   std::vector<int64_t> param_steps_;
   int64_t step_count_ = 0;
+  Device device_;  // where the parameters, gradients and moments are
 };
 
 // ---- gradient-norm clipping --------------------------------------------------------------------
@@ -99,7 +105,9 @@ class AdamW {
 // The total L2 norm of the gradients of `params` (those that have one; 0 if none has), the
 // value that torch.nn.utils.clip_grad_norm_ and the official utils.get_grad_norm_ report. The
 // squares are summed in double over fixed chunks in a fixed order, so the result is the same
-// for any number of threads. Gradients must be CPU f32 of their value's shape.
+// for any number of threads. Gradients must be f32 of their value's shape, on the parameters'
+// device (the first parameter's). On a CUDA device each gradient's sum of squares is an f32 sum
+// on the device (deterministic), and those are added in double on the host.
 double grad_norm(const std::vector<Parameter>& params);
 
 // torch.nn.utils.clip_grad_norm_(params, max_norm) for max_norm > 0: with norm = grad_norm(),

@@ -6,6 +6,7 @@
 #include <set>
 
 #include "autograd/function.h"
+#include "autograd/ops.h"
 #include "models/state_dict.h"
 
 namespace cnx {
@@ -14,10 +15,9 @@ namespace {
 
 constexpr int64_t kParallelMin = 1 << 15;  // below this, one thread (the fork costs more)
 
-void check_cpu_f32(const Tensor& t, const std::string& what) {
-  CNX_CHECK(t.defined() && t.device().is_cpu() && t.dtype() == DType::f32, what,
-            " must be a CPU f32 tensor, got ", t.defined() ? t.str() : std::string("undefined"),
-            " (the EMA is CPU f32 only for now)");
+void check_f32(const Tensor& t, const std::string& what) {
+  CNX_CHECK(t.defined() && t.dtype() == DType::f32, what, " must be an f32 tensor, got ",
+            t.defined() ? t.str() : std::string("undefined"));
 }
 
 }  // namespace
@@ -27,7 +27,7 @@ ModelEma::ModelEma(const std::vector<Parameter>& params, double decay) : decay_(
   std::set<std::string> names;
   for (const Parameter& p : params) {
     CNX_CHECK(names.insert(p.name).second, "ModelEma: parameter name ", p.name, " appears twice");
-    check_cpu_f32(p.value, "ModelEma: parameter " + p.name);
+    check_f32(p.value, "ModelEma: parameter " + p.name);
     Parameter copy = p;
     copy.value = p.value.detach().clone();  // no history, requires_grad off
     ema_.push_back(std::move(copy));
@@ -40,7 +40,7 @@ void ModelEma::check_same(const std::vector<Parameter>& params, const char* op) 
   for (size_t i = 0; i < params.size(); ++i) {
     CNX_CHECK(params[i].name == ema_[i].name, op, ": parameter ", i, " is ", params[i].name,
               ", the EMA has ", ema_[i].name);
-    check_cpu_f32(params[i].value, std::string(op) + ": parameter " + params[i].name);
+    check_f32(params[i].value, std::string(op) + ": parameter " + params[i].name);
     CNX_CHECK(params[i].value.shape() == ema_[i].value.shape(), op, ": parameter ",
               params[i].name, " has shape ", params[i].value.shape().str(), ", the EMA ",
               ema_[i].value.shape().str());
@@ -49,9 +49,31 @@ void ModelEma::check_same(const std::vector<Parameter>& params, const char* op) 
 
 void ModelEma::update(const std::vector<Parameter>& params) {
   check_same(params, "ModelEma.update");
+  for (size_t i = 0; i < params.size(); ++i)
+    CNX_CHECK(params[i].value.device() == ema_[i].value.device(), "ModelEma.update: parameter ",
+              params[i].name, " ", params[i].value.str(), " is not on the EMA's device ",
+              ema_[i].value.device().str());
   // timm: ema_v.copy_(ema_v * self.decay + (1. - self.decay) * model_v)
   const float d = static_cast<float>(decay_);
   const float one_minus_d = static_cast<float>(1. - decay_);
+  if (!ema_.empty() && ema_.front().value.device().is_cuda()) {
+    // On the device: round(e * d) + round(p * (1 - d)), each product and the sum rounded to f32
+    // as in the loop below (which the compiler does not contract into FMAs), so both devices
+    // give the same bits. drop_path's per-sample multiply does the products, with the tensor as
+    // one sample (a (1, n) view) and the scalar as its scale; the sum replaces the average.
+    NoGradGuard no_grad;
+    const Device device = ema_.front().value.device();
+    const Tensor dt = Tensor::full(Shape{1}, d, DType::f32, device);
+    const Tensor omdt = Tensor::full(Shape{1}, one_minus_d, DType::f32, device);
+    for (size_t i = 0; i < params.size(); ++i) {
+      Tensor& e = ema_[i].value;
+      const int64_t n = e.numel();
+      if (n == 0) continue;
+      const Tensor flat_p = params[i].value.detach().view(Shape{1, n});
+      e = add(drop_path(e.view(Shape{1, n}), dt), drop_path(flat_p, omdt)).view(e.shape());
+    }
+    return;
+  }
   for (size_t i = 0; i < params.size(); ++i) {
     float* e = ema_[i].value.data<float>();             // (numel)
     const float* p = params[i].value.data<float>();     // (numel)

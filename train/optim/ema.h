@@ -7,7 +7,9 @@
 // For evaluation the averages are copied into a second model (copy_to), or loaded with
 // ConvNeXt::load_state_dict(model_state_dict()).
 //
-// CPU f32 only for now.
+// The averages live where the parameters were at construction (CPU or CUDA, f32); update()
+// needs the parameters there too. state_dict() copies to the host. On a CUDA device the update
+// gives bitwise the CPU's result (each product and the sum rounded to f32, as on the CPU).
 #pragma once
 
 #include <vector>
