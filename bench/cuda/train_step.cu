@@ -1,0 +1,56 @@
+// The whole training step of ConvNeXt-T on the GPU, the row to set beside
+// tools/bench_pytorch.py: forward, backward (cross-entropy with smoothing 0.1, drop path 0.1,
+// layer scale 1e-6, as the paper's recipe) and the AdamW update, on a random batch already on
+// the device, 224x224, fp32 for now (bf16 comes with the performance issue).
+//
+//   ./build/bench/bench_cuda_kernels --benchmark_filter=train_step
+//
+// Reports images/s, ms/step and the peak GPU memory of the caching allocator over the timed
+// steps (bytes handed out, as torch.cuda.max_memory_allocated reports for PyTorch).
+#include "autograd/ops.h"
+#include "bench/cuda/bench_common.h"
+#include "models/convnext.h"
+#include "tensor/cuda_context.h"
+#include "tensor/cuda_memory.h"
+#include "train/optim/adamw.h"
+
+namespace cnx::bench {
+namespace {
+
+void BM_train_step_convnext_tiny_fp32(benchmark::State& state) {
+  const int64_t batch = state.range(0);
+  const Device dev = Device::cuda(0);
+  try {
+    Generator init(0), drop(1), data(2);
+    ConvNeXtConfig cfg = convnext_config("convnext_tiny");
+    cfg.drop_path_rate = 0.1;
+    cfg.layer_scale_init_value = 1e-6;
+    ConvNeXt model(cfg, init);
+    model.to(dev);
+    AdamW opt(model.parameters());
+    const Tensor images = Tensor::randn({batch, 224, 224, 3}, data).to(dev);
+    std::vector<int64_t> y(static_cast<size_t>(batch));
+    for (int64_t i = 0; i < batch; ++i) y[static_cast<size_t>(i)] = (i * 7919) % 1000;
+    const Tensor labels = Tensor::from_data<int64_t>({batch}, y).to(dev);
+    auto step = [&] {
+      Tensor loss = cross_entropy(model.forward(images, /*training=*/true, drop), labels, 0.1);
+      loss.backward();
+      opt.step(4e-3, 0.05);
+      model.zero_grad();
+    };
+    for (int i = 0; i < 3; ++i) step();  // warm the allocator's cache and cuBLASLt's choices
+    cuda::reset_peak_memory_stats(dev);
+    const double s = time_iterations(state, cuda::device_stream(dev), step);
+    state.counters["images/s"] = s > 0 ? static_cast<double>(batch) / s : 0.0;
+    state.counters["ms/step"] = s * 1e3;
+    state.counters["peak_GiB"] =
+        static_cast<double>(cuda::memory_stats(dev).peak_allocated_bytes) / (1024.0 * 1024 * 1024);
+  } catch (const std::exception& e) {
+    state.SkipWithError(e.what());
+  }
+}
+BENCHMARK(BM_train_step_convnext_tiny_fp32)->ArgName("batch")->Arg(128)->Arg(256)->UseManualTime()
+    ->Unit(benchmark::kMillisecond)->Iterations(10);
+
+}  // namespace
+}  // namespace cnx::bench
