@@ -31,9 +31,10 @@ void cross_entropy_backward(T* dlogits, const T* dloss, const T* probs, const in
 // CUDA launchers (kernels/cuda/cross_entropy.cu): f32 (labels int64), device pointers,
 // asynchronous on `stream`. The forward's mean over rows is a deterministic reduction through
 // `workspace` (cross_entropy_forward_workspace_floats(N, K) floats). dloss is a device pointer
-// to one float. Labels are not range-checked on the device (the autograd layer checks them):
-// a row whose label is outside [0, K) gets a NaN loss and NaN gradients, so it cannot pass
-// unnoticed.
+// to one float. Labels are not range-checked on the device (that would need a copy to the host and
+// a wait; the DataLoader checks every label it delivers): a row whose label is outside [0, K)
+// gets a NaN loss and NaN gradients, so it cannot pass unnoticed (the trainer stops on a
+// non-finite loss). The CPU kernel throws instead.
 namespace cnx::cuda {
 
 int64_t cross_entropy_forward_workspace_floats(int64_t N, int64_t K);

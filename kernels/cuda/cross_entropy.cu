@@ -15,7 +15,7 @@
 // Backward: one block of 128 threads per row; soft targets need sum_j t[n, j] (a block
 // reduction); hard labels have sum_j t = (1 - s) + K (s / K), computed on the host in double.
 // fp32 throughout except stage 2 of the forward; expf and logf (not the fast intrinsics).
-// A label outside [0, K) (the autograd layer validates labels; the kernels cannot throw)
+// A label outside [0, K) (not checked on the device: see kernels/cross_entropy.h)
 // makes that row's loss and gradient NaN rather than reading out of bounds.
 #include <cuda_runtime.h>
 
