@@ -7,6 +7,8 @@
 //                          + normalise + Random Erasing 0.25, one thread: the per-core cost of
 //                          the paper's training recipe (Mixup/CutMix, per batch, is in the next)
 //   BM_eval_transform      decode + resize 256 + centre crop 224 + normalise, one thread
+//   BM_stage_*             the train transform's stages alone, on images decoded beforehand:
+//                          crop_resize_flip, rand_augment (on the 224x224 crop), normalise_erase
 //   BM_loader/workers:N    the DataLoader end to end (batch 16, Mixup/CutMix on), N worker threads
 //
 //   ./build/bench/bench_loader --benchmark_counters_tabular=true
@@ -113,6 +115,71 @@ void BM_eval_transform(benchmark::State& state) {
   state.SetItemsProcessed(state.iterations());
 }
 BENCHMARK(BM_eval_transform)->Unit(benchmark::kMillisecond);
+
+// The images decoded once, for the per-stage rows.
+const std::vector<DecodedImage>& decoded() {
+  static const std::vector<DecodedImage> images = [] {
+    std::vector<DecodedImage> v(folder().samples.size());
+    std::string err;
+    for (size_t i = 0; i < v.size(); ++i) decode_jpeg(folder().samples[i].first, v[i], err);
+    return v;
+  }();
+  return images;
+}
+
+// 224x224 crops of the decoded images, for the rows after the crop.
+std::vector<uint8_t> crop_of(int64_t i) {
+  const DecodedImage& img = decoded()[static_cast<size_t>(i) % decoded().size()];
+  Generator gen(static_cast<uint64_t>(i));
+  const CropBox box = random_resized_crop_box(img.H, img.W, gen);
+  return resize_bicubic(img.rgb, img.H, img.W, 3, box, 224, 224);
+}
+
+void BM_stage_crop_resize_flip(benchmark::State& state) {
+  decoded();
+  int64_t i = 0;
+  for (auto _ : state) {
+    const DecodedImage& img = decoded()[static_cast<size_t>(i) % decoded().size()];
+    Generator gen(static_cast<uint64_t>(i++));
+    const CropBox box = random_resized_crop_box(img.H, img.W, gen);
+    std::vector<uint8_t> x = resize_bicubic(img.rgb, img.H, img.W, 3, box, 224, 224);
+    random_hflip(x, 224, 224, 3, gen);
+    benchmark::DoNotOptimize(x.data());
+  }
+  state.SetItemsProcessed(state.iterations());
+}
+BENCHMARK(BM_stage_crop_resize_flip)->Unit(benchmark::kMillisecond);
+
+void BM_stage_rand_augment(benchmark::State& state) {
+  const RandAugmentOptions ra = parse_rand_augment("rand-m9-mstd0.5-inc1");
+  std::vector<std::vector<uint8_t>> crops;
+  for (int64_t i = 0; i < 32; ++i) crops.push_back(crop_of(i));
+  int64_t i = 0;
+  for (auto _ : state) {
+    std::vector<uint8_t> x = crops[static_cast<size_t>(i) % crops.size()];
+    Generator gen(static_cast<uint64_t>(i++));
+    rand_augment(x, 224, 224, 3, ra, gen);
+    benchmark::DoNotOptimize(x.data());
+  }
+  state.SetItemsProcessed(state.iterations());
+}
+BENCHMARK(BM_stage_rand_augment)->Unit(benchmark::kMillisecond);
+
+void BM_stage_normalise_erase(benchmark::State& state) {
+  const FolderTransform t;
+  const std::vector<uint8_t> x = crop_of(0);
+  std::vector<float> out(x.size());
+  RandomErasingOptions re;
+  int64_t i = 0;
+  for (auto _ : state) {
+    Generator gen(static_cast<uint64_t>(i++));
+    for (size_t k = 0; k < x.size(); ++k) out[k] = (x[k] / 255.0f - t.mean[k % 3]) / t.std[k % 3];
+    random_erasing(out, 224, 224, 3, gen, re);
+    benchmark::DoNotOptimize(out.data());
+  }
+  state.SetItemsProcessed(state.iterations());
+}
+BENCHMARK(BM_stage_normalise_erase)->Unit(benchmark::kMillisecond);
 
 // Whole epochs of the loader (96 images = 6 batches of 16 per epoch): images/s.
 void BM_loader(benchmark::State& state) {
