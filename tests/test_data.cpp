@@ -824,4 +824,41 @@ TEST(Loader, StoppingMidEpochDoesNotHang) {
   }
 }
 
+// Random Erasing and Mixup/CutMix on an in-memory dataset (training with augment): soft targets
+// appear, erased pixels are not the loader's normalised values, and the batches stay the same for
+// any number of workers.
+TEST(Loader, ErasingAndMixingOnInMemoryData) {
+  const Dataset d = synthetic(24, 8, 3);
+  LoaderOptions o = opts(6, /*train=*/true, /*augment=*/true, /*drop_last=*/true, /*workers=*/0);
+  o.reprob = 1.0;  // every image erased
+  o.mixup = MixupOptions{};
+  o.mixup.num_classes = 0;  // set by the loader from the dataset
+  DataLoader serial(d, o);
+  o.workers = 3;
+  DataLoader threaded(d, o);
+  LoaderOptions plain_opt = opts(6, true, true, true, 0);
+  DataLoader plain(d, plain_opt);
+  for (DataLoader* l : {&serial, &threaded, &plain}) l->start_epoch(2);
+  Batch a, b, p;
+  int batches = 0;
+  while (serial.next(a)) {
+    ASSERT_TRUE(threaded.next(b));
+    ASSERT_TRUE(plain.next(p));
+    ++batches;
+    EXPECT_EQ(a.images.to_vector<float>(), b.images.to_vector<float>());
+    EXPECT_EQ(a.targets.to_vector<float>(), b.targets.to_vector<float>());
+    ASSERT_EQ(a.targets.shape(), Shape({6, 24}));
+    EXPECT_FALSE(p.targets.defined());
+    EXPECT_EQ(a.labels.to_vector<int64_t>(), p.labels.to_vector<int64_t>());  // same order
+    EXPECT_NE(a.images.to_vector<float>(), p.images.to_vector<float>());
+    const auto t = a.targets.to_vector<float>();
+    for (int64_t i = 0; i < 6; ++i) {
+      double row = 0;
+      for (int64_t k = 0; k < 24; ++k) row += t[i * 24 + k];
+      EXPECT_NEAR(row, 1.0, 1e-5);
+    }
+  }
+  EXPECT_EQ(batches, 4);
+}
+
 }  // namespace
