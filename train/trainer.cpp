@@ -310,10 +310,12 @@ json resume_key(const TrainConfig& c) {
 
 namespace {
 
-// The data of a run: an in-memory dataset's split or an ImageFolder's, with its loader.
+// The data of a run: an in-memory dataset's split or an ImageFolder's, with its loader. The
+// loader points at the dataset, so the dataset lives on the heap: its address survives moves of
+// the SplitData.
 struct SplitData {
-  std::optional<Dataset> memory;
-  std::optional<ImageFolder> folder;
+  std::unique_ptr<Dataset> memory;
+  std::unique_ptr<ImageFolder> folder;
   std::unique_ptr<DataLoader> loader;
   int64_t size() const { return memory ? memory->N : static_cast<int64_t>(folder->samples.size()); }
   int64_t num_classes() const { return loader->num_classes(); }
@@ -324,10 +326,10 @@ SplitData open_split(const std::string& data_set, const std::string& data_path, 
                      const LoaderOptions& opt) {
   SplitData d;
   if (data_set == "image_folder") {
-    d.folder = scan_image_folder(data_path, train ? "train" : "val");
+    d.folder = std::make_unique<ImageFolder>(scan_image_folder(data_path, train ? "train" : "val"));
     d.loader = std::make_unique<DataLoader>(*d.folder, opt);
   } else {
-    d.memory = load_dataset(data_set, data_path, train);
+    d.memory = std::make_unique<Dataset>(load_dataset(data_set, data_path, train));
     d.loader = std::make_unique<DataLoader>(*d.memory, opt);
   }
   return d;
