@@ -15,6 +15,7 @@
 
 #include "models/convnext.h"
 #include "models/safetensors.h"
+#include "tests/golden.h"
 #include "tests/testing.h"
 
 using namespace cnx;
@@ -55,7 +56,7 @@ class Cli : public ::testing::Test {
 
   // The golden case hierarchical_72 (tools/make_golden.py): model flags and its files.
   static std::string golden(const std::string& file) {
-    return std::string(CNX_TEST_DATA_DIR) + "/golden/hierarchical_72/" + file;
+    return test::golden_path("hierarchical_72", file);
   }
   static constexpr const char* kModel = "--depths 2,1,2,1 --dims 8,16,24,32 --num_classes 10";
 

@@ -19,6 +19,7 @@
 #include "tensor/cuda_allocator.h"
 #include "tensor/cuda_context.h"
 #include "tensor/cuda_memory.h"
+#include "tests/golden.h"
 #include "tests/testing.h"
 #include "train/optim/adamw.h"
 #include "train/optim/ema.h"
@@ -355,7 +356,6 @@ std::vector<float> randf(int64_t n, uint64_t seed, double std = 1.0) {
 // plus the final rounding and a bias, relative to the sum of the terms' magnitudes.
 [[maybe_unused]] double gemm_tol(int64_t k) { return static_cast<double>(k + 3) * 0x1p-24; }
 
-std::vector<double> values(const Tensor& t) { return test::values(t); }
 
 }  // namespace
 
@@ -637,25 +637,6 @@ TEST(CudaPatchify, MatchesTheCpuReference) {
 
 // ---- the whole model ---------------------------------------------------------------------------
 
-namespace {
-
-std::string golden(const std::string& c, const std::string& file) {
-  return std::string(CNX_TEST_DATA_DIR) + "/golden/" + c + "/" + file;
-}
-
-std::vector<int64_t> ints(const std::string& s) {
-  std::vector<int64_t> v;
-  size_t start = 0;
-  while (true) {
-    const size_t comma = s.find(',', start);
-    v.push_back(std::stoll(s.substr(start, comma - start)));
-    if (comma == std::string::npos) return v;
-    start = comma + 1;
-  }
-}
-
-}  // namespace
-
 class CudaGolden : public ::testing::TestWithParam<std::string> {};
 
 // The PyTorch golden data of tests/test_model.cpp (Golden), computed on the GPU, with the same
@@ -663,51 +644,18 @@ class CudaGolden : public ::testing::TestWithParam<std::string> {};
 TEST_P(CudaGolden, ForwardAndBackwardMatchPyTorch) {
   CNX_REQUIRE_CUDA();
   cuda::set_allow_tf32(false);
-  const std::string c = GetParam();
-  const Safetensors expected = read_safetensors(golden(c, "expected.safetensors"));
-  const auto& md = expected.metadata;
-  ConvNeXtConfig cfg;
-  cfg.name = c;
-  cfg.in_chans = std::stoll(md.at("in_chans"));
-  cfg.num_classes = std::stoll(md.at("num_classes"));
-  cfg.isotropic = md.at("isotropic") == "1";
-  cfg.depths = ints(md.at("depths"));
-  cfg.dims = ints(md.at("dims"));
-  cfg.layer_scale_init_value = cfg.isotropic ? 0.0 : 1e-6;
-
-  Generator g(0);
-  ConvNeXt model(cfg, g);
-  model.load_state_dict(read_safetensors(golden(c, "weights.safetensors")).tensors);
-  const Safetensors batch = read_safetensors(golden(c, "batch.safetensors"));
-  const GradsResult r = compute_grads(model, batch.find("images"), batch.find("labels"), kGpu);
+  const test::GoldenCase g = test::load_golden(GetParam());
+  Generator init(0);
+  ConvNeXt model(g.config, init);
+  model.load_state_dict(g.weights.tensors);
+  const GradsResult r = compute_grads(model, g.batch.find("images"), g.batch.find("labels"), kGpu);
   EXPECT_EQ(model.device(), kGpu);
   for (const Parameter& p : model.parameters()) ASSERT_TRUE(p.value.grad().device().is_cuda()) << p.name;
-
-  const std::vector<double> want_logits = values(expected.find("logits"));
-  double max_logit = 0;
-  for (double v : want_logits) max_logit = std::max(max_logit, std::abs(v));
-  ASSERT_EQ(r.logits.shape(), expected.find("logits").shape());
   EXPECT_TRUE(r.logits.device().is_cpu());
-  test::expect_close(c + " logits (cuda)", values(r.logits), want_logits, 1e-4 * max_logit, 0);
-  const double want_loss = expected.find("loss").item();
-  EXPECT_NEAR(r.loss.item(), want_loss, 1e-4 * std::abs(want_loss)) << c;
-
-  size_t checked = 0;
-  for (const auto& [name, grad] : r.grads) {
-    const Tensor want = expected.find("grad." + name);
-    ASSERT_TRUE(want.defined()) << c << ": golden data has no grad." << name;
-    ASSERT_EQ(grad.shape(), want.shape()) << c << " " << name;
-    const std::vector<double> w = values(want);
-    double scale = 0;
-    for (double v : w) scale = std::max(scale, std::abs(v));
-    test::expect_close(c + " grad." + name + " (cuda)", values(grad), w, 1e-3 * scale, 0);
-    ++checked;
-  }
-  EXPECT_EQ(checked + 2, expected.tensors.size()) << c;
+  test::expect_matches_golden(g, r, g.name + " (cuda)");
 }
 
-INSTANTIATE_TEST_SUITE_P(Cases, CudaGolden,
-                         ::testing::Values("hierarchical_72", "hierarchical_37x45_gray", "isotropic_40"));
+INSTANTIATE_TEST_SUITE_P(Cases, CudaGolden, ::testing::ValuesIn(test::kGoldenCases));
 
 TEST(CudaModel, ToMovesEveryParameterExactly) {
   CNX_REQUIRE_CUDA();

@@ -11,6 +11,7 @@
 #include "models/convnext.h"
 #include "models/grads.h"
 #include "models/safetensors.h"
+#include "tests/golden.h"
 #include "tests/testing.h"
 
 using namespace cnx;
@@ -32,10 +33,6 @@ int64_t expected_count(const std::vector<int64_t>& depths, const std::vector<int
 ConvNeXt build(const std::string& name, uint64_t seed = 0) {
   Generator g(seed);
   return ConvNeXt(convnext_config(name), g);
-}
-
-std::string golden(const std::string& c, const std::string& file) {
-  return std::string(CNX_TEST_DATA_DIR) + "/golden/" + c + "/" + file;
 }
 
 }  // namespace
@@ -267,63 +264,15 @@ TEST(ConvNeXtModel, DropPathOnlyInTraining) {
 class Golden : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(Golden, ForwardAndBackwardMatchPyTorch) {
-  const std::string c = GetParam();
-  const Safetensors expected = read_safetensors(golden(c, "expected.safetensors"));
-  const auto& md = expected.metadata;
-  ConvNeXtConfig cfg;
-  cfg.name = c;
-  cfg.in_chans = std::stoll(md.at("in_chans"));
-  cfg.num_classes = std::stoll(md.at("num_classes"));
-  cfg.isotropic = md.at("isotropic") == "1";
-  auto ints = [](const std::string& s) {
-    std::vector<int64_t> v;
-    size_t start = 0;
-    while (true) {
-      const size_t comma = s.find(',', start);
-      v.push_back(std::stoll(s.substr(start, comma - start)));
-      if (comma == std::string::npos) return v;
-      start = comma + 1;
-    }
-  };
-  cfg.depths = ints(md.at("depths"));
-  cfg.dims = ints(md.at("dims"));
-  cfg.layer_scale_init_value = cfg.isotropic ? 0.0 : 1e-6;
-
-  Generator g(0);
-  ConvNeXt model(cfg, g);
-  model.load_state_dict(read_safetensors(golden(c, "weights.safetensors")).tensors);
-  const Safetensors batch = read_safetensors(golden(c, "batch.safetensors"));
-  const GradsResult r = compute_grads(model, batch.find("images"), batch.find("labels"));
-
-  // Logits and loss within 1e-4 relative (to the largest |logit|, and to the loss).
-  const std::vector<double> want_logits = test::values(expected.find("logits"));
-  double max_logit = 0;
-  for (double v : want_logits) max_logit = std::max(max_logit, std::abs(v));
-  ASSERT_EQ(r.logits.shape(), expected.find("logits").shape());
-  test::expect_close(c + " logits", test::values(r.logits), want_logits, 1e-4 * max_logit, 0);
-  const double want_loss = expected.find("loss").item();
-  EXPECT_EQ(r.loss.shape(), Shape{});
-  EXPECT_NEAR(r.loss.item(), want_loss, 1e-4 * std::abs(want_loss)) << c;
-
-  // Every parameter gradient within 1e-3 of its largest element.
-  size_t checked = 0;
-  for (const auto& [name, grad] : r.grads) {
-    const Tensor want = expected.find("grad." + name);
-    ASSERT_TRUE(want.defined()) << c << ": golden data has no grad." << name;
-    ASSERT_EQ(grad.shape(), want.shape()) << c << " " << name;
-    const std::vector<double> w = test::values(want);
-    double scale = 0;
-    for (double v : w) scale = std::max(scale, std::abs(v));
-    ASSERT_GT(scale, 0) << c << " " << name << ": an all-zero gradient proves nothing";
-    test::expect_close(c + " grad." + name, test::values(grad), w, 1e-3 * scale, 0);
-    ++checked;
-  }
-  EXPECT_EQ(checked + 2, expected.tensors.size()) << c << ": every golden gradient compared";
+  const test::GoldenCase g = test::load_golden(GetParam());
+  Generator init(0);
+  ConvNeXt model(g.config, init);
+  model.load_state_dict(g.weights.tensors);
+  const GradsResult r = compute_grads(model, g.batch.find("images"), g.batch.find("labels"));
+  test::expect_matches_golden(g, r, g.name);
 }
 
-INSTANTIATE_TEST_SUITE_P(Cases, Golden,
-                         ::testing::Values("hierarchical_72", "hierarchical_37x45_gray",
-                                           "isotropic_40"));
+INSTANTIATE_TEST_SUITE_P(Cases, Golden, ::testing::ValuesIn(test::kGoldenCases));
 
 TEST(Grads, RejectsBadBatches) {
   ConvNeXtConfig c;

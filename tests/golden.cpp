@@ -1,0 +1,80 @@
+#include "tests/golden.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "tests/testing.h"
+
+namespace cnx::test {
+
+std::string golden_path(const std::string& golden_case, const std::string& file) {
+  return std::string(CNX_TEST_DATA_DIR) + "/golden/" + golden_case + "/" + file;
+}
+
+namespace {
+
+// "2,1,2" -> {2, 1, 2}
+std::vector<int64_t> ints(const std::string& s) {
+  std::vector<int64_t> v;
+  size_t start = 0;
+  while (true) {
+    const size_t comma = s.find(',', start);
+    v.push_back(std::stoll(s.substr(start, comma - start)));
+    if (comma == std::string::npos) return v;
+    start = comma + 1;
+  }
+}
+
+double max_abs(const std::vector<double>& v) {
+  double m = 0;
+  for (double x : v) m = std::max(m, std::abs(x));
+  return m;
+}
+
+}  // namespace
+
+GoldenCase load_golden(const std::string& golden_case) {
+  GoldenCase g;
+  g.name = golden_case;
+  g.expected = read_safetensors(golden_path(golden_case, "expected.safetensors"));
+  g.weights = read_safetensors(golden_path(golden_case, "weights.safetensors"));
+  g.batch = read_safetensors(golden_path(golden_case, "batch.safetensors"));
+  const auto& md = g.expected.metadata;
+  ConvNeXtConfig& cfg = g.config;
+  cfg.name = golden_case;
+  cfg.in_chans = std::stoll(md.at("in_chans"));
+  cfg.num_classes = std::stoll(md.at("num_classes"));
+  cfg.isotropic = md.at("isotropic") == "1";
+  cfg.depths = ints(md.at("depths"));
+  cfg.dims = ints(md.at("dims"));
+  cfg.layer_scale_init_value = cfg.isotropic ? 0.0 : 1e-6;
+  return g;
+}
+
+void expect_matches_golden(const GoldenCase& g, const GradsResult& r, const std::string& what) {
+  // Logits and loss within 1e-4 relative (to the largest |logit|, and to the loss).
+  const std::vector<double> want_logits = values(g.expected.find("logits"));
+  ASSERT_EQ(r.logits.shape(), g.expected.find("logits").shape()) << what;
+  expect_close(what + " logits", values(r.logits), want_logits, 1e-4 * max_abs(want_logits), 0);
+  const double want_loss = g.expected.find("loss").item();
+  EXPECT_EQ(r.loss.shape(), Shape{}) << what;
+  EXPECT_NEAR(r.loss.item(), want_loss, 1e-4 * std::abs(want_loss)) << what;
+
+  // Every parameter gradient within 1e-3 of its largest element.
+  size_t checked = 0;
+  for (const auto& [name, grad] : r.grads) {
+    const Tensor want = g.expected.find("grad." + name);
+    ASSERT_TRUE(want.defined()) << what << ": golden data has no grad." << name;
+    ASSERT_EQ(grad.shape(), want.shape()) << what << " " << name;
+    const std::vector<double> w = values(want);
+    const double scale = max_abs(w);
+    ASSERT_GT(scale, 0) << what << " " << name << ": an all-zero gradient proves nothing";
+    expect_close(what + " grad." + name, values(grad), w, 1e-3 * scale, 0);
+    ++checked;
+  }
+  EXPECT_EQ(checked + 2, g.expected.tensors.size()) << what << ": every golden gradient compared";
+}
+
+}  // namespace cnx::test

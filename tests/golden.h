@@ -1,0 +1,36 @@
+// The PyTorch golden fixtures (tests/data/golden/<case>/, made by tools/make_golden.py): the
+// model they describe, its weights and batch, and the check of a forward/backward pass against
+// them. Shared by the CPU parity test (test_model.cpp) and the GPU one (test_cuda_backend.cpp).
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "models/convnext.h"
+#include "models/grads.h"
+#include "models/safetensors.h"
+
+namespace cnx::test {
+
+// The cases the fixtures hold.
+inline const std::vector<std::string> kGoldenCases{"hierarchical_72", "hierarchical_37x45_gray",
+                                                "isotropic_40"};
+
+// tests/data/golden/<case>/<file>.
+std::string golden_path(const std::string& golden_case, const std::string& file);
+
+struct GoldenCase {
+  std::string name;
+  ConvNeXtConfig config;  // from the expected file's metadata
+  Safetensors weights;    // official names and layouts
+  Safetensors batch;      // "images" (N, C, H, W), "labels" (N)
+  Safetensors expected;   // "logits", "loss", "grad.<name>" for every parameter
+};
+GoldenCase load_golden(const std::string& golden_case);
+
+// EXPECTs r to match the case: logits within 1e-4 of the largest |logit|, the loss within 1e-4
+// relative, every parameter gradient within 1e-3 of its largest element (none all-zero), and
+// every golden gradient compared. `what` prefixes the messages.
+void expect_matches_golden(const GoldenCase& g, const GradsResult& r, const std::string& what);
+
+}  // namespace cnx::test
