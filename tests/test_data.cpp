@@ -81,12 +81,7 @@ Bytes read_plain(const fs::path& path) {
   return Bytes(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
 }
 
-Bytes random_bytes(size_t n, uint64_t seed) {
-  Generator gen(seed);
-  Bytes b(n);
-  for (uint8_t& v : b) v = static_cast<uint8_t>(gen.next_u32() & 0xff);
-  return b;
-}
+using test::random_bytes;
 
 // A planar CIFAR record: label bytes, then R, G, B planes of 32x32 with value pixel(c, y, x).
 template <class F>

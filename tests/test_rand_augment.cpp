@@ -13,12 +13,7 @@
 namespace cnx {
 namespace {
 
-std::vector<uint8_t> random_image(int64_t H, int64_t W, int64_t C, uint64_t seed) {
-  Generator gen(seed);
-  std::vector<uint8_t> img(static_cast<size_t>(H * W * C));
-  for (auto& v : img) v = static_cast<uint8_t>(gen.next_u32() & 0xFF);
-  return img;
-}
+using test::random_image;
 
 constexpr std::array<uint8_t, 3> kFill{124, 116, 104};
 

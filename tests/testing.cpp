@@ -241,6 +241,13 @@ void check_only_requested_gradients(const std::string& what,
   }
 }
 
+std::vector<uint8_t> random_bytes(int64_t n, uint64_t seed) {
+  Generator gen(seed);
+  std::vector<uint8_t> b(static_cast<size_t>(n));
+  for (uint8_t& v : b) v = static_cast<uint8_t>(gen.next_u32() & 0xff);
+  return b;
+}
+
 // ---- dataset files -----------------------------------------------------------------------------
 
 namespace {

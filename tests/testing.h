@@ -107,6 +107,13 @@ void check_only_requested_gradients(const std::string& what,
                                     const Shape& xs, const Shape& ws, const Shape& bs,
                                     uint64_t seed);
 
+// n random bytes (each the low byte of one Philox word of Generator(seed)).
+std::vector<uint8_t> random_bytes(int64_t n, uint64_t seed);
+// An H x W x C uint8 image of random_bytes.
+inline std::vector<uint8_t> random_image(int64_t H, int64_t W, int64_t C, uint64_t seed) {
+  return random_bytes(H * W * C, seed);
+}
+
 // ---- dataset files -----------------------------------------------------------------------------
 
 // Writes <dir>/<prefix>-images-idx3-ubyte.gz and -labels-idx1-ubyte.gz (Fashion-MNIST's format):
