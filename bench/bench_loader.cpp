@@ -73,11 +73,12 @@ void BM_decode(benchmark::State& state) {
 }
 BENCHMARK(BM_decode)->Unit(benchmark::kMillisecond);
 
-void BM_train_transform(benchmark::State& state) {
+// Decode + the loader's per-image transform (FolderImageTransform) at 224, and for training
+// Random Erasing 0.25 after it, as the loader does; one image per iteration.
+void run_transform(benchmark::State& state, bool train) {
   folder();  // write the files before timing
-  const FolderTransform t;
-  const RandAugmentOptions ra = parse_rand_augment(t.auto_augment);
-  RandomErasingOptions re;
+  const FolderImageTransform transform{FolderTransform{}};
+  const RandomErasingOptions re;  // probability 0.25
   DecodedImage img;
   std::string err;
   std::vector<float> out(224 * 224 * 3);
@@ -85,35 +86,17 @@ void BM_train_transform(benchmark::State& state) {
   for (auto _ : state) {
     Generator gen(static_cast<uint64_t>(i));
     if (!decode_jpeg(sample_path(i++), img, err)) state.SkipWithError(err.c_str());
-    const CropBox box = random_resized_crop_box(img.H, img.W, gen, t.crop);
-    std::vector<uint8_t> x = resize_bicubic(img.rgb, img.H, img.W, 3, box, 224, 224);
-    random_hflip(x, 224, 224, 3, gen, t.hflip);
-    rand_augment(x, 224, 224, 3, ra, gen);
-    for (size_t k = 0; k < x.size(); ++k)
-      out[k] = (x[k] / 255.0f - t.mean[k % 3]) / t.std[k % 3];
-    random_erasing(out, 224, 224, 3, gen, re);
+    transform(img, train, gen, out.data());
+    if (train) random_erasing(out, 224, 224, 3, gen, re);
     benchmark::DoNotOptimize(out.data());
   }
   state.SetItemsProcessed(state.iterations());
 }
+
+void BM_train_transform(benchmark::State& state) { run_transform(state, /*train=*/true); }
 BENCHMARK(BM_train_transform)->Unit(benchmark::kMillisecond);
 
-void BM_eval_transform(benchmark::State& state) {
-  folder();  // write the files before timing
-  const FolderTransform t;
-  DecodedImage img;
-  std::string err;
-  std::vector<float> out(224 * 224 * 3);
-  int64_t i = 0;
-  for (auto _ : state) {
-    if (!decode_jpeg(sample_path(i++), img, err)) state.SkipWithError(err.c_str());
-    const std::vector<uint8_t> x = eval_transform(img.rgb, img.H, img.W, 3, 224, -1.0);
-    for (size_t k = 0; k < x.size(); ++k)
-      out[k] = (x[k] / 255.0f - t.mean[k % 3]) / t.std[k % 3];
-    benchmark::DoNotOptimize(out.data());
-  }
-  state.SetItemsProcessed(state.iterations());
-}
+void BM_eval_transform(benchmark::State& state) { run_transform(state, /*train=*/false); }
 BENCHMARK(BM_eval_transform)->Unit(benchmark::kMillisecond);
 
 // The images decoded once, for the per-stage rows.

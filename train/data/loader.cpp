@@ -13,7 +13,6 @@
 
 #include "tensor/error.h"
 #include "tensor/generator.h"
-#include "train/data/rand_augment.h"
 
 namespace cnx {
 
@@ -156,6 +155,33 @@ Tensor normalize_image(std::span<const uint8_t> hwc, int64_t H, int64_t W, int64
   return out;
 }
 
+// ---- the ImageFolder per-image transform -------------------------------------------------------
+
+FolderImageTransform::FolderImageTransform(const FolderTransform& t)
+    : t_(t), lut_(normalization_lut(3, t.mean, t.std, "FolderTransform")) {
+  if (!t.auto_augment.empty() && t.auto_augment != "none") {
+    rand_augment_ = parse_rand_augment(t.auto_augment);
+    for (int c = 0; c < 3; ++c)  // geometric ops fill with the mean colour (timm's img_mean)
+      rand_augment_->fill[c] = static_cast<uint8_t>(std::min(255.0, std::nearbyint(255.0 * t.mean[c])));
+  }
+}
+
+void FolderImageTransform::operator()(const DecodedImage& img, bool train, Generator& gen,
+                                      float* dst) const {
+  const int64_t S = t_.input_size;
+  std::vector<uint8_t> x;
+  if (train) {
+    const CropBox box = random_resized_crop_box(img.H, img.W, gen, t_.crop);
+    x = resize_bicubic(img.rgb, img.H, img.W, 3, box, S, S);
+    random_hflip(x, S, S, 3, gen, t_.hflip);
+    if (rand_augment_) rand_augment(x, S, S, 3, *rand_augment_, gen);
+    else color_jitter(x, S, S, 3, t_.color_jitter, gen);
+  } else {
+    x = eval_transform(img.rgb, img.H, img.W, 3, S, t_.crop_pct);
+  }
+  for (int64_t k = 0; k < S * S * 3; ++k) dst[k] = lut_[(k % 3) * 256 + x[static_cast<size_t>(k)]];
+}
+
 // ---- the loader ------------------------------------------------------------------------------
 
 struct DataLoader::Impl {
@@ -167,8 +193,7 @@ struct DataLoader::Impl {
   int64_t N = 0, num_classes = 0;  // samples, classes
   int64_t out_h = 0, out_w = 0, C = 0;  // the batch's image shape
   std::optional<Normalizer> norm;  // in-memory datasets
-  std::vector<float> folder_lut;   // ImageFolder: (3, 256) normalisation table
-  std::optional<RandAugmentOptions> rand_augment_opt;  // ImageFolder with --aa
+  std::optional<FolderImageTransform> folder_transform;  // ImageFolder
   int nworkers = 0, depth = 0;
   int64_t per_epoch = 0;
   mutable DecodeStats decode_stats;  // this epoch's decode attempts (ImageFolder)
@@ -211,18 +236,7 @@ struct DataLoader::Impl {
              "% of its ", N, " files");
       return false;
     }
-    const int64_t S = opt.folder.input_size;
-    std::vector<uint8_t> x;
-    if (augmenting()) {
-      const CropBox box = random_resized_crop_box(img.H, img.W, gen, opt.folder.crop);
-      x = resize_bicubic(img.rgb, img.H, img.W, 3, box, S, S);
-      random_hflip(x, S, S, 3, gen, opt.folder.hflip);
-      if (rand_augment_opt) rand_augment(x, S, S, 3, *rand_augment_opt, gen);
-      else color_jitter(x, S, S, 3, opt.folder.color_jitter, gen);
-    } else {
-      x = eval_transform(img.rgb, img.H, img.W, 3, S, opt.folder.crop_pct);
-    }
-    for (int64_t k = 0; k < S * S * 3; ++k) dst[k] = folder_lut[(k % 3) * 256 + x[static_cast<size_t>(k)]];
+    (*folder_transform)(img, augmenting(), gen, dst);
     return true;
   }
 
@@ -386,12 +400,7 @@ DataLoader::DataLoader(const ImageFolder& folder, LoaderOptions opt) {
   m.num_classes = static_cast<int64_t>(folder.classes.size());
   m.out_h = m.out_w = t.input_size;
   m.C = 3;
-  m.folder_lut = normalization_lut(3, t.mean, t.std, who);
-  if (!t.auto_augment.empty() && t.auto_augment != "none")
-    m.rand_augment_opt = parse_rand_augment(t.auto_augment);
-  if (m.rand_augment_opt)  // geometric ops fill with the mean colour (timm's img_mean)
-    for (int c = 0; c < 3; ++c)
-      m.rand_augment_opt->fill[c] = static_cast<uint8_t>(std::min(255.0, std::nearbyint(255.0 * t.mean[c])));
+  m.folder_transform.emplace(t);
   m.finish_setup();
 }
 

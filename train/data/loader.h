@@ -62,6 +62,7 @@
 #include <array>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <vector>
 
@@ -69,6 +70,7 @@
 #include "train/data/augment.h"
 #include "train/data/dataset.h"
 #include "train/data/image_folder.h"
+#include "train/data/rand_augment.h"
 
 namespace cnx {
 
@@ -85,6 +87,23 @@ struct FolderTransform {
   std::array<float, 3> mean{0.485f, 0.456f, 0.406f};  // ImageNet's (timm's defaults)
   std::array<float, 3> std{0.229f, 0.224f, 0.225f};
   double max_bad_fraction = 0.01;  // of a split's files that may fail to decode in an epoch
+};
+
+// The ImageFolder per-image transform of a FolderTransform (what the loader's workers run on
+// each decoded file; bench_loader times it): a decoded RGB image to a normalised (S, S, 3) float
+// image, S = input_size. train: RandomResizedCrop, flip, then RandAugment (or colour jitter when
+// auto_augment is "none"), drawing from `gen`; otherwise the evaluation transform (no draws).
+// Random Erasing and Mixup/CutMix come after it, in the loader.
+class FolderImageTransform {
+ public:
+  // Throws cnx::Error on a bad auto_augment string or a std <= 0.
+  explicit FolderImageTransform(const FolderTransform& t);
+  void operator()(const DecodedImage& img, bool train, Generator& gen, float* dst) const;
+
+ private:
+  FolderTransform t_;
+  std::vector<float> lut_;  // (3, 256): the normalised value of each byte value
+  std::optional<RandAugmentOptions> rand_augment_;
 };
 
 struct LoaderOptions {
