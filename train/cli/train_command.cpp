@@ -163,13 +163,8 @@ Image read_any_size(const std::string& path, const TrainConfig& cfg) {
     img.C = 3;
     img.pixels = std::move(jpeg.rgb);
   }
-  if (img.C == 1) {  // grey -> RGB
-    std::vector<uint8_t> rgb;
-    for (uint8_t v : img.pixels) rgb.insert(rgb.end(), {v, v, v});
-    img.pixels = std::move(rgb);
-    img.C = 3;
-  }
-  img.pixels = eval_transform(img.pixels, img.H, img.W, 3, cfg.input_size, cfg.crop_pct);
+  // A grey PGM stays one channel here; run_predict converts channels like any other image.
+  img.pixels = eval_transform(img.pixels, img.H, img.W, img.C, cfg.input_size, cfg.crop_pct);
   img.H = img.W = cfg.input_size;
   return img;
 }
