@@ -241,8 +241,8 @@ void warn_skipped(const std::string& path, const std::string& reason) {
   std::fflush(stderr);
 }
 
-void DecodeStats::check(double max_fraction) const {
-  const int64_t t = total(), f = failed();
+void DecodeStats::check(double max_fraction, int64_t out_of) const {
+  const int64_t t = out_of < 0 ? total() : out_of, f = failed();
   if (t == 0) return;
   const double frac = double(f) / double(t);
   if (frac > max_fraction)

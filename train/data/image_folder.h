@@ -78,10 +78,12 @@ class DecodeStats {
   }
   int64_t failed() const { return failed_.load(std::memory_order_relaxed); }
   int64_t total() const { return total_.load(std::memory_order_relaxed); }
-  // Throws cnx::Error when failed / total > max_fraction (in [0, 1]), e.g.
+  // Throws cnx::Error when failed / out_of > max_fraction (in [0, 1]), e.g.
   // "image_folder: 12 of 40 files (30%) could not be decoded, more than the allowed 10%".
-  // Nothing happens while total is 0.
-  void check(double max_fraction) const;
+  // out_of is the number of files the failures are measured against: the attempts so far
+  // (total(), the default), or a whole split's size, which a loader checking while an epoch is
+  // under way passes so that a few early failures do not trip it. Nothing happens while it is 0.
+  void check(double max_fraction, int64_t out_of = -1) const;
   void reset() {
     failed_.store(0, std::memory_order_relaxed);
     total_.store(0, std::memory_order_relaxed);

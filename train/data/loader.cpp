@@ -225,15 +225,12 @@ struct DataLoader::Impl {
   }
 
   // ImageFolder: decodes sample i and writes its transformed, normalised image to dst
-  // (out_h, out_w, 3). False when the file does not decode (warned and counted).
+  // (out_h, out_w, 3). False when the file does not decode (warned and counted); throws when
+  // this epoch's failures pass max_bad_fraction of the split.
   bool folder_sample(float* dst, int64_t i, Generator& gen) const {
     DecodedImage img;
     if (!decode_jpeg_or_warn(folder->samples[static_cast<size_t>(i)].first, img, &decode_stats)) {
-      const int64_t allowed = static_cast<int64_t>(opt.folder.max_bad_fraction * static_cast<double>(N));
-      if (decode_stats.failed() > allowed)
-        fail("image_folder: ", decode_stats.failed(), " files of ", folder->root, "/", folder->split,
-             " could not be decoded this epoch, more than the allowed ", opt.folder.max_bad_fraction * 100,
-             "% of its ", N, " files");
+      decode_stats.check(opt.folder.max_bad_fraction, N);  // this epoch's failures vs the split
       return false;
     }
     (*folder_transform)(img, augmenting(), gen, dst);
