@@ -39,6 +39,27 @@ inline void floating(const char* op, const char* name, const Tensor& t) {
             " must be f32 or f64");
 }
 
+// An activation of an op that also runs in mixed precision: f32, f64 or bf16.
+inline void activation(const char* op, const char* name, const Tensor& t) {
+  defined(op, name, t);
+  CNX_CHECK(t.dtype() == DType::f32 || t.dtype() == DType::f64 || t.dtype() == DType::bf16, op,
+            ": ", name, " ", t.str(), " must be f32, f64 or bf16");
+}
+
+// Every defined tensor in `params` is a parameter of the op whose activation is `x`: dtype
+// param_dtype(x) (fp32 for bf16 activations, else x's own) and x's device.
+inline void params(const char* op, std::pair<const char*, const Tensor&> x,
+                   std::initializer_list<std::pair<const char*, const Tensor&>> params) {
+  const DType want = param_dtype(x.second.dtype());
+  for (const auto& [name, t] : params) {
+    if (!t.defined()) continue;
+    CNX_CHECK(t.dtype() == want, op, ": ", name, " ", t.str(), " must be ", dtype_name(want),
+              " for ", x.first, " ", x.second.str());
+    CNX_CHECK(t.device() == x.second.device(), op, ": ", name, " ", t.str(), " and ", x.first,
+              " ", x.second.str(), " are on different devices");
+  }
+}
+
 // Every defined tensor in `others` has the dtype and the device of `ref`.
 inline void same_kind(const char* op, std::pair<const char*, const Tensor&> ref,
                       std::initializer_list<std::pair<const char*, const Tensor&>> others) {

@@ -52,6 +52,10 @@ Tensor mul(const Tensor& a, const Tensor& b);  // same shape, elementwise
 Tensor sum(const Tensor& x);                   // all elements -> one-element tensor, shape []
 // Same elements, another shape of the same numel.
 Tensor reshape(const Tensor& x, const Shape& shape);
+// The same values in another floating dtype (f32, f64, bf16; on CUDA f32 <-> bf16): rounded
+// to nearest even when narrowing. The gradient comes back in x's dtype. Returns x itself when it
+// already has `dtype`. Mixed precision casts the input, the GEMM weights and the logits.
+Tensor cast(const Tensor& x, DType dtype);
 // Mean over H and W: x (N, H, W, C) -> (N, C).
 Tensor global_avg_pool(const Tensor& x);
 

@@ -1,6 +1,7 @@
 // Element types. f32 is the working type; f64 exists so that the CPU reference and the
-// finite-difference gradient checks can run in double; bf16 is the planned mixed-precision
-// activation type (storage and conversions exist now, kernels come later); f16 is storage only
+// finite-difference gradient checks can run in double; bf16 is the mixed-precision activation
+// type (activations and GEMM inputs in bf16; parameters, optimiser state, statistics and
+// reductions stay fp32: see param_t below); f16 is storage only
 // (checkpoints saved in half precision); i64 holds class labels, u8 raw image bytes, i32
 // general integers.
 #pragma once
@@ -8,6 +9,7 @@
 #include <bit>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 namespace cnx {
 
@@ -111,5 +113,13 @@ template <> constexpr DType dtype_of<f16>() { return DType::f16; }
 template <> constexpr DType dtype_of<int64_t>() { return DType::i64; }
 template <> constexpr DType dtype_of<int32_t>() { return DType::i32; }
 template <> constexpr DType dtype_of<uint8_t>() { return DType::u8; }
+
+// Mixed precision: the element type of the parameters (weights, biases, layer-scale gammas)
+// and of the saved statistics (LayerNorm mean and rstd) of an op whose activations are T.
+// bf16 activations keep fp32 parameters and statistics; f32 and f64 ops use T throughout.
+template <class T> using param_t = std::conditional_t<std::is_same_v<T, bf16>, float, T>;
+constexpr DType param_dtype(DType activations) {
+  return activations == DType::bf16 ? DType::f32 : activations;
+}
 
 }  // namespace cnx

@@ -3,6 +3,9 @@
 #include <cmath>
 #include <cstring>
 
+#include "kernels/cast.h"
+#include "tensor/cuda_context.h"
+
 namespace cnx {
 
 namespace {
@@ -178,9 +181,20 @@ Tensor Tensor::to(Device device) const {
 
 Tensor Tensor::to(DType dtype) const {
   if (dtype == this->dtype()) return *this;
-  CNX_CHECK(device().is_cpu(), "to(", dtype_name(dtype), "): dtype conversion of ", str(),
-            " is CPU-only for now");
   Tensor t = empty(shape(), dtype, device());
+  if (device().is_cuda()) {  // f32 <-> bf16 only (mixed precision), on the library stream
+    const bool to_bf16 = this->dtype() == DType::f32 && dtype == DType::bf16;
+    const bool to_f32 = this->dtype() == DType::bf16 && dtype == DType::f32;
+    CNX_CHECK(to_bf16 || to_f32, "to(", dtype_name(dtype), "): on a CUDA device only f32 <-> bf16 "
+              "conversions exist, got ", str());
+#if defined(CNX_CUDA) && CNX_CUDA
+    cuda::DeviceGuard guard(device());
+    const cudaStream_t stream = cuda::device_stream(device());
+    if (to_bf16) cuda::cast(t.data<bf16>(), data<float>(), numel(), stream);
+    else cuda::cast(t.data<float>(), data<bf16>(), numel(), stream);
+#endif
+    return t;
+  }
   visit_dtype(this->dtype(), [&](auto tag) {
     using S = decltype(tag);
     const S* src = static_cast<const S*>(raw_data());

@@ -82,7 +82,7 @@ class Tensor {
   Tensor view(const Shape& shape) const;
   Tensor clone() const;                 // deep copy, same device and dtype, no autograd history
   Tensor to(Device device) const;       // copy to another device (or this tensor if same)
-  Tensor to(DType dtype) const;         // convert between any two dtypes (CPU; floats round)
+  Tensor to(DType dtype) const;         // any two dtypes on the CPU, f32 <-> bf16 on CUDA; floats round to nearest even
   void copy_from(const Tensor& src);    // same shape and dtype, any devices
   void fill_(double value);
   void zero_();

@@ -13,13 +13,14 @@ class Gelu final : public Function {
 
   // ---- forward ----
   static Tensor apply(const Tensor& x) {
-    check::floating("gelu", "x", x);
+    check::activation("gelu", "x", x);
     Tensor out = Tensor::empty(x.shape(), x.dtype(), x.device());
-    dispatch("gelu", x, [&](auto tag) {
+    dispatch_with_bf16("gelu", x, [&](auto tag) {
       using T = decltype(tag);
       cpu::gelu_forward<T>(out.data<T>(), x.data<T>(), x.numel());
-    }, [&](auto stream) {
-      cuda::gelu_forward(out.data<float>(), x.data<float>(), x.numel(), stream);
+    }, [&](auto tag, auto stream) {
+      using T = decltype(tag);
+      cuda::gelu_forward<T>(out.data<T>(), x.data<T>(), x.numel(), stream);
     });
     if (wants_grad({x})) {
       auto fn = std::make_shared<Gelu>();
@@ -32,12 +33,12 @@ class Gelu final : public Function {
   // ---- backward ----
   std::vector<Tensor> backward(const Tensor& grad_out) override {
     Tensor din = Tensor::empty(x_.shape(), x_.dtype(), x_.device());
-    dispatch("gelu backward", x_, [&](auto tag) {
+    dispatch_with_bf16("gelu backward", x_, [&](auto tag) {
       using T = decltype(tag);
       cpu::gelu_backward<T>(din.data<T>(), grad_out.data<T>(), x_.data<T>(), x_.numel());
-    }, [&](auto stream) {
-      cuda::gelu_backward(din.data<float>(), grad_out.data<float>(), x_.data<float>(), x_.numel(),
-                          stream);
+    }, [&](auto tag, auto stream) {
+      using T = decltype(tag);
+      cuda::gelu_backward<T>(din.data<T>(), grad_out.data<T>(), x_.data<T>(), x_.numel(), stream);
     });
     return {din};
   }

@@ -1,6 +1,8 @@
 // CPU reference: exact-erf GELU (see kernels/gelu.h).
 #include "kernels/gelu.h"
 
+#include "kernels/cpu/bf16_emulation.h"
+
 #include <cmath>
 #include <numbers>
 
@@ -34,5 +36,20 @@ template <class T> void gelu_backward(T* din, const T* dout, const T* in, int64_
 CNX_INSTANTIATE(float)
 CNX_INSTANTIATE(double)
 #undef CNX_INSTANTIATE
+
+// bf16: the f32 kernels between a widening and one rounding (kernels/cpu/bf16_emulation.h).
+template <> void gelu_forward<bf16>(bf16* out, const bf16* in, int64_t n) {
+  const Widened x(in, n);
+  Narrowed y(out, n);
+  gelu_forward<float>(y.data(), x.data(), n);
+  y.store();
+}
+
+template <> void gelu_backward<bf16>(bf16* din, const bf16* dout, const bf16* in, int64_t n) {
+  const Widened dy(dout, n), x(in, n);
+  Narrowed dx(din, n);
+  gelu_backward<float>(dx.data(), dy.data(), x.data(), n);
+  dx.store();
+}
 
 }  // namespace cnx::cpu

@@ -8,8 +8,9 @@
 // expf (both within 2 ulp) in place of the C library's.
 //
 // Launch: detail::launch_map (kernels/cuda/vec.cuh), a grid-stride loop over the n elements,
-// 256 threads a block, one wave of resident blocks; float4 loads and stores when every pointer
-// is 16-byte aligned (the n % 4 tail done by scalar steps), one float a step otherwise. Two
+// 256 threads a block, one wave of resident blocks; 16-byte loads and stores (4 floats or 8
+// bf16) when every pointer is 16-byte aligned (the tail done by scalar steps), one element a
+// step otherwise. bf16 elements are widened to fp32, computed as floats, rounded once stored. Two
 // streams (in, out) forward and three (dout, in, din) backward: memory-bound, erff included.
 #include <cuda_runtime.h>
 
@@ -41,15 +42,24 @@ struct GeluBackward {  // (dout, x) -> din
 }  // namespace
 
 // ================================ forward ================================
-void gelu_forward(float* out, const float* in, int64_t n, cudaStream_t stream) {
+template <class T> void gelu_forward(T* out, const T* in, int64_t n, cudaStream_t stream) {
   if (n <= 0) return;
-  detail::launch_map(out, in, nullptr, n, GeluForward{}, stream);
+  detail::launch_map(detail::dev(out), detail::dev(in), nullptr, n, GeluForward{}, stream);
 }
 
 // ================================ backward ================================
-void gelu_backward(float* din, const float* dout, const float* in, int64_t n, cudaStream_t stream) {
+template <class T>
+void gelu_backward(T* din, const T* dout, const T* in, int64_t n, cudaStream_t stream) {
   if (n <= 0) return;
-  detail::launch_map(din, dout, in, n, GeluBackward{}, stream);
+  detail::launch_map(detail::dev(din), detail::dev(dout), detail::dev(in), n, GeluBackward{},
+                     stream);
 }
+
+#define CNX_INSTANTIATE(T)                                                     \
+  template void gelu_forward<T>(T*, const T*, int64_t, cudaStream_t);          \
+  template void gelu_backward<T>(T*, const T*, const T*, int64_t, cudaStream_t);
+CNX_INSTANTIATE(float)
+CNX_INSTANTIATE(bf16)
+#undef CNX_INSTANTIATE
 
 }  // namespace cnx::cuda

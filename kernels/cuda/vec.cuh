@@ -1,5 +1,9 @@
 // Helpers shared by the hand-written kernels in kernels/cuda/*.cu (include only from .cu files):
 //
+//  - bf16: the host type cnx::bf16 (tensor/dtype.h, what launchers take) and CUDA's
+//    __nv_bfloat16 are the same 16 bits; dev() turns one pointer into the other, and
+//    to_float/from_float move a float or a bf16 element to and from fp32 registers, so a kernel
+//    templated on its storage type T computes in fp32 either way;
 //  - float4 loads and stores, and the host-side alignment tests that choose between a kernel's
 //    float4 path and its scalar fallback (a float4 access must be 16-byte aligned; tensors start
 //    256-byte aligned, but a view or an odd offset need not);
@@ -15,12 +19,15 @@
 // unnamed namespace, so each .cu file that includes this header gets its own copy.
 #pragma once
 
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "tensor/cuda_check.h"
+#include "tensor/dtype.h"
 
 namespace cnx::cuda::detail {
 
@@ -117,39 +124,83 @@ unsigned wave_grid(int64_t work, int64_t items_per_block = kThreads) {
   return static_cast<unsigned>(std::clamp<int64_t>(std::min(needed, wave), 1, INT32_MAX));
 }
 
-// ---- a generic elementwise map ---------------------------------------------------------------
+// ---- bf16 ------------------------------------------------------------------------------------
 
-// out[i] = f(a[i], b[i]) for i < n; b is null for a unary f (which then receives 0). With kVec
-// (all of out, a, b 16-byte aligned) the first n / 4 * 4 elements move as float4 and the
-// n % 4 left over are done by the first threads of the grid; otherwise one float per step.
-// No __restrict__: out may alias a (add_inplace: dst += src). Each element is read before it
-// is written by the same thread, so aliasing is safe.
-template <bool kVec, class F>
-__global__ void __launch_bounds__(kBlockThreads)
-    map_kernel(float* out, const float* a, const float* b, int64_t n, F f) {
-  const int64_t first = global_thread(), stride = grid_threads();
-  int64_t done = 0;  // elements handled by the float4 loop
-  if constexpr (kVec) {
-    const int64_t n4 = n / 4;
-    for (int64_t i = first; i < n4; i += stride) {
-      const float4 x = load4(a + 4 * i);
-      const float4 y = b ? load4(b + 4 * i) : make4(0.0f);
-      store4(out + 4 * i, map4(x, y, f));
-    }
-    done = n4 * 4;
-  }
-  for (int64_t i = done + first; i < n; i += stride) out[i] = f(a[i], b ? b[i] : 0.0f);
+// The device type of a launcher's element type: __nv_bfloat16 for cnx::bf16, else itself.
+template <class T>
+using device_t = std::conditional_t<std::is_same_v<std::remove_const_t<T>, bf16>,
+                                    std::conditional_t<std::is_const_v<T>, const __nv_bfloat16,
+                                                       __nv_bfloat16>,
+                                    T>;
+static_assert(sizeof(bf16) == sizeof(__nv_bfloat16));
+
+template <class T> device_t<T>* dev(T* p) { return reinterpret_cast<device_t<T>*>(p); }
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+// fp32 -> T, rounding to nearest even for bf16.
+template <class T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
 }
 
-// Launches map_kernel on `stream` (n >= 1), choosing the float4 path when the pointers allow.
-template <class F>
-void launch_map(float* out, const float* a, const float* b, int64_t n, F f, cudaStream_t stream) {
+// 16 bytes of T (4 floats or 8 bf16), the unit of a vectorised load or store.
+template <class T> struct alignas(16) Pack {
+  static constexpr int kN = 16 / static_cast<int>(sizeof(T));
+  T v[kN];
+};
+template <class T> __device__ __forceinline__ Pack<T> load_pack(const T* p) {  // 16-byte aligned
+  return *reinterpret_cast<const Pack<T>*>(p);
+}
+template <class T> __device__ __forceinline__ void store_pack(T* p, const Pack<T>& v) {
+  *reinterpret_cast<Pack<T>*>(p) = v;
+}
+
+// ---- a generic elementwise map ---------------------------------------------------------------
+
+// out[i] = f(a[i], b[i]) for i < n, computed in fp32 and stored as T (float or __nv_bfloat16);
+// b is null for a unary f (which then receives 0). With kVec (all of out, a, b 16-byte aligned)
+// the first n / kN * kN elements move as 16-byte packs (kN = 4 floats or 8 bf16) and the rest
+// are done by the first threads of the grid; otherwise one element per step.
+// No __restrict__: out may alias a (add_inplace: dst += src). Each element is read before it
+// is written by the same thread, so aliasing is safe.
+template <bool kVec, class T, class F>
+__global__ void __launch_bounds__(kBlockThreads)
+    map_kernel(T* out, const T* a, const T* b, int64_t n, F f) {
+  constexpr int kN = Pack<T>::kN;
+  const int64_t first = global_thread(), stride = grid_threads();
+  int64_t done = 0;  // elements handled by the pack loop
+  if constexpr (kVec) {
+    const int64_t packs = n / kN;
+    for (int64_t i = first; i < packs; i += stride) {
+      const Pack<T> x = load_pack(a + kN * i);
+      Pack<T> y{};
+      if (b) y = load_pack(b + kN * i);
+      Pack<T> o;
+#pragma unroll
+      for (int k = 0; k < kN; ++k)
+        o.v[k] = from_float<T>(f(to_float(x.v[k]), b ? to_float(y.v[k]) : 0.0f));
+      store_pack(out + kN * i, o);
+    }
+    done = packs * kN;
+  }
+  for (int64_t i = done + first; i < n; i += stride)
+    out[i] = from_float<T>(f(to_float(a[i]), b ? to_float(b[i]) : 0.0f));
+}
+
+// Launches map_kernel on `stream` (n >= 1), choosing the pack path when the pointers allow.
+// T is float or __nv_bfloat16.
+template <class T, class F>
+void launch_map(T* out, const T* a, const std::type_identity_t<T>* b, int64_t n, F f,
+                cudaStream_t stream) {
   if (all_aligned16(out, a, b)) {
-    const unsigned grid = wave_grid<map_kernel<true, F>, kBlockThreads>(n / 4 + 1);
-    map_kernel<true, F><<<grid, kBlockThreads, 0, stream>>>(out, a, b, n, f);
+    const unsigned grid =
+        wave_grid<map_kernel<true, T, F>, kBlockThreads>(n / Pack<T>::kN + 1);
+    map_kernel<true, T, F><<<grid, kBlockThreads, 0, stream>>>(out, a, b, n, f);
   } else {
-    const unsigned grid = wave_grid<map_kernel<false, F>, kBlockThreads>(n);
-    map_kernel<false, F><<<grid, kBlockThreads, 0, stream>>>(out, a, b, n, f);
+    const unsigned grid = wave_grid<map_kernel<false, T, F>, kBlockThreads>(n);
+    map_kernel<false, T, F><<<grid, kBlockThreads, 0, stream>>>(out, a, b, n, f);
   }
   CNX_CUDA_LAUNCH_CHECK();
 }
