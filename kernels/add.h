@@ -2,11 +2,15 @@
 //
 //   out = a + b          (backward: da = dout, db = dout; no kernel needed)
 //   dst += src           (add_inplace)
+//
+// T is float, double or bf16 on the CPU, float or bf16 on CUDA (bf16: the sum of the two
+// widened values, rounded once).
 #pragma once
 
 #include <cstdint>
 
 #include "kernels/stream.h"
+#include "tensor/dtype.h"
 
 namespace cnx::cpu {
 
@@ -15,10 +19,11 @@ template <class T> void add_inplace(T* dst, const T* src, int64_t n);
 
 }  // namespace cnx::cpu
 
-// CUDA launchers (kernels/cuda/add.cu): f32, device pointers, asynchronous on `stream`.
+// CUDA launchers (kernels/cuda/add.cu): T float or bf16, device pointers, asynchronous on
+// `stream`.
 namespace cnx::cuda {
 
-void add_forward(float* out, const float* a, const float* b, int64_t n, cudaStream_t stream);
-void add_inplace(float* dst, const float* src, int64_t n, cudaStream_t stream);
+template <class T> void add_forward(T* out, const T* a, const T* b, int64_t n, cudaStream_t stream);
+template <class T> void add_inplace(T* dst, const T* src, int64_t n, cudaStream_t stream);
 
 }  // namespace cnx::cuda

@@ -6,12 +6,14 @@
 //   scale[n] = 1/keep_prob with probability keep_prob, else 0      (keep_prob = 1 - drop_prob)
 //   out[n, ...] = in[n, ...] * scale[n],   din[n, ...] = dout[n, ...] * scale[n]
 //
-// Layouts: in, out (N, per_sample), scale (N).
+// Layouts: in, out (N, per_sample), scale (N). T is float, double or bf16 on the CPU, float or
+// bf16 on CUDA; the scales are param_t<T> (fp32 for bf16 activations).
 #pragma once
 
 #include <cstdint>
 
 #include "kernels/stream.h"
+#include "tensor/dtype.h"
 #include "tensor/generator.h"
 
 namespace cnx::cpu {
@@ -20,19 +22,23 @@ namespace cnx::cpu {
 template <class T> void drop_path_scales(T* scale, int64_t N, double drop_prob, Generator& gen);
 
 template <class T>
-void drop_path_forward(T* out, const T* in, const T* scale, int64_t N, int64_t per_sample);
+void drop_path_forward(T* out, const T* in, const param_t<T>* scale, int64_t N,
+                       int64_t per_sample);
 template <class T>
-void drop_path_backward(T* din, const T* dout, const T* scale, int64_t N, int64_t per_sample);
+void drop_path_backward(T* din, const T* dout, const param_t<T>* scale, int64_t N,
+                        int64_t per_sample);
 
 }  // namespace cnx::cpu
 
-// CUDA launchers (kernels/cuda/drop_path.cu): f32, device pointers (scale too: drawn on the
+// CUDA launchers (kernels/cuda/drop_path.cu): T float or bf16, device pointers (scale too: drawn on the
 // host with cnx::cpu::drop_path_scales and copied to the device), asynchronous on `stream`.
 namespace cnx::cuda {
 
-void drop_path_forward(float* out, const float* in, const float* scale, int64_t N,
-                       int64_t per_sample, cudaStream_t stream);
-void drop_path_backward(float* din, const float* dout, const float* scale, int64_t N,
-                        int64_t per_sample, cudaStream_t stream);
+template <class T>
+void drop_path_forward(T* out, const T* in, const float* scale, int64_t N, int64_t per_sample,
+                       cudaStream_t stream);
+template <class T>
+void drop_path_backward(T* din, const T* dout, const float* scale, int64_t N, int64_t per_sample,
+                        cudaStream_t stream);
 
 }  // namespace cnx::cuda

@@ -1165,7 +1165,7 @@ TEST(CudaOps, EmptySizesLaunchNothingAndEmptySumsAreZero) {
          loss = DevBuf::out(1);
   cuda::layernorm_backward(nullptr, dw.p(), db.p(), c.p(), c.p(), c.p(), c.p(), c.p(), 0, 4,
                            nullptr, nullptr);
-  cuda::layer_scale_backward(nullptr, dgamma.p(), c.p(), c.p(), c.p(), 0, 4, nullptr, nullptr);
+  cuda::layer_scale_backward(static_cast<float*>(nullptr), dgamma.p(), c.p(), c.p(), c.p(), 0, 4, nullptr, nullptr);
   cuda::sum_forward(total.p(), c.p(), 0, nullptr, nullptr);
   cuda::cross_entropy_forward(loss.p(), nullptr, nullptr, nullptr, nullptr, 0, 10, 0.0, nullptr,
                               nullptr);

@@ -9,7 +9,7 @@ namespace cnx {
 
 namespace {
 void check_same(const char* op, const Tensor& a, const char* an, const Tensor& b, const char* bn) {
-  check::floating(op, an, a);
+  check::activation(op, an, a);
   check::defined(op, bn, b);
   check::same_kind(op, {an, a}, {{bn, b}});
   CNX_CHECK(a.shape() == b.shape(), op, ": ", an, " ", a.str(), " and ", bn, " ", b.str(),
@@ -25,11 +25,12 @@ class Add final : public Function {
   static Tensor apply(const Tensor& a, const Tensor& b) {
     check_same("add", a, "a", b, "b");
     Tensor out = Tensor::empty(a.shape(), a.dtype(), a.device());
-    dispatch("add", a, [&](auto tag) {
+    dispatch_with_bf16("add", a, [&](auto tag) {
       using T = decltype(tag);
       cpu::add_forward<T>(out.data<T>(), a.data<T>(), b.data<T>(), a.numel());
-    }, [&](auto stream) {
-      cuda::add_forward(out.data<float>(), a.data<float>(), b.data<float>(), a.numel(), stream);
+    }, [&](auto tag, auto stream) {
+      using T = decltype(tag);
+      cuda::add_forward<T>(out.data<T>(), a.data<T>(), b.data<T>(), a.numel(), stream);
     });
     if (wants_grad({a, b})) record(std::make_shared<Add>(), out, {a, b});
     return out;
@@ -48,11 +49,12 @@ Tensor add(const Tensor& a, const Tensor& b) { return Add::apply(a, b); }
 
 void add_(Tensor& dst, const Tensor& src) {
   check_same("add_", dst, "dst", src, "src");
-  dispatch("add_", dst, [&](auto tag) {
+  dispatch_with_bf16("add_", dst, [&](auto tag) {
     using T = decltype(tag);
     cpu::add_inplace<T>(dst.data<T>(), src.data<T>(), dst.numel());
-  }, [&](auto stream) {
-    cuda::add_inplace(dst.data<float>(), src.data<float>(), dst.numel(), stream);
+  }, [&](auto tag, auto stream) {
+    using T = decltype(tag);
+    cuda::add_inplace<T>(dst.data<T>(), src.data<T>(), dst.numel(), stream);
   });
 }
 

@@ -25,18 +25,21 @@ class DropPath final : public Function {
 
   // ---- forward ----
   static Tensor apply(const Tensor& x, const Tensor& scale) {
-    check::floating("drop_path", "x", x);
+    check::activation("drop_path", "x", x);
     check::min_rank("drop_path", "x", x, 1);
-    check::same_kind("drop_path", {"x", x}, {{"scale", scale}});
+    check::defined("drop_path", "scale", scale);
+    check::params("drop_path", {"x", x}, {{"scale", scale}});
     check::shape("drop_path", "scale", scale, Shape{x.dim(0)}, "one per sample of x " + x.str());
     const int64_t N = x.dim(0), per_sample = N ? x.numel() / N : 0;
     Tensor out = Tensor::empty(x.shape(), x.dtype(), x.device());
-    dispatch("drop_path", x, [&](auto tag) {
+    dispatch_with_bf16("drop_path", x, [&](auto tag) {
       using T = decltype(tag);
-      cpu::drop_path_forward<T>(out.data<T>(), x.data<T>(), scale.data<T>(), N, per_sample);
-    }, [&](auto stream) {
-      cuda::drop_path_forward(out.data<float>(), x.data<float>(), scale.data<float>(), N, per_sample,
-                              stream);
+      cpu::drop_path_forward<T>(out.data<T>(), x.data<T>(), scale.data<param_t<T>>(), N,
+                                per_sample);
+    }, [&](auto tag, auto stream) {
+      using T = decltype(tag);
+      cuda::drop_path_forward<T>(out.data<T>(), x.data<T>(), scale.data<float>(), N, per_sample,
+                                 stream);
     });
     if (wants_grad({x})) {  // scale is a constant: it gets no gradient
       auto fn = std::make_shared<DropPath>();
@@ -50,12 +53,14 @@ class DropPath final : public Function {
   std::vector<Tensor> backward(const Tensor& grad_out) override {
     Tensor dx = Tensor::empty(grad_out.shape(), grad_out.dtype(), grad_out.device());
     const int64_t N = grad_out.dim(0), per_sample = N ? grad_out.numel() / N : 0;
-    dispatch("drop_path backward", grad_out, [&](auto tag) {
+    dispatch_with_bf16("drop_path backward", grad_out, [&](auto tag) {
       using T = decltype(tag);
-      cpu::drop_path_backward<T>(dx.data<T>(), grad_out.data<T>(), scale_.data<T>(), N, per_sample);
-    }, [&](auto stream) {
-      cuda::drop_path_backward(dx.data<float>(), grad_out.data<float>(), scale_.data<float>(), N,
-                               per_sample, stream);
+      cpu::drop_path_backward<T>(dx.data<T>(), grad_out.data<T>(), scale_.data<param_t<T>>(), N,
+                                 per_sample);
+    }, [&](auto tag, auto stream) {
+      using T = decltype(tag);
+      cuda::drop_path_backward<T>(dx.data<T>(), grad_out.data<T>(), scale_.data<float>(), N,
+                                  per_sample, stream);
     });
     return {dx};
   }
@@ -74,7 +79,8 @@ Tensor drop_path(const Tensor& x, double drop_prob, bool training, Generator& ge
             drop_prob);
   if (!training || drop_prob == 0.0) return x;
   check::min_rank("drop_path", "x", x, 1);
-  return DropPath::apply(x, drop_path_scale(x.dim(0), drop_prob, gen, x.dtype(), x.device()));
+  return DropPath::apply(
+      x, drop_path_scale(x.dim(0), drop_prob, gen, param_dtype(x.dtype()), x.device()));
 }
 
 }  // namespace cnx

@@ -16,18 +16,20 @@ class LayerScale final : public Function {
 
   // ---- forward ----
   static Tensor apply(const Tensor& x, const Tensor& gamma) {
-    check::floating("layer_scale", "x", x);
+    check::activation("layer_scale", "x", x);
     check::min_rank("layer_scale", "x", x, 1);
-    check::same_kind("layer_scale", {"x", x}, {{"gamma", gamma}});
+    check::defined("layer_scale", "gamma", gamma);
+    check::params("layer_scale", {"x", x}, {{"gamma", gamma}});
     check::shape("layer_scale", "gamma", gamma, Shape{x.dim(-1)}, "the channels of x " + x.str());
     const int64_t C = x.dim(-1), rows = x.numel() / std::max<int64_t>(C, 1);
     Tensor out = Tensor::empty(x.shape(), x.dtype(), x.device());
-    dispatch("layer_scale", x, [&](auto tag) {
+    dispatch_with_bf16("layer_scale", x, [&](auto tag) {
       using T = decltype(tag);
-      cpu::layer_scale_forward<T>(out.data<T>(), x.data<T>(), gamma.data<T>(), rows, C);
-    }, [&](auto stream) {
-      cuda::layer_scale_forward(out.data<float>(), x.data<float>(), gamma.data<float>(), rows, C,
-                                stream);
+      cpu::layer_scale_forward<T>(out.data<T>(), x.data<T>(), gamma.data<param_t<T>>(), rows, C);
+    }, [&](auto tag, auto stream) {
+      using T = decltype(tag);
+      cuda::layer_scale_forward<T>(out.data<T>(), x.data<T>(), gamma.data<float>(), rows, C,
+                                   stream);
     });
     if (wants_grad({x, gamma})) {
       auto fn = std::make_shared<LayerScale>();
@@ -44,17 +46,20 @@ class LayerScale final : public Function {
   std::vector<Tensor> backward(const Tensor& grad_out) override {
     Tensor dx, dgamma;
     if (needs_input_grad(0)) dx = Tensor::empty(grad_out.shape(), grad_out.dtype(), grad_out.device());
-    if (needs_input_grad(1)) dgamma = Tensor::empty(Shape{C_}, grad_out.dtype(), grad_out.device());
-    dispatch("layer_scale backward", grad_out, [&](auto tag) {
+    if (needs_input_grad(1))
+      dgamma = Tensor::empty(Shape{C_}, param_dtype(grad_out.dtype()), grad_out.device());
+    dispatch_with_bf16("layer_scale backward", grad_out, [&](auto tag) {
       using T = decltype(tag);
-      cpu::layer_scale_backward<T>(ptr_or_null<T>(dx), ptr_or_null<T>(dgamma), grad_out.data<T>(),
-                                   ptr_or_null<T>(x_), ptr_or_null<T>(gamma_), rows_, C_);
-    }, [&](auto stream) {
+      using P = param_t<T>;
+      cpu::layer_scale_backward<T>(ptr_or_null<T>(dx), ptr_or_null<P>(dgamma), grad_out.data<T>(),
+                                   ptr_or_null<T>(x_), ptr_or_null<P>(gamma_), rows_, C_);
+    }, [&](auto tag, auto stream) {
+      using T = decltype(tag);
       Tensor ws = cuda_workspace(cuda::layer_scale_backward_workspace_floats(rows_, C_),
                                  grad_out.device());
-      cuda::layer_scale_backward(ptr_or_null<float>(dx), ptr_or_null<float>(dgamma),
-                                 grad_out.data<float>(), ptr_or_null<float>(x_),
-                                 ptr_or_null<float>(gamma_), rows_, C_, ws.data<float>(), stream);
+      cuda::layer_scale_backward<T>(ptr_or_null<T>(dx), ptr_or_null<float>(dgamma),
+                                    grad_out.data<T>(), ptr_or_null<T>(x_),
+                                    ptr_or_null<float>(gamma_), rows_, C_, ws.data<float>(), stream);
     });
     return {dx, dgamma};
   }

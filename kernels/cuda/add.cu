@@ -5,9 +5,10 @@
 //   dst += src           add_inplace (dst is read and written by the same thread)
 //
 // Launch: detail::launch_map (kernels/cuda/vec.cuh), a grid-stride loop, 256 threads a block,
-// one wave of resident blocks; float4 when every pointer is 16-byte aligned (the n % 4 tail in
-// scalar steps), one float a step otherwise. Three streams of n floats either way.
-// One correctly rounded add per element: bitwise the CPU reference.
+// one wave of resident blocks; 16-byte packs (4 floats, 8 bf16) when every pointer is 16-byte
+// aligned (the tail in scalar steps), one element a step otherwise. Three streams of n elements
+// either way. One correctly rounded add per element (then one rounding to bf16 for bf16):
+// bitwise the CPU reference.
 #include <cuda_runtime.h>
 
 #include "kernels/add.h"
@@ -22,14 +23,22 @@ struct Add {
 };
 }  // namespace
 
-void add_forward(float* out, const float* a, const float* b, int64_t n, cudaStream_t stream) {
+template <class T> void add_forward(T* out, const T* a, const T* b, int64_t n, cudaStream_t stream) {
   if (n <= 0) return;
-  detail::launch_map(out, a, b, n, Add{}, stream);
+  detail::launch_map(detail::dev(out), detail::dev(a), detail::dev(b), n, Add{}, stream);
 }
 
-void add_inplace(float* dst, const float* src, int64_t n, cudaStream_t stream) {
+template <class T> void add_inplace(T* dst, const T* src, int64_t n, cudaStream_t stream) {
   if (n <= 0) return;
-  detail::launch_map(dst, dst, src, n, Add{}, stream);  // dst[i] = dst[i] + src[i]
+  // dst[i] = dst[i] + src[i]
+  detail::launch_map(detail::dev(dst), detail::dev(dst), detail::dev(src), n, Add{}, stream);
 }
+
+#define CNX_INSTANTIATE(T)                                                    \
+  template void add_forward<T>(T*, const T*, const T*, int64_t, cudaStream_t); \
+  template void add_inplace<T>(T*, const T*, int64_t, cudaStream_t);
+CNX_INSTANTIATE(float)
+CNX_INSTANTIATE(bf16)
+#undef CNX_INSTANTIATE
 
 }  // namespace cnx::cuda

@@ -7,7 +7,8 @@
 // Launch: one grid-stride loop over the N * per_sample elements, 256 threads a block, one wave
 // of resident blocks (vec.cuh). The sample of each element comes from a DivWalk (no 64-bit
 // division per element). float4 when per_sample % 4 == 0 (so no group of four straddles two
-// samples) and in, out are 16-byte aligned; one float a step otherwise. The N scales are read
+// samples) and in, out are 16-byte aligned (for bf16 activations, 8-byte loads widened to fp32);
+// one element a step otherwise. The N scales are read
 // through the cache. One correctly rounded multiply per element: bitwise the CPU reference.
 // (A dropped sample is still read: the kernel writes 0 * in, exactly as the CPU does, NaN and
 // all; skipping the read would save bandwidth only when drop path is on.)
@@ -23,10 +24,10 @@ namespace {
 
 using detail::DivWalk;
 
-// out, in (N, per_sample); scale (N).
-template <bool kVec>
+// out, in (N, per_sample) of T (float or __nv_bfloat16); scale (N) fp32.
+template <bool kVec, class T>
 __global__ void __launch_bounds__(detail::kBlockThreads)
-    drop_path_kernel(float* __restrict__ out, const float* __restrict__ in,
+    drop_path_kernel(T* __restrict__ out, const T* __restrict__ in,
                      const float* __restrict__ scale, int64_t N, int64_t per_sample) {
   const int64_t first = detail::global_thread(), stride = detail::grid_threads();
   if constexpr (kVec) {
@@ -34,28 +35,30 @@ __global__ void __launch_bounds__(detail::kBlockThreads)
     DivWalk sample(4 * first, 4 * stride, per_sample);  // sample.q: the sample of element 4 i
     for (int64_t i = first; i < n4; i += stride, sample.advance()) {
       const float s = __ldg(scale + sample.q);
-      const float4 x = detail::load4(in + 4 * i);
-      detail::store4(out + 4 * i, make_float4(x.x * s, x.y * s, x.z * s, x.w * s));
+      const float4 x = detail::load4f(in + 4 * i);
+      detail::store4f(out + 4 * i, make_float4(x.x * s, x.y * s, x.z * s, x.w * s));
     }
   } else {
     const int64_t n = N * per_sample;
     DivWalk sample(first, stride, per_sample);
     for (int64_t i = first; i < n; i += stride, sample.advance())
-      out[i] = in[i] * __ldg(scale + sample.q);
+      out[i] = detail::from_float<T>(detail::to_float(in[i]) * __ldg(scale + sample.q));
   }
 }
 
-void launch(float* out, const float* in, const float* scale, int64_t N, int64_t per_sample,
+template <class T>
+void launch(T* out, const T* in, const float* scale, int64_t N, int64_t per_sample,
             cudaStream_t stream) {
   const int64_t n = N * per_sample;
   if (n <= 0) return;
   if (per_sample % 4 == 0 && detail::all_aligned16(out, in)) {
-    const unsigned grid = detail::wave_grid<drop_path_kernel<true>, detail::kBlockThreads>(n / 4);
-    drop_path_kernel<true>
+    const unsigned grid =
+        detail::wave_grid<drop_path_kernel<true, T>, detail::kBlockThreads>(n / 4);
+    drop_path_kernel<true, T>
         <<<grid, detail::kBlockThreads, 0, stream>>>(out, in, scale, N, per_sample);
   } else {
-    const unsigned grid = detail::wave_grid<drop_path_kernel<false>, detail::kBlockThreads>(n);
-    drop_path_kernel<false>
+    const unsigned grid = detail::wave_grid<drop_path_kernel<false, T>, detail::kBlockThreads>(n);
+    drop_path_kernel<false, T>
         <<<grid, detail::kBlockThreads, 0, stream>>>(out, in, scale, N, per_sample);
   }
   CNX_CUDA_LAUNCH_CHECK();
@@ -64,15 +67,25 @@ void launch(float* out, const float* in, const float* scale, int64_t N, int64_t 
 }  // namespace
 
 // ================================ forward ================================
-void drop_path_forward(float* out, const float* in, const float* scale, int64_t N,
-                       int64_t per_sample, cudaStream_t stream) {
-  launch(out, in, scale, N, per_sample, stream);
+template <class T>
+void drop_path_forward(T* out, const T* in, const float* scale, int64_t N, int64_t per_sample,
+                       cudaStream_t stream) {
+  launch(detail::dev(out), detail::dev(in), scale, N, per_sample, stream);
 }
 
 // ================================ backward ================================
-void drop_path_backward(float* din, const float* dout, const float* scale, int64_t N,
-                        int64_t per_sample, cudaStream_t stream) {
-  launch(din, dout, scale, N, per_sample, stream);  // the same per-sample scaling
+template <class T>
+void drop_path_backward(T* din, const T* dout, const float* scale, int64_t N, int64_t per_sample,
+                        cudaStream_t stream) {
+  launch(detail::dev(din), detail::dev(dout), scale, N, per_sample, stream);  // the same scaling
 }
+
+#define CNX_INSTANTIATE(T)                                                                   \
+  template void drop_path_forward<T>(T*, const T*, const float*, int64_t, int64_t,           \
+                                     cudaStream_t);                                          \
+  template void drop_path_backward<T>(T*, const T*, const float*, int64_t, int64_t, cudaStream_t);
+CNX_INSTANTIATE(float)
+CNX_INSTANTIATE(bf16)
+#undef CNX_INSTANTIATE
 
 }  // namespace cnx::cuda

@@ -5,9 +5,14 @@
 //
 // Forward, and backward without dgamma: one grid-stride loop over the rows * C elements, 256
 // threads a block, one wave of resident blocks (vec.cuh); the channel of each element from a
-// DivWalk (no 64-bit division per element). float4 when C % 4 == 0 and every pointer is
-// 16-byte aligned (then a group of four never leaves its row and gamma + c is aligned too),
-// one float a step otherwise. One correctly rounded multiply: bitwise the CPU reference.
+// DivWalk (no 64-bit division per element). Groups of four elements (float4 arithmetic; for
+// bf16 activations, 8-byte loads widened to fp32) when C % 4 == 0 and every pointer is 16-byte
+// aligned (then a group of four never leaves its row and gamma + c is aligned too), one element
+// a step otherwise. One correctly rounded multiply (then, for bf16, one rounding to bf16):
+// bitwise the CPU reference.
+//
+// T is the activation storage type (float or __nv_bfloat16); gamma, dgamma and the partials are
+// fp32 either way.
 //
 // Backward with dgamma, two stages (deterministic, no atomics; see kernels/cuda/reduce.cuh):
 //  1. grid (P, column tiles), P = detail::row_partitions(rows) blocks of consecutive rows.
@@ -36,77 +41,79 @@ __device__ __forceinline__ float4 mul4(float4 a, float4 b) {
   return make_float4(a.x * b.x, a.y * b.y, a.z * b.z, a.w * b.w);
 }
 
-// out, in (rows, C) as n = rows * C elements; gamma (C).
-template <bool kVec>
+// out, in (rows, C) as n = rows * C elements of T; gamma (C) fp32.
+template <bool kVec, class T>
 __global__ void __launch_bounds__(detail::kBlockThreads)
-    layer_scale_forward_kernel(float* __restrict__ out, const float* __restrict__ in,
+    layer_scale_forward_kernel(T* __restrict__ out, const T* __restrict__ in,
                                const float* __restrict__ gamma, int64_t n, int64_t C) {
   const int64_t first = detail::global_thread(), stride = detail::grid_threads();
   if constexpr (kVec) {
     const int64_t n4 = n / 4;
     DivWalk channel(4 * first, 4 * stride, C);  // channel.r: the channel of element 4 i
     for (int64_t i = first; i < n4; i += stride, channel.advance())
-      store4(out + 4 * i, mul4(load4(in + 4 * i), load4(gamma + channel.r)));
+      detail::store4f(out + 4 * i, mul4(detail::load4f(in + 4 * i), load4(gamma + channel.r)));
   } else {
     DivWalk channel(first, stride, C);
     for (int64_t i = first; i < n; i += stride, channel.advance())
-      out[i] = in[i] * gamma[channel.r];
+      out[i] = detail::from_float<T>(detail::to_float(in[i]) * gamma[channel.r]);
   }
 }
 
-void launch_forward(float* out, const float* in, const float* gamma, int64_t rows, int64_t C,
+template <class T>
+void launch_forward(T* out, const T* in, const float* gamma, int64_t rows, int64_t C,
                     cudaStream_t stream) {
   const int64_t n = rows * C;
   if (n <= 0) return;
   if (C % 4 == 0 && detail::all_aligned16(out, in, gamma)) {
     const unsigned grid =
-        detail::wave_grid<layer_scale_forward_kernel<true>, detail::kBlockThreads>(n / 4);
-    layer_scale_forward_kernel<true>
+        detail::wave_grid<layer_scale_forward_kernel<true, T>, detail::kBlockThreads>(n / 4);
+    layer_scale_forward_kernel<true, T>
         <<<grid, detail::kBlockThreads, 0, stream>>>(out, in, gamma, n, C);
   } else {
     const unsigned grid =
-        detail::wave_grid<layer_scale_forward_kernel<false>, detail::kBlockThreads>(n);
-    layer_scale_forward_kernel<false>
+        detail::wave_grid<layer_scale_forward_kernel<false, T>, detail::kBlockThreads>(n);
+    layer_scale_forward_kernel<false, T>
         <<<grid, detail::kBlockThreads, 0, stream>>>(out, in, gamma, n, C);
   }
   CNX_CUDA_LAUNCH_CHECK();
 }
 
-// The float4 or float unit of the column kernel.
+// The unit of the column kernel: four channels in a float4 (kVec) or one in a float. X is the
+// storage type of the activations (float or __nv_bfloat16); gamma and the sums are fp32.
 template <bool kVec> struct Unit;
 template <> struct Unit<true> {
-  using T = float4;
+  using V = float4;
   static constexpr int kWidth = 4;
-  __device__ static T load(const float* p) { return load4(p); }
-  __device__ static void store(float* p, T v) { store4(p, v); }
-  __device__ static T zero() { return make_float4(0.f, 0.f, 0.f, 0.f); }
-  __device__ static T mul(T a, T b) { return mul4(a, b); }
-  __device__ static T add(T a, T b) {
+  template <class X> __device__ static V load(const X* p) { return detail::load4f(p); }
+  template <class X> __device__ static void store(X* p, V v) { detail::store4f(p, v); }
+  __device__ static V zero() { return make_float4(0.f, 0.f, 0.f, 0.f); }
+  __device__ static V mul(V a, V b) { return mul4(a, b); }
+  __device__ static V add(V a, V b) {
     return make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w);
   }
 };
 template <> struct Unit<false> {
-  using T = float;
+  using V = float;
   static constexpr int kWidth = 1;
-  __device__ static T load(const float* p) { return *p; }
-  __device__ static void store(float* p, T v) { *p = v; }
-  __device__ static T zero() { return 0.f; }
-  __device__ static T mul(T a, T b) { return a * b; }
-  __device__ static T add(T a, T b) { return a + b; }
+  template <class X> __device__ static V load(const X* p) { return detail::to_float(*p); }
+  template <class X> __device__ static void store(X* p, V v) { *p = detail::from_float<X>(v); }
+  __device__ static V zero() { return 0.f; }
+  __device__ static V mul(V a, V b) { return a * b; }
+  __device__ static V add(V a, V b) { return a + b; }
 };
 
 // Stage 1 of the backward with dgamma (see the top of the file). din (rows, C) or null;
 // partials (P, C); dout, in (rows, C); gamma (C). Block (p, t): rows
 // [p * rows_per_block, min(rows, (p + 1) * rows_per_block)), column units
 // [t * tile, t * tile + tile) for t = blockIdx.y, blockIdx.y + gridDim.y, ...
-template <bool kVec>
+template <bool kVec, class X>
 __global__ void __launch_bounds__(detail::kBlockThreads)
-    layer_scale_backward_kernel(float* __restrict__ din, float* __restrict__ partials,
-                                const float* __restrict__ dout, const float* __restrict__ in,
+    layer_scale_backward_kernel(X* __restrict__ din, float* __restrict__ partials,
+                                const X* __restrict__ dout, const X* __restrict__ in,
                                 const float* __restrict__ gamma, int64_t rows, int64_t C,
                                 int64_t rows_per_block, int tile, int lanes, int64_t tiles) {
   using U = Unit<kVec>;
-  using T = typename U::T;
+  using T = typename U::V;
   __shared__ T lane_sums[detail::kBlockThreads];
   const int64_t units = C / U::kWidth;
   const int64_t p = blockIdx.x;
@@ -140,9 +147,10 @@ __global__ void __launch_bounds__(detail::kBlockThreads)
 }  // namespace
 
 // ================================ forward ================================
-void layer_scale_forward(float* out, const float* in, const float* gamma, int64_t rows, int64_t C,
+template <class T>
+void layer_scale_forward(T* out, const T* in, const float* gamma, int64_t rows, int64_t C,
                          cudaStream_t stream) {
-  launch_forward(out, in, gamma, rows, C, stream);
+  launch_forward(detail::dev(out), detail::dev(in), gamma, rows, C, stream);
 }
 
 // ================================ backward ================================
@@ -151,9 +159,13 @@ int64_t layer_scale_backward_workspace_floats(int64_t rows, int64_t C) {
   return detail::row_partitions(rows) * C;
 }
 
-void layer_scale_backward(float* din, float* dgamma, const float* dout, const float* in,
+template <class T>
+void layer_scale_backward(T* din_, float* dgamma, const T* dout_, const T* in_,
                           const float* gamma, int64_t rows, int64_t C, float* workspace,
                           cudaStream_t stream) {
+  auto* din = detail::dev(din_);
+  const auto* dout = detail::dev(dout_);
+  const auto* in = detail::dev(in_);
   if (C <= 0) return;
   if (!dgamma) {
     if (din) launch_forward(din, dout, gamma, rows, C, stream);  // din = dout * gamma
@@ -178,5 +190,14 @@ void layer_scale_backward(float* din, float* dgamma, const float* dout, const fl
   CNX_CUDA_LAUNCH_CHECK();
   detail::launch_column_sums(dgamma, nullptr, workspace, P, C, C, stream);
 }
+
+#define CNX_INSTANTIATE(T)                                                                    \
+  template void layer_scale_forward<T>(T*, const T*, const float*, int64_t, int64_t,          \
+                                       cudaStream_t);                                         \
+  template void layer_scale_backward<T>(T*, float*, const T*, const T*, const float*, int64_t, \
+                                        int64_t, float*, cudaStream_t);
+CNX_INSTANTIATE(float)
+CNX_INSTANTIATE(bf16)
+#undef CNX_INSTANTIATE
 
 }  // namespace cnx::cuda

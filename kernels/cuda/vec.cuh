@@ -157,6 +157,26 @@ template <class T> __device__ __forceinline__ void store_pack(T* p, const Pack<T
   *reinterpret_cast<Pack<T>*>(p) = v;
 }
 
+// Four consecutive elements of T as fp32 lanes, and back (the unit of kernels written with
+// float4 arithmetic that also run on bf16). p must be aligned to 4 elements: 16 bytes for float,
+// 8 for bf16 (a 16-byte-aligned base plus a multiple of 4 elements is).
+__device__ __forceinline__ float4 load4f(const float* p) { return load4(p); }
+__device__ __forceinline__ float4 load4f(const __nv_bfloat16* p) {
+  const uint2 raw = *reinterpret_cast<const uint2*>(p);
+  const float2 lo = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.x));
+  const float2 hi = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.y));
+  return make_float4(lo.x, lo.y, hi.x, hi.y);
+}
+__device__ __forceinline__ void store4f(float* p, float4 v) { store4(p, v); }
+__device__ __forceinline__ void store4f(__nv_bfloat16* p, float4 v) {
+  const __nv_bfloat162 lo = __floats2bfloat162_rn(v.x, v.y);
+  const __nv_bfloat162 hi = __floats2bfloat162_rn(v.z, v.w);
+  uint2 raw;
+  raw.x = *reinterpret_cast<const uint32_t*>(&lo);
+  raw.y = *reinterpret_cast<const uint32_t*>(&hi);
+  *reinterpret_cast<uint2*>(p) = raw;
+}
+
 // ---- a generic elementwise map ---------------------------------------------------------------
 
 // out[i] = f(a[i], b[i]) for i < n, computed in fp32 and stored as T (float or __nv_bfloat16);
