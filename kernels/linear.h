@@ -4,27 +4,36 @@
 //   din = dout W,   dweight = dout^T in,   dbias = sum_m dout[m, :]
 //
 // Layouts: in (M, K), weight (N, K) (the official layout of nn.Linear), bias (N), out (M, N).
-// cnx::cpu is the plain reference (loops), f32 and f64; cnx::blas (below) is the fast CPU path
-// for f32 through OpenBLAS when the build found it; cnx::cuda (at the end) runs the products on
-// the GPU with cuBLASLt.
+// cnx::cpu is the plain reference (loops), f32, f64 and bf16; cnx::blas (below) is the fast CPU
+// path for f32 and bf16 through OpenBLAS when the build found it; cnx::cuda (at the end) runs the
+// products on the GPU with cuBLASLt, f32 and bf16.
+//
+// Mixed precision (T = bf16), as PyTorch's autocast does it with fp32 master weights: in, out,
+// dout and din are bf16; the GEMM's weight operand is bf16 too, a copy of the fp32 parameter
+// rounded once by the caller (autograd's linear makes it in forward and keeps it for backward);
+// the bias is the fp32 parameter itself, and dweight, dbias are fp32 (param_t<bf16> = float,
+// tensor/dtype.h). Every product accumulates in fp32; out = bf16(in W^T + b) and
+// din = bf16(dout W) are rounded once, dweight = dout^T in and dbias = sum_m dout are not
+// rounded at all. For T = float or double every pointer is T, as before.
 #pragma once
 
 #include <cstdint>
 #include <string>
 
 #include "kernels/stream.h"
+#include "tensor/dtype.h"
 
 namespace cnx::cpu {
 
 // bias may be null.
 template <class T>
-void linear_forward(T* out, const T* in, const T* weight, const T* bias, int64_t M, int64_t K,
-                    int64_t N);
+void linear_forward(T* out, const T* in, const T* weight, const param_t<T>* bias, int64_t M,
+                    int64_t K, int64_t N);
 
 // Writes each gradient whose pointer is non-null: din (M, K), dweight (N, K), dbias (N).
 template <class T>
-void linear_backward(T* din, T* dweight, T* dbias, const T* dout, const T* in, const T* weight,
-                     int64_t M, int64_t K, int64_t N);
+void linear_backward(T* din, param_t<T>* dweight, param_t<T>* dbias, const T* dout, const T* in,
+                     const T* weight, int64_t M, int64_t K, int64_t N);
 
 }  // namespace cnx::cpu
 
@@ -77,10 +86,18 @@ void linear_forward(float* out, const float* in, const float* weight, const floa
 void linear_backward(float* din, float* dweight, float* dbias, const float* dout,
                      const float* in, const float* weight, int64_t M, int64_t K, int64_t N);
 
+// bf16 (mixed precision, see the top of this file): the f32 products above on the widened bf16
+// operands, out and din rounded once to bf16, dweight and dbias left in fp32. The same results
+// as cpu::linear_forward<bf16> / linear_backward<bf16> up to f32 summation order.
+void linear_forward(bf16* out, const bf16* in, const bf16* weight, const float* bias, int64_t M,
+                    int64_t K, int64_t N);
+void linear_backward(bf16* din, float* dweight, float* dbias, const bf16* dout, const bf16* in,
+                     const bf16* weight, int64_t M, int64_t K, int64_t N);
+
 }  // namespace cnx::blas
 
 // =============================================================================================
-// CUDA: cuBLASLt, fp32 (kernels/cuda/linear.cu)
+// CUDA: cuBLASLt, fp32 and bf16 (kernels/cuda/linear.cu)
 // =============================================================================================
 // The same products and semantics as cpu:: above (outputs overwritten, a null gradient pointer
 // skips that gradient, any of M, K, N may be 0), enqueued on `stream` of the current device.
@@ -95,9 +112,20 @@ void linear_backward(float* din, float* dweight, float* dbias, const float* dout
 // tensor/cuda_context.h). cuBLAS's algorithm for a shape is chosen once per process and then
 // cached, so results are bitwise the same run to run on the same GPU and library. Where cuBLASLt
 // offers no algorithm with an epilogue (or at all, for odd alignments), the product falls back
-// to a plain GEMM (cublasSgemm as the last resort) plus a small kernel for the bias. The library's
-// 32 MiB cuBLAS workspace of the current device is used (no workspace argument): `stream` must be
-// that device's library stream (cnx::cuda::current_stream()). No device memory is allocated.
+// to a plain GEMM (cublasSgemm / cublasGemmEx as the last resort) plus a small kernel for the
+// bias. The library's 32 MiB cuBLAS workspace of the current device is used (no workspace
+// argument): `stream` must be that device's library stream (cnx::cuda::current_stream()). f32
+// allocates no device memory.
+//
+// bf16 (T = bf16): A and B are CUDA_R_16BF, the compute type CUBLAS_COMPUTE_32F (fp32
+// accumulation; TF32 does not apply), and
+//   forward   D = out, CUDA_R_16BF, with the fp32 bias in the BIAS epilogue
+//             (CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE = CUDA_R_32F): one rounding of acc + bias.
+//             Where cuBLASLt refuses an fp32 bias with a bf16 D, the product goes to an fp32
+//             scratch buffer (caching allocator) and a small kernel adds the bias and rounds.
+//   din       D = din, CUDA_R_16BF
+//   dweight   D = dweight, CUDA_R_32F (bf16 A, B with an fp32 D: written unrounded), with
+//             BGRADB writing the fp32 dbias, else our column sum of the bf16 dout in fp32.
 namespace cnx::cuda {
 
 // out (M, N), in (M, K), weight (N, K), bias (N) or null.
@@ -108,5 +136,12 @@ void linear_forward(float* out, const float* in, const float* weight, const floa
 // needed for dweight, weight (N, K) for din.
 void linear_backward(float* din, float* dweight, float* dbias, const float* dout, const float* in,
                      const float* weight, int64_t M, int64_t K, int64_t N, cudaStream_t stream);
+
+// bf16 (overloads rather than templates, so that the f32 calls above may pass a bare nullptr for
+// an unused operand): the same shapes, bf16 activations, fp32 bias, dweight and dbias.
+void linear_forward(bf16* out, const bf16* in, const bf16* weight, const float* bias, int64_t M,
+                    int64_t K, int64_t N, cudaStream_t stream);
+void linear_backward(bf16* din, float* dweight, float* dbias, const bf16* dout, const bf16* in,
+                     const bf16* weight, int64_t M, int64_t K, int64_t N, cudaStream_t stream);
 
 }  // namespace cnx::cuda

@@ -1,8 +1,13 @@
 // linear: x (..., K) W^T + b, W (N, K), b (N) (kernels/linear.h); the leading dimensions of x
 // are flattened into M rows. Saves x (for dweight) and weight (for dx), each only when needed.
-// f32 on the CPU goes through OpenBLAS when the build has it (cnx::blas, unless
+// f32 and bf16 on the CPU go through OpenBLAS when the build has it (cnx::blas, unless
 // CNX_CPU_REFERENCE=1 or blas::set_cpu_reference(true) asks for the loops); f64 always takes
 // the reference loops.
+//
+// Mixed precision: with a bf16 x, weight and bias stay fp32 parameters (check::params). The
+// GEMM's weight operand is a bf16 copy of weight, rounded once here in forward and saved for
+// dx in its place (what PyTorch's autocast does with fp32 master weights); out and dx are bf16,
+// dweight and dbias fp32 (kernels/linear.h).
 #include <type_traits>
 
 #include "autograd/checks.h"
@@ -20,10 +25,10 @@ class Linear final : public Function {
   // ---- forward ----
   static Tensor apply(const Tensor& x, const Tensor& weight, const Tensor& bias) {
     const char* op = "linear";
-    check::floating(op, "x", x);
+    check::activation(op, "x", x);
     check::min_rank(op, "x", x, 1);
     check::rank(op, "weight", weight, 2);
-    check::same_kind(op, {"x", x}, {{"weight", weight}, {"bias", bias}});
+    check::params(op, {"x", x}, {{"weight", weight}, {"bias", bias}});
     const int64_t K = x.dim(-1), N = weight.dim(0);
     CNX_CHECK(weight.dim(1) == K, op, ": weight ", weight.str(), " must have ", K,
               " columns, the last dimension of x ", x.str());
@@ -33,23 +38,28 @@ class Linear final : public Function {
     for (size_t i = 0; i + 1 < out_dims.size(); ++i) M *= out_dims[i];
     out_dims.back() = N;
     Tensor out = Tensor::empty(Shape(out_dims), x.dtype(), x.device());
-    dispatch(op, x, [&](auto tag) {
+    // The weight operand in x's dtype: the parameter itself, or its bf16 copy (no tape: the
+    // gradient goes to the fp32 weight directly, as fp32).
+    const Tensor w = x.dtype() == DType::bf16 ? weight.detach().to(DType::bf16) : weight;
+    dispatch_with_bf16(op, x, [&](auto tag) {
       using T = decltype(tag);
-      if constexpr (std::is_same_v<T, float>) {
+      using P = param_t<T>;
+      if constexpr (!std::is_same_v<T, double>) {
         if (blas::enabled())
-          return blas::linear_forward(out.data<T>(), x.data<T>(), weight.data<T>(),
-                                      ptr_or_null<T>(bias), M, K, N);
+          return blas::linear_forward(out.data<T>(), x.data<T>(), w.data<T>(),
+                                      ptr_or_null<P>(bias), M, K, N);
       }
-      cpu::linear_forward<T>(out.data<T>(), x.data<T>(), weight.data<T>(), ptr_or_null<T>(bias),
-                             M, K, N);
-    }, [&](auto stream) {
-      cuda::linear_forward(out.data<float>(), x.data<float>(), weight.data<float>(),
-                           ptr_or_null<float>(bias), M, K, N, stream);
+      cpu::linear_forward<T>(out.data<T>(), x.data<T>(), w.data<T>(), ptr_or_null<P>(bias), M, K,
+                             N);
+    }, [&](auto tag, auto stream) {
+      using T = decltype(tag);
+      cuda::linear_forward(out.data<T>(), x.data<T>(), w.data<T>(), ptr_or_null<float>(bias), M,
+                           K, N, stream);
     });
     if (wants_grad({x, weight, bias})) {
       auto fn = std::make_shared<Linear>();
       if (weight.requires_grad()) fn->x_ = x.detach();
-      if (x.requires_grad()) fn->weight_ = weight.detach();
+      if (x.requires_grad()) fn->weight_ = w.detach();
       fn->x_shape_ = x.shape();
       fn->M_ = M;
       fn->K_ = K;
@@ -61,27 +71,29 @@ class Linear final : public Function {
 
   // ---- backward ----
   std::vector<Tensor> backward(const Tensor& grad_out) override {
-    const DType dt = grad_out.dtype();
+    const DType dt = grad_out.dtype();  // x's dtype; the parameters' gradients are param_dtype
     const Device dev = grad_out.device();
     Tensor dx, dw, db;
     if (needs_input_grad(0)) dx = Tensor::empty(x_shape_, dt, dev);
-    if (needs_input_grad(1)) dw = Tensor::empty(Shape{N_, K_}, dt, dev);
-    if (needs_input_grad(2)) db = Tensor::empty(Shape{N_}, dt, dev);
-    dispatch("linear backward", grad_out, [&](auto tag) {
+    if (needs_input_grad(1)) dw = Tensor::empty(Shape{N_, K_}, param_dtype(dt), dev);
+    if (needs_input_grad(2)) db = Tensor::empty(Shape{N_}, param_dtype(dt), dev);
+    dispatch_with_bf16("linear backward", grad_out, [&](auto tag) {
       using T = decltype(tag);
-      if constexpr (std::is_same_v<T, float>) {
+      using P = param_t<T>;
+      if constexpr (!std::is_same_v<T, double>) {
         if (blas::enabled())
-          return blas::linear_backward(ptr_or_null<T>(dx), ptr_or_null<T>(dw), ptr_or_null<T>(db),
+          return blas::linear_backward(ptr_or_null<T>(dx), ptr_or_null<P>(dw), ptr_or_null<P>(db),
                                        grad_out.data<T>(), ptr_or_null<T>(x_),
                                        ptr_or_null<T>(weight_), M_, K_, N_);
       }
-      cpu::linear_backward<T>(ptr_or_null<T>(dx), ptr_or_null<T>(dw), ptr_or_null<T>(db),
+      cpu::linear_backward<T>(ptr_or_null<T>(dx), ptr_or_null<P>(dw), ptr_or_null<P>(db),
                               grad_out.data<T>(), ptr_or_null<T>(x_), ptr_or_null<T>(weight_), M_,
                               K_, N_);
-    }, [&](auto stream) {
-      cuda::linear_backward(ptr_or_null<float>(dx), ptr_or_null<float>(dw), ptr_or_null<float>(db),
-                            grad_out.data<float>(), ptr_or_null<float>(x_),
-                            ptr_or_null<float>(weight_), M_, K_, N_, stream);
+    }, [&](auto tag, auto stream) {
+      using T = decltype(tag);
+      cuda::linear_backward(ptr_or_null<T>(dx), ptr_or_null<float>(dw), ptr_or_null<float>(db),
+                            grad_out.data<T>(), ptr_or_null<T>(x_), ptr_or_null<T>(weight_), M_,
+                            K_, N_, stream);
     });
     return {dx, dw, db};
   }
@@ -91,7 +103,7 @@ class Linear final : public Function {
 
  private:
   Tensor x_;       // saved: (..., K), for dweight
-  Tensor weight_;  // saved: (N, K), for dx
+  Tensor weight_;  // saved: (N, K), for dx: weight, or its bf16 copy when x is bf16
   Shape x_shape_;
   int64_t M_ = 0, K_ = 0, N_ = 0;
 };

@@ -2,14 +2,19 @@
 // Loop orders keep the innermost loop on contiguous memory: a dot product of two rows for the
 // forward, a scaled row added to a row (axpy) for the gradients. Each output element is owned
 // by one thread, so results do not depend on the thread count.
+// bf16: the f32 loops between a widening of the bf16 operands and one rounding of the bf16
+// results (kernels/cpu/bf16_emulation.h); the fp32 bias is read and the fp32 dweight, dbias are
+// written by the f32 loops directly, never rounded.
 #include "kernels/linear.h"
+
+#include "kernels/cpu/bf16_emulation.h"
 
 namespace cnx::cpu {
 
 // ================================ forward ================================
 template <class T>
-void linear_forward(T* out, const T* in, const T* weight, const T* bias, int64_t M, int64_t K,
-                    int64_t N) {
+void linear_forward(T* out, const T* in, const T* weight, const param_t<T>* bias, int64_t M,
+                    int64_t K, int64_t N) {
 #pragma omp parallel for schedule(static)
   for (int64_t m = 0; m < M; ++m) {
     const T* x = in + m * K;
@@ -25,8 +30,8 @@ void linear_forward(T* out, const T* in, const T* weight, const T* bias, int64_t
 
 // ================================ backward ================================
 template <class T>
-void linear_backward(T* din, T* dweight, T* dbias, const T* dout, const T* in, const T* weight,
-                     int64_t M, int64_t K, int64_t N) {
+void linear_backward(T* din, param_t<T>* dweight, param_t<T>* dbias, const T* dout, const T* in,
+                     const T* weight, int64_t M, int64_t K, int64_t N) {
   if (din) {  // din[m, :] = sum_n dout[m, n] * weight[n, :]
 #pragma omp parallel for schedule(static)
     for (int64_t m = 0; m < M; ++m) {
@@ -70,5 +75,26 @@ void linear_backward(T* din, T* dweight, T* dbias, const T* dout, const T* in, c
 CNX_INSTANTIATE(float)
 CNX_INSTANTIATE(double)
 #undef CNX_INSTANTIATE
+
+// ================================ bf16 ================================
+template <>
+void linear_forward<bf16>(bf16* out, const bf16* in, const bf16* weight, const float* bias,
+                          int64_t M, int64_t K, int64_t N) {
+  const Widened x(in, M * K), w(weight, N * K);
+  Narrowed y(out, M * N);
+  linear_forward<float>(y.data(), x.data(), w.data(), bias, M, K, N);
+  y.store();
+}
+
+template <>
+void linear_backward<bf16>(bf16* din, float* dweight, float* dbias, const bf16* dout,
+                           const bf16* in, const bf16* weight, int64_t M, int64_t K, int64_t N) {
+  // Operands that no requested gradient reads are not widened (null stays null).
+  const Widened dy(dout, M * N), x(dweight ? in : nullptr, M * K),
+      w(din ? weight : nullptr, N * K);
+  Narrowed dx(din, M * K);
+  linear_backward<float>(dx.data(), dweight, dbias, dy.data(), x.data(), w.data(), M, K, N);
+  dx.store();
+}
 
 }  // namespace cnx::cpu

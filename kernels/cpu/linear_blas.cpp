@@ -17,6 +17,7 @@
 //   added in block order.
 // Bitwise equality with the loops is not a goal: the summation order differs (tests compare
 // them within f32 rounding, tests/test_blas.cpp).
+// bf16 (mixed precision): the same f32 products on widened operands, rounded once (at the end).
 #include <algorithm>
 #include <atomic>
 #include <climits>
@@ -25,6 +26,7 @@
 #include <string_view>
 #include <vector>
 
+#include "kernels/cpu/bf16_emulation.h"
 #include "kernels/linear.h"
 
 #if CNX_HAVE_BLAS
@@ -234,5 +236,25 @@ void linear_backward(float* din, float* dweight, float* dbias, const float* dout
 }
 
 #endif  // CNX_HAVE_BLAS
+
+// ================================ bf16 ================================
+// The f32 products above between a widening of the bf16 operands and one rounding of the bf16
+// results (kernels/cpu/bf16_emulation.h), as cpu::linear_forward<bf16> does around the loops.
+void linear_forward(bf16* out, const bf16* in, const bf16* weight, const float* bias, int64_t M,
+                    int64_t K, int64_t N) {
+  const cpu::Widened x(in, M * K), w(weight, N * K);
+  cpu::Narrowed y(out, M * N);
+  linear_forward(y.data(), x.data(), w.data(), bias, M, K, N);
+  y.store();
+}
+
+void linear_backward(bf16* din, float* dweight, float* dbias, const bf16* dout, const bf16* in,
+                     const bf16* weight, int64_t M, int64_t K, int64_t N) {
+  const cpu::Widened dy(dout, M * N), x(dweight ? in : nullptr, M * K),
+      w(din ? weight : nullptr, N * K);
+  cpu::Narrowed dx(din, M * K);
+  linear_backward(dx.data(), dweight, dbias, dy.data(), x.data(), w.data(), M, K, N);
+  dx.store();
+}
 
 }  // namespace cnx::blas

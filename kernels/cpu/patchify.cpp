@@ -3,16 +3,19 @@
 // A patch row p of output pixel (i, j) is k*Ci contiguous input values,
 // in[n, i*k + p, j*k .. j*k + k-1, :], and weight[o, p, :, :] is k*Ci contiguous values in the
 // same order, so every inner loop below runs over one contiguous span of length k*Ci.
+// bf16: the f32 loops between a widening of the bf16 operands and one rounding of the bf16
+// results (kernels/cpu/bf16_emulation.h); bias, dweight and dbias are fp32 and never rounded.
 #include "kernels/patchify.h"
 
+#include "kernels/cpu/bf16_emulation.h"
 #include "kernels/layout.h"
 
 namespace cnx::cpu {
 
 // ================================ forward ================================
 template <class T>
-void patchify_forward(T* out, const T* in, const T* weight, const T* bias, int64_t N, int64_t H,
-                      int64_t W, int64_t Ci, int64_t Co, int64_t k) {
+void patchify_forward(T* out, const T* in, const T* weight, const param_t<T>* bias, int64_t N,
+                      int64_t H, int64_t W, int64_t Ci, int64_t Co, int64_t k) {
   const int64_t Ho = H / k, Wo = W / k, span = k * Ci;
   const NHWC x{N, H, W, Ci}, y{N, Ho, Wo, Co};
 #pragma omp parallel for collapse(2) schedule(static)
@@ -33,8 +36,9 @@ void patchify_forward(T* out, const T* in, const T* weight, const T* bias, int64
 
 // ================================ backward ================================
 template <class T>
-void patchify_backward(T* din, T* dweight, T* dbias, const T* dout, const T* in, const T* weight,
-                       int64_t N, int64_t H, int64_t W, int64_t Ci, int64_t Co, int64_t k) {
+void patchify_backward(T* din, param_t<T>* dweight, param_t<T>* dbias, const T* dout, const T* in,
+                       const T* weight, int64_t N, int64_t H, int64_t W, int64_t Ci, int64_t Co,
+                       int64_t k) {
   const int64_t Ho = H / k, Wo = W / k, span = k * Ci;
   const NHWC x{N, H, W, Ci}, y{N, Ho, Wo, Co};
 
@@ -94,5 +98,30 @@ void patchify_backward(T* din, T* dweight, T* dbias, const T* dout, const T* in,
 CNX_INSTANTIATE(float)
 CNX_INSTANTIATE(double)
 #undef CNX_INSTANTIATE
+
+// ================================ bf16 ================================
+template <>
+void patchify_forward<bf16>(bf16* out, const bf16* in, const bf16* weight, const float* bias,
+                            int64_t N, int64_t H, int64_t W, int64_t Ci, int64_t Co, int64_t k) {
+  const int64_t Ho = H / k, Wo = W / k;
+  const Widened x(in, N * H * W * Ci), w(weight, Co * k * k * Ci);
+  Narrowed y(out, N * Ho * Wo * Co);
+  patchify_forward<float>(y.data(), x.data(), w.data(), bias, N, H, W, Ci, Co, k);
+  y.store();
+}
+
+template <>
+void patchify_backward<bf16>(bf16* din, float* dweight, float* dbias, const bf16* dout,
+                             const bf16* in, const bf16* weight, int64_t N, int64_t H, int64_t W,
+                             int64_t Ci, int64_t Co, int64_t k) {
+  const int64_t Ho = H / k, Wo = W / k;
+  // Operands that no requested gradient reads are not widened (null stays null).
+  const Widened dy(dout, N * Ho * Wo * Co), x(dweight ? in : nullptr, N * H * W * Ci),
+      w(din ? weight : nullptr, Co * k * k * Ci);
+  Narrowed dx(din, N * H * W * Ci);
+  patchify_backward<float>(dx.data(), dweight, dbias, dy.data(), x.data(), w.data(), N, H, W, Ci,
+                           Co, k);
+  dx.store();
+}
 
 }  // namespace cnx::cpu

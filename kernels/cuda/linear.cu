@@ -1,7 +1,14 @@
-// cnx::cuda::linear_forward / linear_backward (kernels/linear.h): fp32 GEMMs through cuBLASLt
-// on row-major buffers, seen as column-major matrices, with the bias in the epilogue; and the
-// small kernels around them (bias rows when K = 0 or when no epilogue algorithm exists, a
-// deterministic column sum for dbias).
+// cnx::cuda::linear_forward / linear_backward (kernels/linear.h): fp32 and bf16 GEMMs through
+// cuBLASLt on row-major buffers, seen as column-major matrices, with the bias in the epilogue;
+// and the small kernels around them (bias rows when K = 0 or when no epilogue algorithm exists,
+// a deterministic column sum for dbias).
+//
+// One templated implementation serves both element types T of the activations (float, bf16):
+// a Gemm carries the cudaDataType of its A/B operands and of D, so the f32 calls build exactly
+// the descriptors they always did, and the bf16 calls differ only in those types and in the
+// compute type (CUBLAS_COMPUTE_32F always: the products of bf16 values are exact in fp32, and
+// the accumulation is fp32). Parameters (bias) and parameter gradients (dweight, dbias) are fp32
+// for both.
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -10,9 +17,11 @@
 #include <mutex>
 #include <tuple>
 
+#include "kernels/cuda/vec.cuh"
 #include "kernels/linear.h"
 #include "tensor/cuda_check.h"
 #include "tensor/cuda_context.h"
+#include "tensor/cuda_memory.h"
 
 namespace cnx::cuda {
 
@@ -43,11 +52,11 @@ class MatmulDesc {
   cublasLtMatmulDesc_t d_ = nullptr;
 };
 
-// A column-major fp32 matrix of `rows` x `cols` with leading dimension `ld` (>= rows).
+// A column-major matrix of `type` elements, `rows` x `cols`, leading dimension `ld` (>= rows).
 class MatrixLayout {
  public:
-  MatrixLayout(int64_t rows, int64_t cols, int64_t ld) {
-    CNX_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&l_, CUDA_R_32F, static_cast<uint64_t>(rows),
+  MatrixLayout(cudaDataType_t type, int64_t rows, int64_t cols, int64_t ld) {
+    CNX_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&l_, type, static_cast<uint64_t>(rows),
                                                 static_cast<uint64_t>(cols), ld));
   }
   ~MatrixLayout() {
@@ -80,21 +89,29 @@ class MatmulPreference {
 
 // ---- one GEMM --------------------------------------------------------------------------------
 
-// D (m, n) = op(A) (m, k) . op(B) (k, n), column-major fp32, beta = 0, plus an epilogue:
+// D (m, n) = op(A) (m, k) . op(B) (k, n), column-major, beta = 0, plus an epilogue:
 //   BIAS    bias (m) is added to every column of D (read)
 //   BGRADB  bias (n) = the sums of op(B) over k, i.e. over its rows (written)
+// A and B hold type_ab elements (CUDA_R_32F or CUDA_R_16BF), D type_d elements; the bias vector
+// is always fp32 (a parameter, or a parameter's gradient).
 struct Gemm {
   cublasOperation_t op_a = CUBLAS_OP_N, op_b = CUBLAS_OP_N;
   int64_t m = 0, n = 0, k = 0;
-  const float* a = nullptr;
+  const void* a = nullptr;
   int64_t lda = 0;
-  const float* b = nullptr;
+  const void* b = nullptr;
   int64_t ldb = 0;
-  float* d = nullptr;
+  void* d = nullptr;
   int64_t ldd = 0;
+  cudaDataType_t type_ab = CUDA_R_32F, type_d = CUDA_R_32F;
   cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_DEFAULT;
   const void* bias = nullptr;
 };
+
+// The cudaDataType of a launcher's element type.
+template <class T> constexpr cudaDataType_t cuda_type();
+template <> constexpr cudaDataType_t cuda_type<float>() { return CUDA_R_32F; }
+template <> constexpr cudaDataType_t cuda_type<bf16>() { return CUDA_R_16BF; }
 
 // The largest power of two (<= 256) that divides the address: cuBLASLt's heuristics assume 256
 // unless told, and a tensor view at an offset may be less aligned.
@@ -110,12 +127,13 @@ struct GemmKey {
   int device;
   int op_a, op_b;
   int64_t m, n, k, lda, ldb, ldd;
+  int type_ab, type_d;
   int epilogue;
   uint32_t align_a, align_b, align_d, align_bias;
   bool tf32;
   auto tie() const {
-    return std::tie(device, op_a, op_b, m, n, k, lda, ldb, ldd, epilogue, align_a, align_b, align_d,
-                    align_bias, tf32);
+    return std::tie(device, op_a, op_b, m, n, k, lda, ldb, ldd, type_ab, type_d, epilogue, align_a,
+                    align_b, align_d, align_bias, tf32);
   }
   bool operator<(const GemmKey& o) const { return tie() < o.tie(); }
 };
@@ -145,24 +163,30 @@ bool unsupported(cublasStatus_t status, const Gemm& g) {
 // Runs g on `stream`. Returns false, having enqueued nothing, when cuBLASLt has no algorithm for
 // it (possible for an epilogue on some shapes or alignments); throws on any other failure.
 bool try_gemm(const Gemm& g, cudaStream_t stream) {
-  const bool tf32 = allow_tf32();
+  // TF32 is a choice for fp32 operands only; bf16 operands always take CUBLAS_COMPUTE_32F.
+  const bool tf32 = g.type_ab == CUDA_R_32F && allow_tf32();
   MatmulDesc desc(tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F);
   desc.set(CUBLASLT_MATMUL_DESC_TRANSA, g.op_a);
   desc.set(CUBLASLT_MATMUL_DESC_TRANSB, g.op_b);
   desc.set(CUBLASLT_MATMUL_DESC_EPILOGUE, g.epilogue);
   if (g.epilogue != CUBLASLT_EPILOGUE_DEFAULT) {
     desc.set(CUBLASLT_MATMUL_DESC_BIAS_POINTER, g.bias);
+    // fp32 bias also with a bf16 D (not cuBLASLt's default, which is D's type): where the
+    // library does not take that combination, the heuristic says so and the caller falls back.
     desc.set(CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, CUDA_R_32F);
   }
-  // The stored shapes: op(X) = X for N, X^T for T.
-  const MatrixLayout la(g.op_a == CUBLAS_OP_N ? g.m : g.k, g.op_a == CUBLAS_OP_N ? g.k : g.m, g.lda);
-  const MatrixLayout lb(g.op_b == CUBLAS_OP_N ? g.k : g.n, g.op_b == CUBLAS_OP_N ? g.n : g.k, g.ldb);
-  const MatrixLayout ld(g.m, g.n, g.ldd);
+  // The stored shapes: op(X) = X for N, X^T for T. C is D (beta = 0): same type and layout.
+  const MatrixLayout la(g.type_ab, g.op_a == CUBLAS_OP_N ? g.m : g.k,
+                        g.op_a == CUBLAS_OP_N ? g.k : g.m, g.lda);
+  const MatrixLayout lb(g.type_ab, g.op_b == CUBLAS_OP_N ? g.k : g.n,
+                        g.op_b == CUBLAS_OP_N ? g.n : g.k, g.ldb);
+  const MatrixLayout ld(g.type_d, g.m, g.n, g.ldd);
   const cublasLtHandle_t handle = cublaslt_handle();
 
   const GemmKey key{current_device(), static_cast<int>(g.op_a), static_cast<int>(g.op_b), g.m, g.n,
-                    g.k, g.lda, g.ldb, g.ldd, static_cast<int>(g.epilogue), alignment_of(g.a),
-                    alignment_of(g.b), alignment_of(g.d), g.bias ? alignment_of(g.bias) : 0u, tf32};
+                    g.k, g.lda, g.ldb, g.ldd, static_cast<int>(g.type_ab), static_cast<int>(g.type_d),
+                    static_cast<int>(g.epilogue), alignment_of(g.a), alignment_of(g.b),
+                    alignment_of(g.d), g.bias ? alignment_of(g.bias) : 0u, tf32};
   CachedAlgo chosen;
   bool cached = false;
   {
@@ -207,8 +231,9 @@ bool try_gemm(const Gemm& g, cudaStream_t stream) {
 }
 
 // A plain GEMM (no epilogue) that cannot be refused: cuBLASLt, or, should its heuristics offer
-// nothing for these sizes and alignments, classic cuBLAS (cublasSgemm, any alignment) on the same
-// stream and workspace, with the same math mode.
+// nothing for these sizes and alignments, classic cuBLAS (cublasSgemm for fp32, cublasGemmEx with
+// CUBLAS_COMPUTE_32F for bf16 operands; any alignment) on the same stream and workspace, with the
+// same math mode.
 void gemm(const Gemm& g, cudaStream_t stream) {
   if (try_gemm(g, stream)) return;
   const cublasHandle_t h = cublas_handle();  // bound to the current device's stream
@@ -219,8 +244,16 @@ void gemm(const Gemm& g, cudaStream_t stream) {
     CNX_CUBLAS_CHECK(cublasSetWorkspace(h, cublas_workspace(), kCublasWorkspaceBytes));
   }
   const float alpha = 1.0f, beta = 0.0f;
-  CNX_CUBLAS_CHECK(cublasSgemm_64(h, g.op_a, g.op_b, g.m, g.n, g.k, &alpha, g.a, g.lda, g.b, g.ldb,
-                                  &beta, g.d, g.ldd));
+  if (g.type_ab == CUDA_R_32F && g.type_d == CUDA_R_32F) {
+    CNX_CUBLAS_CHECK(cublasSgemm_64(h, g.op_a, g.op_b, g.m, g.n, g.k, &alpha,
+                                    static_cast<const float*>(g.a), g.lda,
+                                    static_cast<const float*>(g.b), g.ldb, &beta,
+                                    static_cast<float*>(g.d), g.ldd));
+  } else {
+    CNX_CUBLAS_CHECK(cublasGemmEx_64(h, g.op_a, g.op_b, g.m, g.n, g.k, &alpha, g.a, g.type_ab, g.lda,
+                                     g.b, g.type_ab, g.ldb, &beta, g.d, g.type_d, g.ldd,
+                                     CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  }
   CNX_CUDA_LAUNCH_CHECK();
 }
 
@@ -244,20 +277,26 @@ unsigned int blocks_for(int64_t count) {
   return static_cast<unsigned int>(blocks < 65536 ? (blocks > 0 ? blocks : 1) : 65536);
 }
 
-// out (M, N) = bias broadcast over the rows (0 where bias is null), or out += bias (accumulate).
-__global__ void bias_rows_kernel(float* __restrict__ out, const float* __restrict__ bias, int64_t M,
-                                 int64_t N, bool accumulate) {
+// out (M, N) = bias broadcast over the rows (0 where bias is null), or, with an fp32 product
+// `acc` (M, N), out = acc + bias; computed in fp32 and rounded once to T (float or
+// __nv_bfloat16). acc may be out itself (fp32: out += bias in place): no __restrict__ on them;
+// each element is read before it is written by the same thread.
+template <class T>
+__global__ void bias_rows_kernel(T* out, const float* acc, const float* __restrict__ bias, int64_t M,
+                                 int64_t N) {
   const int64_t total = M * N;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
        i += int64_t(gridDim.x) * blockDim.x) {
-    const float v = bias ? bias[i % N] : 0.0f;
-    out[i] = accumulate ? out[i] + v : v;
+    float v = bias ? bias[i % N] : 0.0f;
+    if (acc) v = acc[i] + v;
+    out[i] = detail::from_float<T>(v);
   }
 }
 
-void bias_rows(float* out, const float* bias, int64_t M, int64_t N, bool accumulate, cudaStream_t stream) {
+template <class T>
+void bias_rows(T* out, const float* acc, const float* bias, int64_t M, int64_t N, cudaStream_t stream) {
   if (M * N == 0) return;
-  bias_rows_kernel<<<blocks_for(M * N), kThreads, 0, stream>>>(out, bias, M, N, accumulate);
+  bias_rows_kernel<<<blocks_for(M * N), kThreads, 0, stream>>>(detail::dev(out), acc, bias, M, N);
   CNX_CUDA_LAUNCH_CHECK();
 }
 
@@ -267,7 +306,9 @@ void bias_rows(float* out, const float* bias, int64_t M, int64_t N, bool accumul
 // Pass 2: out[n] = the chunks' partial sums added in chunk order.
 constexpr int kColTile = 32, kRowLanes = 8;
 
-__global__ void column_sums_partial(float* __restrict__ partial, const float* __restrict__ x,
+// x is float or __nv_bfloat16; the sums are fp32 either way.
+template <class T>
+__global__ void column_sums_partial(float* __restrict__ partial, const T* __restrict__ x,
                                     int64_t M, int64_t N, int64_t rows_per_chunk) {
   __shared__ float lanes[kRowLanes][kColTile + 1];
   const int64_t n = blockIdx.x * int64_t(kColTile) + threadIdx.x;
@@ -275,7 +316,7 @@ __global__ void column_sums_partial(float* __restrict__ partial, const float* __
   const int64_t end = begin + rows_per_chunk < M ? begin + rows_per_chunk : M;
   float acc = 0.0f;
   if (n < N)
-    for (int64_t m = begin + threadIdx.y; m < end; m += kRowLanes) acc += x[m * N + n];
+    for (int64_t m = begin + threadIdx.y; m < end; m += kRowLanes) acc += detail::to_float(x[m * N + n]);
   lanes[threadIdx.y][threadIdx.x] = acc;
   __syncthreads();
   if (threadIdx.y == 0 && n < N) {
@@ -294,9 +335,11 @@ __global__ void column_sums_finish(float* __restrict__ out, const float* __restr
   out[n] = t;
 }
 
-// out (N) = sum over the M rows of x (M, N); zeros when M = 0. The partials (chunks x N floats)
-// live in the cuBLAS workspace, which no GEMM uses while these two kernels run (same stream).
-void column_sums(float* out, const float* x, int64_t M, int64_t N, cudaStream_t stream) {
+// out (N) = sum over the M rows of x (M, N) (T float or bf16), in fp32; zeros when M = 0. The
+// partials (chunks x N floats) live in the cuBLAS workspace, which no GEMM uses while these two
+// kernels run (same stream).
+template <class T>
+void column_sums(float* out, const T* x, int64_t M, int64_t N, cudaStream_t stream) {
   if (N == 0) return;
   if (M == 0) {
     CNX_CUDA_CHECK(cudaMemsetAsync(out, 0, static_cast<size_t>(N) * sizeof(float), stream));
@@ -311,7 +354,8 @@ void column_sums(float* out, const float* x, int64_t M, int64_t N, cudaStream_t 
   chunks = (M + rows_per_chunk - 1) / rows_per_chunk;
   float* partial = chunks == 1 ? out : static_cast<float*>(cublas_workspace());
   const dim3 grid(static_cast<unsigned int>((N + kColTile - 1) / kColTile), static_cast<unsigned int>(chunks));
-  column_sums_partial<<<grid, dim3(kColTile, kRowLanes), 0, stream>>>(partial, x, M, N, rows_per_chunk);
+  column_sums_partial<<<grid, dim3(kColTile, kRowLanes), 0, stream>>>(partial, detail::dev(x), M, N,
+                                                                      rows_per_chunk);
   CNX_CUDA_LAUNCH_CHECK();
   if (chunks > 1) {
     column_sums_finish<<<static_cast<unsigned int>((N + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
@@ -320,17 +364,16 @@ void column_sums(float* out, const float* x, int64_t M, int64_t N, cudaStream_t 
   }
 }
 
-}  // namespace
-
 // =============================================================================================
 // forward
 // =============================================================================================
 
-void linear_forward(float* out, const float* in, const float* weight, const float* bias, int64_t M,
-                    int64_t K, int64_t N, cudaStream_t stream) {
+template <class T>
+void forward(T* out, const T* in, const T* weight, const float* bias, int64_t M, int64_t K, int64_t N,
+             cudaStream_t stream) {
   if (M == 0 || N == 0) return;  // out has no elements
   if (K == 0) {                  // empty products: out = bias (or 0) in every row
-    bias_rows(out, bias, M, N, /*accumulate=*/false, stream);
+    bias_rows(out, nullptr, bias, M, N, stream);
     return;
   }
   // out^T (N, M) = W (N, K) . in^T (K, M): W is stored (K, N) column-major (ld K), so op T;
@@ -347,14 +390,25 @@ void linear_forward(float* out, const float* in, const float* weight, const floa
   g.ldb = K;
   g.d = out;
   g.ldd = N;
+  g.type_ab = g.type_d = cuda_type<T>();
   if (bias) {
     g.epilogue = CUBLASLT_EPILOGUE_BIAS;  // bias (N) added to every column of out^T: every row of out
     g.bias = bias;
     if (try_gemm(g, stream)) return;
     g.epilogue = CUBLASLT_EPILOGUE_DEFAULT;  // no algorithm with the epilogue: add it after
     g.bias = nullptr;
-    gemm(g, stream);
-    bias_rows(out, bias, M, N, /*accumulate=*/true, stream);
+    if constexpr (std::is_same_v<T, float>) {
+      gemm(g, stream);
+      bias_rows(out, out, bias, M, N, stream);  // out += bias
+    } else {
+      // Adding the bias to a bf16 product would round twice: the product goes to an fp32
+      // scratch buffer instead, and bias_rows rounds acc + bias once.
+      ScratchBuffer acc(M * N * static_cast<int64_t>(sizeof(float)), Device::cuda(current_device()));
+      g.d = acc.as<float>();
+      g.type_d = CUDA_R_32F;
+      gemm(g, stream);
+      bias_rows(out, acc.as<float>(), bias, M, N, stream);
+    }
     return;
   }
   gemm(g, stream);
@@ -364,13 +418,14 @@ void linear_forward(float* out, const float* in, const float* weight, const floa
 // backward
 // =============================================================================================
 
-void linear_backward(float* din, float* dweight, float* dbias, const float* dout, const float* in,
-                     const float* weight, int64_t M, int64_t K, int64_t N, cudaStream_t stream) {
+template <class T>
+void backward(T* din, float* dweight, float* dbias, const T* dout, const T* in, const T* weight,
+              int64_t M, int64_t K, int64_t N, cudaStream_t stream) {
   // din (M, K) = dout (M, N) W (N, K), i.e. din^T (K, M) = W^T (K, N) . dout^T (N, M):
   // W stored (K, N) column-major is W^T already (op N, ld K); dout stored (N, M) (op N, ld N).
   if (din && M * K > 0) {
     if (N == 0) {
-      CNX_CUDA_CHECK(cudaMemsetAsync(din, 0, static_cast<size_t>(M * K) * sizeof(float), stream));
+      CNX_CUDA_CHECK(cudaMemsetAsync(din, 0, static_cast<size_t>(M * K) * sizeof(T), stream));
     } else {
       Gemm g;
       g.op_a = CUBLAS_OP_N;
@@ -384,6 +439,7 @@ void linear_backward(float* din, float* dweight, float* dbias, const float* dout
       g.ldb = N;
       g.d = din;
       g.ldd = K;
+      g.type_ab = g.type_d = cuda_type<T>();
       gemm(g, stream);
     }
   }
@@ -391,6 +447,7 @@ void linear_backward(float* din, float* dweight, float* dbias, const float* dout
   // dweight (N, K) = dout^T (N, M) in (M, K), i.e. dW^T (K, N) = in^T (K, M) . dout (M, N):
   // in stored (K, M) (op N, ld K); dout stored (N, M), so op T gives (M, N) (ld N). The GEMM's
   // k is M, so BGRADB (sums of op(B) over k) is exactly dbias = sum over rows of dout.
+  // dweight is fp32 whatever T is (D CUDA_R_32F: bf16 operands, unrounded fp32 result).
   bool dbias_done = false;
   if (dweight && N * K > 0) {
     if (M == 0) {
@@ -408,6 +465,8 @@ void linear_backward(float* din, float* dweight, float* dbias, const float* dout
       g.ldb = N;
       g.d = dweight;
       g.ldd = K;
+      g.type_ab = cuda_type<T>();
+      g.type_d = CUDA_R_32F;
       if (dbias && use_bgradb()) {
         g.epilogue = CUBLASLT_EPILOGUE_BGRADB;
         g.bias = dbias;
@@ -419,6 +478,28 @@ void linear_backward(float* din, float* dweight, float* dbias, const float* dout
     }
   }
   if (dbias && !dbias_done) column_sums(dbias, dout, M, N, stream);
+}
+
+}  // namespace
+
+void linear_forward(float* out, const float* in, const float* weight, const float* bias, int64_t M,
+                    int64_t K, int64_t N, cudaStream_t stream) {
+  forward(out, in, weight, bias, M, K, N, stream);
+}
+
+void linear_forward(bf16* out, const bf16* in, const bf16* weight, const float* bias, int64_t M,
+                    int64_t K, int64_t N, cudaStream_t stream) {
+  forward(out, in, weight, bias, M, K, N, stream);
+}
+
+void linear_backward(float* din, float* dweight, float* dbias, const float* dout, const float* in,
+                     const float* weight, int64_t M, int64_t K, int64_t N, cudaStream_t stream) {
+  backward(din, dweight, dbias, dout, in, weight, M, K, N, stream);
+}
+
+void linear_backward(bf16* din, float* dweight, float* dbias, const bf16* dout, const bf16* in,
+                     const bf16* weight, int64_t M, int64_t K, int64_t N, cudaStream_t stream) {
+  backward(din, dweight, dbias, dout, in, weight, M, K, N, stream);
 }
 
 }  // namespace cnx::cuda

@@ -1,8 +1,11 @@
 // cnx::cuda::patchify_forward / patchify_backward (kernels/patchify.h): space-to-depth into a
 // patch matrix, then the linear GEMMs (kernels/cuda/linear.cu); backward scatters the patch
-// gradient back (depth-to-space).
+// gradient back (depth-to-space). One templated implementation for T = float and bf16: the
+// gather and scatter only move elements (16-byte packs: 4 floats or 8 bf16), and the GEMMs are
+// linear's launchers of the same T.
 #include <cstdint>
 
+#include "kernels/cuda/vec.cuh"
 #include "kernels/linear.h"
 #include "kernels/patchify.h"
 #include "tensor/cuda_check.h"
@@ -35,21 +38,24 @@ unsigned int blocks_for(int64_t count) {
   return static_cast<unsigned int>(blocks < 65536 ? (blocks > 0 ? blocks : 1) : 65536);
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+using detail::aligned16;
+using detail::Pack;
 
-// P (rows, k*k*Ci) from the image; V = 4 moves float4s (needs Ci % 4 == 0, so that four
-// consecutive columns are four consecutive channels of one pixel, and 16-byte aligned buffers).
-template <int V>
-__global__ void space_to_depth(float* __restrict__ P, const float* __restrict__ in, PatchLayout L,
+// P (rows, k*k*Ci) from the image, T float or __nv_bfloat16. kVec moves 16-byte packs of
+// V = Pack<T>::kN elements (needs Ci % V == 0, so that V consecutive columns are V consecutive
+// channels of one pixel, and 16-byte aligned buffers); otherwise V = 1.
+template <bool kVec, class T>
+__global__ void space_to_depth(T* __restrict__ P, const T* __restrict__ in, PatchLayout L,
                                int64_t rows) {
+  constexpr int64_t V = kVec ? Pack<T>::kN : 1;
   const int64_t cols = L.patch_cols();
   const int64_t total = rows * cols / V;
   for (int64_t v = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; v < total;
        v += int64_t(gridDim.x) * blockDim.x) {
     const int64_t e = v * V, r = e / cols, col = e - r * cols;
     const int64_t src = L.image_offset(r, col);
-    if constexpr (V == 4) {
-      reinterpret_cast<float4*>(P)[v] = *reinterpret_cast<const float4*>(in + src);
+    if constexpr (kVec) {
+      detail::store_pack(P + e, detail::load_pack(in + src));
     } else {
       P[e] = in[src];
     }
@@ -57,10 +63,11 @@ __global__ void space_to_depth(float* __restrict__ P, const float* __restrict__ 
 }
 
 // din (N, H, W, Ci) from dP (rows, k*k*Ci): every element written once, 0 for the rows and
-// columns the conv ignores (h >= Ho*k or w >= Wo*k). V = 4 as above.
-template <int V>
-__global__ void depth_to_space(float* __restrict__ din, const float* __restrict__ dP, PatchLayout L,
+// columns the conv ignores (h >= Ho*k or w >= Wo*k). kVec and V as above.
+template <bool kVec, class T>
+__global__ void depth_to_space(T* __restrict__ din, const T* __restrict__ dP, PatchLayout L,
                                int64_t N) {
+  constexpr int64_t V = kVec ? Pack<T>::kN : 1;
   const int64_t total = N * L.H * L.W * L.Ci / V;
   const int64_t cols = L.patch_cols();
   for (int64_t v = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; v < total;
@@ -75,56 +82,59 @@ __global__ void depth_to_space(float* __restrict__ din, const float* __restrict_
       const int64_t i = h / L.k, p = h - i * L.k, j = w / L.k, q = w - j * L.k;
       src = ((n * L.Ho + i) * L.Wo + j) * cols + (p * L.k + q) * L.Ci + c;
     }
-    if constexpr (V == 4) {
-      reinterpret_cast<float4*>(din)[v] =
-          inside ? *reinterpret_cast<const float4*>(dP + src) : make_float4(0.f, 0.f, 0.f, 0.f);
+    if constexpr (kVec) {
+      detail::store_pack(din + e, inside ? detail::load_pack(dP + src) : Pack<T>{});  // {}: zeros
     } else {
-      din[e] = inside ? dP[src] : 0.0f;
+      din[e] = inside ? dP[src] : detail::from_float<T>(0.0f);
     }
   }
 }
 
-void gather_patches(float* P, const float* in, const PatchLayout& L, int64_t rows, cudaStream_t stream) {
+// T is float or __nv_bfloat16 (detail::dev of the launcher's pointers).
+template <class T>
+void gather_patches(T* P, const T* in, const PatchLayout& L, int64_t rows, cudaStream_t stream) {
+  constexpr int64_t V = Pack<T>::kN;
   const int64_t count = rows * L.k * L.k * L.Ci;
   if (count == 0) return;
-  if (L.Ci % 4 == 0 && aligned16(P) && aligned16(in)) {
-    space_to_depth<4><<<blocks_for(count / 4), kThreads, 0, stream>>>(P, in, L, rows);
+  if (L.Ci % V == 0 && aligned16(P) && aligned16(in)) {
+    space_to_depth<true, T><<<blocks_for(count / V), kThreads, 0, stream>>>(P, in, L, rows);
   } else {
-    space_to_depth<1><<<blocks_for(count), kThreads, 0, stream>>>(P, in, L, rows);
+    space_to_depth<false, T><<<blocks_for(count), kThreads, 0, stream>>>(P, in, L, rows);
   }
   CNX_CUDA_LAUNCH_CHECK();
 }
 
-void scatter_patches(float* din, const float* dP, const PatchLayout& L, int64_t N, cudaStream_t stream) {
+template <class T>
+void scatter_patches(T* din, const T* dP, const PatchLayout& L, int64_t N, cudaStream_t stream) {
+  constexpr int64_t V = Pack<T>::kN;
   const int64_t count = N * L.H * L.W * L.Ci;
   if (count == 0) return;
-  if (L.Ci % 4 == 0 && aligned16(din) && aligned16(dP)) {
-    depth_to_space<4><<<blocks_for(count / 4), kThreads, 0, stream>>>(din, dP, L, N);
+  if (L.Ci % V == 0 && aligned16(din) && aligned16(dP)) {
+    depth_to_space<true, T><<<blocks_for(count / V), kThreads, 0, stream>>>(din, dP, L, N);
   } else {
-    depth_to_space<1><<<blocks_for(count), kThreads, 0, stream>>>(din, dP, L, N);
+    depth_to_space<false, T><<<blocks_for(count), kThreads, 0, stream>>>(din, dP, L, N);
   }
   CNX_CUDA_LAUNCH_CHECK();
 }
-
-}  // namespace
 
 // =============================================================================================
 // forward
 // =============================================================================================
 
-void patchify_forward(float* out, const float* in, const float* weight, const float* bias,
-                      int64_t N, int64_t H, int64_t W, int64_t Ci, int64_t Co, int64_t k,
-                      cudaStream_t stream) {
+// T is float or cnx::bf16 (the launchers' types); the kernels get detail::dev pointers.
+template <class T>
+void forward(T* out, const T* in, const T* weight, const float* bias, int64_t N, int64_t H, int64_t W,
+             int64_t Ci, int64_t Co, int64_t k, cudaStream_t stream) {
   const PatchLayout L{H, W, Ci, k, H / k, W / k};
   const int64_t rows = N * L.Ho * L.Wo, cols = k * k * Ci;
   if (rows == 0 || Co == 0) return;  // out has no elements
   // k == 1: the image (N*H*W, Ci) is the patch matrix itself.
   ScratchBuffer patches;
-  const float* P = in;
+  const T* P = in;
   if (k != 1) {
-    patches = ScratchBuffer(rows * cols * static_cast<int64_t>(sizeof(float)), Device::cuda(current_device()));
-    gather_patches(patches.as<float>(), in, L, rows, stream);
-    P = patches.as<float>();
+    patches = ScratchBuffer(rows * cols * static_cast<int64_t>(sizeof(T)), Device::cuda(current_device()));
+    gather_patches(detail::dev(patches.as<T>()), detail::dev(in), L, rows, stream);
+    P = patches.as<T>();
   }
   linear_forward(out, P, weight, bias, rows, cols, Co, stream);  // out (rows, Co) = P W^T + b
 }
@@ -133,38 +143,63 @@ void patchify_forward(float* out, const float* in, const float* weight, const fl
 // backward
 // =============================================================================================
 
-void patchify_backward(float* din, float* dweight, float* dbias, const float* dout, const float* in,
-                       const float* weight, int64_t N, int64_t H, int64_t W, int64_t Ci, int64_t Co,
-                       int64_t k, cudaStream_t stream) {
+template <class T>
+void backward(T* din, float* dweight, float* dbias, const T* dout, const T* in, const T* weight,
+              int64_t N, int64_t H, int64_t W, int64_t Ci, int64_t Co, int64_t k, cudaStream_t stream) {
   const PatchLayout L{H, W, Ci, k, H / k, W / k};
   const int64_t rows = N * L.Ho * L.Wo, cols = k * k * Ci;
   const Device device = Device::cuda(current_device());
-  const int64_t patch_bytes = rows * cols * static_cast<int64_t>(sizeof(float));
+  const int64_t patch_bytes = rows * cols * static_cast<int64_t>(sizeof(T));
 
   // dweight needs the patch matrix again (gathered, unless k == 1).
   ScratchBuffer patches;
-  const float* P = nullptr;
+  const T* P = nullptr;
   if (dweight) {
     P = in;
     if (k != 1) {
       patches = ScratchBuffer(patch_bytes, device);
-      gather_patches(patches.as<float>(), in, L, rows, stream);
-      P = patches.as<float>();
+      gather_patches(detail::dev(patches.as<T>()), detail::dev(in), L, rows, stream);
+      P = patches.as<T>();
     }
   }
   // din goes through dP (rows, cols), scattered after; with k == 1 dP is din itself.
   ScratchBuffer dpatches;
-  float* dP = nullptr;
+  T* dP = nullptr;
   if (din) {
     dP = din;
     if (k != 1) {
       dpatches = ScratchBuffer(patch_bytes, device);
-      dP = dpatches.as<float>();
+      dP = dpatches.as<T>();
     }
   }
   // dP = dout W; dweight = dout^T P; dbias = column sums of dout.
   linear_backward(dP, dweight, dbias, dout, P, weight, rows, cols, Co, stream);
-  if (din && k != 1) scatter_patches(din, dP, L, N, stream);
+  if (din && k != 1) scatter_patches(detail::dev(din), detail::dev(static_cast<const T*>(dP)), L, N, stream);
+}
+
+}  // namespace
+
+void patchify_forward(float* out, const float* in, const float* weight, const float* bias,
+                      int64_t N, int64_t H, int64_t W, int64_t Ci, int64_t Co, int64_t k,
+                      cudaStream_t stream) {
+  forward(out, in, weight, bias, N, H, W, Ci, Co, k, stream);
+}
+
+void patchify_forward(bf16* out, const bf16* in, const bf16* weight, const float* bias, int64_t N,
+                      int64_t H, int64_t W, int64_t Ci, int64_t Co, int64_t k, cudaStream_t stream) {
+  forward(out, in, weight, bias, N, H, W, Ci, Co, k, stream);
+}
+
+void patchify_backward(float* din, float* dweight, float* dbias, const float* dout, const float* in,
+                       const float* weight, int64_t N, int64_t H, int64_t W, int64_t Ci, int64_t Co,
+                       int64_t k, cudaStream_t stream) {
+  backward(din, dweight, dbias, dout, in, weight, N, H, W, Ci, Co, k, stream);
+}
+
+void patchify_backward(bf16* din, float* dweight, float* dbias, const bf16* dout, const bf16* in,
+                       const bf16* weight, int64_t N, int64_t H, int64_t W, int64_t Ci, int64_t Co,
+                       int64_t k, cudaStream_t stream) {
+  backward(din, dweight, dbias, dout, in, weight, N, H, W, Ci, Co, k, stream);
 }
 
 }  // namespace cnx::cuda
