@@ -130,8 +130,9 @@ Ref f64_reference(const Case& c, const Inputs& in) {
                                  b.data(), rows, C, kEps);
   cpu::layernorm_backward<double>(r.din.data(), r.dw.data(), r.db.data(), g.data(), x.data(),
                                   w.data(), r.mean.data(), r.rstd.data(), rows, C);
-  // out = xhat w + b: |xhat w| + |b|, with |xhat| taken as (|x| + |mean|) rstd, the scale of
-  // the rounding of (x - mean) rstd. din: the scale of each of its three terms. dweight,
+  // out = xhat w + b: |xhat w| + |b|, with |xhat| taken as (|x| + mean |x|) rstd, the scale
+  // of the rounding of (x - mean) rstd (mean |x| bounds |mean| and scales the error of a
+  // computed mean). din: the scale of each of its three terms, the same |xhat|. dweight,
   // dbias: the sums of |terms|.
   r.mag_out.resize(n);
   r.mag_mean.resize(rows);
@@ -139,20 +140,21 @@ Ref f64_reference(const Case& c, const Inputs& in) {
   r.mag_dw.assign(C, 0.0);
   r.mag_db.assign(C, 0.0);
   for (int64_t i = 0; i < rows; ++i) {
-    double sx = 0, mg = 0, mgx = 0;
+    double sx = 0;
+    for (int64_t k = 0; k < C; ++k) sx += std::abs(x[i * C + k]);
+    r.mag_mean[i] = sx / C + 1e-30;
+    double mg = 0, mgx = 0;
     for (int64_t k = 0; k < C; ++k) {
-      const double xh = (std::abs(x[i * C + k]) + std::abs(r.mean[i])) * r.rstd[i];
+      const double xh = (std::abs(x[i * C + k]) + r.mag_mean[i]) * r.rstd[i];
       const double gk = std::abs(g[i * C + k] * w[k]);
-      sx += std::abs(x[i * C + k]);
       mg += gk / C;
       mgx += gk * xh / C;
       r.mag_out[i * C + k] = xh * std::abs(w[k]) + std::abs(b[k]);
       r.mag_dw[k] += std::abs(g[i * C + k]) * xh;
       r.mag_db[k] += std::abs(g[i * C + k]);
     }
-    r.mag_mean[i] = sx / C + 1e-30;
     for (int64_t k = 0; k < C; ++k) {
-      const double xh = (std::abs(x[i * C + k]) + std::abs(r.mean[i])) * r.rstd[i];
+      const double xh = (std::abs(x[i * C + k]) + r.mag_mean[i]) * r.rstd[i];
       r.mag_din[i * C + k] = r.rstd[i] * (std::abs(g[i * C + k] * w[k]) + mg + xh * mgx) + 1e-30;
     }
   }
@@ -509,7 +511,6 @@ void check_gpu_forward(const GpuCase& gc, uint64_t seed) {
   rstd.expect_guards("rstd");
   expect_close_mag("mean", dbl(mean.get()), dbl(cpu.mean), ref.mag_mean, ln_tol(C));
   expect_close_mag("rstd", dbl(rstd.get()), dbl(cpu.rstd), dbl(cpu.rstd), ln_tol(C));
-  // ref.mag_out uses the exact mean: the same scale as test_cuda_ops's, up to rounding.
   expect_bf16_near("out", out.get(), cpu.out, ref.mag_out, ln_tol(C));
 }
 
@@ -633,7 +634,9 @@ TEST(Bf16LayerNormCuda, OpOnCudaMatchesOpOnCpu) {
     EXPECT_EQ(g.db.dtype(), DType::f32);
     EXPECT_TRUE(g.out.device().is_cuda() && g.dx.device().is_cuda());
     expect_bf16_near("out", bf16_values(g.out), bf16_values(h.out), ref.mag_out, ln_tol(C));
-    expect_bf16_near("dx", bf16_values(g.dx), bf16_values(h.dx), ref.mag_din, ln_tol(C));
+    // dx on each device uses that device's own forward statistics, whose difference
+    // (ln_tol(C) relative) adds to that of the backward itself: twice the tolerance.
+    expect_bf16_near("dx", bf16_values(g.dx), bf16_values(h.dx), ref.mag_din, 2 * ln_tol(C));
     expect_close_mag("dweight", values(g.dw), values(h.dw), ref.mag_dw, kReduceTol);
     expect_close_mag("dbias", values(g.db), values(h.db), ref.mag_db, kReduceTol);
   }
