@@ -13,6 +13,9 @@
 // simplest CUDA kernel, one thread per element (or per row for LayerNorm), scalar loads, and
 // for the parameter gradients atomicAdd into the result (non-deterministic, as such a first
 // version would be). Rows are named BM_<op>_<direction> and BM_<op>_<direction>_plain.
+// Mixed precision: BM_<op>_<direction>_bf16 runs the same kernel on bf16 activations (fp32
+// parameters and statistics), its bytes counted at 2 per bf16 value; compare its time with
+// the f32 row of the same stage.
 //
 //   ./build/bench/bench_cuda_kernels --benchmark_filter='layernorm|gelu' --benchmark_format=json
 #include <cuda_runtime.h>
@@ -24,6 +27,7 @@
 #include "kernels/adamw.h"
 #include "kernels/add.h"
 #include "kernels/avgpool.h"
+#include "kernels/cast.h"
 #include "kernels/cross_entropy.h"
 #include "kernels/drop_path.h"
 #include "kernels/gelu.h"
@@ -38,6 +42,18 @@ namespace {
 
 constexpr int kPlainThreads = 256;
 constexpr double kF = 4.0;  // bytes per float
+constexpr double kH = 2.0;  // bytes per bf16
+
+// n bf16 values on the device: uniform in [-1, 1) like floats(), rounded to bf16, or zeros.
+DeviceBuffer bf16s(int64_t n, bool random = true) {
+  DeviceBuffer b(n * 2, false);
+  if (random) {
+    const DeviceBuffer f = floats(n);
+    cuda::cast(b.as<bf16>(), f.as(), n, nullptr);
+    CNX_CUDA_CHECK(cudaStreamSynchronize(nullptr));
+  }
+  return b;
+}
 
 unsigned plain_grid(int64_t n) {
   return static_cast<unsigned>((n + kPlainThreads - 1) / kPlainThreads);
@@ -174,6 +190,21 @@ void BM_layernorm_forward_plain(benchmark::State& state) {
 }
 CNX_CUDA_BENCH_STAGES(BM_layernorm_forward_plain);
 
+// bf16 x and out; fp32 weight, bias, mean, rstd.
+void BM_layernorm_forward_bf16(benchmark::State& state) {
+  const StageShape& s = stage(state);
+  DeviceBuffer x = bf16s(s.numel()), w = floats(s.C), b = floats(s.C),
+               out = bf16s(s.numel(), false), mean = floats(s.pixels(), false),
+               rstd = floats(s.pixels(), false);
+  const double sec = time_iterations(state, nullptr, [&] {
+    cuda::layernorm_forward(out.as<bf16>(), mean.as(), rstd.as(), x.as<bf16>(), w.as(), b.as(),
+                            s.pixels(), s.C, 1e-6, nullptr);
+  });
+  state.SetLabel(s.label());
+  report_bytes(state, kH * 2.0 * s.numel() + kF * (2.0 * s.pixels() + 2.0 * s.C), sec);
+}
+CNX_CUDA_BENCH_STAGES(BM_layernorm_forward_bf16);
+
 // Backward, all three gradients: dout, in read; din written; mean, rstd, weight read;
 // dweight, dbias written.
 double layernorm_backward_bytes(const StageShape& s) {
@@ -211,6 +242,22 @@ void BM_layernorm_backward_plain(benchmark::State& state) {
   report_bytes(state, layernorm_backward_bytes(s), sec);
 }
 CNX_CUDA_BENCH_STAGES(BM_layernorm_backward_plain);
+
+// bf16 dout, in and din; fp32 weight, mean, rstd, dweight, dbias.
+void BM_layernorm_backward_bf16(benchmark::State& state) {
+  const StageShape& s = stage(state);
+  DeviceBuffer x = bf16s(s.numel()), dy = bf16s(s.numel()), w = floats(s.C),
+               mean = floats(s.pixels()), rstd = floats(s.pixels()), din = bf16s(s.numel(), false),
+               dw = floats(s.C, false), db = floats(s.C, false),
+               ws = floats(cuda::layernorm_backward_workspace_floats(s.pixels(), s.C), false);
+  const double sec = time_iterations(state, nullptr, [&] {
+    cuda::layernorm_backward(din.as<bf16>(), dw.as(), db.as(), dy.as<bf16>(), x.as<bf16>(),
+                             w.as(), mean.as(), rstd.as(), s.pixels(), s.C, ws.as(), nullptr);
+  });
+  state.SetLabel(s.label());
+  report_bytes(state, kH * 3.0 * s.numel() + kF * (2.0 * s.pixels() + 3.0 * s.C), sec);
+}
+CNX_CUDA_BENCH_STAGES(BM_layernorm_backward_bf16);
 
 // =============================================================================================
 // GELU on the 4C hidden activation: n = N H W 4C

@@ -1,16 +1,21 @@
 // CPU reference: LayerNorm over the last dimension (see kernels/layernorm.h for the math).
 // Row statistics accumulate in double, two passes (mean, then centred squares): the
-// reference is meant to be the accurate side of every comparison.
+// reference is meant to be the accurate side of every comparison. The bf16 kernels (at the
+// end) are the f32 ones between a widening of the bf16 activations and one rounding of each
+// bf16 result; the statistics and the parameter gradients stay the f32 kernel's fp32 values.
 #include "kernels/layernorm.h"
 
 #include <cmath>
+
+#include "kernels/cpu/bf16_emulation.h"
 
 namespace cnx::cpu {
 
 // ================================ forward ================================
 template <class T>
-void layernorm_forward(T* out, T* mean, T* rstd, const T* in, const T* weight, const T* bias,
-                       int64_t rows, int64_t C, double eps) {
+void layernorm_forward(T* out, param_t<T>* mean, param_t<T>* rstd, const T* in,
+                       const param_t<T>* weight, const param_t<T>* bias, int64_t rows, int64_t C,
+                       double eps) {
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
     const T* x = in + r * C;
@@ -30,8 +35,9 @@ void layernorm_forward(T* out, T* mean, T* rstd, const T* in, const T* weight, c
 
 // ================================ backward ================================
 template <class T>
-void layernorm_backward(T* din, T* dweight, T* dbias, const T* dout, const T* in, const T* weight,
-                        const T* mean, const T* rstd, int64_t rows, int64_t C) {
+void layernorm_backward(T* din, param_t<T>* dweight, param_t<T>* dbias, const T* dout,
+                        const T* in, const param_t<T>* weight, const param_t<T>* mean,
+                        const param_t<T>* rstd, int64_t rows, int64_t C) {
   if (din) {
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
@@ -77,5 +83,29 @@ void layernorm_backward(T* din, T* dweight, T* dbias, const T* dout, const T* in
 CNX_INSTANTIATE(float)
 CNX_INSTANTIATE(double)
 #undef CNX_INSTANTIATE
+
+// bf16: the f32 kernels between a widening and one rounding (kernels/cpu/bf16_emulation.h).
+// The statistics are computed from the widened (exact) row, as for f32 inputs; mean, rstd,
+// dweight and dbias are fp32 and written directly, never rounded to bf16.
+template <>
+void layernorm_forward<bf16>(bf16* out, float* mean, float* rstd, const bf16* in,
+                             const float* weight, const float* bias, int64_t rows, int64_t C,
+                             double eps) {
+  const Widened x(in, rows * C);
+  Narrowed y(out, rows * C);
+  layernorm_forward<float>(y.data(), mean, rstd, x.data(), weight, bias, rows, C, eps);
+  y.store();
+}
+
+template <>
+void layernorm_backward<bf16>(bf16* din, float* dweight, float* dbias, const bf16* dout,
+                              const bf16* in, const float* weight, const float* mean,
+                              const float* rstd, int64_t rows, int64_t C) {
+  const Widened dy(dout, rows * C), x(in, rows * C);
+  Narrowed dx(din, rows * C);
+  layernorm_backward<float>(dx.data(), dweight, dbias, dy.data(), x.data(), weight, mean, rstd,
+                            rows, C);
+  dx.store();
+}
 
 }  // namespace cnx::cpu
