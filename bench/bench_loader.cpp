@@ -6,10 +6,14 @@
 //   BM_train_transform     decode + RandomResizedCrop 224 + flip + RandAugment rand-m9-mstd0.5-inc1
 //                          + normalise + Random Erasing 0.25, one thread: the per-core cost of
 //                          the paper's training recipe (Mixup/CutMix, per batch, is in the next)
+//   BM_train_transform_u8  the same without the host finish (normalise + erase): what a worker
+//                          does per image when the GPU finishes the batch (LoaderOutput::u8)
 //   BM_eval_transform      decode + resize 256 + centre crop 224 + normalise, one thread
 //   BM_stage_*             the train transform's stages alone, on images decoded beforehand:
 //                          crop_resize_flip, rand_augment (on the 224x224 crop), normalise_erase
 //   BM_loader/workers:N    the DataLoader end to end (batch 16, Mixup/CutMix on), N worker threads
+//   BM_loader_u8/workers:N the same with output u8: uint8 batches, no host finish (normalise,
+//                          erase, mix happen on the GPU); buffers pageable here (no GPU)
 //
 //   ./build/bench/bench_loader --benchmark_counters_tabular=true
 // The per-core training figure tells how many cores keep a GPU fed: cores = GPU images/s
@@ -21,6 +25,7 @@
 #include <filesystem>
 #include <string>
 
+#include "kernels/batch_finish.h"
 #include "tensor/generator.h"
 #include "train/data/augment.h"
 #include "train/data/image_folder.h"
@@ -74,20 +79,26 @@ void BM_decode(benchmark::State& state) {
 BENCHMARK(BM_decode)->Unit(benchmark::kMillisecond);
 
 // Decode + the loader's per-image transform (FolderImageTransform) at 224, and for training
-// Random Erasing 0.25 after it, as the loader does; one image per iteration.
-void run_transform(benchmark::State& state, bool train) {
+// the Random Erasing 0.25 draw after it, as the loader does; with `finish`, the host finish of the
+// image too (normalise, erase: cpu::batch_finish of a batch of one, the LoaderOutput::f32 path).
+// One image per iteration.
+void run_transform(benchmark::State& state, bool train, bool finish = true) {
   folder();  // write the files before timing
   const FolderImageTransform transform{FolderTransform{}};
+  const Normalization norm = transform.normalization();
   const RandomErasingOptions re;  // probability 0.25
   DecodedImage img;
   std::string err;
+  std::vector<uint8_t> pixels(224 * 224 * 3);
   std::vector<float> out(224 * 224 * 3);
   int64_t i = 0;
   for (auto _ : state) {
     Generator gen(static_cast<uint64_t>(i));
     if (!decode_jpeg(sample_path(i++), img, err)) state.SkipWithError(err.c_str());
-    transform(img, train, gen, out.data());
-    if (train) random_erasing(out, 224, 224, 3, gen, re);
+    transform(img, train, gen, pixels.data());
+    const EraseParams erase = train ? draw_random_erasing(224, 224, gen, re) : EraseParams{};
+    if (finish) cpu::batch_finish(out.data(), pixels.data(), &erase, MixParams{}, norm, 1, 224, 224, 3);
+    benchmark::DoNotOptimize(pixels.data());
     benchmark::DoNotOptimize(out.data());
   }
   state.SetItemsProcessed(state.iterations());
@@ -95,6 +106,9 @@ void run_transform(benchmark::State& state, bool train) {
 
 void BM_train_transform(benchmark::State& state) { run_transform(state, /*train=*/true); }
 BENCHMARK(BM_train_transform)->Unit(benchmark::kMillisecond);
+
+void BM_train_transform_u8(benchmark::State& state) { run_transform(state, /*train=*/true, /*finish=*/false); }
+BENCHMARK(BM_train_transform_u8)->Unit(benchmark::kMillisecond);
 
 void BM_eval_transform(benchmark::State& state) { run_transform(state, /*train=*/false); }
 BENCHMARK(BM_eval_transform)->Unit(benchmark::kMillisecond);
@@ -149,37 +163,44 @@ void BM_stage_rand_augment(benchmark::State& state) {
 BENCHMARK(BM_stage_rand_augment)->Unit(benchmark::kMillisecond);
 
 void BM_stage_normalise_erase(benchmark::State& state) {
-  const FolderTransform t;
+  const Normalization norm = FolderImageTransform{FolderTransform{}}.normalization();
   const std::vector<uint8_t> x = crop_of(0);
   std::vector<float> out(x.size());
   RandomErasingOptions re;
   int64_t i = 0;
   for (auto _ : state) {
     Generator gen(static_cast<uint64_t>(i++));
-    for (size_t k = 0; k < x.size(); ++k) out[k] = (x[k] / 255.0f - t.mean[k % 3]) / t.std[k % 3];
-    random_erasing(out, 224, 224, 3, gen, re);
+    const EraseParams erase = draw_random_erasing(224, 224, gen, re);
+    cpu::batch_finish(out.data(), x.data(), &erase, MixParams{}, norm, 1, 224, 224, 3);
     benchmark::DoNotOptimize(out.data());
   }
   state.SetItemsProcessed(state.iterations());
 }
 BENCHMARK(BM_stage_normalise_erase)->Unit(benchmark::kMillisecond);
 
-// Whole epochs of the loader (96 images = 6 batches of 16 per epoch): images/s.
-void BM_loader(benchmark::State& state) {
+// Whole epochs of the loader (96 images = 6 batches of 16 per epoch): images/s. `output`: f32
+// (finished by the workers) or u8 (left for the GPU: the batch is only built, never finished).
+void run_loader(benchmark::State& state, LoaderOutput output) {
   folder();  // write the files before timing
   LoaderOptions o = LoaderOptions::training(16, 0);
   o.workers = static_cast<int>(state.range(0));
   o.reprob = 0.25;
   o.mixup = MixupOptions{};
+  o.output = output;
   DataLoader loader(folder(), o);
   int64_t epoch = 0, images = 0;
   for (auto _ : state) {
     loader.start_epoch(epoch++);
     Batch b;
-    while (loader.next(b)) images += b.images.dim(0);
+    while (loader.next(b)) images += b.labels.numel();
   }
   state.SetItemsProcessed(images);
 }
+
+void BM_loader(benchmark::State& state) { run_loader(state, LoaderOutput::f32); }
 BENCHMARK(BM_loader)->ArgName("workers")->Arg(1)->Arg(2)->UseRealTime()->Unit(benchmark::kMillisecond);
+
+void BM_loader_u8(benchmark::State& state) { run_loader(state, LoaderOutput::u8); }
+BENCHMARK(BM_loader_u8)->ArgName("workers")->Arg(1)->Arg(2)->UseRealTime()->Unit(benchmark::kMillisecond);
 
 }  // namespace

@@ -4,21 +4,12 @@
 #include <numbers>
 
 #include "tensor/error.h"
+#include "tensor/philox.h"
 
 namespace cnx {
 
 std::array<uint32_t, 4> philox4x32_10(std::array<uint32_t, 4> c, std::array<uint32_t, 2> k) {
-  constexpr uint32_t kMul0 = 0xD2511F53u, kMul1 = 0xCD9E8D57u;  // round multipliers
-  constexpr uint32_t kWeyl0 = 0x9E3779B9u, kWeyl1 = 0xBB67AE85u;  // key schedule increments
-  for (int round = 0; round < 10; ++round) {
-    uint64_t p0 = static_cast<uint64_t>(kMul0) * c[0];
-    uint64_t p1 = static_cast<uint64_t>(kMul1) * c[2];
-    uint32_t hi0 = static_cast<uint32_t>(p0 >> 32), lo0 = static_cast<uint32_t>(p0);
-    uint32_t hi1 = static_cast<uint32_t>(p1 >> 32), lo1 = static_cast<uint32_t>(p1);
-    c = {hi1 ^ c[1] ^ k[0], lo1, hi0 ^ c[3] ^ k[1], lo0};
-    k[0] += kWeyl0;
-    k[1] += kWeyl1;
-  }
+  philox4x32_10_inplace(c.data(), k[0], k[1]);  // tensor/philox.h: shared with CUDA kernels
   return c;
 }
 
@@ -35,9 +26,9 @@ uint32_t Generator::next_u32() {
 }
 
 double Generator::uniform() {
-  const uint64_t hi = next_u32() >> 5;  // 27 bits
-  const uint64_t lo = next_u32() >> 6;  // 26 bits
-  return static_cast<double>((hi << 26) | lo) * 0x1.0p-53;
+  const uint32_t hi = next_u32();  // two statements: the draw order is fixed
+  const uint32_t lo = next_u32();
+  return philox_uniform53(hi, lo);
 }
 
 double Generator::uniform(double lo, double hi) { return lo + (hi - lo) * uniform(); }

@@ -246,26 +246,12 @@ double sample_beta(double a, double b, Generator& gen) {
   return x / (x + y);
 }
 
-MixupResult mixup_cutmix(std::span<const float> images, std::span<const int64_t> labels, int64_t N,
-                         int64_t H, int64_t W, int64_t C, Generator& gen, const MixupOptions& opt) {
-  CNX_CHECK(N > 0 && N % 2 == 0, "mixup_cutmix: batch size should be even (timm), got ", N);
-  CNX_CHECK(H > 0 && W > 0 && C > 0, "mixup_cutmix: image sizes must be positive, got ", H, " x ",
-            W, " x ", C);
-  CNX_CHECK(static_cast<int64_t>(images.size()) == N * H * W * C, "mixup_cutmix: images hold ",
-            images.size(), " values but N x H x W x C = ", N * H * W * C);
-  CNX_CHECK(static_cast<int64_t>(labels.size()) == N, "mixup_cutmix: ", labels.size(),
-            " labels for a batch of ", N);
-  const int64_t K = opt.num_classes;
-  CNX_CHECK(K > 0, "mixup_cutmix: num_classes must be positive, got ", K);
-  for (int64_t i = 0; i < N; ++i)
-    CNX_CHECK(0 <= labels[i] && labels[i] < K, "mixup_cutmix: label ", labels[i], " of sample ", i,
-              " is outside [0, ", K, ")");
+MixupDraw draw_mixup_cutmix(int64_t H, int64_t W, Generator& gen, const MixupOptions& opt) {
+  CNX_CHECK(H > 0 && W > 0, "draw_mixup_cutmix: image sizes must be positive, got ", H, " x ", W);
   CNX_CHECK(opt.mixup_alpha >= 0 && opt.cutmix_alpha >= 0,
             "mixup_cutmix: alphas must be >= 0, got mixup ", opt.mixup_alpha, " cutmix ",
             opt.cutmix_alpha);
-
-  MixupResult r;
-  r.images.assign(images.begin(), images.end());
+  MixupDraw r;
   // timm's _params_per_batch.
   const bool enabled = opt.mixup_alpha > 0 || opt.cutmix_alpha > 0;
   if (enabled && gen.uniform() < opt.prob) {
@@ -280,7 +266,6 @@ MixupResult mixup_cutmix(std::span<const float> images, std::span<const int64_t>
       r.lam = sample_beta(opt.cutmix_alpha, opt.cutmix_alpha, gen);
     }
   }
-  const int64_t per_image = H * W * C;
   if (r.lam == 1.0) {
     r.cutmix = false;
   } else if (r.cutmix) {
@@ -297,6 +282,73 @@ MixupResult mixup_cutmix(std::span<const float> images, std::span<const int64_t>
     r.box = {yl, xl, yh - yl, xh - xl};
     if (opt.correct_lam)
       r.lam = 1.0 - static_cast<double>((yh - yl) * (xh - xl)) / static_cast<double>(H * W);
+  }
+  return r;
+}
+
+std::vector<float> mixup_targets(std::span<const int64_t> labels, double lam, const MixupOptions& opt) {
+  // timm's mixup_target.
+  const int64_t N = static_cast<int64_t>(labels.size()), K = opt.num_classes;
+  CNX_CHECK(K > 0, "mixup_cutmix: num_classes must be positive, got ", K);
+  for (int64_t i = 0; i < N; ++i)
+    CNX_CHECK(0 <= labels[i] && labels[i] < K, "mixup_cutmix: label ", labels[i], " of sample ", i,
+              " is outside [0, ", K, ")");
+  const double off = opt.label_smoothing / static_cast<double>(K);
+  const double on = 1.0 - opt.label_smoothing + off;
+  std::vector<float> targets(static_cast<size_t>(N * K), 0.0f);
+  for (int64_t i = 0; i < N; ++i) {
+    const int64_t l1 = labels[i], l2 = labels[N - 1 - i];
+    for (int64_t k = 0; k < K; ++k) {
+      const double y1 = k == l1 ? on : off, y2 = k == l2 ? on : off;
+      targets[static_cast<size_t>(i * K + k)] = static_cast<float>(y1 * lam + y2 * (1.0 - lam));
+    }
+  }
+  return targets;
+}
+
+MixParams mix_params(const MixupDraw& d) {
+  MixParams p;
+  if (d.lam == 1.0) return p;  // not mixed
+  if (d.cutmix) {
+    p.mode = MixMode::cutmix;
+    p.top = static_cast<int32_t>(d.box.top);
+    p.left = static_cast<int32_t>(d.box.left);
+    p.height = static_cast<int32_t>(d.box.height);
+    p.width = static_cast<int32_t>(d.box.width);
+  } else {
+    p.mode = MixMode::mixup;
+    p.lam = static_cast<float>(d.lam);
+    p.one_minus_lam = static_cast<float>(1.0 - d.lam);
+  }
+  return p;
+}
+
+MixupResult mixup_cutmix(std::span<const float> images, std::span<const int64_t> labels, int64_t N,
+                         int64_t H, int64_t W, int64_t C, Generator& gen, const MixupOptions& opt) {
+  CNX_CHECK(N > 0 && N % 2 == 0, "mixup_cutmix: batch size should be even (timm), got ", N);
+  CNX_CHECK(H > 0 && W > 0 && C > 0, "mixup_cutmix: image sizes must be positive, got ", H, " x ",
+            W, " x ", C);
+  CNX_CHECK(static_cast<int64_t>(images.size()) == N * H * W * C, "mixup_cutmix: images hold ",
+            images.size(), " values but N x H x W x C = ", N * H * W * C);
+  CNX_CHECK(static_cast<int64_t>(labels.size()) == N, "mixup_cutmix: ", labels.size(),
+            " labels for a batch of ", N);
+  CNX_CHECK(opt.num_classes > 0, "mixup_cutmix: num_classes must be positive, got ", opt.num_classes);
+  for (int64_t i = 0; i < N; ++i)
+    CNX_CHECK(0 <= labels[i] && labels[i] < opt.num_classes, "mixup_cutmix: label ", labels[i],
+              " of sample ", i, " is outside [0, ", opt.num_classes, ")");
+
+  const MixupDraw d = draw_mixup_cutmix(H, W, gen, opt);
+  MixupResult r;
+  r.lam = d.lam;
+  r.cutmix = d.cutmix;
+  r.box = d.box;
+  r.images.assign(images.begin(), images.end());
+  const int64_t per_image = H * W * C;
+  if (r.lam == 1.0) {
+    // not mixed
+  } else if (r.cutmix) {
+    const int64_t yl = d.box.top, yh = d.box.top + d.box.height;
+    const int64_t xl = d.box.left, xh = d.box.left + d.box.width;
     for (int64_t i = 0; i < N; ++i) {
       const float* src = images.data() + (N - 1 - i) * per_image;
       float* dst = r.images.data() + i * per_image;
@@ -312,26 +364,14 @@ MixupResult mixup_cutmix(std::span<const float> images, std::span<const int64_t>
       for (int64_t k = 0; k < per_image; ++k) dst[k] = x[k] * a + xf[k] * b;
     }
   }
-  // timm's mixup_target.
-  const double off = opt.label_smoothing / static_cast<double>(K);
-  const double on = 1.0 - opt.label_smoothing + off;
-  r.targets.assign(static_cast<size_t>(N * K), 0.0f);
-  for (int64_t i = 0; i < N; ++i) {
-    const int64_t l1 = labels[i], l2 = labels[N - 1 - i];
-    for (int64_t k = 0; k < K; ++k) {
-      const double y1 = k == l1 ? on : off, y2 = k == l2 ? on : off;
-      r.targets[static_cast<size_t>(i * K + k)] =
-          static_cast<float>(y1 * r.lam + y2 * (1.0 - r.lam));
-    }
-  }
+  r.targets = mixup_targets(labels, r.lam, opt);
   return r;
 }
 
 // ---- Random Erasing --------------------------------------------------------------------------
 
-CropBox random_erasing(std::span<float> image, int64_t H, int64_t W, int64_t C, Generator& gen,
-                       const RandomErasingOptions& opt) {
-  check_image("random_erasing", image.size(), H, W, C);
+EraseParams draw_random_erasing(int64_t H, int64_t W, Generator& gen, const RandomErasingOptions& opt) {
+  CNX_CHECK(H > 0 && W > 0, "random_erasing: image sizes must be positive, got ", H, " x ", W);
   CNX_CHECK(0 < opt.min_area && opt.min_area <= opt.max_area && 0 < opt.min_aspect &&
                 opt.min_aspect <= opt.max_aspect,
             "random_erasing: need 0 < min_area <= max_area and 0 < min_aspect <= max_aspect");
@@ -344,15 +384,30 @@ CropBox random_erasing(std::span<float> image, int64_t H, int64_t W, int64_t C, 
     const int64_t h = py_round(std::sqrt(target_area * aspect));
     const int64_t w = py_round(std::sqrt(target_area / aspect));
     if (w < W && h < H) {
-      const int64_t top = randint(gen, 0, H - h);
-      const int64_t left = randint(gen, 0, W - w);
-      for (int64_t y = top; y < top + h; ++y)
-        for (int64_t k = left * C; k < (left + w) * C; ++k)
-          image[static_cast<size_t>(y * W * C + k)] = static_cast<float>(gen.normal());
-      return {top, left, h, w};
+      EraseParams e;
+      e.top = static_cast<int32_t>(randint(gen, 0, H - h));
+      e.left = static_cast<int32_t>(randint(gen, 0, W - w));
+      e.height = static_cast<int32_t>(h);
+      e.width = static_cast<int32_t>(w);
+      if (e.height == 0 || e.width == 0) return {};  // an empty box erases nothing
+      const uint64_t hi = gen.next_u32();  // two statements: the draw order is fixed
+      const uint64_t lo = gen.next_u32();
+      e.noise_key = (hi << 32) | lo;
+      return e;
     }
   }
   return {};
+}
+
+CropBox random_erasing(std::span<float> image, int64_t H, int64_t W, int64_t C, Generator& gen,
+                       const RandomErasingOptions& opt) {
+  check_image("random_erasing", image.size(), H, W, C);
+  const EraseParams e = draw_random_erasing(H, W, gen, opt);
+  if (e.height == 0) return {};
+  for (int64_t y = e.top; y < e.top + e.height; ++y)
+    for (int64_t k = (y * W + e.left) * C; k < (y * W + e.left + e.width) * C; ++k)
+      image[static_cast<size_t>(k)] = erase_noise(e.noise_key, k);
+  return {e.top, e.left, e.height, e.width};
 }
 
 }  // namespace cnx

@@ -1,5 +1,8 @@
 // The paper's augmentation primitives (ConvNeXt, Liu et al. 2022, as the official code builds
-// them with timm / torchvision), as pure functions on images. Not wired into the DataLoader yet.
+// them with timm / torchvision), as pure functions on images. The DataLoader
+// (train/data/loader.h) runs the per-image ones on uint8 pixels, and only draws the parameters
+// of Random Erasing and Mixup/CutMix (draw_random_erasing, draw_mixup_cutmix): the batch finish
+// (kernels/batch_finish.h) applies them, on the host or on the GPU.
 //
 // Layout: an image is a row-major HWC buffer (H rows, W columns, C channels); uint8 before
 // normalisation, float after (x -> (x / 255 - mean) / std). A batch is NHWC float.
@@ -18,6 +21,7 @@
 #include <span>
 #include <vector>
 
+#include "kernels/batch_finish.h"
 #include "tensor/generator.h"
 
 namespace cnx {
@@ -115,6 +119,13 @@ struct MixupOptions {
   int64_t num_classes = 1000;
 };
 
+// The draws of one batch's Mixup/CutMix (what mixup_cutmix below draws, without applying it).
+struct MixupDraw {
+  double lam = 1.0;     // the weight of the batch itself (1: not mixed)
+  bool cutmix = false;  // whether CutMix (else Mixup, or nothing when lam == 1)
+  CropBox box;          // CutMix's box (rows yl..yh, columns xl..xh); empty otherwise
+};
+
 struct MixupResult {
   std::vector<float> images;   // (N, H, W, C), mixed
   std::vector<float> targets;  // (N, K) soft targets, each row sums to 1
@@ -142,6 +153,14 @@ MixupResult mixup_cutmix(std::span<const float> images, std::span<const int64_t>
                          int64_t H, int64_t W, int64_t C, Generator& gen,
                          const MixupOptions& opt = {});
 
+// The draws of mixup_cutmix alone, for H x W images (same draws, same order, same lam and box).
+MixupDraw draw_mixup_cutmix(int64_t H, int64_t W, Generator& gen, const MixupOptions& opt = {});
+// mixup_cutmix's soft targets for labels in [0, opt.num_classes) mixed with weight lam: (N, K).
+std::vector<float> mixup_targets(std::span<const int64_t> labels, double lam, const MixupOptions& opt);
+// The MixParams of the batch finish (kernels/batch_finish.h) for a draw: float(lam) and
+// float(1 - lam), and the CutMix box.
+MixParams mix_params(const MixupDraw& d);
+
 // ---- Random Erasing (timm.data.RandomErasing, mode "pixel", count 1) ---------------------------
 
 struct RandomErasingOptions {
@@ -151,13 +170,17 @@ struct RandomErasingOptions {
   int attempts = 10;
 };
 
-// On a normalised float H x W x C image, in place. Draws, in order: u = gen.uniform(); nothing
-// more (and nothing erased) if u > probability (timm's test). Then up to `attempts` times:
+// The draws, for an H x W image, in order: u = gen.uniform(); nothing more (and nothing erased:
+// height 0) if u > probability (timm's test). Then up to `attempts` times:
 //   target_area = H * W * uniform(min_area, max_area), aspect = exp(uniform(log min, log max)),
 //   h = round(sqrt(target_area * aspect)), w = round(sqrt(target_area / aspect));
-//   if w < W and h < H: top = randint(0, H - h), left = randint(0, W - w), and the box's values
-//   are replaced by float(gen.normal()) drawn in HWC memory order (per pixel and channel:
-//   mode "pixel"); stop.
+//   if w < W and h < H: top = randint(0, H - h), left = randint(0, W - w), then the noise key
+//   = (gen.next_u32() << 32) | gen.next_u32() (high word first); stop.
+EraseParams draw_random_erasing(int64_t H, int64_t W, Generator& gen, const RandomErasingOptions& opt = {});
+
+// On a normalised float H x W x C image, in place: draw_random_erasing, then every value k (HWC
+// index) of the box becomes erase_noise(key, k) (kernels/batch_finish.h: a standard normal per
+// pixel and channel, timm's mode "pixel", counter-based so the GPU finish gives the same values).
 // Returns the erased box (height 0 when nothing was erased).
 CropBox random_erasing(std::span<float> image, int64_t H, int64_t W, int64_t C, Generator& gen,
                        const RandomErasingOptions& opt = {});

@@ -11,6 +11,7 @@
 #include <optional>
 #include <thread>
 
+#include "tensor/cuda_context.h"
 #include "tensor/error.h"
 #include "tensor/generator.h"
 
@@ -45,46 +46,55 @@ uint64_t uniform_below(Generator& gen, uint64_t n) {
   }
 }
 
-// ---- pixels: normalisation, padding, crop and flip --------------------------------------------
+// ---- pixels: padding, crop and flip (in uint8; the normalisation is the batch finish's) --------
 
-std::vector<float> normalization_lut(int64_t C, const std::array<float, 3>& mean,
-                                     const std::array<float, 3>& std, const std::string& who);
+// The Normalization of a dataset's mean and std, checked (std > 0, 1 to 3 channels).
+Normalization checked_normalization(int64_t C, const std::array<float, 3>& mean,
+                                    const std::array<float, 3>& std, const std::string& who) {
+  CNX_CHECK(C >= 1 && C <= 3, who, ": images have ", C, " channels; 1 to 3 are supported");
+  Normalization n;
+  for (int64_t ch = 0; ch < C; ++ch) {
+    CNX_CHECK(std[ch] > 0, who, ": std of channel ", ch, " is ", std[ch], "; it must be > 0");
+    n.mean[ch] = mean[ch];
+    n.std[ch] = std[ch];
+  }
+  return n;
+}
 
-struct Normalizer {
+// In-memory datasets: an HxW image placed in its SxS frame, cropped and flipped.
+struct PixelPlacer {
   int64_t H = 0, W = 0, C = 0;
   int64_t out_h = 0, out_w = 0;  // S
   int64_t pad_y = 0, pad_x = 0;  // where the HxW image sits inside SxS
-  std::vector<float> lut;        // (C, 256): the normalised value of each byte value
+  Normalization norm;
 
-  Normalizer(int64_t h, int64_t w, int64_t c, const std::array<float, 3>& mean,
-             const std::array<float, 3>& std, const std::string& who)
+  PixelPlacer(int64_t h, int64_t w, int64_t c, const std::array<float, 3>& mean,
+              const std::array<float, 3>& std, const std::string& who)
       : H(h), W(w), C(c) {
     CNX_CHECK(H > 0 && W > 0, who, ": images of ", H, "x", W, " have no pixels");
-    CNX_CHECK(C >= 1 && C <= 3, who, ": images have ", C, " channels; 1 to 3 are supported");
+    norm = checked_normalization(C, mean, std, who);
     out_h = loader_image_side(H);
     out_w = loader_image_side(W);
     pad_y = (out_h - H) / 2;
     pad_x = (out_w - W) / 2;
-    lut = normalization_lut(C, mean, std, who);
   }
 
   // dst (out_h, out_w, C) from src (H, W, C): out(y, x) = padded(y + dy - 4, x' + dx - 4) with
   // x' = out_w - 1 - x when flipped (the crop, then the flip), padded = src placed at
-  // (pad_y, pad_x) in zeros.
-  void write(float* dst, const uint8_t* src, const CropFlip& cf) const {
-    const float* zero = lut.data();  // byte value 0 of each channel: lut[c * 256]
+  // (pad_y, pad_x) in zeros (byte value 0 of every channel).
+  void write(uint8_t* dst, const uint8_t* src, const CropFlip& cf) const {
     for (int64_t y = 0; y < out_h; ++y) {
       const int64_t sy = y + cf.dy - kCropPadding - pad_y;
       const bool row_in = sy >= 0 && sy < H;
       for (int64_t x = 0; x < out_w; ++x) {
         const int64_t xs = cf.flip ? out_w - 1 - x : x;
         const int64_t sx = xs + cf.dx - kCropPadding - pad_x;
-        float* d = dst + (y * out_w + x) * C;
+        uint8_t* d = dst + (y * out_w + x) * C;
         if (row_in && sx >= 0 && sx < W) {
-          const uint8_t* s = src + (sy * W + sx) * C;
-          for (int64_t c = 0; c < C; ++c) d[c] = lut[c * 256 + s[c]];
+          const uint8_t* p = src + (sy * W + sx) * C;
+          for (int64_t c = 0; c < C; ++c) d[c] = p[c];
         } else {
-          for (int64_t c = 0; c < C; ++c) d[c] = zero[c * 256];
+          for (int64_t c = 0; c < C; ++c) d[c] = 0;
         }
       }
     }
@@ -96,18 +106,7 @@ struct Slot {
   std::exception_ptr error;
 };
 
-// The normalised value of each byte value, per channel: (C, 256).
-std::vector<float> normalization_lut(int64_t C, const std::array<float, 3>& mean,
-                                     const std::array<float, 3>& std, const std::string& who) {
-  std::vector<float> lut(static_cast<size_t>(C * 256));
-  for (int64_t ch = 0; ch < C; ++ch) {
-    CNX_CHECK(std[ch] > 0, who, ": std of channel ", ch, " is ", std[ch], "; it must be > 0");
-    for (int v = 0; v < 256; ++v)
-      lut[ch * 256 + v] = static_cast<float>((v / 255.0 - static_cast<double>(mean[ch])) /
-                                             static_cast<double>(std[ch]));
-  }
-  return lut;
-}
+constexpr int64_t kEraseAlignment = 64;  // where the erase params start in a ByteBatch block
 
 }  // namespace
 
@@ -147,18 +146,54 @@ CropFlip crop_flip(uint64_t seed, int64_t epoch, int64_t position) {
 
 Tensor normalize_image(std::span<const uint8_t> hwc, int64_t H, int64_t W, int64_t C,
                        const std::array<float, 3>& mean, const std::array<float, 3>& std) {
-  const Normalizer norm(H, W, C, mean, std, "normalize_image");
+  const PixelPlacer place(H, W, C, mean, std, "normalize_image");
   CNX_CHECK(static_cast<int64_t>(hwc.size()) == H * W * C, "normalize_image: ", hwc.size(),
             " bytes given for an image of ", H, "x", W, "x", C, " (", H * W * C, " bytes)");
-  Tensor out = Tensor::empty({1, norm.out_h, norm.out_w, C});
-  norm.write(out.data<float>(), hwc.data(), CropFlip{});
+  std::vector<uint8_t> framed(static_cast<size_t>(place.out_h * place.out_w * C));
+  place.write(framed.data(), hwc.data(), CropFlip{});
+  Tensor out = Tensor::empty({1, place.out_h, place.out_w, C});
+  cpu::batch_finish(out.data<float>(), framed.data(), nullptr, MixParams{}, place.norm, 1,
+                    place.out_h, place.out_w, C);
   return out;
+}
+
+// ---- the batch finish, where the model runs -----------------------------------------------------
+
+Tensor finish_batch(ByteBatch& bb, Device device) {
+  CNX_CHECK(bb.buffer.defined(), "finish_batch: the batch holds no buffer");
+  Tensor out = Tensor::empty({bb.B, bb.H, bb.W, bb.C}, DType::f32, device);
+  if (device.is_cpu()) {
+    cpu::batch_finish(out.data<float>(), bb.pixels(), bb.erase(), bb.mix, bb.norm, bb.B, bb.H, bb.W, bb.C);
+    return out;
+  }
+#if defined(CNX_CUDA) && CNX_CUDA
+  // One copy of the pixels and the erase params into a device block (from the caching
+  // allocator: freed at return, which is safe because whatever reuses it is enqueued on the same
+  // stream after the finish kernel), then the finish on the same stream.
+  const int64_t used = bb.used_bytes();
+  Tensor raw = Tensor::empty({used}, DType::u8, device);
+  bb.buffer.copy_to_device(raw.raw_data(), device, used);
+  cuda::DeviceGuard guard(device);
+  const uint8_t* dev = raw.data<uint8_t>();
+  const EraseParams* erase = bb.erasing ? reinterpret_cast<const EraseParams*>(dev + bb.erase_offset) : nullptr;
+  cuda::batch_finish(out.data<float>(), dev, erase, bb.mix, bb.norm, bb.B, bb.H, bb.W, bb.C,
+                     cuda::device_stream(device));
+  return out;
+#else
+  fail("finish_batch: ", device.str(), " is a CUDA device but this build has no CUDA backend");
+#endif
+}
+
+Tensor batch_images(const Batch& b, Device device) {
+  if (b.images.defined()) return b.images.to(device);
+  CNX_CHECK(b.bytes, "batch_images: the batch has neither images nor bytes");
+  return finish_batch(*b.bytes, device);
 }
 
 // ---- the ImageFolder per-image transform -------------------------------------------------------
 
-FolderImageTransform::FolderImageTransform(const FolderTransform& t)
-    : t_(t), lut_(normalization_lut(3, t.mean, t.std, "FolderTransform")) {
+FolderImageTransform::FolderImageTransform(const FolderTransform& t) : t_(t) {
+  (void)checked_normalization(3, t.mean, t.std, "FolderTransform");
   if (!t.auto_augment.empty() && t.auto_augment != "none") {
     rand_augment_ = parse_rand_augment(t.auto_augment);
     for (int c = 0; c < 3; ++c)  // geometric ops fill with the mean colour (timm's img_mean)
@@ -166,8 +201,12 @@ FolderImageTransform::FolderImageTransform(const FolderTransform& t)
   }
 }
 
+Normalization FolderImageTransform::normalization() const {
+  return checked_normalization(3, t_.mean, t_.std, "FolderTransform");
+}
+
 void FolderImageTransform::operator()(const DecodedImage& img, bool train, Generator& gen,
-                                      float* dst) const {
+                                      uint8_t* dst) const {
   const int64_t S = t_.input_size;
   std::vector<uint8_t> x;
   if (train) {
@@ -179,7 +218,7 @@ void FolderImageTransform::operator()(const DecodedImage& img, bool train, Gener
   } else {
     x = eval_transform(img.rgb, img.H, img.W, 3, S, t_.crop_pct);
   }
-  for (int64_t k = 0; k < S * S * 3; ++k) dst[k] = lut_[(k % 3) * 256 + x[static_cast<size_t>(k)]];
+  std::copy(x.begin(), x.end(), dst);  // (S, S, 3)
 }
 
 // ---- the loader ------------------------------------------------------------------------------
@@ -192,8 +231,11 @@ struct DataLoader::Impl {
   std::string who;                 // "DataLoader: dataset 'name'" for messages
   int64_t N = 0, num_classes = 0;  // samples, classes
   int64_t out_h = 0, out_w = 0, C = 0;  // the batch's image shape
-  std::optional<Normalizer> norm;  // in-memory datasets
+  std::optional<PixelPlacer> place;  // in-memory datasets
   std::optional<FolderImageTransform> folder_transform;  // ImageFolder
+  Normalization norm;              // of either kind
+  std::shared_ptr<HostBufferPool> pool;  // the blocks of the uint8 batches
+  int64_t erase_offset = 0;        // where a block's erase params start
   int nworkers = 0, depth = 0;
   int64_t per_epoch = 0;
   mutable DecodeStats decode_stats;  // this epoch's decode attempts (ImageFolder)
@@ -224,10 +266,10 @@ struct DataLoader::Impl {
     return label;
   }
 
-  // ImageFolder: decodes sample i and writes its transformed, normalised image to dst
+  // ImageFolder: decodes sample i and writes its transformed uint8 image to dst
   // (out_h, out_w, 3). False when the file does not decode (warned and counted); throws when
   // this epoch's failures pass max_bad_fraction of the split.
-  bool folder_sample(float* dst, int64_t i, Generator& gen) const {
+  bool folder_sample(uint8_t* dst, int64_t i, Generator& gen) const {
     DecodedImage img;
     if (!decode_jpeg_or_warn(folder->samples[static_cast<size_t>(i)].first, img, &decode_stats)) {
       decode_stats.check(opt.folder.max_bad_fraction, N);  // this epoch's failures vs the split
@@ -237,25 +279,33 @@ struct DataLoader::Impl {
     return true;
   }
 
+  // Batch `index` of the epoch: the uint8 batch (pixels, erase and mix parameters, labels,
+  // targets), then, with output f32, its CPU finish.
   Batch build(int64_t index) const {
     const int64_t lo = index * opt.batch_size;
     const int64_t hi = std::min(lo + opt.batch_size, N);
     const int64_t image = out_h * out_w * C;
-    Batch b;
-    b.epoch = epoch;
-    b.index = index;
-    b.images = Tensor::empty({hi - lo, out_h, out_w, C});
-    b.labels = Tensor::empty({hi - lo}, DType::i64);
-    float* images = b.images.data<float>();
-    int64_t* labels = b.labels.data<int64_t>();
+    auto bytes = std::make_shared<ByteBatch>();
+    ByteBatch& bb = *bytes;
+    bb.buffer = pool->acquire();
+    bb.H = out_h;
+    bb.W = out_w;
+    bb.C = C;
+    bb.norm = norm;
+    bb.erase_offset = erase_offset;
+    bb.erasing = augmenting() && opt.reprob > 0;
+    uint8_t* pixels = bb.buffer.as<uint8_t>();
+    EraseParams* erase = reinterpret_cast<EraseParams*>(pixels + erase_offset);
+    std::vector<int64_t> labels;
+    labels.reserve(static_cast<size_t>(hi - lo));
     int64_t B = 0;  // samples written so far
     for (int64_t pos = lo; pos < hi; ++pos) {
       int64_t i = order[static_cast<size_t>(pos)];
-      float* dst = images + B * image;
+      uint8_t* dst = pixels + B * image;
       Generator gen = sample_generator(opt.seed, epoch, pos);
       if (ds) {
         const CropFlip cf = augmenting() ? crop_flip(opt.seed, epoch, pos) : CropFlip{};
-        norm->write(dst, ds->images.data() + i * ds->H * ds->W * ds->C, cf);
+        place->write(dst, ds->images.data() + i * ds->H * ds->W * ds->C, cf);
       } else {
         bool ok = folder_sample(dst, i, gen);
         // Training: the next sample in dataset order that decodes takes its place.
@@ -266,27 +316,31 @@ struct DataLoader::Impl {
         }
         if (!ok) continue;  // evaluation: left out
       }
-      labels[B] = label_of(i);
-      if (augmenting() && opt.reprob > 0) {
+      labels.push_back(label_of(i));
+      if (bb.erasing) {
         RandomErasingOptions eo = opt.erasing;
         eo.probability = opt.reprob;
-        random_erasing(std::span<float>(dst, static_cast<size_t>(image)), out_h, out_w, C, gen, eo);
+        erase[B] = draw_random_erasing(out_h, out_w, gen, eo);
       }
       ++B;
     }
-    if (B < hi - lo) {  // evaluation with files left out
-      b.images = Tensor::from_data<float>({B, out_h, out_w, C}, std::span<const float>(images, static_cast<size_t>(B * image)));
-      b.labels = Tensor::from_data<int64_t>({B}, std::span<const int64_t>(labels, static_cast<size_t>(B)));
-    }
+    bb.B = B;  // fewer than hi - lo in evaluation with files left out
+    Batch b;
+    b.epoch = epoch;
+    b.index = index;
+    b.labels = Tensor::from_data<int64_t>({B}, labels);
     if (augmenting() && opt.mixing()) {
       MixupOptions mo = opt.mixup;
       mo.num_classes = num_classes;
       Generator gen(splitmix64(mix_key(opt.seed, kMixStream, epoch) ^ static_cast<uint64_t>(index)));
-      MixupResult r = mixup_cutmix(std::span<const float>(b.images.data<float>(), static_cast<size_t>(B * image)),
-                                   std::span<const int64_t>(b.labels.data<int64_t>(), static_cast<size_t>(B)),
-                                   B, out_h, out_w, C, gen, mo);
-      b.images = Tensor::from_data<float>(b.images.shape(), r.images);
-      b.targets = Tensor::from_data<float>({B, num_classes}, r.targets);
+      const MixupDraw d = draw_mixup_cutmix(out_h, out_w, gen, mo);
+      bb.mix = mix_params(d);
+      b.targets = Tensor::from_data<float>({B, num_classes}, mixup_targets(labels, d.lam, mo));
+    }
+    if (opt.output == LoaderOutput::f32) {
+      b.images = finish_batch(bb, Device::cpu());  // the block goes back to the pool at return
+    } else {
+      b.bytes = std::move(bytes);
     }
     return b;
   }
@@ -350,6 +404,14 @@ struct DataLoader::Impl {
     per_epoch = opt.drop_last ? N / opt.batch_size : (N + opt.batch_size - 1) / opt.batch_size;
     CNX_CHECK(per_epoch > 0, who, ": batch size ", opt.batch_size, " is larger than its ", N,
               " samples and drop_last is on: an epoch would have no batch");
+    // The pool of uint8 batch blocks: [pixels (batch, S, S, C) | erase params (batch)]. At most
+    // `depth` batches are claimed but not delivered, the consumer holds one, and one or two may
+    // still be copying to the device: depth + 3 blocks suffice in the steady state.
+    const int64_t pixel_bytes = opt.batch_size * out_h * out_w * C;
+    erase_offset = (pixel_bytes + kEraseAlignment - 1) / kEraseAlignment * kEraseAlignment;
+    const int64_t block = erase_offset + opt.batch_size * static_cast<int64_t>(sizeof(EraseParams));
+    const bool pinned = opt.output == LoaderOutput::u8 && opt.pinned && cuda_device_count() > 0;
+    pool = HostBufferPool::create(block, pinned, depth + 3);
   }
 };
 
@@ -370,9 +432,10 @@ DataLoader::DataLoader(const Dataset& ds, LoaderOptions opt) {
   m.who = who;
   m.N = ds.N;
   m.num_classes = ds.num_classes;
-  m.norm.emplace(ds.H, ds.W, ds.C, ds.mean, ds.std, who);
-  m.out_h = m.norm->out_h;
-  m.out_w = m.norm->out_w;
+  m.place.emplace(ds.H, ds.W, ds.C, ds.mean, ds.std, who);
+  m.norm = m.place->norm;
+  m.out_h = m.place->out_h;
+  m.out_w = m.place->out_w;
   m.C = ds.C;
   m.finish_setup();
 }
@@ -398,6 +461,7 @@ DataLoader::DataLoader(const ImageFolder& folder, LoaderOptions opt) {
   m.out_h = m.out_w = t.input_size;
   m.C = 3;
   m.folder_transform.emplace(t);
+  m.norm = m.folder_transform->normalization();
   m.finish_setup();
 }
 
@@ -413,6 +477,8 @@ int64_t DataLoader::decode_failures() const { return impl_->decode_stats.failed(
 int DataLoader::workers() const { return impl_->nworkers; }
 int DataLoader::prefetch() const { return impl_->depth; }
 const LoaderOptions& DataLoader::options() const { return impl_->opt; }
+HostBufferPoolStats DataLoader::buffer_stats() const { return impl_->pool->stats(); }
+bool DataLoader::pinned() const { return impl_->pool->pinned(); }
 
 void DataLoader::start_epoch(int64_t epoch, int64_t first_batch) {
   Impl& m = *impl_;

@@ -1,5 +1,5 @@
-// DataLoader: turns a dataset into float batches ready for the model, built ahead by worker
-// threads and delivered strictly in order. Two kinds of dataset:
+// DataLoader: turns a dataset into batches ready for the model, built ahead by worker threads
+// and delivered strictly in order. Two kinds of dataset:
 //
 //  - an in-memory uint8 NHWC Dataset (Fashion-MNIST, CIFAR; train/data/dataset.h): the small-
 //    image pipeline below;
@@ -9,6 +9,14 @@
 //   Batch: images (B, S, S, C) f32 NHWC, normalised x -> (x / 255 - mean[c]) / std[c] (computed
 //          in double, rounded once to float); labels (B) i64; with Mixup/CutMix on, also
 //          targets (B, K) f32, the soft targets (smoothing folded in) that the loss must use.
+//   Two stages: the workers build a uint8 batch (ByteBatch: the pixels after crop / flip /
+//          RandAugment, and the drawn parameters of Random Erasing and Mixup/CutMix), and the
+//          batch finish (kernels/batch_finish.h) turns it into the float images. With
+//          output f32 (the default) the workers also finish on the host and Batch::images is
+//          set; with output u8 Batch::bytes is set instead and the consumer finishes it where
+//          the model runs (batch_images below: on a CUDA device, one copy of 1 byte a value
+//          into device memory and the CUDA finish). The two give the same values (the erasing
+//          noise up to the last bit of double log/cos/sin on each side).
 //          In-memory datasets: S = 32 for 28x28 images (zero padding of 2 pixels each side:
 //          pixel value 0, before normalisation), else S = H (and W for the width).
 //          ImageFolder: S = input_size, C = 3.
@@ -32,8 +40,10 @@
 //          sample_generator().
 //   Both kinds, training only, `augment`: Random Erasing (reprob > 0) on each normalised image
 //          (after the steps above, same per-sample generator: for in-memory datasets one keyed
-//          like sample_generator), then Mixup/CutMix (mixup.mixup_alpha or cutmix_alpha > 0) on
-//          the whole batch from a Generator keyed by (seed, epoch, batch index).
+//          like sample_generator; draw_random_erasing, its noise keyed by a word pair drawn from
+//          that generator), then Mixup/CutMix (mixup.mixup_alpha or cutmix_alpha > 0) on
+//          the whole batch from a Generator keyed by (seed, epoch, batch index)
+//          (draw_mixup_cutmix, mixup_targets).
 // So a batch depends only on (dataset, options, seed, epoch, batch index): not on the number of
 // workers, the order in which they finish, or whether the epoch was resumed with
 // start_epoch(epoch, first_batch).
@@ -51,6 +61,11 @@
 //     while (loader.next(b)) step(b.images, b.labels);
 //   }
 //
+// Memory: the uint8 batches live in blocks of a HostBufferPool (tensor/pinned_memory.h), reused
+// batch after batch; page-locked when `pinned` (and a CUDA device exists), so that the copy to
+// the GPU is an asynchronous DMA; a block goes back to the pool when its ByteBatch is destroyed,
+// and is refilled only once its copy has completed.
+//
 // Threads: one consumer thread calls start_epoch and next (a DataLoader is not shared between
 // consumers); `workers` std::threads claim batch indices in order and build them; at most
 // `prefetch` batches are claimed but not yet delivered. An exception while building batch i
@@ -66,6 +81,8 @@
 #include <span>
 #include <vector>
 
+#include "kernels/batch_finish.h"
+#include "tensor/pinned_memory.h"
 #include "tensor/tensor.h"
 #include "train/data/augment.h"
 #include "train/data/dataset.h"
@@ -90,21 +107,27 @@ struct FolderTransform {
 };
 
 // The ImageFolder per-image transform of a FolderTransform (what the loader's workers run on
-// each decoded file; bench_loader times it): a decoded RGB image to a normalised (S, S, 3) float
-// image, S = input_size. train: RandomResizedCrop, flip, then RandAugment (or colour jitter when
-// auto_augment is "none"), drawing from `gen`; otherwise the evaluation transform (no draws).
-// Random Erasing and Mixup/CutMix come after it, in the loader.
+// each decoded file; bench_loader times it): a decoded RGB image to a uint8 (S, S, 3) image,
+// S = input_size, not yet normalised. train: RandomResizedCrop, flip, then RandAugment (or
+// colour jitter when auto_augment is "none"), drawing from `gen`; otherwise the evaluation
+// transform (no draws). Normalisation, Random Erasing and Mixup/CutMix come after it, in the
+// batch finish.
 class FolderImageTransform {
  public:
   // Throws cnx::Error on a bad auto_augment string or a std <= 0.
   explicit FolderImageTransform(const FolderTransform& t);
-  void operator()(const DecodedImage& img, bool train, Generator& gen, float* dst) const;
+  void operator()(const DecodedImage& img, bool train, Generator& gen, uint8_t* dst) const;
+  // The normalisation of the transform's output (mean, std).
+  Normalization normalization() const;
 
  private:
   FolderTransform t_;
-  std::vector<float> lut_;  // (3, 256): the normalised value of each byte value
   std::optional<RandAugmentOptions> rand_augment_;
 };
+
+// What the loader hands out: float images finished by its workers, or the uint8 batch for the
+// consumer to finish (on the GPU).
+enum class LoaderOutput { f32, u8 };
 
 struct LoaderOptions {
   int64_t batch_size = 128;
@@ -120,6 +143,8 @@ struct LoaderOptions {
   // Mixup/CutMix (training with augment) when either alpha > 0; num_classes is set by the
   // loader from the dataset. Needs an even batch size.
   MixupOptions mixup{.mixup_alpha = 0.0, .cutmix_alpha = 0.0};
+  LoaderOutput output = LoaderOutput::f32;  // u8: Batch::bytes instead of Batch::images
+  bool pinned = false;  // output u8: page-locked buffers (ignored without a CUDA device)
 
   static LoaderOptions training(int64_t batch_size, uint64_t seed) {
     LoaderOptions o;
@@ -134,10 +159,41 @@ struct LoaderOptions {
     return o;
   }
   bool mixing() const { return mixup.mixup_alpha > 0 || mixup.cutmix_alpha > 0; }
+  // These options for a consumer on `device`: on a CUDA device uint8 batches in pinned memory,
+  // finished on the device (batch_images); on the CPU float batches finished by the workers.
+  LoaderOptions for_device(Device device) const {
+    LoaderOptions o = *this;
+    o.output = device.is_cuda() ? LoaderOutput::u8 : LoaderOutput::f32;
+    o.pinned = device.is_cuda();
+    return o;
+  }
+};
+
+// A batch before its finish (kernels/batch_finish.h): one block of the loader's pool holding the
+// pixels (B, H, W, C) u8 at offset 0 and, when erasing is on, the B EraseParams at
+// erase_offset (64-byte aligned), so that a single copy takes both to the device; the
+// batch-wide MixParams and the Normalization travel by value.
+struct ByteBatch {
+  HostBuffer buffer;
+  int64_t B = 0, H = 0, W = 0, C = 0;
+  int64_t erase_offset = 0;  // bytes
+  bool erasing = false;      // erase params present (some may have height 0: not erased)
+  MixParams mix;
+  Normalization norm;
+
+  const uint8_t* pixels() const { return buffer.as<const uint8_t>(); }
+  const EraseParams* erase() const {
+    return erasing ? reinterpret_cast<const EraseParams*>(buffer.as<const uint8_t>() + erase_offset) : nullptr;
+  }
+  // The bytes a copy must move: the pixels, and the erase params when present.
+  int64_t used_bytes() const {
+    return erasing ? erase_offset + B * static_cast<int64_t>(sizeof(EraseParams)) : B * H * W * C;
+  }
 };
 
 struct Batch {
-  Tensor images;   // (B, S, S, C) f32
+  Tensor images;   // (B, S, S, C) f32 (output f32); undefined with output u8
+  std::shared_ptr<ByteBatch> bytes;  // output u8: the batch to finish (batch_images)
   Tensor labels;   // (B) i64
   Tensor targets;  // (B, K) f32 soft targets when Mixup/CutMix is on; else undefined
   int64_t epoch = -1;
@@ -164,6 +220,15 @@ CropFlip crop_flip(uint64_t seed, int64_t epoch, int64_t position);
 // of the sample at `position` in epoch `epoch`: its own key, mixed from (seed, epoch, position).
 Generator sample_generator(uint64_t seed, int64_t epoch, int64_t position);
 
+// The float images of a ByteBatch on `device`: on the CPU the CPU finish; on a CUDA device an
+// asynchronous copy of the block (pixels and erase params) to device memory on the device's
+// stream, then the CUDA finish on that stream (the block returns to its pool only after the
+// copy has completed).
+Tensor finish_batch(ByteBatch& bytes, Device device);
+// The images of a loader's batch on `device`, whatever its output: images.to(device) for f32,
+// finish_batch(*bytes, device) for u8.
+Tensor batch_images(const Batch& b, Device device);
+
 // One uint8 HxWxC image (C <= 3) normalised into a (1, S, S, C) f32 tensor exactly as the
 // evaluation loader does (for `convnext predict`).
 Tensor normalize_image(std::span<const uint8_t> hwc, int64_t H, int64_t W, int64_t C,
@@ -189,6 +254,9 @@ class DataLoader {
   int64_t num_classes() const;
   // Files that failed to decode in the current epoch so far (ImageFolder; 0 otherwise).
   int64_t decode_failures() const;
+  // The pool of the uint8 batch blocks: whether page-locked, and its counters.
+  bool pinned() const;
+  HostBufferPoolStats buffer_stats() const;
 
   // Starts (or restarts) epoch `epoch` at batch `first_batch` (resuming mid-epoch), dropping
   // whatever was being prefetched.
