@@ -46,6 +46,13 @@ Tensor drop_path(const Tensor& x, const Tensor& scale);
 // when !training or drop_prob == 0.
 Tensor drop_path(const Tensor& x, double drop_prob, bool training, Generator& gen);
 
+// ---- the end of a block, fused ----------------------------------------------------------------
+// x + drop_path(layer_scale(h, gamma), scale) in one pass (kernels/scaled_residual.h): x, h
+// (N, ..., C); gamma (C) or undefined (no layer scale); scale (N), a drop_path_scale draw, or
+// undefined (no drop path). Bitwise the unfused ops' result in f32 on the CPU; a dropped
+// sample's h is not read.
+Tensor scaled_residual(const Tensor& x, const Tensor& h, const Tensor& gamma, const Tensor& scale);
+
 // ---- elementwise and reductions --------------------------------------------------------------
 Tensor add(const Tensor& a, const Tensor& b);  // same shape: the residual connection
 Tensor mul(const Tensor& a, const Tensor& b);  // same shape, elementwise

@@ -307,17 +307,28 @@ Tensor ConvNeXt::block_forward(const Block& b, const Tensor& x, bool training,
   h = layer_norm(h, p(b.ln_w), p(b.ln_b), kLayerNormEps);
   h = gelu(linear(h, p(b.pw1_w), p(b.pw1_b)));          // (N, H, W, 4C)
   h = linear(h, p(b.pw2_w), p(b.pw2_b));                // (N, H, W, C)
-  if (b.gamma >= 0) h = layer_scale(h, p(b.gamma));
-  h = drop_path(h, b.drop_prob, training, drop_gen);
-  return add(x, h);
+  // x + drop_path(layer_scale(h)) in one pass; the drop-path draw is drop_path()'s (the same
+  // samples, from the same generator state, as the unfused ops).
+  const Tensor gamma = b.gamma >= 0 ? p(b.gamma) : Tensor();
+  const Tensor scale = training && b.drop_prob > 0
+                           ? drop_path_scale(x.dim(0), b.drop_prob, drop_gen,
+                                             param_dtype(h.dtype()), h.device())
+                           : Tensor();
+  return scaled_residual(x, h, gamma, scale);
 }
 
-Tensor ConvNeXt::forward(const Tensor& images, bool training, Generator& drop_gen) const {
+Tensor ConvNeXt::forward(const Tensor& images, bool training, Generator& drop_gen,
+                         DType activations) const {
   CNX_CHECK(images.rank() == 4 && images.dim(3) == config_.in_chans, "model ", config_.name,
             ": images ", images.str(), " must be (N, H, W, ", config_.in_chans, ")");
   CNX_CHECK(images.device() == device(), "model ", config_.name, ": images ", images.str(),
             " are not on the model's device ", device().str(), " (move them with .to())");
-  Tensor x = images;
+  const DType params = p(head_w_).dtype();
+  CNX_CHECK(activations == params || (activations == DType::bf16 && params == DType::f32),
+            "model ", config_.name, ": activations ", dtype_name(activations),
+            " need f32 parameters (mixed precision) or parameters of that dtype; they are ",
+            dtype_name(params));
+  Tensor x = cast(images, activations);
   for (size_t i = 0; i < stages_.size(); ++i) {
     const Downsample& d = downsample_[i];
     if (d.norm_first) x = layer_norm(x, p(d.ln_w), p(d.ln_b), kLayerNormEps);
@@ -325,7 +336,7 @@ Tensor ConvNeXt::forward(const Tensor& images, bool training, Generator& drop_ge
     if (!d.norm_first && d.ln_w >= 0) x = layer_norm(x, p(d.ln_w), p(d.ln_b), kLayerNormEps);
     for (const Block& b : stages_[i]) x = block_forward(b, x, training, drop_gen);
   }
-  x = global_avg_pool(x);  // (N, C)
+  x = global_avg_pool(cast(x, params));  // (N, C), in the parameters' precision from here on
   x = layer_norm(x, p(norm_w_), p(norm_b_), kLayerNormEps);
   return linear(x, p(head_w_), p(head_b_));  // (N, num_classes)
 }

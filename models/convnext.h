@@ -92,7 +92,16 @@ class ConvNeXt {
   // images (N, H, W, in_chans) on the model's device, already normalised -> logits
   // (N, num_classes). In training mode drop path draws its per-sample masks from `drop_gen` (on
   // the host, so every device drops the same samples); otherwise nothing is drawn.
-  Tensor forward(const Tensor& images, bool training, Generator& drop_gen) const;
+  //
+  // `activations` is the dtype of the activations between the stem and the global pool: the
+  // parameters' own (f32: full precision), or bf16 for mixed precision (--use_amp): the images
+  // are rounded to bf16 once, every layer from the stem to the last block reads and writes bf16
+  // activations with its fp32 parameters (GEMMs on bf16 copies of their weights, fp32
+  // accumulation; LayerNorm statistics in fp32), and the pooled features come back to fp32, so
+  // the head's LayerNorm and linear, the logits and the loss are fp32. Gradients follow the same
+  // dtypes backwards; every parameter gradient is fp32.
+  Tensor forward(const Tensor& images, bool training, Generator& drop_gen,
+                 DType activations = DType::f32) const;
 
   // In official order (the order of the official model's state_dict()).
   std::vector<Parameter>& parameters() { return params_; }

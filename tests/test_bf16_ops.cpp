@@ -201,6 +201,22 @@ TEST(Bf16Ops, AddAndAccumulateMatchTheF64Reference) {
                                       static_cast<float>(bf16(static_cast<float>(bf16(1e-3f)) * 2))}));
 }
 
+TEST(Bf16Ops, FusedScaledResidualMatchesTheF64ReferenceRoundedOnce) {
+  for (const Shape& s : kShapes) {
+    if (s.rank() < 2) continue;  // (N, ..., C)
+    const int64_t N = s[0];
+    std::vector<double> scale(static_cast<size_t>(N));
+    for (int64_t n = 0; n < N; ++n) scale[static_cast<size_t>(n)] = n % 2 ? 0.0 : 1.0 / 0.7;
+    // x + (h * gamma) * scale computed in fp32, one rounding to bf16 (the unfused ops round three
+    // times): half an ulp of the f64 result. The sum can cancel (x and the branch have any sign),
+    // so the f64 comparison scales its tolerance with |want|, which the single rounding obeys.
+    expect_bf16_matches_f64(
+        "scaled_residual " + s.str(),
+        [](const std::vector<Tensor>& t) { return scaled_residual(t[0], t[1], t[2], t[3]); },
+        {act(s, 12), act(s, 13), param(Shape{s[-1]}, 14, 0.5), Input{Shape{N}, scale, false, false}});
+  }
+}
+
 TEST(Bf16Ops, CastRoundsToNearestEvenAndItsGradientComesBack) {
   const std::vector<double> v{1.0, 1.0 + 1.0 / 256, 1.0 + 3.0 / 256, -2.0 - 1.0 / 128, 1e-40, 3.0e38};
   Tensor x = test::make({6}, v, DType::f32);
@@ -300,6 +316,13 @@ TEST(CudaBf16Ops, ElementwiseOpsMatchTheCpu) {
     expect_gpu_matches_cpu("drop_path " + s.str(),
                            [](const std::vector<Tensor>& t) { return drop_path(t[0], t[1]); },
                            {act(s, 4), Input{Shape{s[0]}, scale, false, false}});
+    if (s.rank() >= 2)
+      expect_gpu_matches_cpu("scaled_residual " + s.str(),
+                           [](const std::vector<Tensor>& t) {
+                             return scaled_residual(t[0], t[1], t[2], t[3]);
+                           },
+                           {act(s, 12), act(s, 13), param(g, 14, 0.5),
+                            Input{Shape{s[0]}, scale, false, false}});
     expect_gpu_matches_cpu("add, x used twice " + s.str(),
                            [](const std::vector<Tensor>& t) { return add(add(t[0], t[1]), t[0]); },
                            {act(s, 6), act(s, 7, 3.0)});

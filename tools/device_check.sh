@@ -13,7 +13,8 @@
 #   build     configure + build build-gpu/ for sm_90 against .deps           -> build.log
 #   tests     every test (the GPU ones now run), CNX_CUDA_SYNC=1 off         -> ctest.log
 #   sanitize  compute-sanitizer memcheck and racecheck (and initcheck) on the
-#             three GPU test binaries; the summaries                         -> sanitizer.log
+#             GPU test binaries and the Cuda* tests of the bf16 / fused-op /
+#             batch-finish files; the summaries                              -> sanitizer.log
 #   bench     bench_cuda_kernels (JSON with the device in its context)       -> bench_cuda_kernels.{json,txt}
 #   pytorch   tools/bench_pytorch.py, batch 128 and 256, eager and compile  -> bench_pytorch.json
 # The device name and driver go to nvidia-smi.txt. At most 8 files come back (device README).
@@ -48,10 +49,17 @@ run_tests() {
 run_sanitize() {
   local rc=0
   : > "$OUT/sanitizer.log"
-  for t in test_cuda_dwconv test_cuda_ops test_cuda_backend; do
+  # The CUDA test binaries, then the GPU tests (Cuda*) of the files that also hold CPU tests.
+  local bins="test_cuda_dwconv test_cuda_ops test_cuda_backend"
+  for t in test_bf16_ops test_bf16_dwconv test_bf16_gemm test_bf16_layernorm test_scaled_residual \
+           test_amp test_batch_finish; do
+    [ -x $B/tests/$t ] && bins="$bins $t"
+  done
+  for t in $bins; do
     for tool in memcheck racecheck initcheck; do
       # The golden model test is long under racecheck; it runs under memcheck only.
       local filter="*"
+      case $t in test_cuda_*) ;; *) filter="Cuda*" ;; esac
       [ $tool != memcheck ] && [ $t = test_cuda_backend ] && filter="-*Golden*:*Training*"
       echo "== $tool $t (filter $filter)" >> "$OUT/sanitizer.log"
       compute-sanitizer --tool $tool --error-exitcode 99 $B/tests/$t --gtest_filter="$filter" \

@@ -83,6 +83,8 @@ void TrainConfig::validate() const {
   CNX_CHECK(num_workers >= 0, "--num_workers must be >= 0, got ", num_workers);
   CNX_CHECK(device == "auto" || device == "cpu" || device == "cuda" || device.rfind("cuda:", 0) == 0,
             "--device must be auto, cpu or cuda, got '", device, "'");
+  CNX_CHECK(use_amp == "auto" || use_amp == "true" || use_amp == "false",
+            "--use_amp must be auto, true or false, got '", use_amp, "'");
   bool known = data_set == "image_folder";
   std::string names;
   for (const std::string& d : known_datasets()) {
@@ -102,6 +104,11 @@ void TrainConfig::validate() const {
   CNX_CHECK(mixup_prob >= 0 && mixup_prob <= 1, "--mixup_prob must be in [0, 1], got ", mixup_prob);
   CNX_CHECK(mixup_switch_prob >= 0 && mixup_switch_prob <= 1,
             "--mixup_switch_prob must be in [0, 1], got ", mixup_switch_prob);
+}
+
+DType TrainConfig::activations(const Device& on) const {
+  const bool amp = use_amp == "true" || (use_amp == "auto" && on.is_cuda());
+  return amp ? DType::bf16 : DType::f32;
 }
 
 LoaderOptions TrainConfig::train_loader_options() const {
@@ -137,7 +144,7 @@ std::string TrainConfig::to_json() const {
             {"model_ema_eval", model_ema_eval}, {"seed", seed}, {"output_dir", output_dir},
             {"resume", resume}, {"auto_resume", auto_resume}, {"save_ckpt", save_ckpt},
             {"save_ckpt_freq", save_ckpt_freq}, {"save_ckpt_num", save_ckpt_num},
-            {"finetune", finetune}, {"device", device}, {"log_every", log_every},
+            {"finetune", finetune}, {"device", device}, {"use_amp", use_amp}, {"log_every", log_every},
             {"max_steps", max_steps}};
   return j.dump(2);
 }
@@ -164,7 +171,8 @@ TrainConfig TrainConfig::from_json(const std::string& text) {
   get("seed", c.seed); get("output_dir", c.output_dir); get("resume", c.resume);
   get("auto_resume", c.auto_resume); get("save_ckpt", c.save_ckpt);
   get("save_ckpt_freq", c.save_ckpt_freq); get("save_ckpt_num", c.save_ckpt_num);
-  get("finetune", c.finetune); get("device", c.device); get("log_every", c.log_every);
+  get("finetune", c.finetune); get("device", c.device); get("use_amp", c.use_amp);
+  get("log_every", c.log_every);
   get("max_steps", c.max_steps);
   return c;
 }
@@ -246,7 +254,8 @@ void score(const Tensor& logits, const Tensor& labels, int64_t& top1, int64_t& t
   }
 }
 
-EvalResult evaluate_loaded(const ConvNeXt& model, DataLoader& loader) {
+EvalResult evaluate_loaded(const ConvNeXt& model, DataLoader& loader,
+                           DType activations = DType::f32) {
   NoGradGuard no_grad;
   loader.start_epoch(0);
   Generator unused(0);  // evaluation draws nothing
@@ -256,7 +265,9 @@ EvalResult evaluate_loaded(const ConvNeXt& model, DataLoader& loader) {
   EvalResult r;
   Batch b;
   while (loader.next(b)) {
-    score(model.forward(b.images.to(device), /*training=*/false, unused), b.labels, top1, top5, loss_sum);
+    // On a CUDA device the loader's uint8 batch is copied and finished there (batch_images).
+    score(model.forward(batch_images(b, device), /*training=*/false, unused, activations), b.labels,
+          top1, top5, loss_sum);
     r.images += b.labels.numel();
   }
   if (r.images > 0) {
@@ -348,7 +359,7 @@ LoaderOptions eval_loader_options(int64_t batch_size, int workers, int64_t input
 EvalResult evaluate(const ConvNeXt& model, const std::string& data_set, const std::string& data_path,
                     int64_t batch_size, int workers, int64_t input_size, double crop_pct) {
   SplitData test = open_split(data_set, data_path, /*train=*/false,
-                              eval_loader_options(batch_size, workers, input_size, crop_pct));
+                              eval_loader_options(batch_size, workers, input_size, crop_pct).for_device(model.device()));
   CNX_CHECK(test.num_classes() == model.config().num_classes, "eval: the model has ",
             model.config().num_classes, " classes, ", data_set, " has ", test.num_classes());
   return evaluate_loaded(model, *test.loader);
@@ -359,11 +370,14 @@ EvalResult evaluate(const ConvNeXt& model, const std::string& data_set, const st
 TrainResult train(const TrainConfig& cfg) {
   cfg.validate();
   const Device device = resolve_device(cfg.device);
+  const DType activations = cfg.activations(device);  // bf16 under --use_amp
 
   // ---- data ----
-  SplitData train_set = open_split(cfg.data_set, cfg.data_path, /*train=*/true, cfg.train_loader_options());
+  // for_device: on a CUDA device the loaders hand out uint8 batches in pinned memory, finished
+  // on the device (batch_images below); on the CPU float batches finished by the workers.
+  SplitData train_set = open_split(cfg.data_set, cfg.data_path, /*train=*/true, cfg.train_loader_options().for_device(device));
   SplitData test_set = open_split(cfg.data_set, cfg.data_path, /*train=*/false,
-                                  eval_loader_options(cfg.batch_size, cfg.num_workers, cfg.input_size, cfg.crop_pct));
+                                  eval_loader_options(cfg.batch_size, cfg.num_workers, cfg.input_size, cfg.crop_pct).for_device(device));
   CNX_CHECK(train_set.num_classes() == test_set.num_classes(), cfg.data_set, ": the training split has ",
             train_set.num_classes(), " classes, the test split ", test_set.num_classes());
   DataLoader& loader = *train_set.loader;
@@ -380,6 +394,9 @@ TrainResult train(const TrainConfig& cfg) {
               static_cast<long long>(model.num_parameters()), cfg.data_set.c_str(),
               static_cast<long long>(train_set.size()), static_cast<long long>(test_set.size()),
               static_cast<long long>(train_set.num_classes()));
+  std::printf("precision: %s\n", activations == DType::bf16
+                                     ? "bf16 mixed (bf16 activations, fp32 weights and optimiser)"
+                                     : "fp32");
 
   if (!cfg.finetune.empty()) {
     NamedTensors weights = load_weights(cfg.finetune);
@@ -498,7 +515,7 @@ TrainResult train(const TrainConfig& cfg) {
       // ---- one micro-batch: forward, backward (gradients accumulate over update_freq) ----
       const int64_t micro = b.index % cfg.update_freq;
       if (micro == 0) current_lr = lr_schedule[static_cast<size_t>(std::min(step, total_steps - 1))];
-      Tensor logits = model.forward(b.images.to(device), /*training=*/true, drop_gen);
+      Tensor logits = model.forward(batch_images(b, device), /*training=*/true, drop_gen, activations);
       // Mixup/CutMix: soft targets (smoothing folded in), as main.py's SoftTargetCrossEntropy.
       Tensor loss = b.targets.defined() ? soft_cross_entropy(logits, b.targets.to(device))
                                         : cross_entropy(logits, b.labels.to(device), cfg.smoothing);
@@ -585,7 +602,7 @@ TrainResult train(const TrainConfig& cfg) {
     }
 
     // ---- end of epoch: evaluate, log, checkpoint ----
-    const EvalResult ev = evaluate_loaded(model, *test_set.loader);
+    const EvalResult ev = evaluate_loaded(model, *test_set.loader, activations);
     json record = {{"type", "eval"}, {"epoch", epoch}, {"step", step}, {"acc1", ev.acc1},
                    {"acc5", ev.acc5}, {"loss", ev.loss}};
     std::printf("epoch %lld test: Acc@1 %.2f Acc@5 %.2f loss %.4f", static_cast<long long>(epoch),
@@ -597,7 +614,7 @@ TrainResult train(const TrainConfig& cfg) {
         ema_model->to(device);
       }
       ema->copy_to(ema_model->parameters());
-      const EvalResult ee = evaluate_loaded(*ema_model, *test_set.loader);
+      const EvalResult ee = evaluate_loaded(*ema_model, *test_set.loader, activations);
       std::printf(" | EMA Acc@1 %.2f Acc@5 %.2f loss %.4f", ee.acc1, ee.acc5, ee.loss);
       record["ema_acc1"] = ee.acc1;
       record["ema_acc5"] = ee.acc5;

@@ -75,6 +75,9 @@ struct TrainConfig {
   int64_t save_ckpt_num = 3;    // numbered checkpoints kept
   std::string finetune;         // weights to start from (head re-initialised if its size differs)
   std::string device = "auto";  // auto | cpu | cuda | cuda:N (resolve_device)
+  // bf16 mixed precision (ConvNeXt::forward's activations): auto = on on a CUDA device, off on
+  // the CPU (where bf16 is emulated: slower than f32, for checking the numerics); true | false.
+  std::string use_amp = "auto";
   int64_t log_every = 50;       // optimiser steps between log lines
   int64_t max_steps = -1;       // > 0: stop after this many optimiser steps, leaving a
                                 // recovery checkpoint (as a signal does)
@@ -86,6 +89,8 @@ struct TrainConfig {
   ConvNeXtConfig model_config(int64_t num_classes, int64_t in_chans) const;
   // Throws cnx::Error with one line naming the first bad value.
   void validate() const;
+  // The activation dtype of the model on `device`: bf16 when use_amp says so, else f32.
+  DType activations(const Device& device) const;
   std::string to_json() const;  // every field
   // The fields present in a to_json() text (others keep their defaults).
   static TrainConfig from_json(const std::string& text);

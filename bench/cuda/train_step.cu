@@ -1,7 +1,8 @@
 // The whole training step of ConvNeXt-T on the GPU, the row to set beside
 // tools/bench_pytorch.py: forward, backward (cross-entropy with smoothing 0.1, drop path 0.1,
 // layer scale 1e-6, as the paper's recipe) and the AdamW update, on a random batch already on
-// the device, 224x224, fp32 for now (bf16 comes with the performance issue).
+// the device, 224x224, in fp32 and in bf16 mixed precision (--use_amp: bf16 activations, fp32
+// weights, AdamW state and loss; ConvNeXt::forward's `activations`).
 //
 //   ./build/bench/bench_cuda_kernels --benchmark_filter=train_step
 //
@@ -17,7 +18,7 @@
 namespace cnx::bench {
 namespace {
 
-void BM_train_step_convnext_tiny_fp32(benchmark::State& state) {
+void train_step(benchmark::State& state, DType activations) {
   const int64_t batch = state.range(0);
   const Device dev = Device::cuda(0);
   try {
@@ -33,7 +34,8 @@ void BM_train_step_convnext_tiny_fp32(benchmark::State& state) {
     for (int64_t i = 0; i < batch; ++i) y[static_cast<size_t>(i)] = (i * 7919) % 1000;
     const Tensor labels = Tensor::from_data<int64_t>({batch}, y).to(dev);
     auto step = [&] {
-      Tensor loss = cross_entropy(model.forward(images, /*training=*/true, drop), labels, 0.1);
+      Tensor loss = cross_entropy(model.forward(images, /*training=*/true, drop, activations),
+                                  labels, 0.1);
       loss.backward();
       opt.step(4e-3, 0.05);
       model.zero_grad();
@@ -49,7 +51,11 @@ void BM_train_step_convnext_tiny_fp32(benchmark::State& state) {
     state.SkipWithError(e.what());
   }
 }
+void BM_train_step_convnext_tiny_fp32(benchmark::State& state) { train_step(state, DType::f32); }
+void BM_train_step_convnext_tiny_bf16(benchmark::State& state) { train_step(state, DType::bf16); }
 BENCHMARK(BM_train_step_convnext_tiny_fp32)->ArgName("batch")->Arg(128)->Arg(256)->UseManualTime()
+    ->Unit(benchmark::kMillisecond)->Iterations(10);
+BENCHMARK(BM_train_step_convnext_tiny_bf16)->ArgName("batch")->Arg(128)->Arg(256)->UseManualTime()
     ->Unit(benchmark::kMillisecond)->Iterations(10);
 
 }  // namespace

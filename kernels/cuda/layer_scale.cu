@@ -22,11 +22,17 @@
 //     shared memory into partials[p, c] (the workspace, (P, C) row-major). dout and in are read
 //     once, din written once: the three streams of the elementwise kernel.
 //  2. detail::launch_column_sums: dgamma[c] = sum_p partials[p, c] in index order.
+//
+// The fused layer scale + drop path + residual add (kernels/scaled_residual.h) lives here too:
+// its forward is an elementwise kernel of the same shape as the forward above (plus x and the
+// per-sample scale), and its backward is stage 1 above with dout multiplied by the sample's
+// drop-path scale first (rows of dropped samples skipped), then the same stage 2.
 #include <cuda_runtime.h>
 
 #include "kernels/cuda/reduce.cuh"
 #include "kernels/cuda/vec.cuh"
 #include "kernels/layer_scale.h"
+#include "kernels/scaled_residual.h"
 #include "tensor/cuda_check.h"
 
 namespace cnx::cuda {
@@ -87,6 +93,7 @@ template <> struct Unit<true> {
   template <class X> __device__ static V load(const X* p) { return detail::load4f(p); }
   template <class X> __device__ static void store(X* p, V v) { detail::store4f(p, v); }
   __device__ static V zero() { return make_float4(0.f, 0.f, 0.f, 0.f); }
+  __device__ static V splat(float s) { return make_float4(s, s, s, s); }
   __device__ static V mul(V a, V b) { return mul4(a, b); }
   __device__ static V add(V a, V b) {
     return make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w);
@@ -98,19 +105,24 @@ template <> struct Unit<false> {
   template <class X> __device__ static V load(const X* p) { return detail::to_float(*p); }
   template <class X> __device__ static void store(X* p, V v) { *p = detail::from_float<X>(v); }
   __device__ static V zero() { return 0.f; }
+  __device__ static V splat(float s) { return s; }
   __device__ static V mul(V a, V b) { return a * b; }
   __device__ static V add(V a, V b) { return a + b; }
 };
 
 // Stage 1 of the backward with dgamma (see the top of the file). din (rows, C) or null;
-// partials (P, C); dout, in (rows, C); gamma (C). Block (p, t): rows
-// [p * rows_per_block, min(rows, (p + 1) * rows_per_block)), column units
+// partials (P, C) or null (din only); dout, in (rows, C); gamma (C) or null (= 1). Block (p, t):
+// rows [p * rows_per_block, min(rows, (p + 1) * rows_per_block)), column units
 // [t * tile, t * tile + tile) for t = blockIdx.y, blockIdx.y + gridDim.y, ...
+// scale (rows / rows_per_sample), or null: the fused op's drop-path multipliers
+// (kernels/scaled_residual.h): dout is first multiplied by the scale of its row's sample, and a
+// row of a dropped sample (scale 0) writes din = 0 and adds nothing, without reading `in`.
 template <bool kVec, class X>
 __global__ void __launch_bounds__(detail::kBlockThreads)
     layer_scale_backward_kernel(X* __restrict__ din, float* __restrict__ partials,
                                 const X* __restrict__ dout, const X* __restrict__ in,
-                                const float* __restrict__ gamma, int64_t rows, int64_t C,
+                                const float* __restrict__ gamma, const float* __restrict__ scale,
+                                int64_t rows_per_sample, int64_t rows, int64_t C,
                                 int64_t rows_per_block, int tile, int lanes, int64_t tiles) {
   using U = Unit<kVec>;
   using T = typename U::V;
@@ -126,13 +138,24 @@ __global__ void __launch_bounds__(detail::kBlockThreads)
     const bool active = lane < lanes && unit < units;
     T acc = U::zero();
     if (active) {
-      const T g = U::load(gamma + c);
-      for (int64_t r = r_begin + lane; r < r_end; r += lanes) {
-        const T dy = U::load(dout + r * C + c);
-        if (din) U::store(din + r * C + c, U::mul(dy, g));
-        acc = U::add(acc, U::mul(dy, U::load(in + r * C + c)));
+      const T g = gamma ? U::load(gamma + c) : U::splat(1.0f);
+      // sample.q: the sample of row r (a DivWalk: no 64-bit division per row).
+      detail::DivWalk sample(r_begin + lane, lanes, rows_per_sample);
+      for (int64_t r = r_begin + lane; r < r_end; r += lanes, sample.advance()) {
+        T dy = U::load(dout + r * C + c);
+        if (scale) {
+          const float s = __ldg(scale + sample.q);
+          if (s == 0.0f) {  // a dropped sample
+            if (din) U::store(din + r * C + c, U::zero());
+            continue;
+          }
+          dy = U::mul(dy, U::splat(s));
+        }
+        if (din) U::store(din + r * C + c, gamma ? U::mul(dy, g) : dy);
+        if (partials) acc = U::add(acc, U::mul(dy, U::load(in + r * C + c)));
       }
     }
+    if (!partials) continue;  // uniform over the block: din only
     lane_sums[threadIdx.x] = acc;
     __syncthreads();
     if (lane == 0 && unit < units) {  // lanes added in order 0, 1, ...: deterministic
@@ -141,6 +164,71 @@ __global__ void __launch_bounds__(detail::kBlockThreads)
       U::store(partials + p * C + c, total);
     }
     __syncthreads();  // lane_sums is rewritten by the next tile
+  }
+}
+
+// Launches stage 1 (layer_scale_backward_kernel) over rows x C: float4 units when C % 4 == 0
+// and every pointer is 16-byte aligned, single channels otherwise.
+template <class X>
+void launch_backward(X* din, float* partials, const X* dout, const X* in, const float* gamma,
+                     const float* scale, int64_t rows_per_sample, int64_t rows, int64_t C,
+                     cudaStream_t stream) {
+  const int64_t P = detail::row_partitions(rows);
+  const int64_t rows_per_block = detail::rows_per_partition(rows);
+  const bool vec = C % 4 == 0 && detail::all_aligned16(din, dout, in, gamma, partials);
+  const detail::ColumnTiling ct = detail::column_tiling(vec ? C / 4 : C);
+  const dim3 grid(static_cast<unsigned>(P),
+                  static_cast<unsigned>(std::min<int64_t>(ct.tiles, detail::kMaxGridY)));
+  if (vec)
+    layer_scale_backward_kernel<true><<<grid, detail::kBlockThreads, 0, stream>>>(
+        din, partials, dout, in, gamma, scale, rows_per_sample, rows, C, rows_per_block, ct.tile,
+        ct.lanes, ct.tiles);
+  else
+    layer_scale_backward_kernel<false><<<grid, detail::kBlockThreads, 0, stream>>>(
+        din, partials, dout, in, gamma, scale, rows_per_sample, rows, C, rows_per_block, ct.tile,
+        ct.lanes, ct.tiles);
+  CNX_CUDA_LAUNCH_CHECK();
+}
+
+// ---- the fused layer scale + drop path + residual add (kernels/scaled_residual.h) ----------
+
+// out = x + (h * gamma[c]) * scale[n] over n = N * per_sample elements; gamma and scale may be
+// null (1). The products in fp32, rounded as the unfused f32 ops round them; one rounding to T
+// at the end. Channel and sample of each element by DivWalks; a dropped sample's h is not read.
+template <bool kVec, class T>
+__global__ void __launch_bounds__(detail::kBlockThreads)
+    scaled_residual_forward_kernel(T* __restrict__ out, const T* __restrict__ x,
+                                   const T* __restrict__ h, const float* __restrict__ gamma,
+                                   const float* __restrict__ scale, int64_t n, int64_t C,
+                                   int64_t per_sample) {
+  const int64_t first = detail::global_thread(), stride = detail::grid_threads();
+  if constexpr (kVec) {
+    const int64_t n4 = n / 4;
+    DivWalk channel(4 * first, 4 * stride, C), sample(4 * first, 4 * stride, per_sample);
+    for (int64_t i = first; i < n4; i += stride, channel.advance(), sample.advance()) {
+      const float s = scale ? __ldg(scale + sample.q) : 1.0f;
+      float4 v = detail::load4f(x + 4 * i);
+      if (s != 0.0f) {
+        float4 b = detail::load4f(h + 4 * i);
+        if (gamma) b = mul4(b, load4(gamma + channel.r));
+        if (scale) b = mul4(b, detail::make4(s));
+        v = make_float4(v.x + b.x, v.y + b.y, v.z + b.z, v.w + b.w);
+      }
+      detail::store4f(out + 4 * i, v);
+    }
+  } else {
+    DivWalk channel(first, stride, C), sample(first, stride, per_sample);
+    for (int64_t i = first; i < n; i += stride, channel.advance(), sample.advance()) {
+      const float s = scale ? __ldg(scale + sample.q) : 1.0f;
+      float v = detail::to_float(x[i]);
+      if (s != 0.0f) {
+        float b = detail::to_float(h[i]);
+        if (gamma) b *= gamma[channel.r];
+        if (scale) b *= s;
+        v += b;
+      }
+      out[i] = detail::from_float<T>(v);
+    }
   }
 }
 
@@ -176,19 +264,54 @@ void layer_scale_backward(T* din_, float* dgamma, const T* dout_, const T* in_,
     return;
   }
   const int64_t P = detail::row_partitions(rows);
-  const int64_t rows_per_block = detail::rows_per_partition(rows);
-  const bool vec = C % 4 == 0 && detail::all_aligned16(din, dout, in, gamma, workspace);
-  const detail::ColumnTiling ct = detail::column_tiling(vec ? C / 4 : C);
-  const dim3 grid(static_cast<unsigned>(P),
-                  static_cast<unsigned>(std::min<int64_t>(ct.tiles, detail::kMaxGridY)));
-  if (vec)
-    layer_scale_backward_kernel<true><<<grid, detail::kBlockThreads, 0, stream>>>(
-        din, workspace, dout, in, gamma, rows, C, rows_per_block, ct.tile, ct.lanes, ct.tiles);
-  else
-    layer_scale_backward_kernel<false><<<grid, detail::kBlockThreads, 0, stream>>>(
-        din, workspace, dout, in, gamma, rows, C, rows_per_block, ct.tile, ct.lanes, ct.tiles);
-  CNX_CUDA_LAUNCH_CHECK();
+  launch_backward(din, workspace, dout, in, gamma, nullptr, 1, rows, C, stream);
   detail::launch_column_sums(dgamma, nullptr, workspace, P, C, C, stream);
+}
+
+// ======================= fused layer scale + drop path + residual =======================
+template <class T>
+void scaled_residual_forward(T* out_, const T* x_, const T* h_, const float* gamma,
+                             const float* scale, int64_t N, int64_t P, int64_t C,
+                             cudaStream_t stream) {
+  auto* out = detail::dev(out_);
+  const auto* x = detail::dev(x_);
+  const auto* h = detail::dev(h_);
+  using D = std::remove_const_t<std::remove_pointer_t<decltype(out)>>;
+  const int64_t n = N * P * C;
+  if (n <= 0) return;
+  if (C % 4 == 0 && detail::all_aligned16(out, x, h, gamma)) {
+    const unsigned grid =
+        detail::wave_grid<scaled_residual_forward_kernel<true, D>, detail::kBlockThreads>(n / 4);
+    scaled_residual_forward_kernel<true, D>
+        <<<grid, detail::kBlockThreads, 0, stream>>>(out, x, h, gamma, scale, n, C, P * C);
+  } else {
+    const unsigned grid =
+        detail::wave_grid<scaled_residual_forward_kernel<false, D>, detail::kBlockThreads>(n);
+    scaled_residual_forward_kernel<false, D>
+        <<<grid, detail::kBlockThreads, 0, stream>>>(out, x, h, gamma, scale, n, C, P * C);
+  }
+  CNX_CUDA_LAUNCH_CHECK();
+}
+
+template <class T>
+void scaled_residual_backward(T* dh_, float* dgamma, const T* dout_, const T* h_,
+                              const float* gamma, const float* scale, int64_t N, int64_t P,
+                              int64_t C, float* workspace, cudaStream_t stream) {
+  auto* dh = detail::dev(dh_);
+  const auto* dout = detail::dev(dout_);
+  const auto* h = detail::dev(h_);
+  const int64_t rows = N * P;
+  if (C <= 0 || (!dh && !dgamma)) return;
+  if (rows <= 0) {
+    if (dgamma)
+      CNX_CUDA_CHECK(cudaMemsetAsync(dgamma, 0, static_cast<size_t>(C) * sizeof(float), stream));
+    return;
+  }
+  // Stage 1 writes dh as it goes and, for dgamma, the per-block partial sums.
+  launch_backward(dh, dgamma ? workspace : nullptr, dout, h, gamma, scale, P, rows, C, stream);
+  if (dgamma)
+    detail::launch_column_sums(dgamma, nullptr, workspace, detail::row_partitions(rows), C, C,
+                               stream);
 }
 
 #define CNX_INSTANTIATE(T)                                                                    \
@@ -196,6 +319,16 @@ void layer_scale_backward(T* din_, float* dgamma, const T* dout_, const T* in_,
                                        cudaStream_t);                                         \
   template void layer_scale_backward<T>(T*, float*, const T*, const T*, const float*, int64_t, \
                                         int64_t, float*, cudaStream_t);
+CNX_INSTANTIATE(float)
+CNX_INSTANTIATE(bf16)
+#undef CNX_INSTANTIATE
+
+#define CNX_INSTANTIATE(T)                                                                     \
+  template void scaled_residual_forward<T>(T*, const T*, const T*, const float*, const float*, \
+                                           int64_t, int64_t, int64_t, cudaStream_t);           \
+  template void scaled_residual_backward<T>(T*, float*, const T*, const T*, const float*,      \
+                                            const float*, int64_t, int64_t, int64_t, float*,   \
+                                            cudaStream_t);
 CNX_INSTANTIATE(float)
 CNX_INSTANTIATE(bf16)
 #undef CNX_INSTANTIATE
