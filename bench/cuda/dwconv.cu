@@ -2,25 +2,32 @@
 // of bench_cuda_kernels.
 //
 // One row per direction, implementation and ConvNeXt-T stage at batch 128, 224x224 (kStages;
-// Arg = stage index, label = HxWxC), k = 7, fp32:
+// Arg = stage index, label = HxWxC), k = 7, fp32 unless the name says bf16:
 //
 //   BM_dwconv7x7_fwd/ours/<stage>                  out = dwconv(in, weight) + bias
+//   BM_dwconv7x7_fwd/ours_bf16/<stage>             the same with bf16 in and out (mixed
+//                                                  precision: fp32 weight and bias)
 //   BM_dwconv7x7_fwd/cudnn/<stage>                 cudnnConvolutionForward (no bias: adding it
 //                                                  would take cuDNN a second pass, so the
 //                                                  baseline is given that advantage)
 //   BM_dwconv7x7_grad_input/ours/<stage>           din (dwconv_backward with only din)
+//   BM_dwconv7x7_grad_input/ours_bf16/<stage>      the same with bf16 dout and din
 //   BM_dwconv7x7_grad_input/cudnn/<stage>          cudnnConvolutionBackwardData
 //   BM_dwconv7x7_grad_weight/ours/<stage>          dweight and dbias, one pass over dout and in
+//   BM_dwconv7x7_grad_weight/ours_bf16/<stage>     the same from bf16 dout and in (fp32 dweight,
+//                                                  dbias and partial sums)
 //   BM_dwconv7x7_grad_weight/cudnn/<stage>         cudnnConvolutionBackwardFilter +
 //                                                  cudnnConvolutionBackwardBias (the same outputs)
 //   BM_dwconv7x7_grad_weight/cudnn_filter_only/<stage>   cudnnConvolutionBackwardFilter alone
 //
-// "GB/s" counts the bytes that must move (bench_common.h's report_bytes), each tensor once:
+// "GB/s" counts the bytes that must move (bench_common.h's report_bytes), each tensor once, at
+// its own element size (activations 2 bytes in the bf16 rows, parameters always 4):
 //   forward      read in + write out + read weight and bias
 //   grad-input   read dout + write din (+ read weight)
 //   grad-weight  read dout + read in + write dweight and dbias; for ours also the partial sums
 //                (workspace written once and read once), which are part of our algorithm
-// and "of_copy_bw" is that over the device's measured copy bandwidth.
+// and "of_copy_bw" is that over the device's measured copy bandwidth. The cuDNN baselines are
+// fp32 only.
 //
 // cuDNN: NHWC activations (N, C, H, W descriptor with CUDNN_TENSOR_NHWC), an NHWC filter of
 // C output channels x 1 input channel x 7 x 7, group count C, cross-correlation (as ours),
@@ -37,8 +44,10 @@
 #include <cstdint>
 #include <cstdio>
 #include <string>
+#include <type_traits>
 
 #include "bench/cuda/bench_common.h"
+#include "kernels/cast.h"
 #include "kernels/dwconv.h"
 #include "tensor/cuda_check.h"
 #include "tensor/error.h"
@@ -59,9 +68,29 @@ constexpr int64_t kK = 7;   // ConvNeXt's kernel size
 constexpr double kF = 4.0;  // bytes per float
 const float kOne = 1.0f, kZero = 0.0f;
 
-enum class Impl { ours, cudnn, cudnn_filter_only };
+enum class Impl { ours, ours_bf16, cudnn, cudnn_filter_only };
 
 int64_t filter_floats(const StageShape& s) { return kK * kK * s.C; }
+
+// Activations of a row: T (float or bf16) per element, and their bytes.
+template <Impl I> using act_t = std::conditional_t<I == Impl::ours_bf16, bf16, float>;
+template <Impl I> constexpr double kActBytes = sizeof(act_t<I>);
+
+// n activations of T: uniform in [-1, 1) (rounded to bf16 for bf16), or zeros.
+template <class T>
+DeviceBuffer activations(int64_t n, bool random = true) {
+  if constexpr (std::is_same_v<T, float>) {
+    return floats(n, random);
+  } else {
+    DeviceBuffer b(n * static_cast<int64_t>(sizeof(T)), false);
+    if (random) {
+      const DeviceBuffer f = floats(n);
+      cuda::cast(b.as<bf16>(), f.as(), n, nullptr);
+      CNX_CUDA_CHECK(cudaDeviceSynchronize());
+    }
+    return b;
+  }
+}
 
 // ---- cuDNN ------------------------------------------------------------------------------------
 
@@ -201,16 +230,17 @@ void guarded(benchmark::State& state) {
 
 template <Impl I>
 void BM_dwconv7x7_fwd(benchmark::State& state) {
+  using T = act_t<I>;
   const int stage = static_cast<int>(state.range(0));
   const StageShape& s = kStages[stage];
-  DeviceBuffer in = floats(s.numel()), out = floats(s.numel(), false);  // (N, H, W, C)
+  DeviceBuffer in = activations<T>(s.numel()), out = activations<T>(s.numel(), false);  // (N, H, W, C)
   DeviceBuffer weight = floats(filter_floats(s)), bias = floats(s.C);  // (7, 7, C), (C)
   double seconds = 0;
-  if constexpr (I == Impl::ours) {
+  if constexpr (I == Impl::ours || I == Impl::ours_bf16) {
     state.SetLabel(label(s));
     seconds = time_iterations(state, nullptr, [&] {
-      cuda::dwconv_forward(out.as(), in.as(), weight.as(), bias.as(), s.N, s.H, s.W, s.C, kK,
-                           nullptr);
+      cuda::dwconv_forward<T>(out.as<T>(), in.as<T>(), weight.as(), bias.as(), s.N, s.H, s.W,
+                              s.C, kK, nullptr);
     });
   } else {
     CudnnDwconv dnn(s);
@@ -224,24 +254,25 @@ void BM_dwconv7x7_fwd(benchmark::State& state) {
           &kZero, dnn.act(), out.as()));
     });
   }
-  report_bytes(state, kF * (2.0 * s.numel() + filter_floats(s) + s.C), seconds);
+  report_bytes(state, kActBytes<I> * 2.0 * s.numel() + kF * (filter_floats(s) + s.C), seconds);
 }
 
 template <Impl I>
 void BM_dwconv7x7_grad_input(benchmark::State& state) {
+  using T = act_t<I>;
   const int stage = static_cast<int>(state.range(0));
   const StageShape& s = kStages[stage];
-  DeviceBuffer dout = floats(s.numel()), din = floats(s.numel(), false);  // (N, H, W, C)
-  DeviceBuffer weight = floats(filter_floats(s));                         // (7, 7, C)
+  DeviceBuffer dout = activations<T>(s.numel()), din = activations<T>(s.numel(), false);  // (N, H, W, C)
+  DeviceBuffer weight = floats(filter_floats(s));                                         // (7, 7, C)
   double seconds = 0;
-  if constexpr (I == Impl::ours) {
+  if constexpr (I == Impl::ours || I == Impl::ours_bf16) {
     // din alone needs no workspace; pass one anyway, as the autograd layer would.
     const int64_t ws_floats = cuda::dwconv_backward_workspace_floats(s.N, s.H, s.W, s.C, kK);
     DeviceBuffer ws = floats(std::max<int64_t>(ws_floats, 64), false);
     state.SetLabel(label(s));
     seconds = time_iterations(state, nullptr, [&] {
-      cuda::dwconv_backward(din.as(), nullptr, nullptr, dout.as(), nullptr, weight.as(), s.N, s.H,
-                            s.W, s.C, kK, ws.as(), nullptr);
+      cuda::dwconv_backward<T>(din.as<T>(), nullptr, nullptr, dout.as<T>(), nullptr, weight.as(),
+                               s.N, s.H, s.W, s.C, kK, ws.as(), nullptr);
     });
   } else {
     CudnnDwconv dnn(s);
@@ -255,25 +286,26 @@ void BM_dwconv7x7_grad_input(benchmark::State& state) {
           &kZero, dnn.act(), din.as()));
     });
   }
-  report_bytes(state, kF * (2.0 * s.numel() + filter_floats(s)), seconds);
+  report_bytes(state, kActBytes<I> * 2.0 * s.numel() + kF * filter_floats(s), seconds);
 }
 
 template <Impl I>
 void BM_dwconv7x7_grad_weight(benchmark::State& state) {
+  using T = act_t<I>;
   const int stage = static_cast<int>(state.range(0));
   const StageShape& s = kStages[stage];
-  DeviceBuffer dout = floats(s.numel()), in = floats(s.numel());   // (N, H, W, C)
-  DeviceBuffer dweight = floats(filter_floats(s), false);          // (7, 7, C)
-  DeviceBuffer dbias = floats(s.C, false);                          // (C)
+  DeviceBuffer dout = activations<T>(s.numel()), in = activations<T>(s.numel());  // (N, H, W, C)
+  DeviceBuffer dweight = floats(filter_floats(s), false);                         // (7, 7, C)
+  DeviceBuffer dbias = floats(s.C, false);                                         // (C)
   const double outputs = static_cast<double>(filter_floats(s) + s.C);
-  double seconds = 0, bytes = kF * (2.0 * s.numel() + outputs);
-  if constexpr (I == Impl::ours) {
+  double seconds = 0, bytes = kActBytes<I> * 2.0 * s.numel() + kF * outputs;
+  if constexpr (I == Impl::ours || I == Impl::ours_bf16) {
     const int64_t ws_floats = cuda::dwconv_backward_workspace_floats(s.N, s.H, s.W, s.C, kK);
     DeviceBuffer ws = floats(std::max<int64_t>(ws_floats, 64), false);
     state.SetLabel(label(s));
     seconds = time_iterations(state, nullptr, [&] {
-      cuda::dwconv_backward(nullptr, dweight.as(), dbias.as(), dout.as(), in.as(), nullptr, s.N,
-                            s.H, s.W, s.C, kK, ws.as(), nullptr);
+      cuda::dwconv_backward<T>(nullptr, dweight.as(), dbias.as(), dout.as<T>(), in.as<T>(),
+                               nullptr, s.N, s.H, s.W, s.C, kK, ws.as(), nullptr);
     });
     bytes += kF * 2.0 * static_cast<double>(ws_floats);  // partials: written, then read
     state.counters["partials_MB"] = kF * static_cast<double>(ws_floats) / 1e6;
@@ -296,13 +328,17 @@ void BM_dwconv7x7_grad_weight(benchmark::State& state) {
   report_bytes(state, bytes, seconds);
 }
 
-// Registered in this order so the rows of one direction sit together: ours, then cuDNN.
+// Registered in this order so the rows of one direction sit together: ours (fp32, bf16), then
+// cuDNN.
 #define CNX_DWCONV_BENCH(body, name) CNX_CUDA_BENCH_STAGES(guarded<body>)->Name(name)
 CNX_DWCONV_BENCH(BM_dwconv7x7_fwd<Impl::ours>, "BM_dwconv7x7_fwd/ours");
+CNX_DWCONV_BENCH(BM_dwconv7x7_fwd<Impl::ours_bf16>, "BM_dwconv7x7_fwd/ours_bf16");
 CNX_DWCONV_BENCH(BM_dwconv7x7_fwd<Impl::cudnn>, "BM_dwconv7x7_fwd/cudnn");
 CNX_DWCONV_BENCH(BM_dwconv7x7_grad_input<Impl::ours>, "BM_dwconv7x7_grad_input/ours");
+CNX_DWCONV_BENCH(BM_dwconv7x7_grad_input<Impl::ours_bf16>, "BM_dwconv7x7_grad_input/ours_bf16");
 CNX_DWCONV_BENCH(BM_dwconv7x7_grad_input<Impl::cudnn>, "BM_dwconv7x7_grad_input/cudnn");
 CNX_DWCONV_BENCH(BM_dwconv7x7_grad_weight<Impl::ours>, "BM_dwconv7x7_grad_weight/ours");
+CNX_DWCONV_BENCH(BM_dwconv7x7_grad_weight<Impl::ours_bf16>, "BM_dwconv7x7_grad_weight/ours_bf16");
 CNX_DWCONV_BENCH(BM_dwconv7x7_grad_weight<Impl::cudnn>, "BM_dwconv7x7_grad_weight/cudnn");
 CNX_DWCONV_BENCH(BM_dwconv7x7_grad_weight<Impl::cudnn_filter_only>,
                  "BM_dwconv7x7_grad_weight/cudnn_filter_only");

@@ -3,18 +3,24 @@
 // With r = k/2, tap (p, q) of output (h, w) reads input (h + p - r, w + q - r); taps that
 // fall outside the image read zeros, so they are skipped. The channel loop is innermost:
 // activations and weight[p, q, :] are both contiguous along C.
+//
+// bf16 (mixed precision): the f32 kernels on widened copies of the bf16 activations, each bf16
+// output rounded once (kernels/cpu/bf16_emulation.h); the fp32 parameters are used as they are
+// and the fp32 parameter gradients are written directly, unrounded.
 #include "kernels/dwconv.h"
 
 #include <algorithm>
 
+#include "kernels/cpu/bf16_emulation.h"
 #include "kernels/layout.h"
 
 namespace cnx::cpu {
 
 // ================================ forward ================================
+// (float and double: param_t<T> is T.)
 template <class T>
-void dwconv_forward(T* out, const T* in, const T* weight, const T* bias, int64_t N, int64_t H,
-                    int64_t W, int64_t C, int64_t k) {
+void dwconv_forward(T* out, const T* in, const param_t<T>* weight, const param_t<T>* bias,
+                    int64_t N, int64_t H, int64_t W, int64_t C, int64_t k) {
   const int64_t r = k / 2;
   const NHWC x{N, H, W, C};
 #pragma omp parallel for collapse(2) schedule(static)
@@ -35,8 +41,9 @@ void dwconv_forward(T* out, const T* in, const T* weight, const T* bias, int64_t
 
 // ================================ backward ================================
 template <class T>
-void dwconv_backward(T* din, T* dweight, T* dbias, const T* dout, const T* in, const T* weight,
-                     int64_t N, int64_t H, int64_t W, int64_t C, int64_t k) {
+void dwconv_backward(T* din, param_t<T>* dweight, param_t<T>* dbias, const T* dout, const T* in,
+                     const param_t<T>* weight, int64_t N, int64_t H, int64_t W, int64_t C,
+                     int64_t k) {
   const int64_t r = k / 2;
   const NHWC x{N, H, W, C};
 
@@ -93,5 +100,30 @@ void dwconv_backward(T* din, T* dweight, T* dbias, const T* dout, const T* in, c
 CNX_INSTANTIATE(float)
 CNX_INSTANTIATE(double)
 #undef CNX_INSTANTIATE
+
+// ================================ bf16 ================================
+// weight, bias: fp32 (param_t<bf16>), read as they are.
+template <>
+void dwconv_forward<bf16>(bf16* out, const bf16* in, const float* weight, const float* bias,
+                          int64_t N, int64_t H, int64_t W, int64_t C, int64_t k) {
+  const int64_t n = N * H * W * C;
+  const Widened x(in, n);
+  Narrowed y(out, n);
+  dwconv_forward<float>(y.data(), x.data(), weight, bias, N, H, W, C, k);
+  y.store();
+}
+
+// din is rounded to bf16; dweight and dbias are fp32 sums of products of the (exactly widened)
+// bf16 dout and in, written as they are.
+template <>
+void dwconv_backward<bf16>(bf16* din, float* dweight, float* dbias, const bf16* dout,
+                           const bf16* in, const float* weight, int64_t N, int64_t H, int64_t W,
+                           int64_t C, int64_t k) {
+  const int64_t n = N * H * W * C;
+  const Widened dy(dout, n), x(in, n);
+  Narrowed dx(din, n);
+  dwconv_backward<float>(dx.data(), dweight, dbias, dy.data(), x.data(), weight, N, H, W, C, k);
+  dx.store();
+}
 
 }  // namespace cnx::cpu

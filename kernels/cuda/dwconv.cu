@@ -1,5 +1,6 @@
-// CUDA depthwise convolution: forward, grad-input, grad-weight and grad-bias (fp32, NHWC).
-// See kernels/dwconv.h for the launchers and kernels/cpu/dwconv.cpp for the reference.
+// CUDA depthwise convolution: forward, grad-input, grad-weight and grad-bias (NHWC; fp32, or
+// bf16 activations with fp32 parameters). See kernels/dwconv.h for the launchers and
+// kernels/cpu/dwconv.cpp for the reference.
 //
 // ---- the math (r = k/2, zero padding, stride 1) --------------------------------------------
 //   forward      out[n,h,w,c] = bias[c] + sum_{p,q} in[n, h+p-r, w+q-r, c] * weight[p,q,c]
@@ -51,13 +52,27 @@
 //    atomics anywhere: results are bitwise reproducible run to run.
 //  - grad-bias alone (no grad-weight) is a plain two-pass column sum over dout.
 //
+// ---- bf16 (mixed precision) ---------------------------------------------------------------------
+// Activations (in, dout, out, din) may be bf16; weight, bias, dweight, dbias and the partials
+// stay fp32. The kernels are templated on the activations' storage type T (float or
+// __nv_bfloat16), and a bf16 tile is widened to fp32 as it is staged into shared memory: the
+// shared tiles, the register blocks and every inner loop are the fp32 ones, only the global
+// traffic is halved, and each bf16 output is rounded once when stored (to nearest even). cp.async
+// copies bytes and cannot convert, so bf16 values pass through registers: each thread issues a
+// batch of loads (16-byte packs of 8 bf16 along C when C % 8 == 0 and the tensor is 16-byte
+// aligned, single bf16 otherwise) before it widens and stores any of them, which keeps several
+// loads in flight per thread as the cp.async copies do. The fp32 instantiations are unchanged.
+//
 // Sizes: offsets into tensors are int64_t; per-dimension sizes (H, W, C) and the number of
 // blocks are checked to fit in int on the host. gridDim.y (channel groups, or k*k + 1 rows in
 // the final sum) is checked to be <= 65535.
+#include <cuda_bf16.h>
+
 #include <algorithm>
 #include <climits>
 #include <cstdint>
 
+#include "kernels/cuda/vec.cuh"
 #include "kernels/dwconv.h"
 #include "tensor/cuda_check.h"
 #include "tensor/error.h"
@@ -65,6 +80,9 @@
 namespace cnx::cuda {
 
 namespace {
+
+using detail::from_float;
+using detail::to_float;
 
 constexpr int kGroup = 32;            // channels per block: one per lane of a warp
 constexpr int kMaxPixelThreads = 8;   // warps per block (blockDim.y); 256 threads
@@ -85,6 +103,10 @@ template <int K> constexpr int kRowsPerThread = K <= 7 ? 4 : 2;
 // Blocks per SM that the register budget must allow (__launch_bounds__): 2 up to k = 7
 // (<= 128 registers), 1 above (k = 11 needs ~150 to keep its filter in registers).
 template <int K> constexpr int kMinBlocks = K <= 7 ? 2 : 1;
+// bf16 grad-weight: 16-byte loads in flight per thread while staging a tile (copy_rect): 2, so
+// that at k = 7 the 49 partial sums, the staging and the walk fit the 128 registers of two
+// blocks an SM (4 spills there).
+constexpr int kWgradPacks = 2;
 constexpr int kWideRW = 7;    // outputs per thread along W: ConvNeXt widths are multiples of 7
 constexpr int kNarrowRW = 4;  // ... or 4 where that wastes fewer columns
 
@@ -171,6 +193,8 @@ __device__ __forceinline__ void copy_rect_impl(float* dst,                     /
   }
 }
 
+// (kPacks matters only to the bf16 overload below: cp.async needs no register staging.)
+template <int kPacks = 4>
 __device__ __forceinline__ void copy_rect(float* dst, const float* __restrict__ src,
                                           const TileGeom& g, bool vec, int n, int h0, int w0,
                                           int rows, int cols, int c0) {
@@ -178,6 +202,90 @@ __device__ __forceinline__ void copy_rect(float* dst, const float* __restrict__ 
     copy_rect_impl<true>(dst, src, g, n, h0, w0, rows, cols, c0);
   else
     copy_rect_impl<false>(dst, src, g, n, h0, w0, rows, cols, c0);
+}
+
+// bf16 source: the same rectangle, widened to fp32 on the way (see "bf16" at the top). VEC:
+// 16-byte loads of 8 bf16 (C % 8 == 0 and src 16-byte aligned; a warp loads 8 pixels x 64
+// contiguous bytes), each stored as two float4; else 2-byte loads (a warp loads one pixel's 32
+// channels, 64 contiguous bytes). The walk over the tile is copy_rect_impl's. A thread loads
+// kBatch elements (kPacks packs, or 2 kPacks scalars) into registers before it stores any, so
+// that they are in flight together. The stores are ordinary shared-memory stores: the caller's
+// cp_async_wait_all and barrier (there for the fp32 filter copies anyway) make them visible.
+template <bool VEC, int kPacks>
+__device__ __forceinline__ void widen_rect_impl(float* dst,                              // (rows, cols, 32)
+                                                const __nv_bfloat16* __restrict__ src,  // (N, H, W, C)
+                                                const TileGeom& g, int n, int h0, int w0,
+                                                int rows, int cols, int c0) {
+  using Pack = detail::Pack<__nv_bfloat16>;
+  using Elem = std::conditional_t<VEC, Pack, __nv_bfloat16>;
+  constexpr int kPer = VEC ? Pack::kN : 1;     // channels per element
+  constexpr int per_pix = kGroup / kPer;       // elements per pixel
+  constexpr int kBatch = VEC ? kPacks : 2 * kPacks;
+  const int tid = threadIdx.y * kGroup + threadIdx.x;
+  const int step = blockDim.y * kGroup / per_pix;     // pixels per stride
+  const int part = tid % per_pix;
+  const int ch = c0 + kPer * part;                    // this thread's (first) channel
+  const bool ch_ok = ch < g.C;
+  const int step_r = step / cols, step_c = step % cols;
+  int r = (tid / per_pix) / cols, col = (tid / per_pix) % cols;
+  const int64_t row_elems = static_cast<int64_t>(g.W) * g.C;  // one image row of src
+  const int64_t step_off = step_r * row_elems + static_cast<int64_t>(step_c) * g.C;
+  const int64_t wrap_off = row_elems - static_cast<int64_t>(cols) * g.C;
+  int64_t off = (static_cast<int64_t>(h0 + r) * g.W + (w0 + col)) * g.C + ch;
+  const __nv_bfloat16* img = src + static_cast<int64_t>(n) * g.H * row_elems;
+  float* d = dst + (r * cols + col) * kGroup + kPer * part;
+  const int d_step = step * kGroup;  // floats between a thread's consecutive elements
+  while (r < rows) {
+    Elem v[kBatch];
+    int count = 0;  // elements of this batch inside the rectangle (the rest of the batch: none)
+#pragma unroll
+    for (int b = 0; b < kBatch; ++b) {
+      if (r >= rows) break;
+      const int h = h0 + r, w = w0 + col;
+      if (ch_ok && h >= 0 && h < g.H && w >= 0 && w < g.W) {
+        if constexpr (VEC) v[b] = detail::load_pack(img + off); else v[b] = img[off];
+      } else {
+        v[b] = Elem{};  // zero bits: +0.0
+      }
+      ++count;
+      col += step_c;
+      r += step_r;
+      off += step_off;
+      if (col >= cols) {
+        col -= cols;
+        ++r;
+        off += wrap_off;
+      }
+    }
+#pragma unroll
+    for (int b = 0; b < kBatch; ++b) {
+      if (b >= count) break;
+      float* e = d + b * d_step;
+      if constexpr (VEC) {
+        *reinterpret_cast<float4*>(e) = make_float4(to_float(v[b].v[0]), to_float(v[b].v[1]),
+                                                    to_float(v[b].v[2]), to_float(v[b].v[3]));
+        *reinterpret_cast<float4*>(e + 4) = make_float4(to_float(v[b].v[4]), to_float(v[b].v[5]),
+                                                        to_float(v[b].v[6]), to_float(v[b].v[7]));
+      } else {
+        *e = to_float(v[b]);
+      }
+    }
+    d += count * d_step;
+  }
+}
+
+// kPacks: 16-byte loads in flight per thread. The conv kernel stages before its filter and
+// accumulators are live and can afford 4 (64 bytes a thread: at 256 threads and 2 blocks an SM,
+// 32 KB in flight an SM, about what covers DRAM latency at full bandwidth); the grad-weight
+// kernel stages while its k*k partial sums are live and takes kWgradPacks.
+template <int kPacks = 4>
+__device__ __forceinline__ void copy_rect(float* dst, const __nv_bfloat16* __restrict__ src,
+                                          const TileGeom& g, bool vec, int n, int h0, int w0,
+                                          int rows, int cols, int c0) {
+  if (vec)
+    widen_rect_impl<true, kPacks>(dst, src, g, n, h0, w0, rows, cols, c0);
+  else
+    widen_rect_impl<false, kPacks>(dst, src, g, n, h0, w0, rows, cols, c0);
 }
 
 // Starts copying the block's channels of weight (k*k, C) and bias (C) into dst (k*k + 1, 32):
@@ -202,21 +310,23 @@ __device__ __forceinline__ void copy_filter(float* dst,                        /
 
 // ================================ forward and grad-input ================================
 // out = conv(src, filter) [+ bias], the filter being weight[p, q] or, with flip,
-// weight[k-1-p, k-1-q] (grad-input: src = dout, out = din, no bias).
+// weight[k-1-p, k-1-q] (grad-input: src = dout, out = din, no bias). T: the activations' type,
+// float or __nv_bfloat16; the filter and bias are fp32 either way.
+template <class T>
 struct ConvArgs {
-  float* out;           // (N, H, W, C)
-  const float* src;     // (N, H, W, C)
+  T* out;               // (N, H, W, C)
+  const T* src;         // (N, H, W, C)
   const float* weight;  // (k, k, C)
   const float* bias;    // (C) or null
   bool flip;
-  bool vec;             // src: C % 4 == 0 and 16-byte aligned
+  bool vec;             // src: C a multiple of a 16-byte pack (4 floats, 8 bf16), 16-byte aligned
   TileGeom g;
 };
 
 // grid: x = n * tiles + tile (tile = tile_y * tiles_x + tile_x), y = channel group.
-// block: (32, P). Dynamic shared memory: (in_h * in_w + k*k + 1) * 32 floats.
-template <int K, int RH, int RW>
-__global__ void __launch_bounds__(kMaxThreads, kMinBlocks<K>) dwconv_conv_kernel(ConvArgs a) {
+// block: (32, P). Dynamic shared memory: (in_h * in_w + k*k + 1) * 32 floats (for either T).
+template <class T, int K, int RH, int RW>
+__global__ void __launch_bounds__(kMaxThreads, kMinBlocks<K>) dwconv_conv_kernel(ConvArgs<T> a) {
   constexpr int R = K / 2;
   extern __shared__ float4 smem_f4[];  // float4: 16-byte alignment for the 16-byte copies
   const TileGeom& g = a.g;
@@ -276,32 +386,35 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks<K>) dwconv_conv_kernel
     }
   }
 
-  float* o = a.out + ((static_cast<int64_t>(n) * g.H + h0) * g.W + w0) * g.C + c;
+  T* o = a.out + ((static_cast<int64_t>(n) * g.H + h0) * g.W + w0) * g.C + c;
 #pragma unroll
   for (int i = 0; i < RH; ++i) {
     if (h0 + i >= g.H) break;
 #pragma unroll
     for (int j = 0; j < RW; ++j)
-      if (w0 + j < g.W) o[(static_cast<int64_t>(i) * g.W + j) * g.C] = acc[i][j];
+      if (w0 + j < g.W) o[(static_cast<int64_t>(i) * g.W + j) * g.C] = from_float<T>(acc[i][j]);
   }
 }
 
 // ================================ grad-weight (+ grad-bias) ================================
+// T: the activations' type (float or __nv_bfloat16); the partials are fp32 either way.
+template <class T>
 struct WgradArgs {
   float* partials;     // (gridDim.x, k*k + 1, C_pad): per block, the k*k taps then the bias
-  const float* dout;   // (N, H, W, C)
-  const float* in;     // (N, H, W, C)
+  const T* dout;       // (N, H, W, C)
+  const T* in;         // (N, H, W, C)
   int N;
   int images_per_block;  // block x covers images [split * ipb, min(N, (split+1) * ipb))
   int C_pad;             // channel groups * 32
-  bool vec_in, vec_dout; // C % 4 == 0 and that tensor 16-byte aligned
+  bool vec_in, vec_dout; // C a multiple of a 16-byte pack and that tensor 16-byte aligned
   TileGeom g;            // tiles of the output (= dout) with the input halo
 };
 
 // grid: x = split * tiles + tile, y = channel group; block (32, P). Dynamic shared memory:
-// max(in_h * in_w + TH * TW, (P / 2) * (k*k + 1)) * 32 floats.
-template <int K, int RH, int RW>
-__global__ void __launch_bounds__(kMaxThreads, kMinBlocks<K>) dwconv_wgrad_kernel(WgradArgs a) {
+// max(in_h * in_w + TH * TW, (P / 2) * (k*k + 1)) * 32 floats (for either T).
+template <class T, int K, int RH, int RW>
+__global__ void __launch_bounds__(kMaxThreads, kMinBlocks<K>)
+    dwconv_wgrad_kernel(WgradArgs<T> a) {
   constexpr int R = K / 2;
   constexpr int KK = K * K;
   extern __shared__ float4 smem_f4[];
@@ -330,8 +443,8 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks<K>) dwconv_wgrad_kerne
   const int n_begin = split * a.images_per_block;
   const int n_end = min(a.N, n_begin + a.images_per_block);
   for (int n = n_begin; n < n_end; ++n) {  // block-uniform bounds: the barriers are safe
-    copy_rect(s_tile, a.in, g, a.vec_in, n, oh0 - R, ow0 - R, g.in_h, g.in_w, c0);
-    copy_rect(s_dout, a.dout, g, a.vec_dout, n, oh0, ow0, g.TH, g.TW, c0);
+    copy_rect<kWgradPacks>(s_tile, a.in, g, a.vec_in, n, oh0 - R, ow0 - R, g.in_h, g.in_w, c0);
+    copy_rect<kWgradPacks>(s_dout, a.dout, g, a.vec_dout, n, oh0, ow0, g.TH, g.TW, c0);
     cp_async_wait_all();
     __syncthreads();
 
@@ -408,11 +521,12 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks<K>) dwconv_wgrad_kerne
 }
 
 // Grad-bias alone, first pass: partials[s, c] = sum of dout rows [s * rpb, (s+1) * rpb) of
-// channel c (a row is one pixel's C channels). grid: x = split s, y = channel group;
-// block (32, kReduceRows).
+// channel c (a row is one pixel's C channels), summed in fp32 for either T. grid: x = split s,
+// y = channel group; block (32, kReduceRows).
+template <class T>
 __global__ void __launch_bounds__(kGroup * kReduceRows)
     dwconv_bias_partials_kernel(float* __restrict__ partials,     // (gridDim.x, C_pad)
-                                const float* __restrict__ dout,   // (rows, C)
+                                const T* __restrict__ dout,       // (rows, C)
                                 int64_t rows, int C, int C_pad, int64_t rows_per_block) {
   __shared__ float part[kReduceRows][kGroup];
   const int lane = threadIdx.x, ty = threadIdx.y;
@@ -421,7 +535,7 @@ __global__ void __launch_bounds__(kGroup * kReduceRows)
   const int64_t r1 = r0 + rows_per_block < rows ? r0 + rows_per_block : rows;
   float s = 0.f;
   if (c < C)
-    for (int64_t r = r0 + ty; r < r1; r += kReduceRows) s += __ldg(dout + r * C + c);
+    for (int64_t r = r0 + ty; r < r1; r += kReduceRows) s += to_float(__ldg(dout + r * C + c));
   part[ty][lane] = s;
   __syncthreads();
   if (ty == 0) {
@@ -565,47 +679,55 @@ void allow_smem(Kernel kernel, size_t bytes) {
                                         static_cast<int>(bytes)));
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+// True when a tensor of T with C channels starting at p can be copied in 16-byte packs: C a
+// multiple of the pack (4 floats, 8 bf16) and p 16-byte aligned (then every pixel's first
+// channel is too, and a pack along C is wholly inside [0, C) or wholly outside).
+template <class T>
+bool packs_ok(const T* p, int64_t C) {
+  return C % detail::Pack<T>::kN == 0 && detail::aligned16(p);
+}
 
 // ================================ host: launches ================================
-template <int K, int RH, int RW>
-void launch_conv(const ConvArgs& a, const Plan& pl, int64_t N, cudaStream_t stream) {
+// T (here and below): float or __nv_bfloat16, the activations' type.
+template <class T, int K, int RH, int RW>
+void launch_conv(const ConvArgs<T>& a, const Plan& pl, int64_t N, cudaStream_t stream) {
   const int64_t blocks = N * pl.tiles;
   CNX_CHECK(blocks <= INT_MAX, "dwconv: too many blocks (", blocks, ")");
   const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(pl.groups));
   const dim3 block(kGroup, static_cast<unsigned>(pl.PX * pl.PY));
   const size_t smem = pl.tile_bytes() + size_t(K * K + 1) * kGroup * sizeof(float);
-  allow_smem(dwconv_conv_kernel<K, RH, RW>, smem);
-  dwconv_conv_kernel<K, RH, RW><<<grid, block, smem, stream>>>(a);
+  allow_smem(dwconv_conv_kernel<T, K, RH, RW>, smem);
+  dwconv_conv_kernel<T, K, RH, RW><<<grid, block, smem, stream>>>(a);
   CNX_CUDA_LAUNCH_CHECK();
 }
 
-template <int K>
-void launch_conv_k(const ConvArgs& a, const Plan& pl, int64_t N, cudaStream_t stream) {
+template <class T, int K>
+void launch_conv_k(const ConvArgs<T>& a, const Plan& pl, int64_t N, cudaStream_t stream) {
   constexpr int RH = kRowsPerThread<K>;
   if (pl.wide)
-    launch_conv<K, RH, kWideRW>(a, pl, N, stream);
+    launch_conv<T, K, RH, kWideRW>(a, pl, N, stream);
   else
-    launch_conv<K, RH, kNarrowRW>(a, pl, N, stream);
+    launch_conv<T, K, RH, kNarrowRW>(a, pl, N, stream);
 }
 
 // out = conv(src, weight or its flip) [+ bias]: forward and grad-input.
-void conv(float* out, const float* src, const float* weight, const float* bias, bool flip,
-          int64_t N, int64_t H, int64_t W, int64_t C, int64_t k, cudaStream_t stream) {
+template <class T>
+void conv(T* out, const T* src, const float* weight, const float* bias, bool flip, int64_t N,
+          int64_t H, int64_t W, int64_t C, int64_t k, cudaStream_t stream) {
   const Plan pl = plan_tiles(H, W, C, k);
-  const ConvArgs a{out, src, weight, bias, flip, C % 4 == 0 && aligned16(src), pl.g};
+  const ConvArgs<T> a{out, src, weight, bias, flip, packs_ok(src, C), pl.g};
   switch (k) {
-    case 3: launch_conv_k<3>(a, pl, N, stream); break;
-    case 5: launch_conv_k<5>(a, pl, N, stream); break;
-    case 7: launch_conv_k<7>(a, pl, N, stream); break;
-    case 9: launch_conv_k<9>(a, pl, N, stream); break;
-    case 11: launch_conv_k<11>(a, pl, N, stream); break;
+    case 3: launch_conv_k<T, 3>(a, pl, N, stream); break;
+    case 5: launch_conv_k<T, 5>(a, pl, N, stream); break;
+    case 7: launch_conv_k<T, 7>(a, pl, N, stream); break;
+    case 9: launch_conv_k<T, 9>(a, pl, N, stream); break;
+    case 11: launch_conv_k<T, 11>(a, pl, N, stream); break;
     default: fail("dwconv: CUDA kernel size ", k, " is not supported");
   }
 }
 
-template <int K, int RH, int RW>
-void launch_wgrad(const WgradArgs& a, const WgradPlan& wp, cudaStream_t stream) {
+template <class T, int K, int RH, int RW>
+void launch_wgrad(const WgradArgs<T>& a, const WgradPlan& wp, cudaStream_t stream) {
   const Plan& pl = wp.tiles;
   const int64_t blocks = wp.nparts();
   CNX_CHECK(blocks <= INT_MAX, "dwconv backward: too many blocks (", blocks, ")");
@@ -613,18 +735,18 @@ void launch_wgrad(const WgradArgs& a, const WgradPlan& wp, cudaStream_t stream) 
   const dim3 block(kGroup, static_cast<unsigned>(pl.PX * pl.PY));
   const size_t red_bytes = size_t(pl.PX * pl.PY / 2) * (K * K + 1) * kGroup * sizeof(float);
   const size_t smem = std::max(pl.tile_bytes() + pl.out_tile_bytes(), red_bytes);
-  allow_smem(dwconv_wgrad_kernel<K, RH, RW>, smem);
-  dwconv_wgrad_kernel<K, RH, RW><<<grid, block, smem, stream>>>(a);
+  allow_smem(dwconv_wgrad_kernel<T, K, RH, RW>, smem);
+  dwconv_wgrad_kernel<T, K, RH, RW><<<grid, block, smem, stream>>>(a);
   CNX_CUDA_LAUNCH_CHECK();
 }
 
-template <int K>
-void launch_wgrad_k(const WgradArgs& a, const WgradPlan& wp, cudaStream_t stream) {
+template <class T, int K>
+void launch_wgrad_k(const WgradArgs<T>& a, const WgradPlan& wp, cudaStream_t stream) {
   constexpr int RH = kRowsPerThread<K>;
   if (wp.tiles.wide)
-    launch_wgrad<K, RH, kWideRW>(a, wp, stream);
+    launch_wgrad<T, K, RH, kWideRW>(a, wp, stream);
   else
-    launch_wgrad<K, RH, kNarrowRW>(a, wp, stream);
+    launch_wgrad<T, K, RH, kNarrowRW>(a, wp, stream);
 }
 
 void launch_finalize(float* dweight, float* dbias, const float* partials, int64_t nparts,
@@ -639,27 +761,20 @@ void launch_finalize(float* dweight, float* dbias, const float* partials, int64_
   CNX_CUDA_LAUNCH_CHECK();
 }
 
-}  // namespace
-
-// ================================ launchers ================================
-void dwconv_forward(float* out, const float* in, const float* weight, const float* bias, int64_t N,
-                    int64_t H, int64_t W, int64_t C, int64_t k, cudaStream_t stream) {
+// ================================ host: the two directions ================================
+// T: the activations' device type (float or __nv_bfloat16).
+template <class T>
+void forward(T* out, const T* in, const float* weight, const float* bias, int64_t N, int64_t H,
+             int64_t W, int64_t C, int64_t k, cudaStream_t stream) {
   check_sizes("dwconv", N, H, W, C, k);
   if (N * H * W * C == 0) return;
   conv(out, in, weight, bias, /*flip=*/false, N, H, W, C, k, stream);
 }
 
-int64_t dwconv_backward_workspace_floats(int64_t N, int64_t H, int64_t W, int64_t C, int64_t k) {
-  check_sizes("dwconv backward", N, H, W, C, k);
-  if (N * H * W * C == 0) return 0;
-  const int64_t wgrad = plan_wgrad(N, H, W, C, k).partial_floats();
-  const int64_t bias_only = plan_bias(N * H * W, C).splits * ceil_div(C, kGroup) * kGroup;
-  return std::max(wgrad, bias_only);
-}
-
-void dwconv_backward(float* din, float* dweight, float* dbias, const float* dout, const float* in,
-                     const float* weight, int64_t N, int64_t H, int64_t W, int64_t C, int64_t k,
-                     float* workspace, cudaStream_t stream) {
+template <class T>
+void backward(T* din, float* dweight, float* dbias, const T* dout, const T* in,
+              const float* weight, int64_t N, int64_t H, int64_t W, int64_t C, int64_t k,
+              float* workspace, cudaStream_t stream) {
   check_sizes("dwconv backward", N, H, W, C, k);
   if (C == 0) return;
   if (N * H * W == 0) {
@@ -679,21 +794,21 @@ void dwconv_backward(float* din, float* dweight, float* dbias, const float* dout
   if (dweight) {
     // Per-block partials of dweight and dbias, then their sum in a fixed order.
     const WgradPlan wp = plan_wgrad(N, H, W, C, k);
-    const WgradArgs a{workspace,
-                      dout,
-                      in,
-                      static_cast<int>(N),
-                      static_cast<int>(wp.images_per_block),
-                      static_cast<int>(C_pad),
-                      C % 4 == 0 && aligned16(in),
-                      C % 4 == 0 && aligned16(dout),
-                      wp.tiles.g};
+    const WgradArgs<T> a{workspace,
+                         dout,
+                         in,
+                         static_cast<int>(N),
+                         static_cast<int>(wp.images_per_block),
+                         static_cast<int>(C_pad),
+                         packs_ok(in, C),
+                         packs_ok(dout, C),
+                         wp.tiles.g};
     switch (k) {
-      case 3: launch_wgrad_k<3>(a, wp, stream); break;
-      case 5: launch_wgrad_k<5>(a, wp, stream); break;
-      case 7: launch_wgrad_k<7>(a, wp, stream); break;
-      case 9: launch_wgrad_k<9>(a, wp, stream); break;
-      case 11: launch_wgrad_k<11>(a, wp, stream); break;
+      case 3: launch_wgrad_k<T, 3>(a, wp, stream); break;
+      case 5: launch_wgrad_k<T, 5>(a, wp, stream); break;
+      case 7: launch_wgrad_k<T, 7>(a, wp, stream); break;
+      case 9: launch_wgrad_k<T, 9>(a, wp, stream); break;
+      case 11: launch_wgrad_k<T, 11>(a, wp, stream); break;
       default: fail("dwconv backward: CUDA kernel size ", k, " is not supported");
     }
     launch_finalize(dweight, dbias, workspace, wp.nparts(), wp.rows(), C, stream);
@@ -704,13 +819,49 @@ void dwconv_backward(float* din, float* dweight, float* dbias, const float* dout
     CNX_CHECK(bp.splits <= INT_MAX, "dwconv backward: too many blocks (", bp.splits, ")");
     const dim3 grid(static_cast<unsigned>(bp.splits), static_cast<unsigned>(groups));
     const dim3 block(kGroup, kReduceRows);
-    dwconv_bias_partials_kernel<<<grid, block, 0, stream>>>(workspace, dout, rows,
-                                                            static_cast<int>(C),
-                                                            static_cast<int>(C_pad),
-                                                            bp.rows_per_block);
+    dwconv_bias_partials_kernel<T><<<grid, block, 0, stream>>>(workspace, dout, rows,
+                                                               static_cast<int>(C),
+                                                               static_cast<int>(C_pad),
+                                                               bp.rows_per_block);
     CNX_CUDA_LAUNCH_CHECK();
     launch_finalize(nullptr, dbias, workspace, bp.splits, /*nrows=*/1, C, stream);
   }
 }
+
+}  // namespace
+
+// ================================ launchers ================================
+template <class T>
+void dwconv_forward(std::type_identity_t<T>* out, const std::type_identity_t<T>* in,
+                    const param_t<T>* weight, const param_t<T>* bias, int64_t N, int64_t H,
+                    int64_t W, int64_t C, int64_t k, cudaStream_t stream) {
+  forward(detail::dev(out), detail::dev(in), weight, bias, N, H, W, C, k, stream);
+}
+
+int64_t dwconv_backward_workspace_floats(int64_t N, int64_t H, int64_t W, int64_t C, int64_t k) {
+  check_sizes("dwconv backward", N, H, W, C, k);
+  if (N * H * W * C == 0) return 0;
+  const int64_t wgrad = plan_wgrad(N, H, W, C, k).partial_floats();
+  const int64_t bias_only = plan_bias(N * H * W, C).splits * ceil_div(C, kGroup) * kGroup;
+  return std::max(wgrad, bias_only);
+}
+
+template <class T>
+void dwconv_backward(std::type_identity_t<T>* din, param_t<T>* dweight, param_t<T>* dbias,
+                     const std::type_identity_t<T>* dout, const std::type_identity_t<T>* in,
+                     const param_t<T>* weight, int64_t N, int64_t H, int64_t W, int64_t C,
+                     int64_t k, float* workspace, cudaStream_t stream) {
+  backward(detail::dev(din), dweight, dbias, detail::dev(dout), detail::dev(in), weight, N, H, W,
+           C, k, workspace, stream);
+}
+
+#define CNX_INSTANTIATE(T)                                                                      \
+  template void dwconv_forward<T>(T*, const T*, const float*, const float*, int64_t, int64_t,   \
+                                  int64_t, int64_t, int64_t, cudaStream_t);                     \
+  template void dwconv_backward<T>(T*, float*, float*, const T*, const T*, const float*, int64_t, \
+                                   int64_t, int64_t, int64_t, int64_t, float*, cudaStream_t);
+CNX_INSTANTIATE(float)
+CNX_INSTANTIATE(bf16)
+#undef CNX_INSTANTIATE
 
 }  // namespace cnx::cuda
