@@ -4,8 +4,10 @@
 //
 // Tolerances here are for a chain of layers, not one op: each layer rounds its output to bf16
 // (relative error up to 2^-8, ~0.4%), and the errors of ~20 roundings along the path of a logit
-// add up roughly like a random walk; the measured relative error of the logits of the small model
-// below is about 0.5-1% (see the comments at each assertion), checked with a margin of 3-4x.
+// add up roughly like a random walk. Measured on 2026-11-22 for the model below (CPU): logits
+// 0.71% relative L2 error, all gradients 0.68%, every parameter's gradient at cosine >= 0.99996
+// with the fp32 one; the overfitting run's last loss 0.014180 vs 0.014177. The limits are 3-4x
+// those (cosine 0.9995 allows ~3% relative error).
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -96,7 +98,7 @@ TEST(Amp, Bf16ModelIsCloseToTheFp32ModelWithFp32Gradients) {
   EXPECT_EQ(b16.logits_dtype, DType::f32);
   const double logit_err = rel_l2(b16.logits, f32.logits);
   EXPECT_GT(logit_err, 0.0) << "the bf16 run must differ: was bf16 used at all?";
-  EXPECT_LT(logit_err, 0.03) << "logits, relative L2 error of bf16 vs fp32";
+  EXPECT_LT(logit_err, 0.025) << "logits, relative L2 error of bf16 vs fp32";
   EXPECT_NEAR(b16.loss, f32.loss, 0.02 * std::abs(f32.loss));
   // Drop path drew the same masks (the draws do not depend on the dtype).
   EXPECT_EQ(b16.drop_offset, f32.drop_offset);
@@ -107,11 +109,11 @@ TEST(Amp, Bf16ModelIsCloseToTheFp32ModelWithFp32Gradients) {
   for (size_t i = 0; i < params.size(); ++i) {
     ASSERT_FALSE(b16.grads[i].empty()) << params[i].name;
     EXPECT_EQ(b16.grad_dtypes[i], DType::f32) << params[i].name;
-    EXPECT_GT(cosine(b16.grads[i], f32.grads[i]), 0.98) << params[i].name;
+    EXPECT_GT(cosine(b16.grads[i], f32.grads[i]), 0.9995) << params[i].name;
     all_b16.insert(all_b16.end(), b16.grads[i].begin(), b16.grads[i].end());
     all_f32.insert(all_f32.end(), f32.grads[i].begin(), f32.grads[i].end());
   }
-  EXPECT_LT(rel_l2(all_b16, all_f32), 0.05) << "all gradients, relative L2 error";
+  EXPECT_LT(rel_l2(all_b16, all_f32), 0.025) << "all gradients, relative L2 error";
   // The parameters themselves stay fp32.
   for (const Parameter& prm : params) EXPECT_EQ(prm.value.dtype(), DType::f32) << prm.name;
 }
@@ -140,8 +142,9 @@ TEST(Amp, Bf16TrainingFollowsFp32) {
   const std::vector<double> f32 = train(DType::f32), b16 = train(DType::bf16);
   EXPECT_LT(f32.back(), 0.5 * f32.front()) << "the fp32 run must learn for the comparison to mean anything";
   EXPECT_LT(b16.back(), 0.5 * b16.front());
-  EXPECT_NEAR(b16.front(), f32.front(), 0.02 * f32.front());
-  EXPECT_NEAR(b16.back(), f32.back(), 0.15 * f32.front());
+  for (size_t i = 0; i < f32.size(); ++i)  // the whole curve, within 1% of the starting loss
+    EXPECT_NEAR(b16[i], f32[i], 0.01 * f32.front()) << "step " << i;
+  EXPECT_NEAR(b16.back(), f32.back(), 0.1 * f32.back()) << "the end of the curve, relative";
 }
 
 TEST(Amp, ActivationsMustBeTheParametersDtypeOrBf16OverFp32) {
