@@ -25,7 +25,7 @@ class ScaledResidual final : public Function {
     CNX_CHECK(h.shape() == x.shape(), op, ": h ", h.str(), " and x ", x.str(), " differ in shape");
     check::params(op, {"x", x}, {{"gamma", gamma}, {"scale", scale}});
     const int64_t N = x.dim(0), C = x.dim(-1);
-    const int64_t P = N * C ? x.numel() / (N * C) : 0;  // pixels per sample
+    const int64_t P = N > 0 && C > 0 ? x.numel() / (N * C) : 0;  // pixels per sample
     if (gamma.defined()) check::shape(op, "gamma", gamma, Shape{C}, "the channels of x " + x.str());
     if (scale.defined()) check::shape(op, "scale", scale, Shape{N}, "one per sample of x " + x.str());
     CNX_CHECK(!scale.defined() || !scale.requires_grad(), op, ": scale ", scale.str(),
