@@ -192,6 +192,9 @@ Tensor Tensor::to(DType dtype) const {
     const cudaStream_t stream = cuda::device_stream(device());
     if (to_bf16) cuda::cast(t.data<bf16>(), data<float>(), numel(), stream);
     else cuda::cast(t.data<float>(), data<bf16>(), numel(), stream);
+#else
+    fail("to(", dtype_name(dtype), "): ", str(),
+         " is a CUDA tensor but this build has no CUDA backend");
 #endif
     return t;
   }

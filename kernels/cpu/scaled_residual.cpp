@@ -35,32 +35,40 @@ template <class T>
 void scaled_residual_backward(T* dh, param_t<T>* dgamma, const T* dout, const T* h,
                               const param_t<T>* gamma, const param_t<T>* scale, int64_t N,
                               int64_t P, int64_t C) {
-  const int64_t rows = N * P;
-  auto s_of = [&](int64_t row) { return scale ? static_cast<T>(scale[row / P]) : T(1); };
+  const int64_t per_sample = P * C;
+  // g = dout * scale[n], rounded as drop_path's backward rounds it (dout itself without drop path).
+  auto g_of = [&](int64_t n, int64_t i) {
+    return scale ? static_cast<T>(dout[i] * static_cast<T>(scale[n])) : dout[i];
+  };
+  auto dropped = [&](int64_t n) { return scale && static_cast<T>(scale[n]) == T(0); };
   if (dh) {
 #pragma omp parallel for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
-      const T s = s_of(r);
-      for (int64_t c = 0; c < C; ++c) {
-        if (s == T(0)) {
-          dh[r * C + c] = T(0);
-          continue;
-        }
-        const T g = scale ? static_cast<T>(dout[r * C + c] * s) : dout[r * C + c];  // drop_path
-        dh[r * C + c] = gamma ? static_cast<T>(g * gamma[c]) : g;                   // layer_scale
+    for (int64_t n = 0; n < N; ++n) {
+      T* d = dh + n * per_sample;
+      if (dropped(n)) {
+        for (int64_t i = 0; i < per_sample; ++i) d[i] = T(0);
+        continue;
       }
+      for (int64_t p = 0; p < P; ++p)
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t i = n * per_sample + p * C + c;
+          const T g = g_of(n, i);
+          d[p * C + c] = gamma ? static_cast<T>(g * gamma[c]) : g;  // layer_scale's backward
+        }
     }
   }
   if (dgamma) {
-    // One thread per channel, rows in order (deterministic; the order of layer_scale's).
+    // One thread per channel, rows in order (deterministic; the order of layer_scale's), the
+    // rows of dropped samples skipped.
 #pragma omp parallel for schedule(static)
     for (int64_t c = 0; c < C; ++c) {
       T acc = 0;
-      for (int64_t r = 0; r < rows; ++r) {
-        const T s = s_of(r);
-        if (s == T(0)) continue;
-        const T g = scale ? static_cast<T>(dout[r * C + c] * s) : dout[r * C + c];
-        acc += g * h[r * C + c];
+      for (int64_t n = 0; n < N; ++n) {
+        if (dropped(n)) continue;
+        for (int64_t p = 0; p < P; ++p) {
+          const int64_t i = n * per_sample + p * C + c;
+          acc += g_of(n, i) * h[i];
+        }
       }
       dgamma[c] = acc;
     }

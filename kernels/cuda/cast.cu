@@ -24,25 +24,19 @@ __global__ void __launch_bounds__(kBlockThreads)
   int64_t done = 0;
   if constexpr (kVec) {
     const int64_t groups = n / 8;
+    constexpr int kInN = detail::Pack<In>::kN, kOutN = detail::Pack<Out>::kN;  // 4 or 8
     for (int64_t i = first; i < groups; i += stride) {
-      Out o[8];
-      const In* src = in + 8 * i;
-      In x[8];
-      if constexpr (sizeof(In) == 2) {
-        *reinterpret_cast<detail::Pack<In>*>(x) = detail::load_pack(src);
-      } else {
-        *reinterpret_cast<detail::Pack<In>*>(x) = detail::load_pack(src);
-        *reinterpret_cast<detail::Pack<In>*>(x + 4) = detail::load_pack(src + 4);
-      }
+      alignas(16) In x[8];
+      alignas(16) Out o[8];
+#pragma unroll
+      for (int k = 0; k < 8 / kInN; ++k)  // one pack of bf16, two of float
+        reinterpret_cast<detail::Pack<In>*>(x)[k] = detail::load_pack(in + 8 * i + k * kInN);
 #pragma unroll
       for (int k = 0; k < 8; ++k) o[k] = detail::from_float<Out>(detail::to_float(x[k]));
-      Out* dst = out + 8 * i;
-      if constexpr (sizeof(Out) == 2) {
-        detail::store_pack(dst, *reinterpret_cast<const detail::Pack<Out>*>(o));
-      } else {
-        detail::store_pack(dst, *reinterpret_cast<const detail::Pack<Out>*>(o));
-        detail::store_pack(dst + 4, *reinterpret_cast<const detail::Pack<Out>*>(o + 4));
-      }
+#pragma unroll
+      for (int k = 0; k < 8 / kOutN; ++k)
+        detail::store_pack(out + 8 * i + k * kOutN,
+                           reinterpret_cast<const detail::Pack<Out>*>(o)[k]);
     }
     done = groups * 8;
   }
