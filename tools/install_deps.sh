@@ -13,6 +13,7 @@ packages=(
   libopenblas-dev                   # f32 CPU matrix products (optional: without it, the loops)
   zlib1g-dev                        # Fashion-MNIST .gz files
   libturbojpeg0-dev                 # JPEG decoding (ImageFolder datasets)
+  libboost-context-dev              # the emulated CUDA device's fibers (kernels/cuda/emulator)
   dataset-fashion-mnist             # the default training data (/usr/share/datasets/fashion-mnist)
 )
 

@@ -4,6 +4,8 @@
 #include <cstdio>
 #include <vector>
 
+#include "kernels/cuda/launch.cuh"
+
 namespace cnx::bench {
 
 namespace {
@@ -23,7 +25,7 @@ __global__ void fill_uniform(float* p, int64_t n) {
 DeviceBuffer::DeviceBuffer(int64_t bytes, bool random) : bytes_(bytes) {
   CNX_CUDA_CHECK(cudaMalloc(&ptr_, static_cast<size_t>(bytes)));
   if (random) {
-    fill_uniform<<<1024, 256>>>(static_cast<float*>(ptr_), bytes / 4);
+    cuda::launch<fill_uniform>(1024, 256, 0, nullptr, static_cast<float*>(ptr_), bytes / 4);
     CNX_CUDA_LAUNCH_CHECK();
   } else {
     CNX_CUDA_CHECK(cudaMemset(ptr_, 0, static_cast<size_t>(bytes)));

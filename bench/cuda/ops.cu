@@ -29,6 +29,7 @@
 #include "kernels/avgpool.h"
 #include "kernels/cast.h"
 #include "kernels/cross_entropy.h"
+#include "kernels/cuda/launch.cuh"
 #include "kernels/drop_path.h"
 #include "kernels/gelu.h"
 #include "kernels/layer_scale.h"
@@ -181,8 +182,9 @@ void BM_layernorm_forward_plain(benchmark::State& state) {
                out = floats(s.numel(), false), mean = floats(s.pixels(), false),
                rstd = floats(s.pixels(), false);
   const double sec = time_iterations(state, nullptr, [&] {
-    plain_layernorm_forward<<<plain_grid(s.pixels()), kPlainThreads>>>(
-        out.as(), mean.as(), rstd.as(), x.as(), w.as(), b.as(), s.pixels(), s.C, 1e-6f);
+    cuda::launch<plain_layernorm_forward>(plain_grid(s.pixels()), kPlainThreads, 0, nullptr,
+                                          out.as(), mean.as(), rstd.as(), x.as(), w.as(), b.as(),
+                                          s.pixels(), s.C, 1e-6f);
     CNX_CUDA_LAUNCH_CHECK();
   });
   state.SetLabel(s.label());
@@ -234,8 +236,9 @@ void BM_layernorm_backward_plain(benchmark::State& state) {
   const double sec = time_iterations(state, nullptr, [&] {
     CNX_CUDA_CHECK(cudaMemsetAsync(dw.as(), 0, s.C * sizeof(float)));
     CNX_CUDA_CHECK(cudaMemsetAsync(db.as(), 0, s.C * sizeof(float)));
-    plain_layernorm_backward<<<plain_grid(s.pixels()), kPlainThreads>>>(
-        din.as(), dw.as(), db.as(), dy.as(), x.as(), w.as(), mean.as(), rstd.as(), s.pixels(), s.C);
+    cuda::launch<plain_layernorm_backward>(plain_grid(s.pixels()), kPlainThreads, 0, nullptr,
+                                           din.as(), dw.as(), db.as(), dy.as(), x.as(), w.as(),
+                                           mean.as(), rstd.as(), s.pixels(), s.C);
     CNX_CUDA_LAUNCH_CHECK();
   });
   state.SetLabel(s.label());
@@ -281,7 +284,7 @@ void BM_gelu_forward_plain(benchmark::State& state) {
   const int64_t n = hidden(s);
   DeviceBuffer x = floats(n), out = floats(n, false);
   const double sec = time_iterations(state, nullptr, [&] {
-    plain_gelu_forward<<<plain_grid(n), kPlainThreads>>>(out.as(), x.as(), n);
+    cuda::launch<plain_gelu_forward>(plain_grid(n), kPlainThreads, 0, nullptr, out.as(), x.as(), n);
     CNX_CUDA_LAUNCH_CHECK();
   });
   state.SetLabel(s.label() + " x4");
@@ -306,7 +309,8 @@ void BM_gelu_backward_plain(benchmark::State& state) {
   const int64_t n = hidden(s);
   DeviceBuffer x = floats(n), dy = floats(n), din = floats(n, false);
   const double sec = time_iterations(state, nullptr, [&] {
-    plain_gelu_backward<<<plain_grid(n), kPlainThreads>>>(din.as(), dy.as(), x.as(), n);
+    cuda::launch<plain_gelu_backward>(plain_grid(n), kPlainThreads, 0, nullptr, din.as(), dy.as(),
+                                      x.as(), n);
     CNX_CUDA_LAUNCH_CHECK();
   });
   state.SetLabel(s.label() + " x4");
@@ -333,8 +337,8 @@ void BM_layer_scale_forward_plain(benchmark::State& state) {
   const StageShape& s = stage(state);
   DeviceBuffer x = floats(s.numel()), gamma = floats(s.C), out = floats(s.numel(), false);
   const double sec = time_iterations(state, nullptr, [&] {
-    plain_layer_scale<<<plain_grid(s.numel()), kPlainThreads>>>(out.as(), x.as(), gamma.as(),
-                                                                s.numel(), s.C);
+    cuda::launch<plain_layer_scale>(plain_grid(s.numel()), kPlainThreads, 0, nullptr, out.as(),
+                                    x.as(), gamma.as(), s.numel(), s.C);
     CNX_CUDA_LAUNCH_CHECK();
   });
   state.SetLabel(s.label());
@@ -363,8 +367,9 @@ void BM_layer_scale_backward_plain(benchmark::State& state) {
                din = floats(s.numel(), false), dgamma = floats(s.C, false);
   const double sec = time_iterations(state, nullptr, [&] {
     CNX_CUDA_CHECK(cudaMemsetAsync(dgamma.as(), 0, s.C * sizeof(float)));
-    plain_layer_scale_backward<<<plain_grid(s.numel()), kPlainThreads>>>(
-        din.as(), dgamma.as(), dy.as(), x.as(), gamma.as(), s.numel(), s.C);
+    cuda::launch<plain_layer_scale_backward>(plain_grid(s.numel()), kPlainThreads, 0, nullptr,
+                                             din.as(), dgamma.as(), dy.as(), x.as(), gamma.as(),
+                                             s.numel(), s.C);
     CNX_CUDA_LAUNCH_CHECK();
   });
   state.SetLabel(s.label());
@@ -402,8 +407,8 @@ void BM_drop_path_forward_plain(benchmark::State& state) {
   const int64_t per_sample = s.H * s.W * s.C;
   DeviceBuffer x = floats(s.numel()), scale = floats(s.N), out = floats(s.numel(), false);
   const double sec = time_iterations(state, nullptr, [&] {
-    plain_drop_path<<<plain_grid(s.numel()), kPlainThreads>>>(out.as(), x.as(), scale.as(),
-                                                              s.numel(), per_sample);
+    cuda::launch<plain_drop_path>(plain_grid(s.numel()), kPlainThreads, 0, nullptr, out.as(),
+                                  x.as(), scale.as(), s.numel(), per_sample);
     CNX_CUDA_LAUNCH_CHECK();
   });
   state.SetLabel(s.label());
@@ -430,7 +435,8 @@ void BM_add_forward_plain(benchmark::State& state) {
   const StageShape& s = stage(state);
   DeviceBuffer a = floats(s.numel()), b = floats(s.numel()), out = floats(s.numel(), false);
   const double sec = time_iterations(state, nullptr, [&] {
-    plain_add<<<plain_grid(s.numel()), kPlainThreads>>>(out.as(), a.as(), b.as(), s.numel());
+    cuda::launch<plain_add>(plain_grid(s.numel()), kPlainThreads, 0, nullptr, out.as(), a.as(),
+                            b.as(), s.numel());
     CNX_CUDA_LAUNCH_CHECK();
   });
   state.SetLabel(s.label());
@@ -453,7 +459,8 @@ void BM_add_inplace_plain(benchmark::State& state) {
   const StageShape& s = stage(state);
   DeviceBuffer dst = floats(s.numel(), false), src = floats(s.numel());
   const double sec = time_iterations(state, nullptr, [&] {
-    plain_add<<<plain_grid(s.numel()), kPlainThreads>>>(dst.as(), dst.as(), src.as(), s.numel());
+    cuda::launch<plain_add>(plain_grid(s.numel()), kPlainThreads, 0, nullptr, dst.as(), dst.as(),
+                            src.as(), s.numel());
     CNX_CUDA_LAUNCH_CHECK();
   });
   state.SetLabel(s.label());
@@ -476,7 +483,8 @@ void BM_mul_forward_plain(benchmark::State& state) {
   const StageShape& s = stage(state);
   DeviceBuffer a = floats(s.numel()), b = floats(s.numel()), out = floats(s.numel(), false);
   const double sec = time_iterations(state, nullptr, [&] {
-    plain_mul<<<plain_grid(s.numel()), kPlainThreads>>>(out.as(), a.as(), b.as(), s.numel());
+    cuda::launch<plain_mul>(plain_grid(s.numel()), kPlainThreads, 0, nullptr, out.as(), a.as(),
+                            b.as(), s.numel());
     CNX_CUDA_LAUNCH_CHECK();
   });
   state.SetLabel(s.label());
@@ -502,8 +510,8 @@ void BM_mul_backward_plain(benchmark::State& state) {
   DeviceBuffer a = floats(s.numel()), b = floats(s.numel()), dy = floats(s.numel()),
                da = floats(s.numel(), false), db = floats(s.numel(), false);
   const double sec = time_iterations(state, nullptr, [&] {
-    plain_mul_backward<<<plain_grid(s.numel()), kPlainThreads>>>(da.as(), db.as(), dy.as(), a.as(),
-                                                                 b.as(), s.numel());
+    cuda::launch<plain_mul_backward>(plain_grid(s.numel()), kPlainThreads, 0, nullptr, da.as(),
+                                     db.as(), dy.as(), a.as(), b.as(), s.numel());
     CNX_CUDA_LAUNCH_CHECK();
   });
   state.SetLabel(s.label());
@@ -575,7 +583,7 @@ void BM_cross_entropy_forward(benchmark::State& state) {
   DeviceBuffer logits = floats(kCeN * kCeK), probs = floats(kCeN * kCeK, false),
                loss = floats(1, false), labels(kCeN * int64_t(sizeof(int64_t)), false),
                ws = floats(cuda::cross_entropy_forward_workspace_floats(kCeN, kCeK), false);
-  fill_labels<<<1, 128>>>(labels.as<int64_t>(), kCeN, kCeK);
+  cuda::launch<fill_labels>(1, 128, 0, nullptr, labels.as<int64_t>(), kCeN, kCeK);
   CNX_CUDA_LAUNCH_CHECK();
   const double sec = time_iterations(state, nullptr, [&] {
     cuda::cross_entropy_forward(loss.as(), probs.as(), logits.as(), labels.as<int64_t>(), nullptr,
@@ -589,7 +597,7 @@ BENCHMARK(BM_cross_entropy_forward)->UseManualTime()->Unit(benchmark::kMicroseco
 void BM_cross_entropy_backward(benchmark::State& state) {
   DeviceBuffer probs = floats(kCeN * kCeK), dlogits = floats(kCeN * kCeK, false), dloss = floats(1),
                labels(kCeN * int64_t(sizeof(int64_t)), false);
-  fill_labels<<<1, 128>>>(labels.as<int64_t>(), kCeN, kCeK);
+  cuda::launch<fill_labels>(1, 128, 0, nullptr, labels.as<int64_t>(), kCeN, kCeK);
   CNX_CUDA_LAUNCH_CHECK();
   const double sec = time_iterations(state, nullptr, [&] {
     cuda::cross_entropy_backward(dlogits.as(), dloss.as(), probs.as(), labels.as<int64_t>(),

@@ -18,6 +18,7 @@
 #include <algorithm>
 
 #include "kernels/adamw.h"
+#include "kernels/cuda/launch.cuh"
 #include "kernels/cuda/vec.cuh"
 #include "tensor/cuda_check.h"
 
@@ -98,7 +99,8 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(const __grid_constant__
 
 void launch_table(const AdamWTable& table, cudaStream_t stream) {
   const int64_t blocks = table.block_start[table.count];
-  adamw_kernel<<<static_cast<unsigned>(std::min(blocks, kMaxGrid)), kThreads, 0, stream>>>(table);
+  launch<adamw_kernel>(static_cast<unsigned>(std::min(blocks, kMaxGrid)), kThreads, 0, stream,
+                       table);
   CNX_CUDA_LAUNCH_CHECK();
 }
 

@@ -17,6 +17,7 @@
 #include <type_traits>
 
 #include "kernels/avgpool.h"
+#include "kernels/cuda/launch.cuh"
 #include "kernels/cuda/reduce.cuh"
 #include "kernels/cuda/vec.cuh"
 #include "tensor/cuda_check.h"
@@ -117,11 +118,11 @@ void global_avgpool_forward(float* out, const float* in, int64_t N, int64_t H, i
   const dim3 grid(static_cast<unsigned>(ct.tiles),
                   static_cast<unsigned>(std::min<int64_t>(N, detail::kMaxGridY)));
   if (vec)
-    avgpool_forward_kernel<true>
-        <<<grid, detail::kBlockThreads, 0, stream>>>(out, in, N, HW, C, ct.tile, ct.lanes);
+    launch<avgpool_forward_kernel<true>>(grid, detail::kBlockThreads, 0, stream, out, in, N, HW, C,
+                                         ct.tile, ct.lanes);
   else
-    avgpool_forward_kernel<false>
-        <<<grid, detail::kBlockThreads, 0, stream>>>(out, in, N, HW, C, ct.tile, ct.lanes);
+    launch<avgpool_forward_kernel<false>>(grid, detail::kBlockThreads, 0, stream, out, in, N, HW,
+                                          C, ct.tile, ct.lanes);
   CNX_CUDA_LAUNCH_CHECK();
 }
 
@@ -134,13 +135,13 @@ void global_avgpool_backward(float* din, const float* dout, int64_t N, int64_t H
   if (C % 4 == 0 && detail::all_aligned16(din, dout)) {
     const unsigned grid =
         detail::wave_grid<avgpool_backward_kernel<true>, detail::kBlockThreads>(n / 4);
-    avgpool_backward_kernel<true>
-        <<<grid, detail::kBlockThreads, 0, stream>>>(din, dout, n, HW, C, inv_hw);
+    launch<avgpool_backward_kernel<true>>(grid, detail::kBlockThreads, 0, stream, din, dout, n, HW,
+                                          C, inv_hw);
   } else {
     const unsigned grid =
         detail::wave_grid<avgpool_backward_kernel<false>, detail::kBlockThreads>(n);
-    avgpool_backward_kernel<false>
-        <<<grid, detail::kBlockThreads, 0, stream>>>(din, dout, n, HW, C, inv_hw);
+    launch<avgpool_backward_kernel<false>>(grid, detail::kBlockThreads, 0, stream, din, dout, n,
+                                           HW, C, inv_hw);
   }
   CNX_CUDA_LAUNCH_CHECK();
 }

@@ -16,6 +16,7 @@
 #include <cuda_runtime.h>
 
 #include "kernels/batch_finish.h"
+#include "kernels/cuda/launch.cuh"
 #include "kernels/cuda/vec.cuh"
 #include "tensor/cuda_check.h"
 #include "tensor/error.h"
@@ -90,11 +91,11 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <int kC, int kG>
-void launch(float* out, const uint8_t* in, const EraseParams* erase, const MixParams& mix,
-            const Normalization& norm, int64_t B, int64_t H, int64_t W, cudaStream_t stream) {
+void launch_cg(float* out, const uint8_t* in, const EraseParams* erase, const MixParams& mix,
+               const Normalization& norm, int64_t B, int64_t H, int64_t W, cudaStream_t stream) {
   constexpr auto kernel = batch_finish_kernel<kC, kG>;
   const unsigned grid = detail::wave_grid<kernel, kThreads>(B * H, /*items_per_block=*/1);
-  kernel<<<grid, kThreads, 0, stream>>>(out, in, erase, mix, norm, B, H, W);
+  launch<kernel>(grid, kThreads, 0, stream, out, in, erase, mix, norm, B, H, W);
   CNX_CUDA_LAUNCH_CHECK();
 }
 
@@ -103,8 +104,8 @@ void launch_c(float* out, const uint8_t* in, const EraseParams* erase, const Mix
               const Normalization& norm, int64_t B, int64_t H, int64_t W, cudaStream_t stream) {
   const bool vec = (W * kC) % 4 == 0 && detail::aligned16(out) &&
                    (reinterpret_cast<uintptr_t>(in) & 3u) == 0;
-  if (vec) launch<kC, 4>(out, in, erase, mix, norm, B, H, W, stream);
-  else launch<kC, 1>(out, in, erase, mix, norm, B, H, W, stream);
+  if (vec) launch_cg<kC, 4>(out, in, erase, mix, norm, B, H, W, stream);
+  else launch_cg<kC, 1>(out, in, erase, mix, norm, B, H, W, stream);
 }
 
 }  // namespace

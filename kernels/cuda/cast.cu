@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include "kernels/cast.h"
+#include "kernels/cuda/launch.cuh"
 #include "kernels/cuda/vec.cuh"
 #include "tensor/cuda_check.h"
 
@@ -49,10 +50,10 @@ void launch_cast(Out* out, const In* in, int64_t n, cudaStream_t stream) {
   if (n <= 0) return;
   if (detail::all_aligned16(out, in)) {
     const unsigned grid = detail::wave_grid<cast_kernel<true, Out, In>, kBlockThreads>(n / 8 + 1);
-    cast_kernel<true, Out, In><<<grid, kBlockThreads, 0, stream>>>(out, in, n);
+    launch<cast_kernel<true, Out, In>>(grid, kBlockThreads, 0, stream, out, in, n);
   } else {
     const unsigned grid = detail::wave_grid<cast_kernel<false, Out, In>, kBlockThreads>(n);
-    cast_kernel<false, Out, In><<<grid, kBlockThreads, 0, stream>>>(out, in, n);
+    launch<cast_kernel<false, Out, In>>(grid, kBlockThreads, 0, stream, out, in, n);
   }
   CNX_CUDA_LAUNCH_CHECK();
 }

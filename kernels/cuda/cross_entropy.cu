@@ -23,6 +23,7 @@
 #include <cmath>
 
 #include "kernels/cross_entropy.h"
+#include "kernels/cuda/launch.cuh"
 #include "kernels/cuda/reduce.cuh"
 #include "kernels/cuda/vec.cuh"
 #include "tensor/cuda_check.h"
@@ -123,13 +124,12 @@ void cross_entropy_forward(float* loss, float* probs, const float* logits, const
                            float* workspace, cudaStream_t stream) {
   if (N > 0) {
     const unsigned grid = static_cast<unsigned>(std::min<int64_t>(N, kMaxGrid));
-    cross_entropy_rows_kernel<<<grid, kThreads, 0, stream>>>(workspace, probs, logits, labels,
-                                                             targets, N, K,
-                                                             hard_targets(K, smoothing));
+    launch<cross_entropy_rows_kernel>(grid, kThreads, 0, stream, workspace, probs, logits, labels,
+                                      targets, N, K, hard_targets(K, smoothing));
     CNX_CUDA_LAUNCH_CHECK();
   }
   // Also for N = 0: the mean over no rows is 0 / 0 = NaN, as the CPU reference.
-  cross_entropy_mean_kernel<<<1, kThreads, 0, stream>>>(loss, workspace, N);
+  launch<cross_entropy_mean_kernel>(1, kThreads, 0, stream, loss, workspace, N);
   CNX_CUDA_LAUNCH_CHECK();
 }
 
@@ -139,9 +139,8 @@ void cross_entropy_backward(float* dlogits, const float* dloss, const float* pro
                             double smoothing, cudaStream_t stream) {
   if (N <= 0 || K <= 0) return;
   const unsigned grid = static_cast<unsigned>(std::min<int64_t>(N, kMaxGrid));
-  cross_entropy_backward_kernel<<<grid, kThreads, 0, stream>>>(dlogits, dloss, probs, labels,
-                                                               targets, N, K,
-                                                               hard_targets(K, smoothing));
+  launch<cross_entropy_backward_kernel>(grid, kThreads, 0, stream, dlogits, dloss, probs, labels,
+                                        targets, N, K, hard_targets(K, smoothing));
   CNX_CUDA_LAUNCH_CHECK();
 }
 

@@ -14,6 +14,7 @@
 // all; skipping the read would save bandwidth only when drop path is on.)
 #include <cuda_runtime.h>
 
+#include "kernels/cuda/launch.cuh"
 #include "kernels/cuda/vec.cuh"
 #include "kernels/drop_path.h"
 #include "tensor/cuda_check.h"
@@ -47,19 +48,19 @@ __global__ void __launch_bounds__(detail::kBlockThreads)
 }
 
 template <class T>
-void launch(T* out, const T* in, const float* scale, int64_t N, int64_t per_sample,
-            cudaStream_t stream) {
+void launch_drop_path(T* out, const T* in, const float* scale, int64_t N, int64_t per_sample,
+                      cudaStream_t stream) {
   const int64_t n = N * per_sample;
   if (n <= 0) return;
   if (per_sample % 4 == 0 && detail::all_aligned16(out, in)) {
     const unsigned grid =
         detail::wave_grid<drop_path_kernel<true, T>, detail::kBlockThreads>(n / 4);
-    drop_path_kernel<true, T>
-        <<<grid, detail::kBlockThreads, 0, stream>>>(out, in, scale, N, per_sample);
+    launch<drop_path_kernel<true, T>>(grid, detail::kBlockThreads, 0, stream, out, in, scale, N,
+                                      per_sample);
   } else {
     const unsigned grid = detail::wave_grid<drop_path_kernel<false, T>, detail::kBlockThreads>(n);
-    drop_path_kernel<false, T>
-        <<<grid, detail::kBlockThreads, 0, stream>>>(out, in, scale, N, per_sample);
+    launch<drop_path_kernel<false, T>>(grid, detail::kBlockThreads, 0, stream, out, in, scale, N,
+                                       per_sample);
   }
   CNX_CUDA_LAUNCH_CHECK();
 }
@@ -70,14 +71,15 @@ void launch(T* out, const T* in, const float* scale, int64_t N, int64_t per_samp
 template <class T>
 void drop_path_forward(T* out, const T* in, const float* scale, int64_t N, int64_t per_sample,
                        cudaStream_t stream) {
-  launch(detail::dev(out), detail::dev(in), scale, N, per_sample, stream);
+  launch_drop_path(detail::dev(out), detail::dev(in), scale, N, per_sample, stream);
 }
 
 // ================================ backward ================================
 template <class T>
 void drop_path_backward(T* din, const T* dout, const float* scale, int64_t N, int64_t per_sample,
                         cudaStream_t stream) {
-  launch(detail::dev(din), detail::dev(dout), scale, N, per_sample, stream);  // the same scaling
+  // the same scaling
+  launch_drop_path(detail::dev(din), detail::dev(dout), scale, N, per_sample, stream);
 }
 
 #define CNX_INSTANTIATE(T)                                                                   \

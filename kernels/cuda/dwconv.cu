@@ -72,6 +72,7 @@
 #include <climits>
 #include <cstdint>
 
+#include "kernels/cuda/launch.cuh"
 #include "kernels/cuda/vec.cuh"
 #include "kernels/dwconv.h"
 #include "tensor/cuda_check.h"
@@ -115,6 +116,18 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // ================================ cp.async helpers ================================
 // Asynchronous global -> shared copies (sm_80+). The copies of one thread complete at
 // cp_async_wait_all(); a __syncthreads() after it makes every thread's copies visible.
+// Inline PTX, which a host compiler cannot take: the emulated device (kernels/cuda/emulator/,
+// built by g++) gets the same contract from cnx::emu::cp_async, whose copy lands at the
+// thread's next cp_async_wait_all(). nvcc compiles the PTX bodies below, as before.
+#if defined(CNX_CUDA_EMULATOR) && CNX_CUDA_EMULATOR
+__device__ __forceinline__ void cp_async16(float* smem, const float* gmem) {
+  ::cnx::emu::cp_async(smem, gmem, 16);
+}
+__device__ __forceinline__ void cp_async4(float* smem, const float* gmem) {
+  ::cnx::emu::cp_async(smem, gmem, 4);
+}
+__device__ __forceinline__ void cp_async_wait_all() { ::cnx::emu::cp_async_wait_all(); }
+#else
 __device__ __forceinline__ void cp_async16(float* smem, const float* gmem) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   const size_t g = __cvta_generic_to_global(gmem);
@@ -128,6 +141,7 @@ __device__ __forceinline__ void cp_async4(float* smem, const float* gmem) {
 __device__ __forceinline__ void cp_async_wait_all() {
   asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
 }
+#endif
 
 // ================================ tiles ================================
 // Where a block's tile lies, shared by the conv and grad-weight kernels. Plain ints: the host
@@ -328,7 +342,7 @@ struct ConvArgs {
 template <class T, int K, int RH, int RW>
 __global__ void __launch_bounds__(kMaxThreads, kMinBlocks<K>) dwconv_conv_kernel(ConvArgs<T> a) {
   constexpr int R = K / 2;
-  extern __shared__ float4 smem_f4[];  // float4: 16-byte alignment for the 16-byte copies
+  CNX_EXTERN_SHARED(float4, smem_f4);  // float4: 16-byte alignment for the 16-byte copies
   const TileGeom& g = a.g;
   float* s_tile = reinterpret_cast<float*>(smem_f4);  // (in_h, in_w, 32)
   float* s_filt = s_tile + g.in_h * g.in_w * kGroup;  // (K*K + 1, 32)
@@ -417,7 +431,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks<K>)
     dwconv_wgrad_kernel(WgradArgs<T> a) {
   constexpr int R = K / 2;
   constexpr int KK = K * K;
-  extern __shared__ float4 smem_f4[];
+  CNX_EXTERN_SHARED(float4, smem_f4);
   const TileGeom& g = a.g;
   float* s_tile = reinterpret_cast<float*>(smem_f4);  // (in_h, in_w, 32): in, with halo
   float* s_dout = s_tile + g.in_h * g.in_w * kGroup;  // (TH, TW, 32): dout (16-byte aligned)
@@ -697,7 +711,7 @@ void launch_conv(const ConvArgs<T>& a, const Plan& pl, int64_t N, cudaStream_t s
   const dim3 block(kGroup, static_cast<unsigned>(pl.PX * pl.PY));
   const size_t smem = pl.tile_bytes() + size_t(K * K + 1) * kGroup * sizeof(float);
   allow_smem(dwconv_conv_kernel<T, K, RH, RW>, smem);
-  dwconv_conv_kernel<T, K, RH, RW><<<grid, block, smem, stream>>>(a);
+  launch<dwconv_conv_kernel<T, K, RH, RW>>(grid, block, smem, stream, a);
   CNX_CUDA_LAUNCH_CHECK();
 }
 
@@ -736,7 +750,7 @@ void launch_wgrad(const WgradArgs<T>& a, const WgradPlan& wp, cudaStream_t strea
   const size_t red_bytes = size_t(pl.PX * pl.PY / 2) * (K * K + 1) * kGroup * sizeof(float);
   const size_t smem = std::max(pl.tile_bytes() + pl.out_tile_bytes(), red_bytes);
   allow_smem(dwconv_wgrad_kernel<T, K, RH, RW>, smem);
-  dwconv_wgrad_kernel<T, K, RH, RW><<<grid, block, smem, stream>>>(a);
+  launch<dwconv_wgrad_kernel<T, K, RH, RW>>(grid, block, smem, stream, a);
   CNX_CUDA_LAUNCH_CHECK();
 }
 
@@ -755,9 +769,9 @@ void launch_finalize(float* dweight, float* dbias, const float* partials, int64_
   CNX_CHECK(nparts <= INT_MAX, "dwconv backward: too many partials (", nparts, ")");
   const dim3 grid(static_cast<unsigned>(groups), static_cast<unsigned>(nrows));
   const dim3 block(kGroup, kFinalizeRows);
-  dwconv_wgrad_finalize_kernel<<<grid, block, 0, stream>>>(
-      dweight, dbias, partials, static_cast<int>(nparts), static_cast<int>(nrows),
-      static_cast<int>(C), static_cast<int>(groups * kGroup));
+  launch<dwconv_wgrad_finalize_kernel>(grid, block, 0, stream, dweight, dbias, partials,
+                                       static_cast<int>(nparts), static_cast<int>(nrows),
+                                       static_cast<int>(C), static_cast<int>(groups * kGroup));
   CNX_CUDA_LAUNCH_CHECK();
 }
 
@@ -819,10 +833,9 @@ void backward(T* din, float* dweight, float* dbias, const T* dout, const T* in,
     CNX_CHECK(bp.splits <= INT_MAX, "dwconv backward: too many blocks (", bp.splits, ")");
     const dim3 grid(static_cast<unsigned>(bp.splits), static_cast<unsigned>(groups));
     const dim3 block(kGroup, kReduceRows);
-    dwconv_bias_partials_kernel<T><<<grid, block, 0, stream>>>(workspace, dout, rows,
-                                                               static_cast<int>(C),
-                                                               static_cast<int>(C_pad),
-                                                               bp.rows_per_block);
+    launch<dwconv_bias_partials_kernel<T>>(grid, block, 0, stream, workspace, dout, rows,
+                                           static_cast<int>(C), static_cast<int>(C_pad),
+                                           bp.rows_per_block);
     CNX_CUDA_LAUNCH_CHECK();
     launch_finalize(nullptr, dbias, workspace, bp.splits, /*nrows=*/1, C, stream);
   }

@@ -29,6 +29,7 @@
 // drop-path scale first (rows of dropped samples skipped), then the same stage 2.
 #include <cuda_runtime.h>
 
+#include "kernels/cuda/launch.cuh"
 #include "kernels/cuda/reduce.cuh"
 #include "kernels/cuda/vec.cuh"
 #include "kernels/layer_scale.h"
@@ -73,13 +74,13 @@ void launch_forward(T* out, const T* in, const float* gamma, int64_t rows, int64
   if (C % 4 == 0 && detail::all_aligned16(out, in, gamma)) {
     const unsigned grid =
         detail::wave_grid<layer_scale_forward_kernel<true, T>, detail::kBlockThreads>(n / 4);
-    layer_scale_forward_kernel<true, T>
-        <<<grid, detail::kBlockThreads, 0, stream>>>(out, in, gamma, n, C);
+    launch<layer_scale_forward_kernel<true, T>>(grid, detail::kBlockThreads, 0, stream, out, in,
+                                                gamma, n, C);
   } else {
     const unsigned grid =
         detail::wave_grid<layer_scale_forward_kernel<false, T>, detail::kBlockThreads>(n);
-    layer_scale_forward_kernel<false, T>
-        <<<grid, detail::kBlockThreads, 0, stream>>>(out, in, gamma, n, C);
+    launch<layer_scale_forward_kernel<false, T>>(grid, detail::kBlockThreads, 0, stream, out, in,
+                                                 gamma, n, C);
   }
   CNX_CUDA_LAUNCH_CHECK();
 }
@@ -180,13 +181,13 @@ void launch_backward(X* din, float* partials, const X* dout, const X* in, const 
   const dim3 grid(static_cast<unsigned>(P),
                   static_cast<unsigned>(std::min<int64_t>(ct.tiles, detail::kMaxGridY)));
   if (vec)
-    layer_scale_backward_kernel<true><<<grid, detail::kBlockThreads, 0, stream>>>(
-        din, partials, dout, in, gamma, scale, rows_per_sample, rows, C, rows_per_block, ct.tile,
-        ct.lanes, ct.tiles);
+    launch<layer_scale_backward_kernel<true, X>>(
+        grid, detail::kBlockThreads, 0, stream, din, partials, dout, in, gamma, scale,
+        rows_per_sample, rows, C, rows_per_block, ct.tile, ct.lanes, ct.tiles);
   else
-    layer_scale_backward_kernel<false><<<grid, detail::kBlockThreads, 0, stream>>>(
-        din, partials, dout, in, gamma, scale, rows_per_sample, rows, C, rows_per_block, ct.tile,
-        ct.lanes, ct.tiles);
+    launch<layer_scale_backward_kernel<false, X>>(
+        grid, detail::kBlockThreads, 0, stream, din, partials, dout, in, gamma, scale,
+        rows_per_sample, rows, C, rows_per_block, ct.tile, ct.lanes, ct.tiles);
   CNX_CUDA_LAUNCH_CHECK();
 }
 
@@ -282,13 +283,13 @@ void scaled_residual_forward(T* out_, const T* x_, const T* h_, const float* gam
   if (C % 4 == 0 && detail::all_aligned16(out, x, h, gamma)) {
     const unsigned grid =
         detail::wave_grid<scaled_residual_forward_kernel<true, D>, detail::kBlockThreads>(n / 4);
-    scaled_residual_forward_kernel<true, D>
-        <<<grid, detail::kBlockThreads, 0, stream>>>(out, x, h, gamma, scale, n, C, P * C);
+    launch<scaled_residual_forward_kernel<true, D>>(grid, detail::kBlockThreads, 0, stream, out, x,
+                                                    h, gamma, scale, n, C, P * C);
   } else {
     const unsigned grid =
         detail::wave_grid<scaled_residual_forward_kernel<false, D>, detail::kBlockThreads>(n);
-    scaled_residual_forward_kernel<false, D>
-        <<<grid, detail::kBlockThreads, 0, stream>>>(out, x, h, gamma, scale, n, C, P * C);
+    launch<scaled_residual_forward_kernel<false, D>>(grid, detail::kBlockThreads, 0, stream, out,
+                                                     x, h, gamma, scale, n, C, P * C);
   }
   CNX_CUDA_LAUNCH_CHECK();
 }

@@ -44,6 +44,7 @@
 
 #include <algorithm>
 
+#include "kernels/cuda/launch.cuh"
 #include "kernels/cuda/reduce.cuh"
 #include "kernels/cuda/vec.cuh"
 #include "kernels/layernorm.h"
@@ -480,15 +481,15 @@ void layernorm_forward(T* out, float* mean, float* rstd, const T* in, const floa
     with_fast_layout<kFastMaxC / (32 * kN)>(C / kN, [&]<int TPR, int VPT>() {
       const unsigned grid = detail::wave_grid<layernorm_forward_fast<D, TPR, VPT>, kThreads>(
           rows, kThreads / TPR);
-      layernorm_forward_fast<D, TPR, VPT><<<grid, kThreads, 0, stream>>>(
-          detail::dev(out), mean, rstd, detail::dev(in), weight, bias, rows, static_cast<int>(C),
-          feps);
+      launch<layernorm_forward_fast<D, TPR, VPT>>(
+          grid, kThreads, 0, stream, detail::dev(out), mean, rstd, detail::dev(in), weight, bias,
+          rows, static_cast<int>(C), feps);
     });
   } else {
     const unsigned grid =
         detail::wave_grid<layernorm_forward_generic<D>, kThreads>(rows, kWarps);
-    layernorm_forward_generic<D><<<grid, kThreads, 0, stream>>>(
-        detail::dev(out), mean, rstd, detail::dev(in), weight, bias, rows, C, feps);
+    launch<layernorm_forward_generic<D>>(grid, kThreads, 0, stream, detail::dev(out), mean, rstd,
+                                         detail::dev(in), weight, bias, rows, C, feps);
   }
   CNX_CUDA_LAUNCH_CHECK();
 }
@@ -520,26 +521,28 @@ void layernorm_backward(std::type_identity_t<T>* din, float* dweight, float* dbi
 
   if (C % kN == 0 && C <= kFastMaxC && detail::all_aligned16(din, dout, in, weight)) {
     with_fast_layout<kFastMaxC / (32 * kN)>(C / kN, [&]<int TPR, int VPT>() {
-      layernorm_backward_fast<D, TPR, VPT><<<static_cast<unsigned>(P), kThreads, 0, stream>>>(
-          detail::dev(din), partials, detail::dev(dout), detail::dev(in), weight, mean, rstd,
-          rows, static_cast<int>(C), rows_per_block, want_dw, want_db);
+      launch<layernorm_backward_fast<D, TPR, VPT>>(
+          static_cast<unsigned>(P), kThreads, 0, stream, detail::dev(din), partials,
+          detail::dev(dout), detail::dev(in), weight, mean, rstd, rows, static_cast<int>(C),
+          rows_per_block, want_dw, want_db);
     });
     CNX_CUDA_LAUNCH_CHECK();
   } else {
     if (din) {
       const unsigned grid =
           detail::wave_grid<layernorm_backward_din_generic<D>, kThreads>(rows, kWarps);
-      layernorm_backward_din_generic<D><<<grid, kThreads, 0, stream>>>(
-          detail::dev(din), detail::dev(dout), detail::dev(in), weight, mean, rstd, rows, C);
+      launch<layernorm_backward_din_generic<D>>(grid, kThreads, 0, stream, detail::dev(din),
+                                                detail::dev(dout), detail::dev(in), weight, mean,
+                                                rstd, rows, C);
       CNX_CUDA_LAUNCH_CHECK();
     }
     if (partials) {
       const detail::ColumnTiling ct = detail::column_tiling(C);
       const dim3 grid(static_cast<unsigned>(P),
                       static_cast<unsigned>(std::min<int64_t>(ct.tiles, detail::kMaxGridY)));
-      layernorm_backward_params_generic<D><<<grid, kThreads, 0, stream>>>(
-          partials, detail::dev(dout), detail::dev(in), mean, rstd, rows, C, rows_per_block,
-          ct.tile, ct.lanes, ct.tiles, want_dw, want_db);
+      launch<layernorm_backward_params_generic<D>>(
+          grid, kThreads, 0, stream, partials, detail::dev(dout), detail::dev(in), mean, rstd,
+          rows, C, rows_per_block, ct.tile, ct.lanes, ct.tiles, want_dw, want_db);
       CNX_CUDA_LAUNCH_CHECK();
     }
   }

@@ -17,6 +17,7 @@
 #include <mutex>
 #include <tuple>
 
+#include "kernels/cuda/launch.cuh"
 #include "kernels/cuda/vec.cuh"
 #include "kernels/linear.h"
 #include "tensor/cuda_check.h"
@@ -296,7 +297,8 @@ __global__ void bias_rows_kernel(T* out, const float* acc, const float* __restri
 template <class T>
 void bias_rows(T* out, const float* acc, const float* bias, int64_t M, int64_t N, cudaStream_t stream) {
   if (M * N == 0) return;
-  bias_rows_kernel<<<blocks_for(M * N), kThreads, 0, stream>>>(detail::dev(out), acc, bias, M, N);
+  launch<bias_rows_kernel<detail::device_t<T>>>(blocks_for(M * N), kThreads, 0, stream,
+                                                 detail::dev(out), acc, bias, M, N);
   CNX_CUDA_LAUNCH_CHECK();
 }
 
@@ -354,12 +356,12 @@ void column_sums(float* out, const T* x, int64_t M, int64_t N, cudaStream_t stre
   chunks = (M + rows_per_chunk - 1) / rows_per_chunk;
   float* partial = chunks == 1 ? out : static_cast<float*>(cublas_workspace());
   const dim3 grid(static_cast<unsigned int>((N + kColTile - 1) / kColTile), static_cast<unsigned int>(chunks));
-  column_sums_partial<<<grid, dim3(kColTile, kRowLanes), 0, stream>>>(partial, detail::dev(x), M, N,
-                                                                      rows_per_chunk);
+  launch<column_sums_partial<detail::device_t<T>>>(grid, dim3(kColTile, kRowLanes), 0, stream,
+                                                    partial, detail::dev(x), M, N, rows_per_chunk);
   CNX_CUDA_LAUNCH_CHECK();
   if (chunks > 1) {
-    column_sums_finish<<<static_cast<unsigned int>((N + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
-        out, partial, chunks, N);
+    const unsigned int finish_grid = static_cast<unsigned int>((N + kThreads - 1) / kThreads);
+    launch<column_sums_finish>(finish_grid, kThreads, 0, stream, out, partial, chunks, N);
     CNX_CUDA_LAUNCH_CHECK();
   }
 }

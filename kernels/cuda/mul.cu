@@ -9,6 +9,7 @@
 // One correctly rounded multiply per element: bitwise the CPU reference.
 #include <cuda_runtime.h>
 
+#include "kernels/cuda/launch.cuh"
 #include "kernels/cuda/vec.cuh"
 #include "kernels/mul.h"
 #include "tensor/cuda_check.h"
@@ -64,13 +65,13 @@ void mul_backward(float* da, float* db, const float* dout, const float* a, const
     if (detail::all_aligned16(da, db, dout, a, b)) {
       const unsigned grid =
           detail::wave_grid<mul_backward_both_kernel<true>, detail::kBlockThreads>(n / 4 + 1);
-      mul_backward_both_kernel<true>
-          <<<grid, detail::kBlockThreads, 0, stream>>>(da, db, dout, a, b, n);
+      launch<mul_backward_both_kernel<true>>(grid, detail::kBlockThreads, 0, stream, da, db,
+                                             dout, a, b, n);
     } else {
       const unsigned grid =
           detail::wave_grid<mul_backward_both_kernel<false>, detail::kBlockThreads>(n);
-      mul_backward_both_kernel<false>
-          <<<grid, detail::kBlockThreads, 0, stream>>>(da, db, dout, a, b, n);
+      launch<mul_backward_both_kernel<false>>(grid, detail::kBlockThreads, 0, stream, da, db,
+                                              dout, a, b, n);
     }
     CNX_CUDA_LAUNCH_CHECK();
   } else if (da) {

@@ -5,6 +5,7 @@
 // linear's launchers of the same T.
 #include <cstdint>
 
+#include "kernels/cuda/launch.cuh"
 #include "kernels/cuda/vec.cuh"
 #include "kernels/linear.h"
 #include "kernels/patchify.h"
@@ -97,9 +98,9 @@ void gather_patches(T* P, const T* in, const PatchLayout& L, int64_t rows, cudaS
   const int64_t count = rows * L.k * L.k * L.Ci;
   if (count == 0) return;
   if (L.Ci % V == 0 && aligned16(P) && aligned16(in)) {
-    space_to_depth<true, T><<<blocks_for(count / V), kThreads, 0, stream>>>(P, in, L, rows);
+    launch<space_to_depth<true, T>>(blocks_for(count / V), kThreads, 0, stream, P, in, L, rows);
   } else {
-    space_to_depth<false, T><<<blocks_for(count), kThreads, 0, stream>>>(P, in, L, rows);
+    launch<space_to_depth<false, T>>(blocks_for(count), kThreads, 0, stream, P, in, L, rows);
   }
   CNX_CUDA_LAUNCH_CHECK();
 }
@@ -110,9 +111,9 @@ void scatter_patches(T* din, const T* dP, const PatchLayout& L, int64_t N, cudaS
   const int64_t count = N * L.H * L.W * L.Ci;
   if (count == 0) return;
   if (L.Ci % V == 0 && aligned16(din) && aligned16(dP)) {
-    depth_to_space<true, T><<<blocks_for(count / V), kThreads, 0, stream>>>(din, dP, L, N);
+    launch<depth_to_space<true, T>>(blocks_for(count / V), kThreads, 0, stream, din, dP, L, N);
   } else {
-    depth_to_space<false, T><<<blocks_for(count), kThreads, 0, stream>>>(din, dP, L, N);
+    launch<depth_to_space<false, T>>(blocks_for(count), kThreads, 0, stream, din, dP, L, N);
   }
   CNX_CUDA_LAUNCH_CHECK();
 }

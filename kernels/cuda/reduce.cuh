@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "kernels/cuda/launch.cuh"
 #include "kernels/cuda/vec.cuh"
 #include "tensor/cuda_check.h"
 
@@ -148,8 +149,8 @@ template <int kUnused = 0>
 void launch_column_sums(float* out_a, float* out_b, const float* partials, int64_t P,
                                int64_t width, int64_t split, cudaStream_t stream) {
   const unsigned grid = static_cast<unsigned>((width + 31) / 32);
-  column_sums_kernel<kUnused><<<grid, dim3(32, 8), 0, stream>>>(out_a, out_b, partials, P, width,
-                                                                 split);
+  launch<column_sums_kernel<kUnused>>(grid, dim3(32, 8), 0, stream, out_a, out_b, partials, P,
+                                      width, split);
   CNX_CUDA_LAUNCH_CHECK();
 }
 

@@ -17,6 +17,7 @@
 
 #include <algorithm>
 
+#include "kernels/cuda/launch.cuh"
 #include "kernels/cuda/reduce.cuh"
 #include "kernels/cuda/vec.cuh"
 #include "kernels/sum.h"
@@ -107,13 +108,13 @@ void sum_forward(float* out, const float* in, int64_t n, float* workspace, cudaS
   double* partial = reinterpret_cast<double*>(workspace);
   const int64_t P = sum_blocks(n), chunk = sum_chunk(n);
   if (detail::aligned16(in))
-    sum_partials_kernel<true>
-        <<<static_cast<unsigned>(P), kThreads, 0, stream>>>(partial, in, n, chunk);
+    launch<sum_partials_kernel<true>>(static_cast<unsigned>(P), kThreads, 0, stream, partial, in,
+                                      n, chunk);
   else
-    sum_partials_kernel<false>
-        <<<static_cast<unsigned>(P), kThreads, 0, stream>>>(partial, in, n, chunk);
+    launch<sum_partials_kernel<false>>(static_cast<unsigned>(P), kThreads, 0, stream, partial, in,
+                                       n, chunk);
   CNX_CUDA_LAUNCH_CHECK();
-  sum_final_kernel<<<1, kThreads, 0, stream>>>(out, partial, P);
+  launch<sum_final_kernel>(1, kThreads, 0, stream, out, partial, P);
   CNX_CUDA_LAUNCH_CHECK();
 }
 
@@ -122,10 +123,10 @@ void sum_backward(float* din, const float* dout, int64_t n, cudaStream_t stream)
   if (n <= 0) return;
   if (detail::aligned16(din)) {
     const unsigned grid = detail::wave_grid<fill_kernel<true>, detail::kBlockThreads>(n / 4 + 1);
-    fill_kernel<true><<<grid, detail::kBlockThreads, 0, stream>>>(din, dout, n);
+    launch<fill_kernel<true>>(grid, detail::kBlockThreads, 0, stream, din, dout, n);
   } else {
     const unsigned grid = detail::wave_grid<fill_kernel<false>, detail::kBlockThreads>(n);
-    fill_kernel<false><<<grid, detail::kBlockThreads, 0, stream>>>(din, dout, n);
+    launch<fill_kernel<false>>(grid, detail::kBlockThreads, 0, stream, din, dout, n);
   }
   CNX_CUDA_LAUNCH_CHECK();
 }

@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "kernels/cuda/launch.cuh"
 #include "tensor/cuda_check.h"
 #include "tensor/dtype.h"
 
@@ -217,10 +218,10 @@ void launch_map(T* out, const T* a, const std::type_identity_t<T>* b, int64_t n,
   if (all_aligned16(out, a, b)) {
     const unsigned grid =
         wave_grid<map_kernel<true, T, F>, kBlockThreads>(n / Pack<T>::kN + 1);
-    map_kernel<true, T, F><<<grid, kBlockThreads, 0, stream>>>(out, a, b, n, f);
+    launch<map_kernel<true, T, F>>(grid, kBlockThreads, 0, stream, out, a, b, n, f);
   } else {
     const unsigned grid = wave_grid<map_kernel<false, T, F>, kBlockThreads>(n);
-    map_kernel<false, T, F><<<grid, kBlockThreads, 0, stream>>>(out, a, b, n, f);
+    launch<map_kernel<false, T, F>>(grid, kBlockThreads, 0, stream, out, a, b, n, f);
   }
   CNX_CUDA_LAUNCH_CHECK();
 }

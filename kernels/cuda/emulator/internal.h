@@ -1,0 +1,65 @@
+// What runtime.cpp (the CUDA runtime API, memory, streams) and scheduler.cpp (blocks, fibers,
+// barriers, shuffles) share inside the emulator. Not for the rest of the project.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "kernels/cuda/emulator/emulator.h"
+
+namespace cnx::emu {
+
+// ---- the emulated device's limits (an H200, sm_90) ---------------------------------------------
+inline constexpr int kMaxThreadsPerBlock = 1024;
+inline constexpr unsigned kMaxBlockDim[3] = {1024, 1024, 64};
+inline constexpr unsigned kMaxGridDim[3] = {2147483647u, 65535u, 65535u};
+inline constexpr size_t kDefaultSharedPerBlock = 48 * 1024;      // without the opt-in
+inline constexpr size_t kMaxSharedPerBlockOptin = 227 * 1024;    // sm_90: 227 KB (232448 bytes)
+inline constexpr int kMultiprocessors = 132;
+inline constexpr int kMaxThreadsPerMultiprocessor = 2048;
+inline constexpr int kMaxBlocksPerMultiprocessor = 32;
+
+// ---- the order in which fibers and blocks run ------------------------------------------------
+enum class Schedule { kInOrder, kReverse, kRandom };
+struct ScheduleChoice {
+  Schedule schedule = Schedule::kInOrder;
+  uint64_t seed = 0;
+};
+std::string schedule_name(const ScheduleChoice& s);
+
+// One launch, as queued.
+struct Launch {
+  const KernelInfo* kernel;
+  dim3 grid, block;
+  size_t smem_bytes;
+  std::function<void()> body;
+};
+
+// Runs every block of `launch` under `schedule`. Throws DeviceFault on a device-side error
+// (barrier divergence, a bad shuffle, a misaligned cp.async, ...).
+void run_kernel(const Launch& launch, const ScheduleChoice& schedule);
+
+// The largest dynamic shared memory `kernel` may use (48 KB unless cudaFuncSetAttribute raised it).
+size_t max_dynamic_shared(const void* kernel);
+
+// ---- device memory, for the race check ---------------------------------------------------------
+struct Allocation {
+  char* ptr;
+  size_t bytes;
+};
+// Every live cudaMalloc allocation, in address order.
+std::vector<Allocation> live_allocations();
+
+// A device built-in (__syncthreads, a shuffle, cp.async) called outside a kernel: a bug in the
+// emulator or its caller; prints the message and aborts.
+[[noreturn]] void fail_outside_kernel(const char* what);
+
+// Counts a launch of `kernel` (the coverage report).
+void count_launch(const KernelInfo* kernel);
+
+}  // namespace cnx::emu

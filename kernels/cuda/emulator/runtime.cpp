@@ -1,0 +1,965 @@
+// The emulated CUDA runtime: the cudart functions the project calls, implemented on the CPU
+// with the semantics of a real device (README.md in this folder).
+//
+//  - One device, with an H200's limits (internal.h). Its memory is an arena of reserved address
+//    space, PROT_NONE except while the device works (a queued item runs) or a runtime call
+//    touches it: a host dereference of a device pointer faults as it does for real. New
+//    allocations are filled with 0xFF bytes (NaN in every float type).
+//  - Streams are queues. Work runs when the host waits for it (cudaStreamSynchronize,
+//    cudaEventSynchronize, cudaDeviceSynchronize, a copy to pageable host memory, cudaFree) and
+//    only then, so a host read of pinned memory before synchronising sees stale data.
+//    cudaEventQuery / cudaStreamQuery let the device advance by one item per call, so a host that
+//    polls makes progress and also sees "not ready".
+//  - Errors: a bad launch configuration or argument is reported by the call (and by
+//    cudaGetLastError), as for real; a fault inside device work (emulator.h, DeviceFault) becomes
+//    the sticky error that every later call returns, and cudaGetErrorString gives its details.
+//  - CNX_EMU_SCHEDULE=inorder|reverse|random[:seed] orders threads and blocks;
+//    CNX_EMU_RACECHECK=1 runs every kernel twice (in order, then reversed) from the same memory
+//    and requires bitwise the same device memory after both; CNX_EMU_COVERAGE_DIR=dir writes the
+//    kernels this process registered and launched to dir/<pid>.txt at exit.
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "kernels/cuda/emulator/internal.h"
+
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#define CNX_EMU_POISON(p, n) ASAN_POISON_MEMORY_REGION(p, n)
+#define CNX_EMU_UNPOISON(p, n) ASAN_UNPOISON_MEMORY_REGION(p, n)
+#else
+#define CNX_EMU_POISON(p, n) ((void)(p), (void)(n))
+#define CNX_EMU_UNPOISON(p, n) ((void)(p), (void)(n))
+#endif
+
+// The opaque handle types of the runtime API, defined here.
+struct CUstream_st {
+  std::deque<std::pair<std::string, std::function<void()>>> queue;
+  bool destroyed = false;
+};
+struct CUevent_st {
+  uint64_t recorded = 0;   // records so far
+  uint64_t completed = 0;  // the newest record the device has passed
+  cudaStream_t stream = nullptr;
+  std::chrono::steady_clock::time_point when{};
+  bool timing = true;
+};
+
+namespace cnx::emu {
+
+namespace {
+
+// ---- configuration from the environment ----------------------------------------------------------
+
+bool env_flag(const char* name) {
+  const char* v = std::getenv(name);
+  return v && *v && std::strcmp(v, "0") != 0;
+}
+
+ScheduleChoice schedule_from_env() {
+  ScheduleChoice s;
+  const char* v = std::getenv("CNX_EMU_SCHEDULE");
+  if (!v || !*v || std::strcmp(v, "inorder") == 0) return s;
+  const std::string str(v);
+  if (str == "reverse") {
+    s.schedule = Schedule::kReverse;
+  } else if (str.rfind("random", 0) == 0) {
+    s.schedule = Schedule::kRandom;
+    if (str.size() > 7 && str[6] == ':') s.seed = std::strtoull(str.c_str() + 7, nullptr, 10);
+  } else {
+    std::fprintf(stderr, "cnx emulator: CNX_EMU_SCHEDULE=%s: expected inorder, reverse or random[:seed]\n", v);
+    std::exit(2);
+  }
+  return s;
+}
+
+size_t arena_bytes_from_env() {
+  const char* v = std::getenv("CNX_EMU_MEMORY_GB");
+  const size_t gb = v && *v ? std::strtoull(v, nullptr, 10) : 16;
+  return std::max<size_t>(gb, 1) << 30;
+}
+
+// ---- the device-memory arena ----------------------------------------------------------------------
+
+constexpr size_t kAlign = 256;  // cudaMalloc's alignment
+constexpr size_t kGap = 256;    // unused bytes after each allocation (poisoned under ASan)
+
+class Arena {
+ public:
+  Arena() : capacity_(arena_bytes_from_env()) {
+    void* p = mmap(nullptr, capacity_, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) {
+      std::fprintf(stderr, "cnx emulator: cannot reserve %zu bytes of address space for device memory\n", capacity_);
+      std::abort();
+    }
+    base_ = static_cast<char*>(p);
+    free_[0] = capacity_;
+  }
+
+  size_t capacity() const { return capacity_; }
+  size_t used() const { return used_; }
+  bool contains(const void* p) const {
+    const char* c = static_cast<const char*>(p);
+    return c >= base_ && c < base_ + capacity_;
+  }
+
+  // nullptr when no free range is large enough.
+  void* allocate(size_t bytes) {
+    const size_t slot = round_up(std::max<size_t>(bytes, 1), kAlign) + kGap;
+    for (auto it = free_.begin(); it != free_.end(); ++it) {
+      if (it->second < slot) continue;
+      const size_t off = it->first, len = it->second;
+      free_.erase(it);
+      if (len > slot) free_[off + slot] = len - slot;
+      live_[off] = {bytes, slot};
+      used_ += bytes;
+      grow_to(off + slot);
+      char* p = base_ + off;
+      CNX_EMU_UNPOISON(p, bytes);
+      CNX_EMU_POISON(p + bytes, slot - bytes);
+      return p;
+    }
+    return nullptr;
+  }
+
+  // False when p is not the start of a live allocation.
+  bool release(void* p) {
+    const auto it = live_.find(offset(p));
+    if (!contains(p) || it == live_.end()) return false;
+    size_t off = it->first, len = it->second.slot;
+    used_ -= it->second.bytes;
+    live_.erase(it);
+    CNX_EMU_POISON(base_ + off, len);  // use after free
+    // Merge with the free neighbours.
+    auto next = free_.lower_bound(off);
+    if (next != free_.end() && next->first == off + len) {
+      len += next->second;
+      next = free_.erase(next);
+    }
+    if (next != free_.begin()) {
+      auto prev = std::prev(next);
+      if (prev->first + prev->second == off) {
+        off = prev->first;
+        len += prev->second;
+        free_.erase(prev);
+      }
+    }
+    free_[off] = len;
+    return true;
+  }
+
+  bool holds(const void* p, size_t bytes) const {
+    if (!contains(p)) return false;
+    const size_t off = offset(p);
+    auto it = live_.upper_bound(off);
+    if (it == live_.begin()) return false;
+    --it;
+    return off >= it->first && off + bytes <= it->first + it->second.bytes;
+  }
+
+  std::vector<Allocation> allocations() const {
+    std::vector<Allocation> out;
+    for (const auto& [off, a] : live_) out.push_back({base_ + off, a.bytes});
+    return out;
+  }
+
+  // The device-access window: while open (nested opens count), the used part of the arena is
+  // readable and writable.
+  void open() {
+    if (open_++ == 0 && mapped_ > 0) protect(0, mapped_, PROT_READ | PROT_WRITE);
+  }
+  void close() {
+    if (--open_ == 0 && mapped_ > 0) protect(0, mapped_, PROT_NONE);
+  }
+
+ private:
+  struct Live {
+    size_t bytes, slot;
+  };
+  static size_t round_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
+  size_t offset(const void* p) const { return static_cast<size_t>(static_cast<const char*>(p) - base_); }
+  void protect(size_t from, size_t to, int prot) {
+    if (mprotect(base_ + from, to - from, prot) != 0) {
+      std::perror("cnx emulator: mprotect of device memory");
+      std::abort();
+    }
+  }
+  // Pages up to `end` become part of the window (and accessible now if it is open).
+  void grow_to(size_t end) {
+    static const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    const size_t want = round_up(end, page);
+    if (want <= mapped_) return;
+    if (open_ > 0) protect(mapped_, want, PROT_READ | PROT_WRITE);
+    mapped_ = want;
+  }
+
+  char* base_ = nullptr;
+  size_t capacity_;
+  size_t mapped_ = 0;  // [0, mapped_) is what the window opens
+  size_t used_ = 0;
+  int open_ = 0;
+  std::map<size_t, size_t> free_;  // offset -> length
+  std::map<size_t, Live> live_;    // offset -> sizes
+
+  friend class DeviceAccess;
+};
+
+// ---- the device ---------------------------------------------------------------------------------
+
+struct KernelAttributes {
+  size_t max_dynamic_shared = kDefaultSharedPerBlock;
+};
+
+struct Device {
+  std::recursive_mutex mutex;  // every runtime call and all device work
+  Arena arena;
+  CUstream_st legacy_stream;   // stream 0
+  std::vector<std::unique_ptr<CUstream_st>> streams;
+  // Events by handle; a pending record holds a reference too, so a destroyed event whose record
+  // is still queued lives until the record runs (cudaEventDestroy's documented behaviour).
+  std::map<CUevent_st*, std::shared_ptr<CUevent_st>> events;
+  std::map<char*, size_t> pinned;  // cudaHostAlloc'ed blocks
+  std::unordered_map<const void*, KernelAttributes> kernel_attributes;
+  cudaError_t sticky = cudaSuccess;
+  std::string sticky_message;
+  ScheduleChoice schedule = schedule_from_env();
+  bool racecheck = env_flag("CNX_EMU_RACECHECK");
+  uint64_t launches = 0;
+};
+
+Device& device() {
+  // Never destroyed: tensors held by static objects free their memory after main returns.
+  static Device* d = new Device();
+  return *d;
+}
+
+class DeviceAccess {
+ public:
+  DeviceAccess() { device().arena.open(); }
+  ~DeviceAccess() { device().arena.close(); }
+  DeviceAccess(const DeviceAccess&) = delete;
+  DeviceAccess& operator=(const DeviceAccess&) = delete;
+};
+
+thread_local cudaError_t t_last_error = cudaSuccess;
+thread_local cudaError_t t_detail_code = cudaSuccess;  // the last failed call's error ...
+thread_local std::string t_last_detail;                 // ... and what went wrong
+
+// Every entry point: takes the device lock; a sticky error fails everything.
+#define CNX_EMU_ENTER()                                         \
+  Device& dev = device();                                       \
+  std::lock_guard<std::recursive_mutex> lock_(dev.mutex);       \
+  if (dev.sticky != cudaSuccess) return dev.sticky
+
+cudaError_t error(cudaError_t code, const std::string& detail) {
+  t_last_error = code;
+  t_detail_code = code;
+  t_last_detail = detail;
+  std::fprintf(stderr, "cnx emulator: %s\n", detail.c_str());
+  return code;
+}
+
+void set_sticky(Device& dev, cudaError_t code, const std::string& message) {
+  dev.sticky = code;
+  dev.sticky_message = message;
+  std::fprintf(stderr, "cnx emulator: device error: %s\n", message.c_str());
+  // The context is lost, as on a GPU: nothing queued will run.
+  dev.legacy_stream.queue.clear();
+  for (auto& s : dev.streams) s->queue.clear();
+}
+
+CUstream_st* stream_of(cudaStream_t s) {
+  return s ? s : &device().legacy_stream;
+}
+
+// Runs the oldest item of `s`; false when it is empty.
+bool step(Device& dev, CUstream_st* s) {
+  if (s->queue.empty() || dev.sticky != cudaSuccess) return false;
+  auto item = std::move(s->queue.front());
+  s->queue.pop_front();
+  try {
+    DeviceAccess access;
+    item.second();
+  } catch (const DeviceFault& f) {
+    set_sticky(dev, f.code, f.message);
+    return false;
+  } catch (const std::exception& e) {
+    set_sticky(dev, cudaErrorLaunchFailure, item.first + ": " + e.what());
+    return false;
+  }
+  return true;
+}
+
+void drain(Device& dev, CUstream_st* s) {
+  while (step(dev, s)) {
+  }
+}
+
+void drain_all(Device& dev) {
+  drain(dev, &dev.legacy_stream);
+  for (auto& s : dev.streams) drain(dev, s.get());
+}
+
+bool is_pinned(const Device& dev, const void* p, size_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  auto it = dev.pinned.upper_bound(const_cast<char*>(c));
+  if (it == dev.pinned.begin()) return false;
+  --it;
+  return c >= it->first && c + bytes <= it->first + it->second;
+}
+
+// ---- the race check --------------------------------------------------------------------------------
+
+struct Snapshot {
+  std::vector<Allocation> allocations;
+  std::vector<std::vector<char>> bytes;
+};
+Snapshot take_snapshot() {
+  Snapshot s;
+  s.allocations = live_allocations();
+  for (const Allocation& a : s.allocations) s.bytes.emplace_back(a.ptr, a.ptr + a.bytes);
+  return s;
+}
+void restore(const Snapshot& s) {
+  for (size_t i = 0; i < s.allocations.size(); ++i)
+    std::memcpy(s.allocations[i].ptr, s.bytes[i].data(), s.allocations[i].bytes);
+}
+
+// Runs the launch in order, then reversed from the same memory; both must leave the same bytes.
+void run_racechecked(const Launch& launch) {
+  const Snapshot before = take_snapshot();
+  run_kernel(launch, ScheduleChoice{Schedule::kInOrder, 0});
+  const Snapshot first = take_snapshot();
+  restore(before);
+  run_kernel(launch, ScheduleChoice{Schedule::kReverse, 0});
+  for (size_t i = 0; i < first.allocations.size(); ++i) {
+    const Allocation& a = first.allocations[i];
+    if (std::memcmp(a.ptr, first.bytes[i].data(), a.bytes) == 0) continue;
+    size_t k = 0;
+    while (a.ptr[k] == first.bytes[i][k]) ++k;
+    char msg[160];
+    std::snprintf(msg, sizeof msg,
+                  "racecheck: the result depends on the order of threads and blocks: byte %zu of "
+                  "the %zu-byte allocation at %p differs between the in-order and the reversed run",
+                  k, a.bytes, static_cast<void*>(a.ptr));
+    throw DeviceFault{cudaErrorLaunchFailure, std::string(msg) + " [in kernel " + launch.kernel->name + "]"};
+  }
+}
+
+// ---- kernels: registry and coverage -----------------------------------------------------------
+
+struct Registry {
+  std::mutex mutex;
+  std::vector<std::unique_ptr<KernelInfo>> kernels;
+  std::map<const KernelInfo*, uint64_t> launched;
+};
+Registry& registry() {
+  static Registry* r = new Registry();
+  return *r;
+}
+
+// "... [with auto kKernel = NAME]" or "... [with auto kKernel = NAME; ...]" -> NAME
+std::string kernel_name(const char* pretty) {
+  std::string s(pretty);
+  const std::string key = "kKernel = ";
+  const size_t at = s.find(key);
+  if (at == std::string::npos) return s;
+  s = s.substr(at + key.size());
+  // The name ends at the ']' or ';' that closes the "with" clause (not one inside <...>).
+  int depth = 0;
+  for (size_t i = 0; i < s.size(); ++i) {
+    const char c = s[i];
+    if (c == '<' || c == '(' || c == '[') ++depth;
+    if (c == '>' || c == ')') --depth;
+    if (c == ']' && depth-- == 0) return s.substr(0, i);
+    if (c == ';' && depth == 0) return s.substr(0, i);
+  }
+  return s;
+}
+
+void write_coverage() {
+  const char* dir = std::getenv("CNX_EMU_COVERAGE_DIR");
+  if (!dir || !*dir) return;
+  Registry& r = registry();
+  std::lock_guard<std::mutex> lock(r.mutex);
+  const std::string path = std::string(dir) + "/" + std::to_string(getpid()) + ".txt";
+  std::ofstream out(path);
+  for (const auto& k : r.kernels) {
+    const auto it = r.launched.find(k.get());
+    out << (it == r.launched.end() ? 0 : it->second) << '\t' << k->name << '\n';
+  }
+}
+
+}  // namespace
+
+// ---- internal.h / emulator.h -------------------------------------------------------------------
+
+std::string schedule_name(const ScheduleChoice& s) {
+  switch (s.schedule) {
+    case Schedule::kInOrder: return "inorder";
+    case Schedule::kReverse: return "reverse";
+    case Schedule::kRandom: return "random:" + std::to_string(s.seed);
+  }
+  return "?";
+}
+
+std::vector<Allocation> live_allocations() { return device().arena.allocations(); }
+
+size_t max_dynamic_shared(const void* kernel) {
+  Device& dev = device();
+  const auto it = dev.kernel_attributes.find(kernel);
+  return it == dev.kernel_attributes.end() ? kDefaultSharedPerBlock : it->second.max_dynamic_shared;
+}
+
+void fail_outside_kernel(const char* what) {
+  std::fprintf(stderr, "cnx emulator: %s called outside a kernel\n", what);
+  std::abort();
+}
+
+void count_launch(const KernelInfo* kernel) {
+  Registry& r = registry();
+  std::lock_guard<std::mutex> lock(r.mutex);
+  ++r.launched[kernel];
+}
+
+const KernelInfo* register_kernel(const char* pretty_function, const void* address) {
+  Registry& r = registry();
+  std::lock_guard<std::mutex> lock(r.mutex);
+  if (r.kernels.empty()) std::atexit(write_coverage);
+  r.kernels.push_back(std::make_unique<KernelInfo>(KernelInfo{kernel_name(pretty_function), address}));
+  return r.kernels.back().get();
+}
+
+bool is_device_range(const void* p, size_t bytes) {
+  Device& dev = device();
+  std::lock_guard<std::recursive_mutex> lock(dev.mutex);
+  return dev.arena.holds(p, bytes);
+}
+
+void enqueue(cudaStream_t stream, std::string what, std::function<void()> work) {
+  Device& dev = device();
+  std::lock_guard<std::recursive_mutex> lock(dev.mutex);
+  if (dev.sticky != cudaSuccess) return;
+  stream_of(stream)->queue.emplace_back(std::move(what), std::move(work));
+}
+
+void launch_kernel(const KernelInfo* kernel, dim3 grid, dim3 block, size_t smem_bytes,
+                   cudaStream_t stream, std::function<void()> body) {
+  Device& dev = device();
+  std::lock_guard<std::recursive_mutex> lock(dev.mutex);
+  if (dev.sticky != cudaSuccess) {
+    t_last_error = dev.sticky;
+    return;
+  }
+  const auto bad = [&](const std::string& why) {
+    error(cudaErrorInvalidConfiguration, "launch of " + kernel->name + ": " + why);
+  };
+  const unsigned gd[3] = {grid.x, grid.y, grid.z}, bd[3] = {block.x, block.y, block.z};
+  for (int i = 0; i < 3; ++i) {
+    if (gd[i] == 0 || bd[i] == 0) return bad("a grid or block dimension is 0");
+    if (gd[i] > kMaxGridDim[i])
+      return bad("grid dimension " + std::to_string(i) + " is " + std::to_string(gd[i]) +
+                 " (at most " + std::to_string(kMaxGridDim[i]) + ")");
+    if (bd[i] > kMaxBlockDim[i])
+      return bad("block dimension " + std::to_string(i) + " is " + std::to_string(bd[i]) +
+                 " (at most " + std::to_string(kMaxBlockDim[i]) + ")");
+  }
+  if (uint64_t(block.x) * block.y * block.z > kMaxThreadsPerBlock)
+    return bad(std::to_string(uint64_t(block.x) * block.y * block.z) + " threads per block (at most 1024)");
+  const size_t smem_limit = max_dynamic_shared(kernel->address);
+  if (smem_bytes > smem_limit)
+    return bad(std::to_string(smem_bytes) + " bytes of dynamic shared memory, more than the " +
+               std::to_string(smem_limit) + " allowed" +
+               (smem_limit == kDefaultSharedPerBlock
+                    ? " without cudaFuncSetAttribute(cudaFuncAttributeMaxDynamicSharedMemorySize)"
+                    : " by its cudaFuncSetAttribute"));
+  count_launch(kernel);
+  auto launch = std::make_shared<Launch>(Launch{kernel, grid, block, smem_bytes, std::move(body)});
+  stream_of(stream)->queue.emplace_back("kernel " + kernel->name, [launch] {
+    Device& d = device();
+    if (d.racecheck)
+      run_racechecked(*launch);
+    else
+      run_kernel(*launch, d.schedule);
+  });
+}
+
+}  // namespace cnx::emu
+
+// =====================================================================================================
+// The CUDA runtime API (cuda_runtime_api.h), as far as the project uses it.
+// =====================================================================================================
+
+using namespace cnx::emu;
+
+namespace {
+
+cudaError_t check_device_range(const void* p, size_t n, const char* call, const char* what) {
+  if (n == 0 || device().arena.holds(p, n)) return cudaSuccess;
+  char msg[256];
+  std::snprintf(msg, sizeof msg, "%s: %s [%p, +%zu bytes) is not inside one device allocation", call,
+                what, p, n);
+  return error(cudaErrorInvalidValue, msg);
+}
+
+cudaError_t check_host_range(const void* p, size_t n, const char* call, const char* what) {
+  if (n == 0 || (p != nullptr && !device().arena.contains(p))) return cudaSuccess;
+  char msg[256];
+  std::snprintf(msg, sizeof msg, "%s: %s %p is not host memory", call, what, p);
+  return error(cudaErrorInvalidValue, msg);
+}
+
+const char* error_name(cudaError_t e) {
+  switch (e) {
+    case cudaSuccess: return "cudaSuccess";
+    case cudaErrorInvalidValue: return "cudaErrorInvalidValue";
+    case cudaErrorMemoryAllocation: return "cudaErrorMemoryAllocation";
+    case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
+    case cudaErrorInvalidDevice: return "cudaErrorInvalidDevice";
+    case cudaErrorInvalidResourceHandle: return "cudaErrorInvalidResourceHandle";
+    case cudaErrorNotReady: return "cudaErrorNotReady";
+    case cudaErrorLaunchFailure: return "cudaErrorLaunchFailure";
+    case cudaErrorMisalignedAddress: return "cudaErrorMisalignedAddress";
+    case cudaErrorIllegalAddress: return "cudaErrorIllegalAddress";
+    case cudaErrorInvalidDevicePointer: return "cudaErrorInvalidDevicePointer";
+    case cudaErrorNotSupported: return "cudaErrorNotSupported";
+    default: return "cudaErrorUnknown";
+  }
+}
+
+const char* error_text(cudaError_t e) {
+  switch (e) {
+    case cudaSuccess: return "no error";
+    case cudaErrorInvalidValue: return "invalid argument";
+    case cudaErrorMemoryAllocation: return "out of memory";
+    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+    case cudaErrorInvalidDevice: return "invalid device ordinal";
+    case cudaErrorInvalidResourceHandle: return "invalid resource handle";
+    case cudaErrorNotReady: return "device not ready";
+    case cudaErrorLaunchFailure: return "unspecified launch failure";
+    case cudaErrorMisalignedAddress: return "misaligned address";
+    case cudaErrorIllegalAddress: return "an illegal memory access was encountered";
+    case cudaErrorInvalidDevicePointer: return "invalid device pointer";
+    case cudaErrorNotSupported: return "operation not supported";
+    default: return "unknown error";
+  }
+}
+
+cudaError_t check_stream(cudaStream_t s) {
+  if (!s) return cudaSuccess;
+  for (auto& own : device().streams)
+    if (own.get() == s && !own->destroyed) return cudaSuccess;
+  return error(cudaErrorInvalidResourceHandle, "not a live stream");
+}
+
+cudaError_t check_event(cudaEvent_t e) {
+  if (device().events.count(e)) return cudaSuccess;
+  return error(cudaErrorInvalidResourceHandle, "not a live event");
+}
+
+}  // namespace
+
+extern "C" {
+
+// ---- errors ----------------------------------------------------------------------------------------
+
+cudaError_t cudaGetLastError(void) {
+  Device& dev = device();
+  std::lock_guard<std::recursive_mutex> lock(dev.mutex);
+  if (dev.sticky != cudaSuccess) return dev.sticky;
+  const cudaError_t e = t_last_error;
+  t_last_error = cudaSuccess;
+  return e;
+}
+
+cudaError_t cudaPeekAtLastError(void) {
+  Device& dev = device();
+  std::lock_guard<std::recursive_mutex> lock(dev.mutex);
+  return dev.sticky != cudaSuccess ? dev.sticky : t_last_error;
+}
+
+// The standard text, followed by the emulator's details when this thread's last failed call
+// (or the device's sticky error) was of this kind.
+const char* cudaGetErrorString(cudaError_t e) {
+  thread_local std::string text;
+  Device& dev = device();
+  std::lock_guard<std::recursive_mutex> lock(dev.mutex);
+  text = error_text(e);
+  if (e != cudaSuccess && e == dev.sticky) text += " (emulated device: " + dev.sticky_message + ")";
+  else if (e != cudaSuccess && e == t_detail_code) text += " (emulated device: " + t_last_detail + ")";
+  return text.c_str();
+}
+
+const char* cudaGetErrorName(cudaError_t e) { return error_name(e); }
+
+// ---- the device --------------------------------------------------------------------------------------
+
+cudaError_t cudaGetDeviceCount(int* count) {
+  *count = 1;
+  return cudaSuccess;
+}
+
+cudaError_t cudaGetDevice(int* d) {
+  *d = 0;
+  return cudaSuccess;
+}
+
+cudaError_t cudaSetDevice(int d) {
+  if (d != 0) return error(cudaErrorInvalidDevice, "cudaSetDevice(" + std::to_string(d) + "): one device (0)");
+  return cudaSuccess;
+}
+
+cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int d) {
+  if (d != 0) return error(cudaErrorInvalidDevice, "cudaGetDeviceProperties: one device (0)");
+  std::memset(p, 0, sizeof *p);
+  std::snprintf(p->name, sizeof p->name, "cnx emulated CUDA device (sm_90, H200 limits)");
+  p->totalGlobalMem = device().arena.capacity();
+  p->sharedMemPerBlock = kDefaultSharedPerBlock;
+  p->sharedMemPerBlockOptin = kMaxSharedPerBlockOptin;
+  p->sharedMemPerMultiprocessor = 228 * 1024;
+  p->regsPerBlock = 65536;
+  p->regsPerMultiprocessor = 65536;
+  p->warpSize = 32;
+  p->maxThreadsPerBlock = kMaxThreadsPerBlock;
+  for (int i = 0; i < 3; ++i) {
+    p->maxThreadsDim[i] = static_cast<int>(kMaxBlockDim[i]);
+    p->maxGridSize[i] = static_cast<int>(kMaxGridDim[i]);
+  }
+  p->major = 9;
+  p->minor = 0;
+  p->multiProcessorCount = kMultiprocessors;
+  p->maxThreadsPerMultiProcessor = kMaxThreadsPerMultiprocessor;
+  p->maxBlocksPerMultiProcessor = kMaxBlocksPerMultiprocessor;
+  p->l2CacheSize = 60 << 20;
+  p->memoryBusWidth = 6144;
+  p->unifiedAddressing = 1;
+  p->concurrentKernels = 1;
+  return cudaSuccess;
+}
+
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int d) {
+  if (d != 0) return error(cudaErrorInvalidDevice, "cudaDeviceGetAttribute: one device (0)");
+  switch (attr) {
+    case cudaDevAttrMultiProcessorCount: *value = kMultiprocessors; return cudaSuccess;
+    case cudaDevAttrMaxThreadsPerBlock: *value = kMaxThreadsPerBlock; return cudaSuccess;
+    case cudaDevAttrWarpSize: *value = 32; return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlock: *value = static_cast<int>(kDefaultSharedPerBlock); return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = static_cast<int>(kMaxSharedPerBlockOptin); return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMajor: *value = 9; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMinor: *value = 0; return cudaSuccess;
+    case cudaDevAttrMaxThreadsPerMultiProcessor: *value = kMaxThreadsPerMultiprocessor; return cudaSuccess;
+    case cudaDevAttrL2CacheSize: *value = 60 << 20; return cudaSuccess;
+    default:
+      return error(cudaErrorInvalidValue, "cudaDeviceGetAttribute: attribute " + std::to_string(int(attr)) +
+                                              " is not emulated");
+  }
+}
+
+cudaError_t cudaDeviceSynchronize(void) {
+  CNX_EMU_ENTER();
+  drain_all(dev);
+  return dev.sticky;
+}
+
+cudaError_t cudaMemGetInfo(size_t* free, size_t* total) {
+  CNX_EMU_ENTER();
+  *total = dev.arena.capacity();
+  *free = dev.arena.capacity() - dev.arena.used();
+  return cudaSuccess;
+}
+
+// ---- kernels -------------------------------------------------------------------------------------------
+
+cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int value) {
+  CNX_EMU_ENTER();
+  if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize) {
+    if (value < 0 || static_cast<size_t>(value) > kMaxSharedPerBlockOptin)
+      return error(cudaErrorInvalidValue, "cudaFuncSetAttribute: " + std::to_string(value) +
+                                              " bytes of dynamic shared memory exceed the 232448 of sm_90");
+    dev.kernel_attributes[func].max_dynamic_shared = static_cast<size_t>(value);
+    return cudaSuccess;
+  }
+  if (attr == cudaFuncAttributePreferredSharedMemoryCarveout) return cudaSuccess;
+  return error(cudaErrorInvalidValue, "cudaFuncSetAttribute: attribute " + std::to_string(int(attr)) + " is not emulated");
+}
+
+// Threads per SM and blocks per SM bound the answer (registers are not modelled).
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(int* blocks, const void*,
+                                                                   int block_size,
+                                                                   size_t dynamic_smem, unsigned) {
+  if (block_size <= 0 || block_size > kMaxThreadsPerBlock)
+    return error(cudaErrorInvalidValue, "cudaOccupancyMaxActiveBlocksPerMultiprocessor: bad block size");
+  int b = std::min(kMaxBlocksPerMultiprocessor, kMaxThreadsPerMultiprocessor / block_size);
+  if (dynamic_smem > 0) b = std::min<int>(b, static_cast<int>((228 * 1024) / (dynamic_smem + 1024)));
+  *blocks = b;
+  return cudaSuccess;
+}
+
+// ---- memory ------------------------------------------------------------------------------------------
+
+cudaError_t cudaMalloc(void** ptr, size_t bytes) {
+  CNX_EMU_ENTER();
+  *ptr = nullptr;
+  if (bytes == 0) return cudaSuccess;
+  void* p = dev.arena.allocate(bytes);
+  if (!p) {
+    t_last_error = t_detail_code = cudaErrorMemoryAllocation;
+    t_last_detail = "cudaMalloc of " + std::to_string(bytes) + " bytes: the emulated device is full";
+    return cudaErrorMemoryAllocation;
+  }
+  DeviceAccess access;
+  std::memset(p, 0xFF, bytes);  // NaN: a kernel that reads what nobody wrote shows it
+  *ptr = p;
+  return cudaSuccess;
+}
+
+cudaError_t cudaFree(void* ptr) {
+  CNX_EMU_ENTER();
+  if (!ptr) return cudaSuccess;
+  drain_all(dev);  // cudaFree synchronises the device
+  if (dev.sticky != cudaSuccess) return dev.sticky;
+  char msg[96];
+  std::snprintf(msg, sizeof msg, "cudaFree(%p): not an allocation of cudaMalloc", ptr);
+  if (!dev.arena.release(ptr)) return error(cudaErrorInvalidValue, msg);
+  return cudaSuccess;
+}
+
+cudaError_t cudaHostAlloc(void** ptr, size_t bytes, unsigned int) {
+  CNX_EMU_ENTER();
+  void* p = nullptr;
+  if (posix_memalign(&p, 4096, std::max<size_t>(bytes, 1)) != 0) return error(cudaErrorMemoryAllocation, "cudaHostAlloc");
+  dev.pinned[static_cast<char*>(p)] = bytes;
+  *ptr = p;
+  return cudaSuccess;
+}
+
+cudaError_t cudaMallocHost(void** ptr, size_t bytes) { return cudaHostAlloc(ptr, bytes, 0); }
+
+cudaError_t cudaFreeHost(void* ptr) {
+  CNX_EMU_ENTER();
+  if (!ptr) return cudaSuccess;
+  drain_all(dev);  // work still queued may read or write it
+  const auto it = dev.pinned.find(static_cast<char*>(ptr));
+  if (it == dev.pinned.end()) return error(cudaErrorInvalidValue, "cudaFreeHost: not from cudaHostAlloc");
+  dev.pinned.erase(it);
+  std::free(ptr);
+  return cudaSuccess;
+}
+
+cudaError_t cudaPointerGetAttributes(cudaPointerAttributes* attr, const void* ptr) {
+  CNX_EMU_ENTER();
+  std::memset(attr, 0, sizeof *attr);
+  attr->device = 0;
+  if (dev.arena.holds(ptr, 1)) {
+    attr->type = cudaMemoryTypeDevice;
+    attr->devicePointer = const_cast<void*>(ptr);
+  } else if (is_pinned(dev, ptr, 1)) {
+    attr->type = cudaMemoryTypeHost;
+    attr->hostPointer = const_cast<void*>(ptr);
+    attr->devicePointer = const_cast<void*>(ptr);
+  } else {
+    attr->type = cudaMemoryTypeUnregistered;
+    attr->device = -2;
+  }
+  return cudaSuccess;
+}
+
+cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t n, cudaMemcpyKind kind, cudaStream_t stream) {
+  CNX_EMU_ENTER();
+  if (cudaError_t e = check_stream(stream)) return e;
+  if (n == 0) return cudaSuccess;
+  CUstream_st* s = stream_of(stream);
+  switch (kind) {
+    case cudaMemcpyHostToDevice: {
+      if (cudaError_t e = check_device_range(dst, n, "cudaMemcpyAsync HtoD", "destination")) return e;
+      if (cudaError_t e = check_host_range(src, n, "cudaMemcpyAsync HtoD", "source")) return e;
+      if (is_pinned(dev, src, n)) {
+        // A DMA from page-locked memory: reads the source when it runs.
+        s->queue.emplace_back("cudaMemcpyAsync HtoD", [=] { std::memcpy(dst, src, n); });
+      } else {
+        // Pageable: the driver stages the source before returning.
+        auto staged = std::make_shared<std::vector<char>>(static_cast<const char*>(src),
+                                                          static_cast<const char*>(src) + n);
+        s->queue.emplace_back("cudaMemcpyAsync HtoD", [=] { std::memcpy(dst, staged->data(), n); });
+      }
+      return cudaSuccess;
+    }
+    case cudaMemcpyDeviceToHost: {
+      if (cudaError_t e = check_device_range(src, n, "cudaMemcpyAsync DtoH", "source")) return e;
+      if (cudaError_t e = check_host_range(dst, n, "cudaMemcpyAsync DtoH", "destination")) return e;
+      s->queue.emplace_back("cudaMemcpyAsync DtoH", [=] { std::memcpy(dst, src, n); });
+      // To pageable memory the call returns only once the copy is done.
+      if (!is_pinned(dev, dst, n)) drain(dev, s);
+      return dev.sticky;
+    }
+    case cudaMemcpyDeviceToDevice: {
+      if (cudaError_t e = check_device_range(src, n, "cudaMemcpyAsync DtoD", "source")) return e;
+      if (cudaError_t e = check_device_range(dst, n, "cudaMemcpyAsync DtoD", "destination")) return e;
+      s->queue.emplace_back("cudaMemcpyAsync DtoD", [=] { std::memmove(dst, src, n); });
+      return cudaSuccess;
+    }
+    default:
+      return error(cudaErrorInvalidValue, "cudaMemcpyAsync: only HtoD, DtoH and DtoD copies are emulated");
+  }
+}
+
+cudaError_t cudaMemcpy(void* dst, const void* src, size_t n, cudaMemcpyKind kind) {
+  CNX_EMU_ENTER();
+  drain_all(dev);
+  if (cudaError_t e = cudaMemcpyAsync(dst, src, n, kind, nullptr)) return e;
+  drain_all(dev);
+  return dev.sticky;
+}
+
+cudaError_t cudaMemcpyPeerAsync(void* dst, int dst_device, const void* src, int src_device, size_t n,
+                                cudaStream_t stream) {
+  if (dst_device != 0 || src_device != 0) return error(cudaErrorInvalidDevice, "cudaMemcpyPeerAsync: one device (0)");
+  return cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToDevice, stream);
+}
+
+cudaError_t cudaMemsetAsync(void* dst, int value, size_t n, cudaStream_t stream) {
+  CNX_EMU_ENTER();
+  if (cudaError_t e = check_stream(stream)) return e;
+  if (cudaError_t e = check_device_range(dst, n, "cudaMemsetAsync", "destination")) return e;
+  if (n == 0) return cudaSuccess;
+  stream_of(stream)->queue.emplace_back("cudaMemsetAsync", [=] { std::memset(dst, value, n); });
+  return cudaSuccess;
+}
+
+cudaError_t cudaMemset(void* dst, int value, size_t n) {
+  CNX_EMU_ENTER();
+  if (cudaError_t e = cudaMemsetAsync(dst, value, n, nullptr)) return e;
+  drain_all(dev);
+  return dev.sticky;
+}
+
+// ---- streams --------------------------------------------------------------------------------------------
+
+cudaError_t cudaStreamCreateWithFlags(cudaStream_t* stream, unsigned int) {
+  CNX_EMU_ENTER();
+  dev.streams.push_back(std::make_unique<CUstream_st>());
+  *stream = dev.streams.back().get();
+  return cudaSuccess;
+}
+
+cudaError_t cudaStreamCreate(cudaStream_t* stream) { return cudaStreamCreateWithFlags(stream, 0); }
+
+cudaError_t cudaStreamDestroy(cudaStream_t stream) {
+  CNX_EMU_ENTER();
+  if (!stream) return error(cudaErrorInvalidResourceHandle, "cudaStreamDestroy: the default stream");
+  if (cudaError_t e = check_stream(stream)) return e;
+  drain(dev, stream);  // work already queued still completes
+  stream->destroyed = true;
+  return cudaSuccess;
+}
+
+cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
+  CNX_EMU_ENTER();
+  if (cudaError_t e = check_stream(stream)) return e;
+  drain(dev, stream_of(stream));
+  return dev.sticky;
+}
+
+cudaError_t cudaStreamQuery(cudaStream_t stream) {
+  CNX_EMU_ENTER();
+  if (cudaError_t e = check_stream(stream)) return e;
+  CUstream_st* s = stream_of(stream);
+  step(dev, s);
+  if (dev.sticky != cudaSuccess) return dev.sticky;
+  return s->queue.empty() ? cudaSuccess : cudaErrorNotReady;
+}
+
+// ---- events ---------------------------------------------------------------------------------------------
+
+cudaError_t cudaEventCreateWithFlags(cudaEvent_t* event, unsigned int flags) {
+  CNX_EMU_ENTER();
+  auto e = std::make_shared<CUevent_st>();
+  e->timing = !(flags & cudaEventDisableTiming);
+  dev.events[e.get()] = e;
+  *event = e.get();
+  return cudaSuccess;
+}
+
+cudaError_t cudaEventCreate(cudaEvent_t* event) { return cudaEventCreateWithFlags(event, 0); }
+
+cudaError_t cudaEventDestroy(cudaEvent_t event) {
+  CNX_EMU_ENTER();
+  if (cudaError_t e = check_event(event)) return e;
+  dev.events.erase(event);
+  return cudaSuccess;
+}
+
+cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
+  CNX_EMU_ENTER();
+  if (cudaError_t e = check_event(event)) return e;
+  if (cudaError_t e = check_stream(stream)) return e;
+  const uint64_t generation = ++event->recorded;
+  event->stream = stream_of(stream);
+  std::shared_ptr<CUevent_st> keep = dev.events[event];
+  stream_of(stream)->queue.emplace_back("cudaEventRecord", [keep, generation] {
+    keep->completed = std::max(keep->completed, generation);
+    keep->when = std::chrono::steady_clock::now();
+  });
+  return cudaSuccess;
+}
+
+cudaError_t cudaEventQuery(cudaEvent_t event) {
+  CNX_EMU_ENTER();
+  if (cudaError_t e = check_event(event)) return e;
+  if (event->completed == event->recorded) return cudaSuccess;
+  step(dev, event->stream);  // the device advances by one item per poll
+  if (dev.sticky != cudaSuccess) return dev.sticky;
+  return event->completed == event->recorded ? cudaSuccess : cudaErrorNotReady;
+}
+
+cudaError_t cudaEventSynchronize(cudaEvent_t event) {
+  CNX_EMU_ENTER();
+  if (cudaError_t e = check_event(event)) return e;
+  while (event->completed != event->recorded && step(dev, event->stream)) {
+  }
+  return dev.sticky;
+}
+
+cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_t end) {
+  CNX_EMU_ENTER();
+  if (cudaError_t e = check_event(start)) return e;
+  if (cudaError_t e = check_event(end)) return e;
+  if (!start->timing || !end->timing) return error(cudaErrorInvalidResourceHandle, "cudaEventElapsedTime: an event without timing");
+  if (start->completed != start->recorded || end->completed != end->recorded || !start->recorded || !end->recorded)
+    return cudaErrorNotReady;
+  *ms = std::chrono::duration<float, std::milli>(end->when - start->when).count();
+  return cudaSuccess;
+}
+
+cudaError_t cudaStreamWaitEvent(cudaStream_t stream, cudaEvent_t event, unsigned int) {
+  CNX_EMU_ENTER();
+  if (cudaError_t e = check_event(event)) return e;
+  if (cudaError_t e = check_stream(stream)) return e;
+  const uint64_t generation = event->recorded;
+  CUstream_st* other = event->stream;
+  if (generation == 0 || !other) return cudaSuccess;  // nothing recorded: no wait
+  std::shared_ptr<CUevent_st> keep = dev.events[event];
+  stream_of(stream)->queue.emplace_back("cudaStreamWaitEvent", [keep, generation, other] {
+    Device& d = device();
+    while (keep->completed < generation && step(d, other)) {
+    }
+  });
+  return cudaSuccess;
+}
+
+}  // extern "C"
