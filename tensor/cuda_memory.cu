@@ -90,14 +90,36 @@ CachingAllocator& allocator(int device) {
 
 }  // namespace
 
+namespace cuda {
+bool caching_disabled() {
+  static const bool off = [] {
+    const char* v = std::getenv("CNX_CUDA_NO_CACHING");
+    return v && *v && std::strcmp(v, "0") != 0;
+  }();
+  return off;
+}
+}  // namespace cuda
+
 void* cuda_malloc(int64_t nbytes, Device device) {
   CNX_CHECK(device.is_cuda(), "cuda_malloc: ", device.str(), " is not a CUDA device");
+  CNX_CHECK(nbytes >= 0, "cuda_malloc: negative size ", nbytes);
   if (nbytes == 0) return nullptr;
+  if (cuda::caching_disabled()) {
+    CNX_CHECK(device.index >= 0 && device.index < cuda_device_count(), device.str(), ": no such CUDA device");
+    void* p = device_alloc(device.index, nbytes);
+    CNX_CHECK(p != nullptr, "CUDA out of memory: cudaMalloc of ", nbytes, " bytes on ", device.str(),
+              " failed (CNX_CUDA_NO_CACHING=1)");
+    return p;
+  }
   return allocator(device.index).allocate(nbytes);
 }
 
 void cuda_free(void* ptr, Device device) noexcept {
   if (!ptr) return;
+  if (cuda::caching_disabled()) {
+    device_free(device.index, ptr);
+    return;
+  }
   // A non-null pointer came from cuda_malloc on this device, so its allocator exists and
   // allocator() cannot throw here.
   try {

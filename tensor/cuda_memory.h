@@ -20,7 +20,10 @@
 namespace cnx {
 
 // From / back to the device's caching allocator (no cudaMalloc or cudaFree once the cache is
-// warm). cuda_malloc(0) is nullptr. cuda_free never throws.
+// warm). cuda_malloc(0) is nullptr. cuda_free never throws. With the environment variable
+// CNX_CUDA_NO_CACHING=1 every call goes straight to cudaMalloc / cudaFree with the exact size
+// (slow; for memory checkers, which then see each tensor as its own allocation, as
+// PYTORCH_NO_CUDA_MEMORY_CACHING does for PyTorch).
 void* cuda_malloc(int64_t nbytes, Device device);
 void cuda_free(void* ptr, Device device) noexcept;
 // One side at least is a CUDA device.
@@ -28,6 +31,9 @@ void cuda_copy(void* dst, Device dst_device, const void* src, Device src_device,
 void cuda_zero(void* dst, Device device, int64_t nbytes);
 
 namespace cuda {
+
+// True when CNX_CUDA_NO_CACHING is set to anything but "0" (read once).
+bool caching_disabled();
 
 // The caching allocator's counters for `device` (see AllocatorStats).
 AllocatorStats memory_stats(Device device = Device::cuda(0));

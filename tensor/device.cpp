@@ -46,6 +46,7 @@ DeviceGuard::DeviceGuard(Device device) {
 }
 DeviceGuard::~DeviceGuard() = default;
 bool allow_tf32() { return false; }
+bool caching_disabled() { return false; }
 void set_allow_tf32(bool) {}
 }  // namespace cuda
 #endif

@@ -354,6 +354,49 @@ TEST(CudaBf16Ops, CastMatchesTheCpuBitwiseAlsoMisaligned) {
   const std::vector<float> host = x.to_vector<float>();
   EXPECT_EQ(got[0].bits, 0);
   for (int64_t i = 1; i < 1025; ++i) ASSERT_EQ(got[i].bits, bf16(host[i]).bits) << i;
+  // And back, bf16 -> f32 one element in (exact: every bf16 is a float).
+  Tensor back = Tensor::zeros({1025}, DType::f32, kGpu);
+  cuda::cast(back.data<float>() + 1, outg.data<bf16>() + 1, 1024, cuda::device_stream(kGpu));
+  const std::vector<float> widened = back.to(Device::cpu()).to_vector<float>();
+  EXPECT_EQ(widened[0], 0.0f);
+  for (int64_t i = 1; i < 1025; ++i) ASSERT_EQ(widened[i], static_cast<float>(got[i])) << i;
+#else
+  CNX_SKIP_BUILT_WITHOUT_CUDA();
+#endif
+}
+
+// The bf16 elementwise kernels one element in (2-byte aligned, so the scalar loop instead of the
+// 16-byte packs) give bitwise what the packed path gives on the aligned tensors: both compute
+// each element in fp32 and round once.
+TEST(CudaBf16Ops, ElementwiseScalarPathMatchesThePackedPath) {
+#if CNX_TEST_CUDA
+  CNX_SKIP_WITHOUT_DEVICE();
+  const int64_t n = 1000;  // not a multiple of the 8-element pack either
+  Generator gen(5);
+  const Tensor a = Tensor::randn({n + 1}, gen).to(DType::bf16).to(kGpu);
+  const Tensor b = Tensor::randn({n + 1}, gen).to(DType::bf16).to(kGpu);
+  const cudaStream_t s = cuda::device_stream(kGpu);
+  const auto run = [&](int64_t off, auto launcher) {
+    Tensor out = Tensor::zeros({n + 1}, DType::bf16, kGpu);
+    launcher(out.data<bf16>() + off, a.data<bf16>() + off, b.data<bf16>() + off);
+    std::vector<bf16> v = out.to(Device::cpu()).to_vector<bf16>();
+    return std::vector<bf16>(v.begin() + off, v.begin() + off + n);
+  };
+  const auto expect_same = [&](const char* what, auto launcher) {
+    // Offset 0 starts 16-byte aligned (a fresh tensor), offset 1 does not: the inputs of the
+    // two runs are different elements, so compare each with its own packed twin.
+    const std::vector<bf16> scalar = run(1, launcher);
+    Tensor a1 = Tensor::zeros({n + 1}, DType::bf16, kGpu), b1 = Tensor::zeros({n + 1}, DType::bf16, kGpu);
+    CNX_CUDA_CHECK(cudaMemcpyAsync(a1.data<bf16>(), a.data<bf16>() + 1, n * 2, cudaMemcpyDeviceToDevice, s));
+    CNX_CUDA_CHECK(cudaMemcpyAsync(b1.data<bf16>(), b.data<bf16>() + 1, n * 2, cudaMemcpyDeviceToDevice, s));
+    Tensor out = Tensor::zeros({n + 1}, DType::bf16, kGpu);
+    launcher(out.data<bf16>(), a1.data<bf16>(), b1.data<bf16>());
+    const std::vector<bf16> packed = out.to(Device::cpu()).to_vector<bf16>();
+    for (int64_t i = 0; i < n; ++i) ASSERT_EQ(scalar[i].bits, packed[i].bits) << what << " i " << i;
+  };
+  expect_same("gelu_forward", [&](bf16* o, const bf16* x, const bf16*) { cuda::gelu_forward(o, x, n, s); });
+  expect_same("gelu_backward", [&](bf16* o, const bf16* dy, const bf16* x) { cuda::gelu_backward(o, dy, x, n, s); });
+  expect_same("add_forward", [&](bf16* o, const bf16* x, const bf16* y) { cuda::add_forward(o, x, y, n, s); });
 #else
   CNX_SKIP_BUILT_WITHOUT_CUDA();
 #endif

@@ -306,9 +306,9 @@ TEST_F(Cli, EvalAndPredictRefuseBadInput) {
                           {"convnext predict:", "x.pgm", "not a binary PGM/PPM image"}, 1);
 }
 
-TEST_F(Cli, TrainStopsOnSigintWithARecoveryCheckpointAndResumes) {
-  // A tiny Fashion-MNIST-format dataset: 256 noise images, 10 classes.
-  const fs::path data = path("data");
+namespace {
+// A tiny Fashion-MNIST-format dataset in `data`: 256 train and 64 test noise images, 10 classes.
+void write_noise_fashion_mnist(const fs::path& data) {
   fs::create_directories(data);
   for (const auto& [prefix, n] : {std::pair<std::string, int>{"train", 256}, {"t10k", 64}}) {
     std::string images = std::string("\0\0\x08\x03", 4), labels = std::string("\0\0\x08\x01", 4);
@@ -322,6 +322,52 @@ TEST_F(Cli, TrainStopsOnSigintWithARecoveryCheckpointAndResumes) {
     std::ofstream(data / (prefix + "-images-idx3-ubyte"), std::ios::binary) << images;
     std::ofstream(data / (prefix + "-labels-idx1-ubyte"), std::ios::binary) << labels;
   }
+}
+
+// The loss of every "epoch E step S/T loss L ..." line of a training log, in order.
+std::vector<double> step_losses(const std::string& log) {
+  std::vector<double> losses;
+  std::istringstream in(log);
+  for (std::string line; std::getline(in, line);) {
+    const size_t at = line.find(" loss ");
+    if (line.rfind("epoch ", 0) == 0 && line.find(" step ") != std::string::npos && at != std::string::npos)
+      losses.push_back(std::stod(line.substr(at + 6)));
+  }
+  return losses;
+}
+}  // namespace
+
+// `convnext train --device cuda` as a user runs it, against the same command on the CPU: 20
+// optimiser steps in fp32 and in bf16 mixed precision (--use_amp true on both devices: the CPU's
+// bf16 kernels round as the GPU's do). The tolerances are those of
+// CudaTraining.TrainLoopOnCudaMatchesTheCpu (the printed losses have 4 decimals).
+TEST_F(Cli, CudaTrainTwentyStepsFollowTheCpu) {
+  if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device: cuda_device_count() is 0";
+  const fs::path data = path("data");
+  write_noise_fashion_mnist(data);
+  for (const auto& [amp, rtol] : {std::pair<std::string, double>{"false", 1e-4}, {"true", 5e-3}}) {
+    std::vector<double> losses[2];
+    for (int d = 0; d < 2; ++d) {
+      const std::string device = d == 0 ? "cpu" : "cuda";
+      const fs::path log = path("train_" + device + "_" + amp + ".log");
+      const std::string cmd = std::string(CNX_CLI) + " train --data_path " + data.string() +
+                              " --depths 1,1 --dims 8,16 --batch_size 16 --epochs 2 --log_every 1"
+                              " --drop_path 0.1 --max_steps 20 --use_amp " + amp +
+                              " --device " + device + " > " + log.string() + " 2>&1";
+      const int rc = std::system(cmd.c_str());
+      ASSERT_TRUE(WIFEXITED(rc) && WEXITSTATUS(rc) == 0) << slurp(log);
+      losses[d] = step_losses(slurp(log));
+      ASSERT_EQ(losses[d].size(), 20u) << slurp(log);
+    }
+    for (size_t i = 0; i < 20; ++i)
+      EXPECT_NEAR(losses[1][i], losses[0][i], rtol * std::abs(losses[0][i]) + 5e-5)
+          << "use_amp " << amp << ", step " << i + 1;
+  }
+}
+
+TEST_F(Cli, TrainStopsOnSigintWithARecoveryCheckpointAndResumes) {
+  const fs::path data = path("data");
+  write_noise_fashion_mnist(data);
   const fs::path out = path("run"), log = path("train.log");
   const std::string args = std::string(CNX_CLI) + " train --data_path " + data.string() +
                            " --depths 1,1 --dims 8,16 --batch_size 16 --epochs 1000 --log_every 1 "

@@ -92,10 +92,11 @@ T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = warpSize,
                   std::source_location where = std::source_location::current()) {
   return ::cnx::emu::detail::shuffle_as(mask, var, lane_mask, width, ::cnx::emu::ShuffleMode::kXor, where);
 }
-// __syncwarp(mask): every lane of the mask arrives before any leaves (a shuffle that moves nothing).
+// __syncwarp(mask): every lane of the mask arrives before any leaves (a shuffle in which each
+// lane reads itself: xor 0).
 inline void __syncwarp(unsigned mask = 0xffffffffu,
                        std::source_location where = std::source_location::current()) {
-  (void)::cnx::emu::shuffle(mask, 0, 0, warpSize, ::cnx::emu::ShuffleMode::kIdx, where);
+  (void)::cnx::emu::shuffle(mask, 0, 0, warpSize, ::cnx::emu::ShuffleMode::kXor, where);
 }
 
 // ---- what cuda_runtime.h declares only for nvcc ---------------------------------------------------

@@ -22,6 +22,7 @@
 #include <tuple>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 namespace cnx::emu {
 
@@ -58,8 +59,14 @@ const KernelInfo* register_kernel(const char* pretty_function, const void* addre
 // Checks the launch configuration against the device's limits (sets cudaGetLastError's error
 // and queues nothing when it fails) and queues `body` on the stream: each emulated thread of
 // each block runs body() once.
+// The memory a launch may write, as far as its parameters tell: the race check compares only the
+// allocations these point into, unless a parameter is a struct that may hide pointers (opaque).
+struct WrittenMemory {
+  std::vector<const void*> pointers;  // every pointer-to-non-const parameter
+  bool opaque = false;                // a parameter of class type with state: assume anything
+};
 void launch_kernel(const KernelInfo* kernel, dim3 grid, dim3 block, size_t smem_bytes,
-                   cudaStream_t stream, std::function<void()> body);
+                   cudaStream_t stream, std::function<void()> body, WrittenMemory written);
 
 namespace detail {
 template <auto kKernel> struct KernelRegistration {
@@ -74,6 +81,14 @@ template <auto kKernel> struct KernelRegistration {
   static inline const KernelInfo* const at_startup = info();
 };
 
+template <class P> void note_param(const P& p, WrittenMemory& w) {
+  if constexpr (std::is_pointer_v<P>) {
+    if constexpr (!std::is_const_v<std::remove_pointer_t<P>>) w.pointers.push_back(p);
+  } else if constexpr (!std::is_arithmetic_v<P> && !std::is_enum_v<P> && !std::is_empty_v<P>) {
+    w.opaque = true;
+  }
+}
+
 template <class... Params, class... Args>
 auto bind_params(void (*kernel)(Params...), Args&&... args) {
   // Parameters are converted to the kernel's types and copied when the launch is queued, as
@@ -82,13 +97,21 @@ auto bind_params(void (*kernel)(Params...), Args&&... args) {
     std::apply(kernel, params);
   };
 }
+
+template <class... Params, class... Args>
+WrittenMemory written_memory(void (*)(Params...), const Args&... args) {
+  WrittenMemory w;
+  (note_param(static_cast<std::decay_t<Params>>(args), w), ...);
+  return w;
+}
 }  // namespace detail
 
 template <auto kKernel, class... Args>
 void launch(dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t stream, Args&&... args) {
   (void)detail::KernelRegistration<kKernel>::at_startup;
+  WrittenMemory written = detail::written_memory(kKernel, args...);
   launch_kernel(detail::KernelRegistration<kKernel>::info(), grid, block, smem_bytes, stream,
-                detail::bind_params(kKernel, std::forward<Args>(args)...));
+                detail::bind_params(kKernel, std::forward<Args>(args)...), std::move(written));
 }
 
 // ---- inside a kernel (called by device_prelude.h's built-ins) ----------------------------------
@@ -114,5 +137,18 @@ void cp_async_wait_all();
 // Reports a device-side error in the running kernel (the kernel's name, block and thread are
 // added): it becomes the sticky error, the block is abandoned.
 [[noreturn]] void device_error(cudaError_t code, const std::string& message);
+
+// ---- for the emulator's own tests (tests/test_emulator.cpp) -----------------------------------
+
+// From now on, schedule threads and blocks as CNX_EMU_SCHEDULE would ("inorder", "reverse",
+// "random:<seed>"); false for a spec it does not know.
+bool set_schedule_for_testing(const std::string& spec);
+// From now on, race-check every launch (as CNX_EMU_RACECHECK=1) or not.
+void set_racecheck_for_testing(bool on);
+// Clears the sticky error and drops queued work. A real CUDA context cannot recover from a
+// device fault; the emulator's tests need to, to provoke one fault after another in a process.
+void reset_after_fault_for_testing();
+// Every kernel instantiation registered in this process, with its launches so far.
+std::vector<std::pair<std::string, uint64_t>> kernel_launch_counts();
 
 }  // namespace cnx::emu

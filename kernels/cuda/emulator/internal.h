@@ -38,6 +38,7 @@ struct Launch {
   dim3 grid, block;
   size_t smem_bytes;
   std::function<void()> body;
+  WrittenMemory written;
 };
 
 // Runs every block of `launch` under `schedule`. Throws DeviceFault on a device-side error

@@ -50,6 +50,8 @@
 // The opaque handle types of the runtime API, defined here.
 struct CUstream_st {
   std::deque<std::pair<std::string, std::function<void()>>> queue;
+  uint64_t enqueued = 0, executed = 0;  // items so far
+  bool blocking = true;  // synchronises with the legacy default stream (not cudaStreamNonBlocking)
   bool destroyed = false;
 };
 struct CUevent_st {
@@ -71,17 +73,26 @@ bool env_flag(const char* name) {
   return v && *v && std::strcmp(v, "0") != 0;
 }
 
-ScheduleChoice schedule_from_env() {
-  ScheduleChoice s;
-  const char* v = std::getenv("CNX_EMU_SCHEDULE");
-  if (!v || !*v || std::strcmp(v, "inorder") == 0) return s;
-  const std::string str(v);
-  if (str == "reverse") {
+// "inorder", "reverse", "random" or "random:<seed>"; false for anything else.
+bool parse_schedule(const std::string& spec, ScheduleChoice& s) {
+  s = ScheduleChoice{};
+  if (spec.empty() || spec == "inorder") return true;
+  if (spec == "reverse") {
     s.schedule = Schedule::kReverse;
-  } else if (str.rfind("random", 0) == 0) {
+    return true;
+  }
+  if (spec == "random" || spec.rfind("random:", 0) == 0) {
     s.schedule = Schedule::kRandom;
-    if (str.size() > 7 && str[6] == ':') s.seed = std::strtoull(str.c_str() + 7, nullptr, 10);
-  } else {
+    if (spec.size() > 7) s.seed = std::strtoull(spec.c_str() + 7, nullptr, 10);
+    return true;
+  }
+  return false;
+}
+
+ScheduleChoice schedule_from_env() {
+  const char* v = std::getenv("CNX_EMU_SCHEDULE");
+  ScheduleChoice s;
+  if (!parse_schedule(v ? v : "", s)) {
     std::fprintf(stderr, "cnx emulator: CNX_EMU_SCHEDULE=%s: expected inorder, reverse or random[:seed]\n", v);
     std::exit(2);
   }
@@ -242,9 +253,33 @@ struct Device {
   uint64_t launches = 0;
 };
 
+Device* g_device = nullptr;  // for the signal handler
+
+// SIGSEGV on the arena: say why before the process dies as it would have (the handler restores
+// the default action and returns, so the faulting access repeats and kills the process).
+// AddressSanitizer builds keep ASan's own handler, which prints the stack.
+void on_segv(int sig, siginfo_t* info, void*) {
+  if (g_device && g_device->arena.contains(info->si_addr)) {
+    static const char msg[] =
+        "cnx emulator: segmentation fault on device memory: host code dereferenced a device "
+        "pointer (only kernels and cuda* calls may touch device memory; copy it to the host)\n";
+    [[maybe_unused]] const ssize_t n = write(STDERR_FILENO, msg, sizeof msg - 1);
+  }
+  signal(sig, SIG_DFL);
+}
+
 Device& device() {
   // Never destroyed: tensors held by static objects free their memory after main returns.
-  static Device* d = new Device();
+  static Device* d = [] {
+    g_device = new Device();
+#if !defined(__SANITIZE_ADDRESS__)
+    struct sigaction sa {};
+    sa.sa_sigaction = on_segv;
+    sa.sa_flags = SA_SIGINFO;
+    sigaction(SIGSEGV, &sa, nullptr);
+#endif
+    return g_device;
+  }();
   return *d;
 }
 
@@ -295,6 +330,7 @@ bool step(Device& dev, CUstream_st* s) {
   try {
     DeviceAccess access;
     item.second();
+    ++s->executed;
   } catch (const DeviceFault& f) {
     set_sticky(dev, f.code, f.message);
     return false;
@@ -310,9 +346,39 @@ void drain(Device& dev, CUstream_st* s) {
   }
 }
 
+std::vector<CUstream_st*> all_streams(Device& dev) {
+  std::vector<CUstream_st*> out{&dev.legacy_stream};
+  for (auto& s : dev.streams) out.push_back(s.get());
+  return out;
+}
+
 void drain_all(Device& dev) {
-  drain(dev, &dev.legacy_stream);
-  for (auto& s : dev.streams) drain(dev, s.get());
+  for (CUstream_st* s : all_streams(dev)) drain(dev, s);
+}
+
+// Queues an item on `s`, after the implicit waits of the legacy default stream: work on it
+// waits for the work already queued on every blocking stream, and work on a blocking stream
+// waits for the work already queued on it (CUDA Runtime API, "stream synchronization behavior").
+void push_raw(CUstream_st* s, std::string what, std::function<void()> work) {
+  s->queue.emplace_back(std::move(what), std::move(work));
+  ++s->enqueued;
+}
+void wait_for(Device& dev, CUstream_st* s, CUstream_st* other) {
+  if (other == s || other->executed == other->enqueued) return;
+  const uint64_t target = other->enqueued;
+  push_raw(s, "implicit wait on the legacy default stream", [&dev, other, target] {
+    while (other->executed < target && step(dev, other)) {
+    }
+  });
+}
+void push(Device& dev, CUstream_st* s, std::string what, std::function<void()> work) {
+  if (s == &dev.legacy_stream) {
+    for (auto& b : dev.streams)
+      if (b->blocking && !b->destroyed) wait_for(dev, s, b.get());
+  } else if (s->blocking) {
+    wait_for(dev, s, &dev.legacy_stream);
+  }
+  push_raw(s, std::move(what), std::move(work));
 }
 
 bool is_pinned(const Device& dev, const void* p, size_t bytes) {
@@ -329,9 +395,17 @@ struct Snapshot {
   std::vector<Allocation> allocations;
   std::vector<std::vector<char>> bytes;
 };
-Snapshot take_snapshot() {
+// Of the allocations that `written` may reach (every live one when it is opaque).
+Snapshot take_snapshot(const WrittenMemory& written) {
   Snapshot s;
-  s.allocations = live_allocations();
+  for (const Allocation& a : live_allocations()) {
+    const bool reached = written.opaque || std::any_of(written.pointers.begin(), written.pointers.end(),
+                                                       [&](const void* p) {
+                                                         const char* c = static_cast<const char*>(p);
+                                                         return c >= a.ptr && c < a.ptr + a.bytes;
+                                                       });
+    if (reached) s.allocations.push_back(a);
+  }
   for (const Allocation& a : s.allocations) s.bytes.emplace_back(a.ptr, a.ptr + a.bytes);
   return s;
 }
@@ -340,11 +414,12 @@ void restore(const Snapshot& s) {
     std::memcpy(s.allocations[i].ptr, s.bytes[i].data(), s.allocations[i].bytes);
 }
 
-// Runs the launch in order, then reversed from the same memory; both must leave the same bytes.
+// Runs the launch in order, then reversed from the same memory; both must leave the same bytes
+// in every allocation the kernel may write.
 void run_racechecked(const Launch& launch) {
-  const Snapshot before = take_snapshot();
+  const Snapshot before = take_snapshot(launch.written);
   run_kernel(launch, ScheduleChoice{Schedule::kInOrder, 0});
-  const Snapshot first = take_snapshot();
+  const Snapshot first = take_snapshot(launch.written);
   restore(before);
   run_kernel(launch, ScheduleChoice{Schedule::kReverse, 0});
   for (size_t i = 0; i < first.allocations.size(); ++i) {
@@ -455,11 +530,11 @@ void enqueue(cudaStream_t stream, std::string what, std::function<void()> work) 
   Device& dev = device();
   std::lock_guard<std::recursive_mutex> lock(dev.mutex);
   if (dev.sticky != cudaSuccess) return;
-  stream_of(stream)->queue.emplace_back(std::move(what), std::move(work));
+  push(dev, stream_of(stream), std::move(what), std::move(work));
 }
 
 void launch_kernel(const KernelInfo* kernel, dim3 grid, dim3 block, size_t smem_bytes,
-                   cudaStream_t stream, std::function<void()> body) {
+                   cudaStream_t stream, std::function<void()> body, WrittenMemory written) {
   Device& dev = device();
   std::lock_guard<std::recursive_mutex> lock(dev.mutex);
   if (dev.sticky != cudaSuccess) {
@@ -488,15 +563,52 @@ void launch_kernel(const KernelInfo* kernel, dim3 grid, dim3 block, size_t smem_
                (smem_limit == kDefaultSharedPerBlock
                     ? " without cudaFuncSetAttribute(cudaFuncAttributeMaxDynamicSharedMemorySize)"
                     : " by its cudaFuncSetAttribute"));
+  for (auto& s : dev.streams)
+    if (s.get() == stream && s->destroyed) return (void)error(cudaErrorInvalidResourceHandle, "launch of " + kernel->name + " on a destroyed stream");
   count_launch(kernel);
-  auto launch = std::make_shared<Launch>(Launch{kernel, grid, block, smem_bytes, std::move(body)});
-  stream_of(stream)->queue.emplace_back("kernel " + kernel->name, [launch] {
+  auto launch = std::make_shared<Launch>(Launch{kernel, grid, block, smem_bytes, std::move(body), std::move(written)});
+  push(dev, stream_of(stream), "kernel " + kernel->name, [launch] {
     Device& d = device();
     if (d.racecheck)
       run_racechecked(*launch);
     else
       run_kernel(*launch, d.schedule);
   });
+}
+
+bool set_schedule_for_testing(const std::string& spec) {
+  Device& dev = device();
+  std::lock_guard<std::recursive_mutex> lock(dev.mutex);
+  return parse_schedule(spec, dev.schedule);
+}
+
+void set_racecheck_for_testing(bool on) {
+  Device& dev = device();
+  std::lock_guard<std::recursive_mutex> lock(dev.mutex);
+  dev.racecheck = on;
+}
+
+void reset_after_fault_for_testing() {
+  Device& dev = device();
+  std::lock_guard<std::recursive_mutex> lock(dev.mutex);
+  dev.sticky = cudaSuccess;
+  dev.sticky_message.clear();
+  for (CUstream_st* s : all_streams(dev)) {
+    s->queue.clear();
+    s->executed = s->enqueued;
+  }
+  t_last_error = cudaSuccess;
+}
+
+std::vector<std::pair<std::string, uint64_t>> kernel_launch_counts() {
+  Registry& r = registry();
+  std::lock_guard<std::mutex> lock(r.mutex);
+  std::vector<std::pair<std::string, uint64_t>> out;
+  for (const auto& k : r.kernels) {
+    const auto it = r.launched.find(k.get());
+    out.emplace_back(k->name, it == r.launched.end() ? 0 : it->second);
+  }
+  return out;
 }
 
 }  // namespace cnx::emu
@@ -790,19 +902,19 @@ cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t n, cudaMemcpyKind
       if (cudaError_t e = check_host_range(src, n, "cudaMemcpyAsync HtoD", "source")) return e;
       if (is_pinned(dev, src, n)) {
         // A DMA from page-locked memory: reads the source when it runs.
-        s->queue.emplace_back("cudaMemcpyAsync HtoD", [=] { std::memcpy(dst, src, n); });
+        push(dev, s, "cudaMemcpyAsync HtoD", [=] { std::memcpy(dst, src, n); });
       } else {
         // Pageable: the driver stages the source before returning.
         auto staged = std::make_shared<std::vector<char>>(static_cast<const char*>(src),
                                                           static_cast<const char*>(src) + n);
-        s->queue.emplace_back("cudaMemcpyAsync HtoD", [=] { std::memcpy(dst, staged->data(), n); });
+        push(dev, s, "cudaMemcpyAsync HtoD", [=] { std::memcpy(dst, staged->data(), n); });
       }
       return cudaSuccess;
     }
     case cudaMemcpyDeviceToHost: {
       if (cudaError_t e = check_device_range(src, n, "cudaMemcpyAsync DtoH", "source")) return e;
       if (cudaError_t e = check_host_range(dst, n, "cudaMemcpyAsync DtoH", "destination")) return e;
-      s->queue.emplace_back("cudaMemcpyAsync DtoH", [=] { std::memcpy(dst, src, n); });
+      push(dev, s, "cudaMemcpyAsync DtoH", [=] { std::memcpy(dst, src, n); });
       // To pageable memory the call returns only once the copy is done.
       if (!is_pinned(dev, dst, n)) drain(dev, s);
       return dev.sticky;
@@ -810,7 +922,7 @@ cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t n, cudaMemcpyKind
     case cudaMemcpyDeviceToDevice: {
       if (cudaError_t e = check_device_range(src, n, "cudaMemcpyAsync DtoD", "source")) return e;
       if (cudaError_t e = check_device_range(dst, n, "cudaMemcpyAsync DtoD", "destination")) return e;
-      s->queue.emplace_back("cudaMemcpyAsync DtoD", [=] { std::memmove(dst, src, n); });
+      push(dev, s, "cudaMemcpyAsync DtoD", [=] { std::memmove(dst, src, n); });
       return cudaSuccess;
     }
     default:
@@ -837,7 +949,7 @@ cudaError_t cudaMemsetAsync(void* dst, int value, size_t n, cudaStream_t stream)
   if (cudaError_t e = check_stream(stream)) return e;
   if (cudaError_t e = check_device_range(dst, n, "cudaMemsetAsync", "destination")) return e;
   if (n == 0) return cudaSuccess;
-  stream_of(stream)->queue.emplace_back("cudaMemsetAsync", [=] { std::memset(dst, value, n); });
+  push(dev, stream_of(stream), "cudaMemsetAsync", [=] { std::memset(dst, value, n); });
   return cudaSuccess;
 }
 
@@ -850,9 +962,10 @@ cudaError_t cudaMemset(void* dst, int value, size_t n) {
 
 // ---- streams --------------------------------------------------------------------------------------------
 
-cudaError_t cudaStreamCreateWithFlags(cudaStream_t* stream, unsigned int) {
+cudaError_t cudaStreamCreateWithFlags(cudaStream_t* stream, unsigned int flags) {
   CNX_EMU_ENTER();
   dev.streams.push_back(std::make_unique<CUstream_st>());
+  dev.streams.back()->blocking = !(flags & cudaStreamNonBlocking);
   *stream = dev.streams.back().get();
   return cudaSuccess;
 }
@@ -911,7 +1024,7 @@ cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
   const uint64_t generation = ++event->recorded;
   event->stream = stream_of(stream);
   std::shared_ptr<CUevent_st> keep = dev.events[event];
-  stream_of(stream)->queue.emplace_back("cudaEventRecord", [keep, generation] {
+  push(dev, stream_of(stream), "cudaEventRecord", [keep, generation] {
     keep->completed = std::max(keep->completed, generation);
     keep->when = std::chrono::steady_clock::now();
   });
@@ -954,7 +1067,7 @@ cudaError_t cudaStreamWaitEvent(cudaStream_t stream, cudaEvent_t event, unsigned
   CUstream_st* other = event->stream;
   if (generation == 0 || !other) return cudaSuccess;  // nothing recorded: no wait
   std::shared_ptr<CUevent_st> keep = dev.events[event];
-  stream_of(stream)->queue.emplace_back("cudaStreamWaitEvent", [keep, generation, other] {
+  push(dev, stream_of(stream), "cudaStreamWaitEvent", [keep, generation, other] {
     Device& d = device();
     while (keep->completed < generation && step(d, other)) {
     }

@@ -24,6 +24,10 @@
 
 #include "kernels/cuda/emulator/internal.h"
 
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+#endif
+
 // The built-in variables of device_prelude.h.
 thread_local constinit uint3 threadIdx{};
 thread_local constinit uint3 blockIdx{};
@@ -73,11 +77,41 @@ struct StackPool {
 };
 thread_local StackPool t_stacks;
 
+thread_local ctx::stack_context t_last_stack;  // the stack of the fiber made last
+
 // The StackAllocator concept of Boost.Context, over the pool.
 struct PooledStack {
-  ctx::stack_context allocate() { return t_stacks.take(); }
+  ctx::stack_context allocate() { return t_last_stack = t_stacks.take(); }
   void deallocate(ctx::stack_context& s) noexcept { t_stacks.free.push_back(s); }
 };
+
+// ---- AddressSanitizer's fiber annotations --------------------------------------------------
+// Every switch between stacks is announced (start: which stack we go to) and confirmed (finish:
+// on arrival), so that ASan knows which stack is current. Empty without ASan.
+struct StackBounds {
+  const void* bottom = nullptr;
+  size_t size = 0;
+};
+thread_local StackBounds t_scheduler_stack;  // learnt by the first fiber that runs
+
+inline void asan_start_switch(void** fake_stack, StackBounds to) {
+#if defined(__SANITIZE_ADDRESS__)
+  __sanitizer_start_switch_fiber(fake_stack, to.bottom, to.size);
+#else
+  (void)fake_stack, (void)to;
+#endif
+}
+inline void asan_finish_switch(void* fake_stack, StackBounds* from = nullptr) {
+#if defined(__SANITIZE_ADDRESS__)
+  __sanitizer_finish_switch_fiber(fake_stack, from ? &from->bottom : nullptr, from ? &from->size : nullptr);
+#else
+  (void)fake_stack, (void)from;
+#endif
+}
+
+// Thrown inside a fiber that its block abandons (another thread failed): unwinds the thread's
+// stack back to the worker loop, which then ends, so the fiber finishes normally.
+struct Abandon {};
 
 // ---- threads and the block -------------------------------------------------------------------
 
@@ -106,6 +140,7 @@ struct Thread {
 };
 
 struct Fiber {
+  StackBounds stack;
   ctx::fiber self;   // resumes the fiber (held by the scheduler while the fiber is suspended)
   ctx::fiber back;   // resumes the scheduler (held by the fiber while it runs)
   Thread* thread = nullptr;  // the thread it runs now; nullptr once it has no more to run
@@ -172,6 +207,7 @@ class BlockRun {
   void after_switch(Fiber* f);
   void check_barrier();
   void check_shuffle(int warp);
+  void complete_shuffle(int warp, int leader);
   void release(std::vector<int> ids);
   std::string describe_stuck();
   std::string where_in_kernel(const Thread* t) const {
@@ -196,7 +232,7 @@ class BlockRun {
   int at_barrier_ = 0, exited_ = 0;
   std::vector<std::unique_ptr<Fiber>> fibers_;
   std::unique_ptr<char[]> shared_;
-  bool failed_ = false;
+  bool failed_ = false, abandoning_ = false;
   DeviceFault fault_{};
 };
 
@@ -231,6 +267,7 @@ void BlockRun::worker(Fiber* f) {
       failed_ = true;
       fault_ = e;
     }
+  } catch (const Abandon&) {
   }
   f->thread = nullptr;
   f->finished = true;
@@ -238,8 +275,12 @@ void BlockRun::worker(Fiber* f) {
 
 void BlockRun::suspend() {
   Fiber* f = t_fiber;
+  void* fake_stack = nullptr;
+  asan_start_switch(&fake_stack, t_scheduler_stack);
   f->back = std::move(f->back).resume();
-  // Resumed by the scheduler (which set t_fiber and threadIdx).
+  asan_finish_switch(fake_stack, &t_scheduler_stack);
+  // Resumed by the scheduler (which set t_fiber and threadIdx), to go on or to give up.
+  if (abandoning_) throw Abandon{};
 }
 
 void BlockRun::barrier(std::source_location where) {
@@ -294,17 +335,25 @@ uint64_t BlockRun::shuffle(unsigned mask, uint64_t value, int lane_arg, int widt
   return t.result;
 }
 
-// Completes warp `warp`'s shuffle when every lane named in the waiting lanes' mask has arrived.
+// Completes every group of warp `warp`'s lanes that wait in a shuffle and whose mask's lanes
+// have all arrived (a warp may hold several groups with disjoint masks).
 void BlockRun::check_shuffle(int warp) {
   const int first = warp * 32;
   const int lanes = std::min<int>(32, static_cast<int>(threads_.size()) - first);
-  int leader = -1;
-  for (int l = 0; l < lanes; ++l)
-    if (threads_[static_cast<size_t>(first + l)].state == State::kAtShuffle) {
-      leader = first + l;
-      break;
-    }
-  if (leader < 0) return;
+  unsigned tried = 0;  // masks of lanes already looked at
+  for (int l = 0; l < lanes; ++l) {
+    const Thread& t = threads_[static_cast<size_t>(first + l)];
+    if (t.state != State::kAtShuffle || (tried >> l & 1u)) continue;
+    tried |= t.mask;
+    complete_shuffle(warp, first + l);
+  }
+}
+
+// The group of `leader`'s mask: an error if a lane of it cannot come, nothing if one is not
+// there yet, else every lane's result and release.
+void BlockRun::complete_shuffle(int warp, int leader) {
+  const int first = warp * 32;
+  const int lanes = std::min<int>(32, static_cast<int>(threads_.size()) - first);
   const Thread& lead = threads_[static_cast<size_t>(leader)];
   const unsigned mask = lead.mask;
   for (int l = 0; l < 32; ++l) {
@@ -338,11 +387,10 @@ void BlockRun::check_shuffle(int warp) {
       case ShuffleMode::kDown: src = (l - group) + t.lane_arg < w ? l + t.lane_arg : l; break;
       case ShuffleMode::kXor: src = (l ^ t.lane_arg) <= (group | (w - 1)) ? (l ^ t.lane_arg) : l; break;
     }
-    if (src < 0 || src >= 32 || !(mask >> src & 1u))
-      fail(cudaErrorLaunchFailure, "warp shuffle at " + where_str(t.where) + ": lane " +
-                                       std::to_string(l) + " reads lane " + std::to_string(src) +
-                                       ", which is not in the mask (its value is undefined)");
-    t.result = threads_[static_cast<size_t>(first + src)].value;
+    // A lane outside the mask does not take part: the value read from it is undefined (all
+    // bits set here, a NaN as a float, so that using it shows).
+    const bool defined = src >= 0 && src < 32 && (mask >> src & 1u);
+    t.result = defined ? threads_[static_cast<size_t>(first + src)].value : ~uint64_t(0);
     ids.push_back(first + l);
   }
   release(std::move(ids));
@@ -378,7 +426,10 @@ void BlockRun::run() {
   blockIdx = block_idx_;
   auto switch_to = [this](Fiber* f) {
     enter(f);
+    void* fake_stack = nullptr;
+    asan_start_switch(&fake_stack, f->stack);
     f->self = std::move(f->self).resume();
+    asan_finish_switch(fake_stack);
     t_fiber = nullptr;
   };
   while (!failed_) {
@@ -390,10 +441,13 @@ void BlockRun::run() {
       fibers_.push_back(std::make_unique<Fiber>());
       Fiber* f = fibers_.back().get();
       f->self = ctx::fiber(std::allocator_arg, PooledStack(), [this, f](ctx::fiber&& back) {
+        asan_finish_switch(nullptr, &t_scheduler_stack);
         f->back = std::move(back);
         worker(f);
+        asan_start_switch(nullptr, t_scheduler_stack);  // nullptr: this fiber's stack dies
         return std::move(f->back);
       });
+      f->stack = {static_cast<char*>(t_last_stack.sp) - t_last_stack.size, t_last_stack.size};
       switch_to(f);
     } else {
       break;
@@ -403,7 +457,10 @@ void BlockRun::run() {
     failed_ = true;
     fault_ = DeviceFault{cudaErrorLaunchFailure, describe_stuck() + " [in " + where_in_kernel(nullptr) + "]"};
   }
-  // Suspended fibers of a failed block are destroyed here: Boost.Context unwinds their stacks.
+  // The suspended fibers of a failed block unwind their threads and finish.
+  abandoning_ = true;
+  for (auto& f : fibers_)
+    if (!f->finished) switch_to(f.get());
   fibers_.clear();
   t_block = nullptr;
   if (failed_) throw fault_;
