@@ -1154,6 +1154,72 @@ TEST_F(EmulatorDeadlock, AShuffleWaitingForALaneAtABarrierIsReportedNotHung) {
   }
 }
 
+// ================================ sanitizers ================================
+// Positive controls for the sanitizer build (-DCNX_EMU_SANITIZE=ON): one element past the end of
+// a device allocation, of dynamic shared memory, and of a static __shared__ array is caught,
+// with the kernel's source line, and the process dies. (Without the sanitizers these accesses
+// land in the unused gap after an allocation and go unnoticed: the tests skip.)
+
+class EmulatorSanitizers : public EmulatorFixture {};
+
+__global__ void write_past_the_end_kernel(float* out, int n) {
+  out[n] = 1.0f;  // out has n elements
+}
+
+__global__ void dynamic_shared_past_the_end_kernel(float* out, int n) {
+  CNX_EXTERN_SHARED(float, s);  // n floats
+  s[threadIdx.x] = 1.0f;
+  __syncthreads();
+  out[threadIdx.x] = s[threadIdx.x + 1];  // the last thread reads s[n]
+  (void)n;
+}
+
+__global__ void static_shared_past_the_end_kernel(float* out, int i) {
+  __shared__ float s[32];
+  s[i] = 1.0f;  // i == 32
+  out[0] = s[0];
+}
+
+#if defined(__SANITIZE_ADDRESS__)
+TEST_F(EmulatorSanitizers, OneElementPastADeviceAllocationIsCaught) {
+  testing::FLAGS_gtest_death_test_style = "threadsafe";
+  EXPECT_DEATH(
+      {
+        DeviceArray<float> out(100);
+        launch<write_past_the_end_kernel>(dim3(1), dim3(1), 0, nullptr, out.get(), 100);
+        (void)cudaDeviceSynchronize();
+      },
+      "AddressSanitizer.*\n(.*\n)*.*write_past_the_end_kernel.*test_emulator.cpp:[0-9]+");
+}
+
+TEST_F(EmulatorSanitizers, OneElementPastDynamicSharedMemoryIsCaught) {
+  testing::FLAGS_gtest_death_test_style = "threadsafe";
+  EXPECT_DEATH(
+      {
+        DeviceArray<float> out(32);
+        launch<dynamic_shared_past_the_end_kernel>(dim3(1), dim3(32), 32 * sizeof(float), nullptr,
+                                                   out.get(), 32);
+        (void)cudaDeviceSynchronize();
+      },
+      "AddressSanitizer.*\n(.*\n)*.*dynamic_shared_past_the_end_kernel.*test_emulator.cpp:[0-9]+");
+}
+
+TEST_F(EmulatorSanitizers, IndexPastAStaticSharedArrayIsCaught) {
+  testing::FLAGS_gtest_death_test_style = "threadsafe";
+  EXPECT_DEATH(
+      {
+        DeviceArray<float> out(1);
+        launch<static_shared_past_the_end_kernel>(dim3(1), dim3(1), 0, nullptr, out.get(), 32);
+        (void)cudaDeviceSynchronize();
+      },
+      "test_emulator.cpp:[0-9]+:[0-9]+: runtime error: index 32 out of bounds");
+}
+#else
+TEST_F(EmulatorSanitizers, OneElementPastADeviceAllocationIsCaught) {
+  GTEST_SKIP() << "needs the sanitizer build (-DCNX_EMU_SANITIZE=ON)";
+}
+#endif
+
 }  // namespace
 
 #else  // the emulated device is not built

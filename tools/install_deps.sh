@@ -14,8 +14,22 @@ packages=(
   zlib1g-dev                        # Fashion-MNIST .gz files
   libturbojpeg0-dev                 # JPEG decoding (ImageFolder datasets)
   libboost-context-dev              # the emulated CUDA device's fibers (kernels/cuda/emulator)
+  llvm                              # llvm-symbolizer: source lines in the sanitizer reports
   dataset-fashion-mnist             # the default training data (/usr/share/datasets/fashion-mnist)
 )
+
+# cuobjdump, for the sm_90 resource check of the real build (ctest kernels.resource_usage_sm90,
+# tools/check_kernel_resources.py). Some CUDA installs have nvcc without it; NVIDIA's wheel
+# carries it, unpacked into .deps-py/ in the repository (git-ignored; CMake looks there).
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if { command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ]; } &&
+   ! command -v cuobjdump >/dev/null 2>&1 && [ ! -x /usr/local/cuda/bin/cuobjdump ] &&
+   [ ! -x "$root/.deps-py/cuobjdump/nvidia/cu13/bin/cuobjdump" ]; then
+  echo "install_deps: installing cuobjdump (pip: nvidia-cuda-cuobjdump) into .deps-py/"
+  python3 -m pip install -q --disable-pip-version-check --target "$root/.deps-py/cuobjdump" \
+    'nvidia-cuda-cuobjdump>=13,<14' ||
+    echo "install_deps: could not install cuobjdump: the kernel resource check will be skipped" >&2
+fi
 
 missing=()
 for p in "${packages[@]}"; do
