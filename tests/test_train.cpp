@@ -6,8 +6,10 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <sstream>
 
+#include "models/convnext.h"
 #include "models/safetensors.h"
 #include "tests/testing.h"
 #include "train/checkpoint.h"
@@ -57,6 +59,30 @@ class Training : public ::testing::Test {
 };
 
 }  // namespace
+
+// A diverged model (NaN or infinite logits) scores 0%, not 100% (issue 13, item 1: NaN rows
+// used to count as hits, since no class compares >= NaN), and its loss is NaN.
+TEST_F(Training, NonFiniteLogitsAreNeverCorrect) {
+  Generator g(3);
+  ConvNeXtConfig mc;
+  mc.depths = {1, 1};
+  mc.dims = {8, 16};
+  mc.in_chans = 1;
+  mc.num_classes = 10;
+  ConvNeXt model(mc, g);
+  const std::string data = (root_ / "data").string();
+  const EvalResult healthy = evaluate(model, "fashion_mnist", data, 16, 1);
+  ASSERT_EQ(healthy.images, 32);
+  EXPECT_TRUE(std::isfinite(healthy.loss));
+  for (const float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
+    for (Parameter& p : model.parameters())
+      if (p.name == "head.bias") p.value.data<float>()[3] = bad;  // class 3's logit, every row
+    const EvalResult r = evaluate(model, "fashion_mnist", data, 16, 1);
+    EXPECT_EQ(r.acc1, 0.0) << bad;
+    EXPECT_EQ(r.acc5, 0.0) << bad;
+    EXPECT_TRUE(std::isnan(r.loss)) << bad;
+  }
+}
 
 TEST_F(Training, OverfitsOneBatch) {
   // 16 images, batch 16: every step sees the same batch (in a new order).

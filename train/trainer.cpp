@@ -4,6 +4,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <limits>
 #include <csignal>
 #include <cstdio>
 #include <filesystem>
@@ -232,7 +233,9 @@ void install_stop_handlers() {
 
 namespace {
 
-// Top-1 / top-5 hits and summed cross-entropy of one batch of logits.
+// Top-1 / top-5 hits and summed cross-entropy of one batch of logits. A row with a NaN or an
+// infinity is wrong for both (a comparison with NaN is false, so counting "classes ranked above
+// the true one" alone would score a diverged model's NaN rows as hits); its loss is NaN.
 void score(const Tensor& logits, const Tensor& labels, int64_t& top1, int64_t& top5, double& loss_sum) {
   const int64_t N = logits.dim(0), K = logits.dim(1);
   const std::vector<float> z = logits.to_vector<float>();
@@ -241,10 +244,16 @@ void score(const Tensor& logits, const Tensor& labels, int64_t& top1, int64_t& t
     const float* row = z.data() + n * K;
     const float target = row[y[n]];
     int64_t higher = 0;  // classes ranked above the true one (ties count against it)
+    bool finite = true;
     double mx = row[0];
     for (int64_t k = 0; k < K; ++k) {
       if (k != y[n] && row[k] >= target) ++higher;
+      finite = finite && std::isfinite(row[k]);
       mx = std::max(mx, static_cast<double>(row[k]));
+    }
+    if (!finite) {
+      loss_sum += std::numeric_limits<double>::quiet_NaN();
+      continue;
     }
     top1 += higher < 1;
     top5 += higher < 5;
