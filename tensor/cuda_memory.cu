@@ -30,11 +30,16 @@ int cuda_device_count() {
   return count;
 }
 
+namespace {
+// True when the environment variable `name` is set to anything but "0".
+bool env_switch(const char* name) {
+  const char* v = std::getenv(name);
+  return v && std::strcmp(v, "0") != 0;
+}
+}  // namespace
+
 bool cuda_sync_after_launch() {
-  static const bool on = [] {
-    const char* v = std::getenv("CNX_CUDA_SYNC");
-    return v && std::strcmp(v, "0") != 0;
-  }();
+  static const bool on = env_switch("CNX_CUDA_SYNC");
   return on;
 }
 
@@ -92,10 +97,7 @@ CachingAllocator& allocator(int device) {
 
 namespace cuda {
 bool caching_disabled() {
-  static const bool off = [] {
-    const char* v = std::getenv("CNX_CUDA_NO_CACHING");
-    return v && *v && std::strcmp(v, "0") != 0;
-  }();
+  static const bool off = env_switch("CNX_CUDA_NO_CACHING");
   return off;
 }
 }  // namespace cuda

@@ -55,6 +55,16 @@ class Training : public ::testing::Test {
   }
   std::string out(const std::string& name) const { return (root_ / name).string(); }
 
+  // The model of config(), for one-channel images, with `classes` outputs.
+  static ConvNeXtConfig model_config(int64_t classes) {
+    ConvNeXtConfig mc;
+    mc.depths = {1, 1};
+    mc.dims = {8, 16};
+    mc.in_chans = 1;
+    mc.num_classes = classes;
+    return mc;
+  }
+
   fs::path root_;
 };
 
@@ -64,12 +74,7 @@ class Training : public ::testing::Test {
 // used to count as hits, since no class compares >= NaN), and its loss is NaN.
 TEST_F(Training, NonFiniteLogitsAreNeverCorrect) {
   Generator g(3);
-  ConvNeXtConfig mc;
-  mc.depths = {1, 1};
-  mc.dims = {8, 16};
-  mc.in_chans = 1;
-  mc.num_classes = 10;
-  ConvNeXt model(mc, g);
+  ConvNeXt model(model_config(10), g);
   const std::string data = (root_ / "data").string();
   const EvalResult healthy = evaluate(model, "fashion_mnist", data, 16, 1);
   ASSERT_EQ(healthy.images, 32);
@@ -211,12 +216,7 @@ TEST_F(Training, IncompatibleResumeIsRefused) {
 
 TEST_F(Training, FinetuneReinitialisesAHeadOfAnotherSize) {
   Generator g(5);
-  ConvNeXtConfig mc;
-  mc.depths = {1, 1};
-  mc.dims = {8, 16};
-  mc.in_chans = 1;
-  mc.num_classes = 1000;
-  ConvNeXt pretrained(mc, g);
+  ConvNeXt pretrained(model_config(1000), g);
   const std::string w = out("pretrained.safetensors");
   write_safetensors(w, pretrained.state_dict());
   TrainConfig c = config();

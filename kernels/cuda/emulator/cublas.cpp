@@ -175,27 +175,24 @@ struct Gemm {
 float op_a(const Gemm& g, int64_t i, int64_t l) { return g.trans_a ? g.a.get(l, i) : g.a.get(i, l); }
 float op_b(const Gemm& g, int64_t l, int64_t j) { return g.trans_b ? g.b.get(j, l) : g.b.get(l, j); }
 
-// op(A) as fp32, k rows of m values (packed[l * m + i]), so that the inner loop of run() reads it
-// contiguously.
-std::vector<float> pack_op_a(const Gemm& g) {
-  std::vector<float> packed(g.m * g.k);
-  for (int64_t l = 0; l < g.k; ++l)
-    for (int64_t i = 0; i < g.m; ++i) {
-      const float v = op_a(g, i, l);
-      packed[l * g.m + i] = g.tf32 ? round_to_tf32(v) : v;
+// op(X) as fp32 (TF32-rounded if asked), `outer` runs of `inner` values (packed[o * inner + i]
+// = value(o, i)), in the order the inner loop of run() reads them.
+template <class Value>
+std::vector<float> pack(const Gemm& g, int64_t outer, int64_t inner, Value value) {
+  std::vector<float> packed(outer * inner);
+  for (int64_t o = 0; o < outer; ++o)
+    for (int64_t i = 0; i < inner; ++i) {
+      const float v = value(o, i);
+      packed[o * inner + i] = g.tf32 ? round_to_tf32(v) : v;
     }
   return packed;
 }
-
-// op(B) as fp32, n columns of k values (packed[j * k + l]).
+// op(A): k rows of m values; op(B): n columns of k values.
+std::vector<float> pack_op_a(const Gemm& g) {
+  return pack(g, g.k, g.m, [&g](int64_t l, int64_t i) { return op_a(g, i, l); });
+}
 std::vector<float> pack_op_b(const Gemm& g) {
-  std::vector<float> packed(g.k * g.n);
-  for (int64_t j = 0; j < g.n; ++j)
-    for (int64_t l = 0; l < g.k; ++l) {
-      const float v = op_b(g, l, j);
-      packed[j * g.k + l] = g.tf32 ? round_to_tf32(v) : v;
-    }
-  return packed;
+  return pack(g, g.n, g.k, [&g](int64_t j, int64_t l) { return op_b(g, l, j); });
 }
 
 // BIAS: "Bias vector is broadcast to all columns and added before applying the final

@@ -56,15 +56,16 @@ struct KernelInfo {
 // Registers a kernel instantiation (at static-initialisation time; see KernelRegistration).
 const KernelInfo* register_kernel(const char* pretty_function, const void* address);
 
-// Checks the launch configuration against the device's limits (sets cudaGetLastError's error
-// and queues nothing when it fails) and queues `body` on the stream: each emulated thread of
-// each block runs body() once.
 // The memory a launch may write, as far as its parameters tell: the race check compares only the
 // allocations these point into, unless a parameter is a struct that may hide pointers (opaque).
 struct WrittenMemory {
   std::vector<const void*> pointers;  // every pointer-to-non-const parameter
   bool opaque = false;                // a parameter of class type with state: assume anything
 };
+
+// Checks the launch configuration against the device's limits (sets cudaGetLastError's error
+// and queues nothing when it fails) and queues `body` on the stream: each emulated thread of
+// each block runs body() once.
 void launch_kernel(const KernelInfo* kernel, dim3 grid, dim3 block, size_t smem_bytes,
                    cudaStream_t stream, std::function<void()> body, WrittenMemory written);
 
@@ -89,29 +90,24 @@ template <class P> void note_param(const P& p, WrittenMemory& w) {
   }
 }
 
+// The launch's body (the kernel called with its parameters) and the memory those parameters let
+// it write. Parameters are converted to the kernel's types and copied when the launch is queued,
+// as cudaLaunchKernel copies them.
 template <class... Params, class... Args>
-auto bind_params(void (*kernel)(Params...), Args&&... args) {
-  // Parameters are converted to the kernel's types and copied when the launch is queued, as
-  // cudaLaunchKernel copies them.
-  return [kernel, params = std::tuple<std::decay_t<Params>...>(std::forward<Args>(args)...)]() {
-    std::apply(kernel, params);
-  };
-}
-
-template <class... Params, class... Args>
-WrittenMemory written_memory(void (*)(Params...), const Args&... args) {
-  WrittenMemory w;
-  (note_param(static_cast<std::decay_t<Params>>(args), w), ...);
-  return w;
+std::pair<std::function<void()>, WrittenMemory> bind_params(void (*kernel)(Params...), Args&&... args) {
+  std::tuple<std::decay_t<Params>...> params(std::forward<Args>(args)...);
+  WrittenMemory written;
+  std::apply([&written](const auto&... p) { (note_param(p, written), ...); }, params);
+  return {[kernel, params = std::move(params)]() { std::apply(kernel, params); }, std::move(written)};
 }
 }  // namespace detail
 
 template <auto kKernel, class... Args>
 void launch(dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t stream, Args&&... args) {
   (void)detail::KernelRegistration<kKernel>::at_startup;
-  WrittenMemory written = detail::written_memory(kKernel, args...);
+  auto [body, written] = detail::bind_params(kKernel, std::forward<Args>(args)...);
   launch_kernel(detail::KernelRegistration<kKernel>::info(), grid, block, smem_bytes, stream,
-                detail::bind_params(kKernel, std::forward<Args>(args)...), std::move(written));
+                std::move(body), std::move(written));
 }
 
 // ---- inside a kernel (called by device_prelude.h's built-ins) ----------------------------------

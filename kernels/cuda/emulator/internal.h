@@ -30,7 +30,6 @@ struct ScheduleChoice {
   Schedule schedule = Schedule::kInOrder;
   uint64_t seed = 0;
 };
-std::string schedule_name(const ScheduleChoice& s);
 
 // One launch, as queued.
 struct Launch {
@@ -45,22 +44,8 @@ struct Launch {
 // (barrier divergence, a bad shuffle, a misaligned cp.async, ...).
 void run_kernel(const Launch& launch, const ScheduleChoice& schedule);
 
-// The largest dynamic shared memory `kernel` may use (48 KB unless cudaFuncSetAttribute raised it).
-size_t max_dynamic_shared(const void* kernel);
-
-// ---- device memory, for the race check ---------------------------------------------------------
-struct Allocation {
-  char* ptr;
-  size_t bytes;
-};
-// Every live cudaMalloc allocation, in address order.
-std::vector<Allocation> live_allocations();
-
 // A device built-in (__syncthreads, a shuffle, cp.async) called outside a kernel: a bug in the
 // emulator or its caller; prints the message and aborts.
 [[noreturn]] void fail_outside_kernel(const char* what);
-
-// Counts a launch of `kernel` (the coverage report).
-void count_launch(const KernelInfo* kernel);
 
 }  // namespace cnx::emu

@@ -31,7 +31,6 @@
 #include <map>
 #include <memory>
 #include <mutex>
-#include <set>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -109,6 +108,12 @@ size_t arena_bytes_from_env() {
 
 constexpr size_t kAlign = 256;  // cudaMalloc's alignment
 constexpr size_t kGap = 256;    // unused bytes after each allocation (poisoned under ASan)
+
+// A live allocation: its start and the size cudaMalloc was asked for.
+struct Allocation {
+  char* ptr;
+  size_t bytes;
+};
 
 class Arena {
  public:
@@ -226,8 +231,6 @@ class Arena {
   int open_ = 0;
   std::map<size_t, size_t> free_;  // offset -> length
   std::map<size_t, Live> live_;    // offset -> sizes
-
-  friend class DeviceAccess;
 };
 
 // ---- the device ---------------------------------------------------------------------------------
@@ -250,7 +253,6 @@ struct Device {
   std::string sticky_message;
   ScheduleChoice schedule = schedule_from_env();
   bool racecheck = env_flag("CNX_EMU_RACECHECK");
-  uint64_t launches = 0;
 };
 
 Device* g_device = nullptr;  // for the signal handler
@@ -309,13 +311,25 @@ cudaError_t error(cudaError_t code, const std::string& detail) {
   return code;
 }
 
+std::vector<CUstream_st*> all_streams(Device& dev) {
+  std::vector<CUstream_st*> out{&dev.legacy_stream};
+  for (auto& s : dev.streams) out.push_back(s.get());
+  return out;
+}
+
+// Every stream forgets its queued work (counted as done, so no implicit wait waits for it).
+void drop_queued_work(Device& dev) {
+  for (CUstream_st* s : all_streams(dev)) {
+    s->queue.clear();
+    s->executed = s->enqueued;
+  }
+}
+
 void set_sticky(Device& dev, cudaError_t code, const std::string& message) {
   dev.sticky = code;
   dev.sticky_message = message;
   std::fprintf(stderr, "cnx emulator: device error: %s\n", message.c_str());
-  // The context is lost, as on a GPU: nothing queued will run.
-  dev.legacy_stream.queue.clear();
-  for (auto& s : dev.streams) s->queue.clear();
+  drop_queued_work(dev);  // the context is lost, as on a GPU: nothing queued will run
 }
 
 CUstream_st* stream_of(cudaStream_t s) {
@@ -346,12 +360,6 @@ void drain(Device& dev, CUstream_st* s) {
   }
 }
 
-std::vector<CUstream_st*> all_streams(Device& dev) {
-  std::vector<CUstream_st*> out{&dev.legacy_stream};
-  for (auto& s : dev.streams) out.push_back(s.get());
-  return out;
-}
-
 void drain_all(Device& dev) {
   for (CUstream_st* s : all_streams(dev)) drain(dev, s);
 }
@@ -366,7 +374,7 @@ void push_raw(CUstream_st* s, std::string what, std::function<void()> work) {
 void wait_for(Device& dev, CUstream_st* s, CUstream_st* other) {
   if (other == s || other->executed == other->enqueued) return;
   const uint64_t target = other->enqueued;
-  push_raw(s, "implicit wait on the legacy default stream", [&dev, other, target] {
+  push_raw(s, "implicit wait (legacy default stream semantics)", [&dev, other, target] {
     while (other->executed < target && step(dev, other)) {
     }
   });
@@ -379,6 +387,14 @@ void push(Device& dev, CUstream_st* s, std::string what, std::function<void()> w
     wait_for(dev, s, &dev.legacy_stream);
   }
   push_raw(s, std::move(what), std::move(work));
+}
+
+// cudaSuccess for the legacy stream (nullptr) and a stream that was created and not destroyed.
+cudaError_t check_stream(Device& dev, cudaStream_t s, const std::string& call) {
+  if (!s) return cudaSuccess;
+  for (auto& own : dev.streams)
+    if (own.get() == s && !own->destroyed) return cudaSuccess;
+  return error(cudaErrorInvalidResourceHandle, call + ": not a live stream");
 }
 
 bool is_pinned(const Device& dev, const void* p, size_t bytes) {
@@ -398,7 +414,7 @@ struct Snapshot {
 // Of the allocations that `written` may reach (every live one when it is opaque).
 Snapshot take_snapshot(const WrittenMemory& written) {
   Snapshot s;
-  for (const Allocation& a : live_allocations()) {
+  for (const Allocation& a : device().arena.allocations()) {
     const bool reached = written.opaque || std::any_of(written.pointers.begin(), written.pointers.end(),
                                                        [&](const void* p) {
                                                          const char* c = static_cast<const char*>(p);
@@ -448,6 +464,18 @@ Registry& registry() {
   return *r;
 }
 
+void count_launch(const KernelInfo* kernel) {
+  Registry& r = registry();
+  std::lock_guard<std::mutex> lock(r.mutex);
+  ++r.launched[kernel];
+}
+
+// The largest dynamic shared memory `kernel` may use (48 KB unless cudaFuncSetAttribute raised it).
+size_t max_dynamic_shared(const Device& dev, const void* kernel) {
+  const auto it = dev.kernel_attributes.find(kernel);
+  return it == dev.kernel_attributes.end() ? kDefaultSharedPerBlock : it->second.max_dynamic_shared;
+}
+
 // "... [with auto kKernel = NAME]" or "... [with auto kKernel = NAME; ...]" -> NAME
 std::string kernel_name(const char* pretty) {
   std::string s(pretty);
@@ -470,46 +498,17 @@ std::string kernel_name(const char* pretty) {
 void write_coverage() {
   const char* dir = std::getenv("CNX_EMU_COVERAGE_DIR");
   if (!dir || !*dir) return;
-  Registry& r = registry();
-  std::lock_guard<std::mutex> lock(r.mutex);
-  const std::string path = std::string(dir) + "/" + std::to_string(getpid()) + ".txt";
-  std::ofstream out(path);
-  for (const auto& k : r.kernels) {
-    const auto it = r.launched.find(k.get());
-    out << (it == r.launched.end() ? 0 : it->second) << '\t' << k->name << '\n';
-  }
+  std::ofstream out(std::string(dir) + "/" + std::to_string(getpid()) + ".txt");
+  for (const auto& [name, launches] : kernel_launch_counts()) out << launches << '\t' << name << '\n';
 }
 
 }  // namespace
 
 // ---- internal.h / emulator.h -------------------------------------------------------------------
 
-std::string schedule_name(const ScheduleChoice& s) {
-  switch (s.schedule) {
-    case Schedule::kInOrder: return "inorder";
-    case Schedule::kReverse: return "reverse";
-    case Schedule::kRandom: return "random:" + std::to_string(s.seed);
-  }
-  return "?";
-}
-
-std::vector<Allocation> live_allocations() { return device().arena.allocations(); }
-
-size_t max_dynamic_shared(const void* kernel) {
-  Device& dev = device();
-  const auto it = dev.kernel_attributes.find(kernel);
-  return it == dev.kernel_attributes.end() ? kDefaultSharedPerBlock : it->second.max_dynamic_shared;
-}
-
 void fail_outside_kernel(const char* what) {
   std::fprintf(stderr, "cnx emulator: %s called outside a kernel\n", what);
   std::abort();
-}
-
-void count_launch(const KernelInfo* kernel) {
-  Registry& r = registry();
-  std::lock_guard<std::mutex> lock(r.mutex);
-  ++r.launched[kernel];
 }
 
 const KernelInfo* register_kernel(const char* pretty_function, const void* address) {
@@ -556,15 +555,14 @@ void launch_kernel(const KernelInfo* kernel, dim3 grid, dim3 block, size_t smem_
   }
   if (uint64_t(block.x) * block.y * block.z > kMaxThreadsPerBlock)
     return bad(std::to_string(uint64_t(block.x) * block.y * block.z) + " threads per block (at most 1024)");
-  const size_t smem_limit = max_dynamic_shared(kernel->address);
+  const size_t smem_limit = max_dynamic_shared(dev, kernel->address);
   if (smem_bytes > smem_limit)
     return bad(std::to_string(smem_bytes) + " bytes of dynamic shared memory, more than the " +
                std::to_string(smem_limit) + " allowed" +
                (smem_limit == kDefaultSharedPerBlock
                     ? " without cudaFuncSetAttribute(cudaFuncAttributeMaxDynamicSharedMemorySize)"
                     : " by its cudaFuncSetAttribute"));
-  for (auto& s : dev.streams)
-    if (s.get() == stream && s->destroyed) return (void)error(cudaErrorInvalidResourceHandle, "launch of " + kernel->name + " on a destroyed stream");
+  if (check_stream(dev, stream, "launch of " + kernel->name) != cudaSuccess) return;
   count_launch(kernel);
   auto launch = std::make_shared<Launch>(Launch{kernel, grid, block, smem_bytes, std::move(body), std::move(written)});
   push(dev, stream_of(stream), "kernel " + kernel->name, [launch] {
@@ -593,10 +591,7 @@ void reset_after_fault_for_testing() {
   std::lock_guard<std::recursive_mutex> lock(dev.mutex);
   dev.sticky = cudaSuccess;
   dev.sticky_message.clear();
-  for (CUstream_st* s : all_streams(dev)) {
-    s->queue.clear();
-    s->executed = s->enqueued;
-  }
+  drop_queued_work(dev);
   t_last_error = cudaSuccess;
 }
 
@@ -670,13 +665,6 @@ const char* error_text(cudaError_t e) {
     case cudaErrorNotSupported: return "operation not supported";
     default: return "unknown error";
   }
-}
-
-cudaError_t check_stream(cudaStream_t s) {
-  if (!s) return cudaSuccess;
-  for (auto& own : device().streams)
-    if (own.get() == s && !own->destroyed) return cudaSuccess;
-  return error(cudaErrorInvalidResourceHandle, "not a live stream");
 }
 
 cudaError_t check_event(cudaEvent_t e) {
@@ -893,7 +881,7 @@ cudaError_t cudaPointerGetAttributes(cudaPointerAttributes* attr, const void* pt
 
 cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t n, cudaMemcpyKind kind, cudaStream_t stream) {
   CNX_EMU_ENTER();
-  if (cudaError_t e = check_stream(stream)) return e;
+  if (cudaError_t e = check_stream(dev, stream, __func__)) return e;
   if (n == 0) return cudaSuccess;
   CUstream_st* s = stream_of(stream);
   switch (kind) {
@@ -946,7 +934,7 @@ cudaError_t cudaMemcpyPeerAsync(void* dst, int dst_device, const void* src, int 
 
 cudaError_t cudaMemsetAsync(void* dst, int value, size_t n, cudaStream_t stream) {
   CNX_EMU_ENTER();
-  if (cudaError_t e = check_stream(stream)) return e;
+  if (cudaError_t e = check_stream(dev, stream, __func__)) return e;
   if (cudaError_t e = check_device_range(dst, n, "cudaMemsetAsync", "destination")) return e;
   if (n == 0) return cudaSuccess;
   push(dev, stream_of(stream), "cudaMemsetAsync", [=] { std::memset(dst, value, n); });
@@ -975,7 +963,7 @@ cudaError_t cudaStreamCreate(cudaStream_t* stream) { return cudaStreamCreateWith
 cudaError_t cudaStreamDestroy(cudaStream_t stream) {
   CNX_EMU_ENTER();
   if (!stream) return error(cudaErrorInvalidResourceHandle, "cudaStreamDestroy: the default stream");
-  if (cudaError_t e = check_stream(stream)) return e;
+  if (cudaError_t e = check_stream(dev, stream, __func__)) return e;
   drain(dev, stream);  // work already queued still completes
   stream->destroyed = true;
   return cudaSuccess;
@@ -983,14 +971,14 @@ cudaError_t cudaStreamDestroy(cudaStream_t stream) {
 
 cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
   CNX_EMU_ENTER();
-  if (cudaError_t e = check_stream(stream)) return e;
+  if (cudaError_t e = check_stream(dev, stream, __func__)) return e;
   drain(dev, stream_of(stream));
   return dev.sticky;
 }
 
 cudaError_t cudaStreamQuery(cudaStream_t stream) {
   CNX_EMU_ENTER();
-  if (cudaError_t e = check_stream(stream)) return e;
+  if (cudaError_t e = check_stream(dev, stream, __func__)) return e;
   CUstream_st* s = stream_of(stream);
   step(dev, s);
   if (dev.sticky != cudaSuccess) return dev.sticky;
@@ -1020,7 +1008,7 @@ cudaError_t cudaEventDestroy(cudaEvent_t event) {
 cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
   CNX_EMU_ENTER();
   if (cudaError_t e = check_event(event)) return e;
-  if (cudaError_t e = check_stream(stream)) return e;
+  if (cudaError_t e = check_stream(dev, stream, __func__)) return e;
   const uint64_t generation = ++event->recorded;
   event->stream = stream_of(stream);
   std::shared_ptr<CUevent_st> keep = dev.events[event];
@@ -1062,7 +1050,7 @@ cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_t end) 
 cudaError_t cudaStreamWaitEvent(cudaStream_t stream, cudaEvent_t event, unsigned int) {
   CNX_EMU_ENTER();
   if (cudaError_t e = check_event(event)) return e;
-  if (cudaError_t e = check_stream(stream)) return e;
+  if (cudaError_t e = check_stream(dev, stream, __func__)) return e;
   const uint64_t generation = event->recorded;
   CUstream_st* other = event->stream;
   if (generation == 0 || !other) return cudaSuccess;  // nothing recorded: no wait

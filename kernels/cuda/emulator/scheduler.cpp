@@ -147,6 +147,12 @@ struct Fiber {
   bool finished = false;
 };
 
+// `v` (thread or block indices, in order) put in the order `schedule` runs them.
+template <class T> void schedule_order(std::vector<T>& v, Schedule schedule, std::mt19937_64& rng) {
+  if (schedule == Schedule::kReverse) std::reverse(v.begin(), v.end());
+  if (schedule == Schedule::kRandom) std::shuffle(v.begin(), v.end(), rng);
+}
+
 class BlockRun;
 thread_local BlockRun* t_block = nullptr;   // the block this host thread is running
 thread_local Fiber* t_fiber = nullptr;      // the fiber running now (nullptr: the scheduler)
@@ -198,13 +204,8 @@ class BlockRun {
   void worker(Fiber* f);
 
  private:
-  // Orders a list of thread indices as the schedule says.
-  void order(std::vector<int>& v) {
-    if (schedule_.schedule == Schedule::kReverse) std::reverse(v.begin(), v.end());
-    if (schedule_.schedule == Schedule::kRandom) std::shuffle(v.begin(), v.end(), rng_);
-  }
+  void order(std::vector<int>& v) { schedule_order(v, schedule_.schedule, rng_); }
   void suspend();  // from a fiber: back to the scheduler until released
-  void after_switch(Fiber* f);
   void check_barrier();
   void check_shuffle(int warp);
   void complete_shuffle(int warp, int leader);
@@ -516,8 +517,7 @@ void run_kernel(const Launch& launch, const ScheduleChoice& schedule) {
   std::vector<uint64_t> block_order(blocks);
   std::iota(block_order.begin(), block_order.end(), uint64_t(0));
   std::mt19937_64 rng(schedule.seed);
-  if (schedule.schedule == Schedule::kReverse) std::reverse(block_order.begin(), block_order.end());
-  if (schedule.schedule == Schedule::kRandom) std::shuffle(block_order.begin(), block_order.end(), rng);
+  schedule_order(block_order, schedule.schedule, rng);
   for (uint64_t b : block_order) {
     const uint3 idx = make_uint3(static_cast<unsigned>(b % launch.grid.x),
                                  static_cast<unsigned>(b / launch.grid.x % launch.grid.y),
