@@ -11,6 +11,7 @@
 #include "train/data/dataset.h"
 #include "train/data/image_folder.h"
 #include "train/data/loader.h"
+#include "train/data/pnm.h"
 #include "train/data/synthetic_folder.h"
 #include "train/trainer.h"
 
@@ -105,44 +106,6 @@ int run_eval(UseFlags& f) {
               model->config().name.c_str(), info.name.c_str(), static_cast<long long>(r.images),
               r.acc1, r.acc5, r.loss);
   return 0;
-}
-
-// A binary PGM (P5) or PPM (P6) image with 8-bit samples: (H, W, C) bytes.
-struct Image {
-  int64_t H = 0, W = 0, C = 0;
-  std::vector<uint8_t> pixels;
-};
-
-Image read_pnm(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  CNX_CHECK(f.good(), path, ": cannot open");
-  std::string magic;
-  f >> magic;
-  CNX_CHECK(magic == "P5" || magic == "P6", path, ": not a binary PGM/PPM image (magic '", magic,
-            "'); models trained on image_folder read JPEG too");
-  auto number = [&]() {
-    f >> std::ws;
-    while (f.peek() == '#') {  // comments
-      std::string line;
-      std::getline(f, line);
-      f >> std::ws;
-    }
-    long long v = -1;
-    f >> v;
-    CNX_CHECK(f.good() && v > 0, path, ": bad PGM/PPM header");
-    return v;
-  };
-  Image img;
-  img.W = number();
-  img.H = number();
-  const long long maxval = number();
-  CNX_CHECK(maxval < 256, path, ": 16-bit PGM/PPM is not supported");
-  f.get();  // the single whitespace before the data
-  img.C = magic == "P5" ? 1 : 3;
-  img.pixels.resize(static_cast<size_t>(img.H * img.W * img.C));
-  f.read(reinterpret_cast<char*>(img.pixels.data()), static_cast<std::streamsize>(img.pixels.size()));
-  CNX_CHECK(f.gcount() == static_cast<std::streamsize>(img.pixels.size()), path, ": truncated image data");
-  return img;
 }
 
 // image_folder models: a JPEG (or PGM/PPM) of any size, through the evaluation transform.
