@@ -281,6 +281,14 @@ TEST_F(Cli, TrainRefusesBadValues) {
   expect_one_line_failure(this, run("train --device tpu"), {"--device must be auto, cpu or cuda, got 'tpu'"}, 1);
   expect_one_line_failure(this, run("train" + data), {"fashion_mnist:", path("none").string(), "train-images-idx3-ubyte"}, 1);
   expect_one_line_failure(this, run("train --model_ema maybe"), {"--model_ema"}, 2);
+  // Seeds are not wrapped into a uint64 (issue 13, item 7): -1 used to become 2^64 - 1.
+  expect_one_line_failure(this, run("train --seed -1"), {"--seed must be an integer from 0 to 18446744073709551615, got '-1'"}, 1);
+  expect_one_line_failure(this, run("train --seed 18446744073709551616"), {"--seed", "got '18446744073709551616'"}, 1);
+  expect_one_line_failure(this, run("train --seed 12abc"), {"--seed", "got '12abc'"}, 1);
+  expect_one_line_failure(this, run("train --lr 1e-3 --blr 1e-3"), {"give --lr", "or --blr", "not both"}, 1);
+  expect_one_line_failure(this, run("train --blr -2"), {"--blr must be > 0, got -2"}, 1);
+  expect_one_line_failure(this, run("train --crop_pct 0.001"), {"--crop_pct must be in [0.1, 1]", "0.001"}, 1);
+  expect_one_line_failure(this, run("train --skip_nonfinite -1"), {"--skip_nonfinite must be >= 0, got -1"}, 1);
 }
 
 TEST_F(Cli, TrainRefusesBrokenDatasetFiles) {
@@ -425,7 +433,7 @@ TEST_F(Cli, EvalAndPredictUseATrainedCheckpoint) {
   }
   const fs::path out = path("run"), log = path("train.log");
   const int rc = std::system((std::string(CNX_CLI) + " train --data_path " + data.string() +
-                              " --depths 1,1 --dims 8,16 --batch_size 16 --epochs 8 --warmup_epochs 0 --lr 2.0"
+                              " --depths 1,1 --dims 8,16 --batch_size 16 --epochs 8 --warmup_epochs 0 --lr 0.0078125"
                               " --output_dir " + out.string() + " > " + log.string() + " 2>&1").c_str());
   ASSERT_TRUE(WIFEXITED(rc) && WEXITSTATUS(rc) == 0) << slurp(log);
   // eval of the best checkpoint prints the accuracy the training run reported for it.

@@ -831,7 +831,7 @@ TEST(CudaTraining, TrainLoopOnCudaMatchesTheCpu) {
   c.data_path = (root / "data").string();
   c.batch_size = 16;
   c.epochs = 2;
-  c.lr = 0.5;
+  c.lr = 0.5 * 16 / 4096.0;  // 2e-3
   c.warmup_epochs = 0;
   c.num_workers = 1;
   c.log_every = 2;

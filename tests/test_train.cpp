@@ -45,7 +45,7 @@ class Training : public ::testing::Test {
     c.batch_size = 16;
     c.epochs = 2;
     c.augment = true;  // off by default; exercised here (crop and flip draws are in the state)
-    c.lr = 0.5;  // for batch 4096: 2e-3 at batch 16
+    c.lr = 0.5 * 16 / 4096.0;  // 2e-3 (0.5 per total batch 4096)
     c.warmup_epochs = 0;
     c.num_workers = 2;
     c.log_every = 1000;
@@ -102,7 +102,7 @@ TEST_F(Training, OverfitsOneBatch) {
   c.smoothing = 0;
   c.augment = false;
   c.weight_decay = 0;
-  c.lr = 4.0;        // 1.6e-2 at batch 16
+  c.lr = 4.0 * 16 / 4096.0;  // 1.6e-2
   c.min_lr = 1e-3;
   const TrainResult r = train(c);
   ASSERT_EQ(r.losses.size(), 100u);

@@ -316,9 +316,8 @@ TEST(TrainParity, RealTrainerMatchesPyTorch) {
   c.batch_size = n;  // one batch per epoch: the whole set, in the loader's order
   c.epochs = steps;
   c.warmup_epochs = steps / 2;
-  // The lr flag is for a total batch of 4096 (train/trainer.cpp scales it linearly): this gives
-  // meta lr at batch n. min_lr and warmup_lr are used as given.
-  c.lr = meta_double("lr") * 4096.0 / static_cast<double>(n);
+  // --lr, --min_lr and --warmup_lr are used as given, as in main.py.
+  c.lr = meta_double("lr");
   c.min_lr = meta_double("min_lr");
   c.warmup_lr = meta_double("warmup_lr");
   c.weight_decay = meta_double("weight_decay");

@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <limits>
@@ -24,6 +25,7 @@
 #include "train/optim/adamw.h"
 #include "train/optim/ema.h"
 #include "train/optim/schedule.h"
+#include "train/run_dir.h"
 #include "tensor/cuda_memory.h"
 
 namespace cnx {
@@ -32,7 +34,8 @@ namespace fs = std::filesystem;
 using json = nlohmann::json;
 
 namespace {
-constexpr int64_t kReferenceBatch = 4096;  // the lr flags are given for this total batch
+constexpr int64_t kOldReferenceBatch = 4096;  // lr_rule "per_4096": --lr was for this total batch
+constexpr double kDefaultLr = 4e-3;           // main.py's --lr default
 constexpr uint64_t kDropPathStream = 0x64726f7070617468ull;  // "droppath": its own generator
 }  // namespace
 
@@ -66,7 +69,12 @@ void TrainConfig::validate() const {
   positive("--batch_size", static_cast<double>(batch_size));
   positive("--update_freq", static_cast<double>(update_freq));
   positive("--epochs", static_cast<double>(epochs));
-  non_negative("--lr", lr);
+  CNX_CHECK(lr == -1 || (std::isfinite(lr) && lr >= 0), "--lr must be >= 0, got ", lr);
+  CNX_CHECK(blr == -1 || (std::isfinite(blr) && blr > 0), "--blr must be > 0, got ", blr);
+  CNX_CHECK(lr == -1 || blr == -1, "give --lr (the learning rate) or --blr (per 256 images), not both");
+  CNX_CHECK(lr_rule == "absolute" || lr_rule == "per_4096", "lr_rule must be absolute or per_4096, got '",
+            lr_rule, "'");
+  non_negative("--skip_nonfinite", static_cast<double>(skip_nonfinite));
   non_negative("--min_lr", min_lr);
   non_negative("--warmup_lr", warmup_lr);
   non_negative("--warmup_epochs", static_cast<double>(warmup_epochs));
@@ -96,7 +104,8 @@ void TrainConfig::validate() const {
   CNX_CHECK(data_set != "image_folder" || !data_path.empty(),
             "--data_set image_folder needs --data_path (the folder that holds train/ and val/)");
   CNX_CHECK(input_size >= 32, "--input_size must be >= 32 (the model downsamples by 32), got ", input_size);
-  CNX_CHECK(crop_pct <= 1, "--crop_pct must be in (0, 1] (or <= 0: the default), got ", crop_pct);
+  CNX_CHECK(crop_pct <= 0 || (crop_pct >= 0.1 && crop_pct <= 1),
+            "--crop_pct must be in [0.1, 1] (or <= 0: the default), got ", crop_pct);
   if (aa != "none" && !aa.empty()) (void)parse_rand_augment(aa);
   non_negative("--color_jitter", color_jitter);
   CNX_CHECK(reprob == -1 || (reprob >= 0 && reprob <= 1), "--reprob must be in [0, 1], got ", reprob);
@@ -138,7 +147,7 @@ std::string TrainConfig::to_json() const {
             {"num_workers", num_workers}, {"input_size", input_size}, {"crop_pct", crop_pct},
             {"aa", aa}, {"color_jitter", color_jitter}, {"reprob", reprob}, {"mixup", mixup},
             {"cutmix", cutmix}, {"mixup_prob", mixup_prob}, {"mixup_switch_prob", mixup_switch_prob}, {"batch_size", batch_size}, {"update_freq", update_freq},
-            {"epochs", epochs}, {"lr", lr}, {"min_lr", min_lr}, {"warmup_lr", warmup_lr},
+            {"epochs", epochs}, {"lr", lr}, {"blr", blr}, {"lr_rule", lr_rule}, {"min_lr", min_lr}, {"warmup_lr", warmup_lr},
             {"warmup_epochs", warmup_epochs}, {"warmup_steps", warmup_steps},
             {"weight_decay", weight_decay}, {"clip_grad", clip_grad}, {"layer_decay", layer_decay},
             {"smoothing", smoothing}, {"model_ema", model_ema}, {"model_ema_decay", model_ema_decay},
@@ -146,7 +155,7 @@ std::string TrainConfig::to_json() const {
             {"resume", resume}, {"auto_resume", auto_resume}, {"save_ckpt", save_ckpt},
             {"save_ckpt_freq", save_ckpt_freq}, {"save_ckpt_num", save_ckpt_num},
             {"finetune", finetune}, {"device", device}, {"use_amp", use_amp}, {"log_every", log_every},
-            {"max_steps", max_steps}};
+            {"max_steps", max_steps}, {"skip_nonfinite", skip_nonfinite}};
   return j.dump(2);
 }
 
@@ -164,7 +173,7 @@ TrainConfig TrainConfig::from_json(const std::string& text) {
   get("color_jitter", c.color_jitter); get("reprob", c.reprob); get("mixup", c.mixup);
   get("cutmix", c.cutmix); get("mixup_prob", c.mixup_prob); get("mixup_switch_prob", c.mixup_switch_prob);
   get("batch_size", c.batch_size); get("update_freq", c.update_freq); get("epochs", c.epochs);
-  get("lr", c.lr); get("min_lr", c.min_lr); get("warmup_lr", c.warmup_lr);
+  get("lr", c.lr); get("blr", c.blr); get("min_lr", c.min_lr); get("warmup_lr", c.warmup_lr);
   get("warmup_epochs", c.warmup_epochs); get("warmup_steps", c.warmup_steps);
   get("weight_decay", c.weight_decay); get("clip_grad", c.clip_grad);
   get("layer_decay", c.layer_decay); get("smoothing", c.smoothing); get("model_ema", c.model_ema);
@@ -175,6 +184,9 @@ TrainConfig TrainConfig::from_json(const std::string& text) {
   get("finetune", c.finetune); get("device", c.device); get("use_amp", c.use_amp);
   get("log_every", c.log_every);
   get("max_steps", c.max_steps);
+  get("skip_nonfinite", c.skip_nonfinite);
+  // A config without lr_rule was written when --lr was given for a total batch of 4096.
+  c.lr_rule = j.contains("lr_rule") ? j.at("lr_rule").get<std::string>() : "per_4096";
   return c;
 }
 
@@ -227,6 +239,7 @@ extern "C" void on_stop_signal(int sig) { stop_signal().store(sig); }
 void install_stop_handlers() {
   std::signal(SIGINT, on_stop_signal);
   std::signal(SIGTERM, on_stop_signal);
+  std::signal(SIGHUP, on_stop_signal);
 }
 
 // ---- evaluation -------------------------------------------------------------------------------
@@ -263,6 +276,7 @@ void score(const Tensor& logits, const Tensor& labels, int64_t& top1, int64_t& t
   }
 }
 
+// Stops at the next batch when a stop signal arrives (EvalResult::interrupted).
 EvalResult evaluate_loaded(const ConvNeXt& model, DataLoader& loader,
                            DType activations = DType::f32) {
   NoGradGuard no_grad;
@@ -274,6 +288,10 @@ EvalResult evaluate_loaded(const ConvNeXt& model, DataLoader& loader,
   EvalResult r;
   Batch b;
   while (loader.next(b)) {
+    if (stop_signal().load() != 0) {
+      r.interrupted = true;
+      break;
+    }
     // On a CUDA device the loader's uint8 batch is copied and finished there (batch_images).
     score(model.forward(batch_images(b, device), /*training=*/false, unused, activations), b.labels,
           top1, top5, loss_sum);
@@ -304,20 +322,6 @@ std::string sci(double v) {
   std::snprintf(buf, sizeof buf, "%.3e", v);
   return buf;
 }
-
-// Appends one JSON object per line to <output_dir>/metrics.jsonl.
-class MetricsLog {
- public:
-  explicit MetricsLog(const std::string& dir) {
-    if (!dir.empty()) file_.open(fs::path(dir) / "metrics.jsonl", std::ios::app);
-  }
-  void write(const json& j) {
-    if (file_) file_ << j.dump() << '\n' << std::flush;
-  }
-
- private:
-  std::ofstream file_;
-};
 
 // The part of the configuration a checkpoint must agree with to be resumed.
 json resume_key(const TrainConfig& c) {
@@ -374,49 +378,134 @@ EvalResult evaluate(const ConvNeXt& model, const std::string& data_set, const st
   return evaluate_loaded(model, *test.loader);
 }
 
+LrChoice resolve_lr(const TrainConfig& c, const std::optional<TrainConfig>& resumed) {
+  const int64_t total = c.batch_size * c.update_freq;
+  const std::string batch = " (total batch " + std::to_string(total) + ")";
+  if (resumed && resumed->lr_rule == "per_4096") {
+    const double given = resumed->lr == -1 ? 0.128 : resumed->lr;  // 0.128: the old default
+    const ScaledValue old = scale_lr_linear(given, total, kOldReferenceBatch, "lr");
+    return {old.value, "lr " + sci(old.value) + batch +
+                           ": the resumed checkpoint's, made when --lr was scaled by total batch / 4096 (" +
+                           old.description + ")"};
+  }
+  if (c.lr != -1) return {c.lr, "lr " + sci(c.lr) + batch + " (--lr, as given)"};
+  if (c.blr != -1) {
+    const double lr = c.blr * static_cast<double>(total) / 256.0;
+    return {lr, "lr " + sci(lr) + " = --blr " + sci(c.blr) + " x total batch " + std::to_string(total) + " / 256"};
+  }
+  return {kDefaultLr, "lr " + sci(kDefaultLr) + batch + " (the default, as main.py's --lr)"};
+}
+
 // ---- training ---------------------------------------------------------------------------------
+//
+// A run, in the order train() calls its phases:
+//   open_data       the training and test splits and their loaders
+//   build_model     the model (initialised from the seed, or --finetune weights), on its device
+//   resume          the checkpoint to continue from, every number in it checked (ResumeState)
+//   plan_lr         the learning rate (--lr / --blr, or an old checkpoint's), its schedule
+//   train_epoch     the steps of one epoch; false when a signal or --max_steps stopped it
+//   end_epoch       evaluate, log, checkpoint (best first, then the numbered one)
+// A signal is acted on between any two of these, between steps and between evaluation batches.
 
-TrainResult train(const TrainConfig& cfg) {
-  cfg.validate();
-  const Device device = resolve_device(cfg.device);
-  const DType activations = cfg.activations(device);  // bf16 under --use_amp
+namespace {
 
-  // ---- data ----
+// What an optimiser step whose loss or gradient norm is not finite does (--skip_nonfinite N):
+// the step is skipped (weights, AdamW moments and EMA untouched; the data position, drop-path
+// draws and the lr schedule move on), counted and logged; N + 1 in a row stop the run.
+struct NonfiniteSteps {
+  int64_t skipped = 0;  // in all
+  int64_t streak = 0;   // in a row, up to the last step
+};
+
+class TrainingRun {
+ public:
+  explicit TrainingRun(const TrainConfig& cfg) : cfg_(cfg) {}
+  TrainResult run();
+
+ private:
+  void open_data();
+  void build_model();
+  void resume(const std::string& path);
+  void plan_lr(const std::optional<TrainConfig>& resumed_config);
+  bool train_epoch(int64_t epoch, int64_t first_batch);
+  bool end_epoch(int64_t epoch);
+  void log_step(int64_t epoch, int64_t batch_index, double norm);
+  // Stops between steps with a recovery checkpoint that continues at (epoch, batch).
+  void stop_with_recovery(int64_t epoch, int64_t batch, const std::string& why);
+  // True (after stop_with_recovery, or without a checkpoint before training began) when a
+  // signal has arrived.
+  bool stop_requested(int64_t epoch, int64_t batch, bool started);
+  Checkpoint snapshot(int64_t epoch, int64_t batch, std::optional<double> acc1) const;
+  void keep_best_consistent(const std::string& resumed_path, const ResumeState& state, const Checkpoint& ck);
+
+  const TrainConfig& cfg_;
+  Device device_ = Device::cpu();
+  DType activations_ = DType::f32;
+  SplitData train_set_, test_set_;
+  int64_t batches_ = 0, steps_per_epoch_ = 0, total_steps_ = 0;
+  std::unique_ptr<ConvNeXt> model_;
+  std::unique_ptr<AdamW> opt_;
+  std::unique_ptr<ModelEma> ema_;
+  std::unique_ptr<ConvNeXt> ema_model_;  // evaluation copy for the EMA weights
+  std::unique_ptr<Generator> drop_gen_;
+  std::vector<double> lr_schedule_;
+  std::unique_ptr<RunDir> run_dir_;
+  std::unique_ptr<MetricsLog> metrics_;
+  Tensor inv_update_freq_;
+  bool tty_ = false;
+
+  // The position: the next epoch and batch, the optimiser steps taken.
+  int64_t start_epoch_ = 0, start_batch_ = 0, step_ = 0;
+  double best_acc1_ = 0;
+  NonfiniteSteps nonfinite_;
+  TrainResult result_;
+
+  // Between log lines.
+  std::chrono::steady_clock::time_point t_log_, t_epoch_;
+  int64_t images_since_log_ = 0, steps_since_log_ = 0, finite_micro_since_log_ = 0;
+  double loss_since_log_ = 0, current_lr_ = 0;
+};
+
+void TrainingRun::open_data() {
   // for_device: on a CUDA device the loaders hand out uint8 batches in pinned memory, finished
-  // on the device (batch_images below); on the CPU float batches finished by the workers.
-  SplitData train_set = open_split(cfg.data_set, cfg.data_path, /*train=*/true, cfg.train_loader_options().for_device(device));
-  SplitData test_set = open_split(cfg.data_set, cfg.data_path, /*train=*/false,
-                                  eval_loader_options(cfg.batch_size, cfg.num_workers, cfg.input_size, cfg.crop_pct).for_device(device));
-  CNX_CHECK(train_set.num_classes() == test_set.num_classes(), cfg.data_set, ": the training split has ",
-            train_set.num_classes(), " classes, the test split ", test_set.num_classes());
-  DataLoader& loader = *train_set.loader;
-  const int64_t batches = loader.batches_per_epoch();
-  CNX_CHECK(batches >= cfg.update_freq, "--batch_size ", cfg.batch_size, " x --update_freq ",
-            cfg.update_freq, " is more than the ", train_set.size(), " training images");
-  const int64_t steps_per_epoch = batches / cfg.update_freq;  // optimiser steps
+  // on the device (batch_images); on the CPU float batches finished by the workers.
+  train_set_ = open_split(cfg_.data_set, cfg_.data_path, /*train=*/true,
+                          cfg_.train_loader_options().for_device(device_));
+  test_set_ = open_split(cfg_.data_set, cfg_.data_path, /*train=*/false,
+                         eval_loader_options(cfg_.batch_size, cfg_.num_workers, cfg_.input_size, cfg_.crop_pct)
+                             .for_device(device_));
+  CNX_CHECK(train_set_.num_classes() == test_set_.num_classes(), cfg_.data_set, ": the training split has ",
+            train_set_.num_classes(), " classes, the test split ", test_set_.num_classes());
+  batches_ = train_set_.loader->batches_per_epoch();
+  CNX_CHECK(batches_ >= cfg_.update_freq, "--batch_size ", cfg_.batch_size, " x --update_freq ",
+            cfg_.update_freq, " is more than the ", train_set_.size(), " training images");
+  steps_per_epoch_ = batches_ / cfg_.update_freq;
+  CNX_CHECK(cfg_.epochs <= std::numeric_limits<int64_t>::max() / steps_per_epoch_, "--epochs ", cfg_.epochs,
+            " x ", steps_per_epoch_, " steps per epoch overflows");
+  total_steps_ = cfg_.epochs * steps_per_epoch_;
+}
 
-  // ---- model, optimiser, schedules ----
-  Generator init(cfg.seed);
-  ConvNeXt model(cfg.model_config(train_set.num_classes(), train_set.channels()), init);
+void TrainingRun::build_model() {
+  Generator init(cfg_.seed);
+  model_ = std::make_unique<ConvNeXt>(cfg_.model_config(train_set_.num_classes(), train_set_.channels()), init);
   std::printf("model %s: %zu tensors, %lld parameters; %s: %lld train / %lld test images, %lld classes\n",
-              model.config().name.c_str(), model.parameters().size(),
-              static_cast<long long>(model.num_parameters()), cfg.data_set.c_str(),
-              static_cast<long long>(train_set.size()), static_cast<long long>(test_set.size()),
-              static_cast<long long>(train_set.num_classes()));
-  std::printf("precision: %s\n", activations == DType::bf16
+              model_->config().name.c_str(), model_->parameters().size(),
+              static_cast<long long>(model_->num_parameters()), cfg_.data_set.c_str(),
+              static_cast<long long>(train_set_.size()), static_cast<long long>(test_set_.size()),
+              static_cast<long long>(train_set_.num_classes()));
+  std::printf("precision: %s\n", activations_ == DType::bf16
                                      ? "bf16 mixed (bf16 activations, fp32 weights and optimiser)"
                                      : "fp32");
-
-  if (!cfg.finetune.empty()) {
-    NamedTensors weights = load_weights(cfg.finetune);
-    const Shape want = model.parameter("head.weight").official_shape;
+  if (!cfg_.finetune.empty()) {
+    NamedTensors weights = load_weights(cfg_.finetune);
+    const Shape want = model_->parameter("head.weight").official_shape;
     for (auto it = weights.begin(); it != weights.end();) {
       const bool head = it->first == "head.weight" || it->first == "head.bias";
       if (head && (it->first == "head.weight" ? it->second.shape() != want
                                               : it->second.shape() != Shape{want[0]})) {
         std::printf("finetune: %s %s does not fit %lld classes: re-initialised (head_init_scale %g)\n",
                     it->first.c_str(), it->second.shape().str().c_str(),
-                    static_cast<long long>(want[0]), cfg.head_init_scale);
+                    static_cast<long long>(want[0]), cfg_.head_init_scale);
         it = weights.erase(it);
       } else {
         ++it;
@@ -426,234 +515,347 @@ TrainResult train(const TrainConfig& cfg) {
     for (const char* h : {"head.weight", "head.bias"}) {
       bool present = false;
       for (const auto& [name, t] : weights) present = present || name == h;
-      if (!present) weights.emplace_back(h, to_official_layout(model.parameter(h).value, ParamLayout::plain));
+      if (!present) weights.emplace_back(h, to_official_layout(model_->parameter(h).value, ParamLayout::plain));
     }
-    model.load_state_dict(weights);
-    std::printf("finetune: loaded %s\n", cfg.finetune.c_str());
+    model_->load_state_dict(weights);
+    std::printf("finetune: loaded %s\n", cfg_.finetune.c_str());
   }
   // On its device before the optimiser and the EMA alias its parameters. (The initial values
   // were drawn on the host, so every device starts from the same weights.)
-  model.to(device);
-
-  const ScaledValue lr = scale_lr_linear(cfg.lr, cfg.batch_size * cfg.update_freq, kReferenceBatch, "lr");
-  std::printf("%s\n", lr.description.c_str());
-  const int64_t total_steps = cfg.epochs * steps_per_epoch;
-  const std::vector<double> lr_schedule = cosine_scheduler(
-      lr.value, cfg.min_lr, cfg.epochs, steps_per_epoch, cfg.warmup_epochs, cfg.warmup_lr, cfg.warmup_steps);
+  model_->to(device_);
   const std::vector<double> lr_scales =
-      layer_decay_lr_scales(model.config(), model.parameters(), cfg.layer_decay);
-  AdamW opt(model.parameters(), AdamWOptions{}, lr_scales);
-  std::unique_ptr<ModelEma> ema;
-  if (cfg.model_ema) ema = std::make_unique<ModelEma>(model.parameters(), cfg.model_ema_decay);
-  Generator drop_gen(cfg.seed ^ kDropPathStream);
-
-  // ---- resume ----
-  int64_t start_epoch = 0, start_batch = 0, step = 0;
-  double best_acc1 = 0;
-  std::string resume_path = cfg.resume;
-  if (resume_path.empty() && cfg.auto_resume && !cfg.output_dir.empty())
-    resume_path = find_resume_checkpoint(cfg.output_dir);
-  if (!resume_path.empty()) {
-    const Checkpoint ck = load_checkpoint(resume_path);
-    const json state = json::parse(ck.state_json);
-    const json want = resume_key(cfg), have = state.at("resume_key");
-    for (const auto& [key, value] : want.items())
-      CNX_CHECK(have.contains(key) && have.at(key) == value, "cannot resume from ", resume_path,
-                ": it was trained with ", key, " ", have.value(key, json()).dump(), ", this run has ",
-                value.dump());
-    NamedTensors weights;
-    for (const auto& [name, t] : ck.tensors)
-      if (name.rfind("model.", 0) == 0) weights.emplace_back(name.substr(6), t);
-    model.load_state_dict(weights);
-    opt.load_state_dict(ck.tensors);
-    if (ema) ema->load_state_dict(ck.tensors);
-    start_epoch = state.at("epoch");
-    start_batch = state.at("batch");
-    step = state.at("step");
-    best_acc1 = state.at("best_acc1");
-    drop_gen.set_state(state.at("drop_gen").at("seed"), state.at("drop_gen").at("offset"));
-    std::printf("resumed from %s: epoch %lld, batch %lld, step %lld\n", resume_path.c_str(),
-                static_cast<long long>(start_epoch), static_cast<long long>(start_batch),
-                static_cast<long long>(step));
-  }
-
-  if (!cfg.output_dir.empty()) {
-    fs::create_directories(cfg.output_dir);
-    std::ofstream(fs::path(cfg.output_dir) / "config.json") << cfg.to_json() << '\n';
-  }
-  MetricsLog metrics(cfg.output_dir);
-
-  // The whole state, as a checkpoint that continues at (epoch, batch).
-  auto snapshot = [&](int64_t epoch, int64_t batch) {
-    Checkpoint ck;
-    for (auto& [name, t] : model.state_dict()) ck.tensors.emplace_back("model." + name, t);
-    for (auto& nt : opt.state_dict()) ck.tensors.push_back(nt);
-    if (ema)
-      for (auto& nt : ema->state_dict()) ck.tensors.push_back(nt);
-    ck.step = step;
-    ck.state_json = json{{"epoch", epoch}, {"batch", batch}, {"step", step}, {"best_acc1", best_acc1},
-                         {"drop_gen", {{"seed", drop_gen.seed()}, {"offset", drop_gen.offset()}}},
-                         {"data_seed", cfg.seed}, {"resume_key", resume_key(cfg)},
-                         {"config", json::parse(cfg.to_json())}}
-                        .dump();
-    return ck;
-  };
-
-  TrainResult result;
-  result.best_acc1 = best_acc1;
-  const bool tty = cfg.progress_bar && ::isatty(STDOUT_FILENO);
-  const Tensor inv_update_freq =
-      Tensor::full({}, 1.0 / static_cast<double>(cfg.update_freq), DType::f32, device);
-  std::unique_ptr<ConvNeXt> ema_model;  // evaluation copy for the EMA weights
-  double current_lr = 0;                // this optimiser step's scheduled lr
-
-  for (int64_t epoch = start_epoch; epoch < cfg.epochs; ++epoch) {
-    loader.start_epoch(epoch, epoch == start_epoch ? start_batch : 0);
-    model.zero_grad();  // as engine.py: nothing carries over from an earlier epoch
-    auto t_log = std::chrono::steady_clock::now();
-    const auto t_epoch = t_log;
-    const int64_t epoch_first_batch = epoch == start_epoch ? start_batch : 0;
-    int64_t images_since_log = 0, steps_since_log = 0;
-    double loss_since_log = 0;
-    Batch b;
-    bool stopped = false;
-    while (loader.next(b)) {
-      // Batches past the last whole group of update_freq make no optimiser step: skipped, as
-      // in engine.py (their gradients would leak into the next epoch's first step).
-      if (b.index >= steps_per_epoch * cfg.update_freq) break;
-      // ---- one micro-batch: forward, backward (gradients accumulate over update_freq) ----
-      const int64_t micro = b.index % cfg.update_freq;
-      if (micro == 0) current_lr = lr_schedule[static_cast<size_t>(std::min(step, total_steps - 1))];
-      Tensor logits = model.forward(batch_images(b, device), /*training=*/true, drop_gen, activations);
-      // Mixup/CutMix: soft targets (smoothing folded in), as main.py's SoftTargetCrossEntropy.
-      Tensor loss = b.targets.defined() ? soft_cross_entropy(logits, b.targets.to(device))
-                                        : cross_entropy(logits, b.labels.to(device), cfg.smoothing);
-      const double loss_value = loss.item();
-      CNX_CHECK(std::isfinite(loss_value), "training diverged: loss ", loss_value, " at epoch ",
-                epoch, " batch ", b.index);
-      (cfg.update_freq > 1 ? mul(loss, inv_update_freq) : loss).backward();
-      loss_since_log += loss_value;
-      images_since_log += b.labels.numel();
-      if (micro != cfg.update_freq - 1) continue;
-
-      // ---- the optimiser step ----
-      const double norm = clip_grad_norm(model.parameters(), cfg.clip_grad);
-      opt.step(current_lr, cfg.weight_decay);
-      model.zero_grad();
-      if (ema) ema->update(model.parameters());
-      ++step;
-      ++steps_since_log;
-      result.losses.push_back(loss_value);
-
-      const bool log_now = step % cfg.log_every == 0 || b.index + 1 == steps_per_epoch * cfg.update_freq;
-      if (tty && !log_now) {  // a live bar: [=====>    ] done/total, loss, time left in the epoch
-        const int64_t done = b.index + 1, width = 30, filled = width * done / batches;
-        const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_epoch).count();
-        const double left = elapsed / static_cast<double>(done - epoch_first_batch) *
-                            static_cast<double>(batches - done);
-        std::string bar(static_cast<size_t>(filled), '=');
-        if (filled < width) bar += '>' + std::string(static_cast<size_t>(width - filled - 1), ' ');
-        std::printf("\r\033[Kepoch %lld [%s] %lld/%lld loss %.4f eta %d:%02d", static_cast<long long>(epoch),
-                    bar.c_str(), static_cast<long long>(done), static_cast<long long>(batches), loss_value,
-                    static_cast<int>(left) / 60, static_cast<int>(left) % 60);
-        std::fflush(stdout);
-      }
-      if (log_now) {
-        const auto now = std::chrono::steady_clock::now();
-        const double secs = std::chrono::duration<double>(now - t_log).count();
-        const double mean_loss = loss_since_log / static_cast<double>(steps_since_log * cfg.update_freq);
-        const double ips = static_cast<double>(images_since_log) / secs;
-        const double ms = 1000.0 * secs / static_cast<double>(steps_since_log);
-        json record = {{"type", "train"}, {"epoch", epoch}, {"step", step}, {"loss", mean_loss},
-                       {"lr", current_lr}, {"grad_norm", norm}, {"images_per_s", ips},
-                       {"ms_per_step", ms}, {"mem_mb", resident_mb()}};
-        std::string gpu_mem;  // on a GPU: the most device memory in tensors since the last line
-        if (device.is_cuda()) {
-          const double peak_mb =
-              static_cast<double>(cuda::memory_stats(device).peak_allocated_bytes) / (1 << 20);
-          cuda::reset_peak_memory_stats(device);
-          gpu_mem = " gpu_mem " + fixed(peak_mb, 0) + " MB";
-          record["gpu_mem_mb"] = peak_mb;
-        }
-        std::printf("%sepoch %lld step %lld/%lld loss %s lr %s grad_norm %s img/s %s ms/step %s mem %s MB%s\n",
-                    tty ? "\r\033[K" : "", static_cast<long long>(epoch),
-                    static_cast<long long>(step - epoch * steps_per_epoch),
-                    static_cast<long long>(steps_per_epoch), fixed(mean_loss, 4).c_str(),
-                    sci(current_lr).c_str(), fixed(norm, 3).c_str(), fixed(ips, 1).c_str(),
-                    fixed(ms, 1).c_str(), fixed(resident_mb(), 0).c_str(), gpu_mem.c_str());
-        std::fflush(stdout);
-        metrics.write(record);
-        t_log = now;
-        images_since_log = steps_since_log = 0;
-        loss_since_log = 0;
-      }
-
-      const int sig = stop_signal().load();
-      if (sig != 0 || (cfg.max_steps > 0 && step >= cfg.max_steps)) {
-        // Stop between optimiser steps, leaving a checkpoint that continues exactly here.
-        stopped = true;
-        result.interrupted = sig != 0;
-        std::string where;
-        if (!cfg.output_dir.empty() && cfg.save_ckpt) {
-          where = checkpoint_path(cfg.output_dir, "recovery");
-          save_checkpoint(where, snapshot(epoch, b.index + 1));
-        }
-        std::printf("%sstopped %s at step %lld%s%s\n", tty ? "\r\033[K" : "",
-                    sig ? ("by signal " + std::to_string(sig)).c_str() : "by --max_steps",
-                    static_cast<long long>(step), where.empty() ? "" : ": recovery checkpoint ",
-                    where.c_str());
-        break;
-      }
-    }
-    if (stopped) {
-      result.steps = step;
-      return result;
-    }
-
-    // ---- end of epoch: evaluate, log, checkpoint ----
-    const EvalResult ev = evaluate_loaded(model, *test_set.loader, activations);
-    json record = {{"type", "eval"}, {"epoch", epoch}, {"step", step}, {"acc1", ev.acc1},
-                   {"acc5", ev.acc5}, {"loss", ev.loss}};
-    std::printf("epoch %lld test: Acc@1 %.2f Acc@5 %.2f loss %.4f", static_cast<long long>(epoch),
-                ev.acc1, ev.acc5, ev.loss);
-    if (ema && cfg.model_ema_eval) {
-      if (!ema_model) {
-        Generator g(0);
-        ema_model = std::make_unique<ConvNeXt>(model.config(), g);
-        ema_model->to(device);
-      }
-      ema->copy_to(ema_model->parameters());
-      const EvalResult ee = evaluate_loaded(*ema_model, *test_set.loader, activations);
-      std::printf(" | EMA Acc@1 %.2f Acc@5 %.2f loss %.4f", ee.acc1, ee.acc5, ee.loss);
-      record["ema_acc1"] = ee.acc1;
-      record["ema_acc5"] = ee.acc5;
-      record["ema_loss"] = ee.loss;
-    }
-    std::printf("\n");
-    metrics.write(record);
-    result.last_acc1 = ev.acc1;
-    result.last_acc5 = ev.acc5;
-    result.last_loss = ev.loss;
-    result.epochs_done = epoch + 1;
-    const bool best = ev.acc1 > best_acc1;
-    if (best) best_acc1 = ev.acc1;
-    result.best_acc1 = best_acc1;
-
-    if (!cfg.output_dir.empty() && cfg.save_ckpt) {
-      const bool last = epoch + 1 == cfg.epochs;
-      if ((epoch + 1) % cfg.save_ckpt_freq == 0 || last) {
-        save_checkpoint(checkpoint_path(cfg.output_dir, std::to_string(epoch)), snapshot(epoch + 1, 0));
-        prune_checkpoints(cfg.output_dir, static_cast<int>(cfg.save_ckpt_num));
-      }
-      if (best) save_checkpoint(checkpoint_path(cfg.output_dir, "best"), snapshot(epoch + 1, 0));
-      std::error_code ec;  // a finished epoch supersedes a recovery checkpoint
-      fs::remove(checkpoint_path(cfg.output_dir, "recovery"), ec);
-    }
-  }
-  result.steps = step;
-  std::printf("done: %lld epochs, best test Acc@1 %.2f\n", static_cast<long long>(result.epochs_done),
-              result.best_acc1);
-  return result;
+      layer_decay_lr_scales(model_->config(), model_->parameters(), cfg_.layer_decay);
+  opt_ = std::make_unique<AdamW>(model_->parameters(), AdamWOptions{}, lr_scales);
+  if (cfg_.model_ema) ema_ = std::make_unique<ModelEma>(model_->parameters(), cfg_.model_ema_decay);
+  drop_gen_ = std::make_unique<Generator>(cfg_.seed ^ kDropPathStream);
 }
+
+void TrainingRun::resume(const std::string& path) {
+  const Checkpoint ck = load_checkpoint(path);
+  const ResumeState state = parse_resume_state(
+      path, ck.state_json, ResumeBounds{cfg_.epochs, batches_, cfg_.update_freq});
+  const json want = resume_key(cfg_), have = json::parse(state.resume_key);
+  for (const auto& [key, value] : want.items())
+    CNX_CHECK(have.contains(key) && have.at(key) == value, "cannot resume from ", path,
+              ": it was trained with ", key, " ", have.value(key, json()).dump(), ", this run has ",
+              value.dump());
+  NamedTensors weights;
+  for (const auto& [name, t] : ck.tensors)
+    if (name.rfind("model.", 0) == 0) weights.emplace_back(name.substr(6), t);
+  model_->load_state_dict(weights);
+  opt_->load_state_dict(ck.tensors);
+  if (ema_) ema_->load_state_dict(ck.tensors);
+  start_epoch_ = state.epoch;
+  start_batch_ = state.batch;
+  step_ = state.step;
+  best_acc1_ = state.best_acc1;
+  nonfinite_ = {state.nonfinite_skipped, state.nonfinite_streak};
+  drop_gen_->set_state(state.drop_seed, state.drop_offset);
+  std::printf("resumed from %s: epoch %lld, batch %lld, step %lld\n", path.c_str(),
+              static_cast<long long>(start_epoch_), static_cast<long long>(start_batch_),
+              static_cast<long long>(step_));
+  keep_best_consistent(path, state, ck);
+}
+
+// checkpoint-best must hold the best accuracy the resumed state records. Since end_epoch writes
+// best before the numbered checkpoint, a kill between the two leaves best newer, never older; an
+// older best (a folder from before that order, or a deleted file) is rewritten from the resumed
+// checkpoint when that checkpoint is the best one, and reported otherwise.
+void TrainingRun::keep_best_consistent(const std::string& resumed_path, const ResumeState& state,
+                                       const Checkpoint& ck) {
+  if (cfg_.output_dir.empty() || !cfg_.save_ckpt || state.best_acc1 <= 0) return;
+  const std::string best = checkpoint_path(cfg_.output_dir, "best");
+  std::error_code ec;
+  if (fs::equivalent(best, resumed_path, ec)) return;
+  double best_file_acc = -1;
+  try {
+    const json s = json::parse(read_safetensors_metadata(best).at("state"));
+    best_file_acc = s.contains("acc1") ? s.at("acc1").get<double>() : s.at("best_acc1").get<double>();
+  } catch (const std::exception&) {
+    best_file_acc = -1;  // missing or unreadable
+  }
+  if (best_file_acc >= state.best_acc1) return;
+  if (state.acc1 && *state.acc1 == state.best_acc1) {
+    save_checkpoint(best, ck);
+    std::printf("%s was older than the best accuracy recorded (%.2f): rewritten from %s\n", best.c_str(),
+                state.best_acc1, resumed_path.c_str());
+  } else {
+    std::fprintf(stderr, "warning: %s holds an accuracy of %.2f, the resumed state records a best of %.2f\n",
+                 best.c_str(), best_file_acc, state.best_acc1);
+  }
+}
+
+void TrainingRun::plan_lr(const std::optional<TrainConfig>& resumed_config) {
+  const LrChoice lr = resolve_lr(cfg_, resumed_config);
+  std::printf("%s\n", lr.description.c_str());
+  lr_schedule_ = cosine_scheduler(lr.value, cfg_.min_lr, cfg_.epochs, steps_per_epoch_, cfg_.warmup_epochs,
+                                  cfg_.warmup_lr, cfg_.warmup_steps);
+}
+
+Checkpoint TrainingRun::snapshot(int64_t epoch, int64_t batch, std::optional<double> acc1) const {
+  Checkpoint ck;
+  for (auto& [name, t] : model_->state_dict()) ck.tensors.emplace_back("model." + name, t);
+  for (auto& nt : opt_->state_dict()) ck.tensors.push_back(nt);
+  if (ema_)
+    for (auto& nt : ema_->state_dict()) ck.tensors.push_back(nt);
+  ck.step = step_;
+  json state = {{"epoch", epoch}, {"batch", batch}, {"step", step_}, {"best_acc1", best_acc1_},
+                {"drop_gen", {{"seed", drop_gen_->seed()}, {"offset", drop_gen_->offset()}}},
+                {"nonfinite_skipped", nonfinite_.skipped}, {"nonfinite_streak", nonfinite_.streak},
+                {"data_seed", cfg_.seed}, {"resume_key", resume_key(cfg_)},
+                {"config", json::parse(cfg_.to_json())}};
+  if (acc1) state["acc1"] = *acc1;
+  ck.state_json = state.dump();
+  return ck;
+}
+
+void TrainingRun::stop_with_recovery(int64_t epoch, int64_t batch, const std::string& why) {
+  std::string where;
+  if (!cfg_.output_dir.empty() && cfg_.save_ckpt) {
+    where = checkpoint_path(cfg_.output_dir, "recovery");
+    save_checkpoint(where, snapshot(epoch, batch, std::nullopt));
+  }
+  std::printf("%sstopped %s at step %lld%s%s\n", tty_ ? "\r\033[K" : "", why.c_str(),
+              static_cast<long long>(step_), where.empty() ? "" : ": recovery checkpoint ", where.c_str());
+  std::fflush(stdout);
+}
+
+bool TrainingRun::stop_requested(int64_t epoch, int64_t batch, bool started) {
+  const int sig = stop_signal().load();
+  if (sig == 0) return false;
+  result_.interrupted = true;
+  if (started) {
+    stop_with_recovery(epoch, batch, "by signal " + std::to_string(sig));
+  } else {  // nothing trained yet: whatever was resumed from is still on disk
+    std::printf("stopped by signal %d before training began\n", sig);
+    std::fflush(stdout);
+  }
+  return true;
+}
+
+void TrainingRun::log_step(int64_t epoch, int64_t batch_index, double norm) {
+  const bool log_now = step_ % cfg_.log_every == 0 || batch_index + 1 == steps_per_epoch_ * cfg_.update_freq;
+  if (tty_ && !log_now) {  // a live bar: [=====>    ] done/total, loss, time left in the epoch
+    const int64_t done = batch_index + 1, width = 30, filled = width * done / batches_;
+    const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_epoch_).count();
+    const int64_t first = epoch == start_epoch_ ? start_batch_ : 0;
+    const double left = elapsed / static_cast<double>(done - first) * static_cast<double>(batches_ - done);
+    std::string bar(static_cast<size_t>(filled), '=');
+    if (filled < width) bar += '>' + std::string(static_cast<size_t>(width - filled - 1), ' ');
+    std::printf("\r\033[Kepoch %lld [%s] %lld/%lld loss %.4f eta %d:%02d", static_cast<long long>(epoch),
+                bar.c_str(), static_cast<long long>(done), static_cast<long long>(batches_),
+                result_.losses.back(), static_cast<int>(left) / 60, static_cast<int>(left) % 60);
+    std::fflush(stdout);
+  }
+  if (!log_now) return;
+  const auto now = std::chrono::steady_clock::now();
+  const double secs = std::chrono::duration<double>(now - t_log_).count();
+  // The mean over the micro-batches whose loss was finite (NaN if there was none).
+  const double mean_loss = finite_micro_since_log_ > 0
+                               ? loss_since_log_ / static_cast<double>(finite_micro_since_log_)
+                               : std::numeric_limits<double>::quiet_NaN();
+  const double ips = static_cast<double>(images_since_log_) / secs;
+  const double ms = 1000.0 * secs / static_cast<double>(steps_since_log_);
+  json record = {{"type", "train"}, {"epoch", epoch}, {"step", step_}, {"loss", mean_loss},
+                 {"lr", current_lr_}, {"grad_norm", norm}, {"images_per_s", ips},
+                 {"ms_per_step", ms}, {"mem_mb", resident_mb()}};
+  if (nonfinite_.skipped > 0) record["nonfinite_skipped"] = nonfinite_.skipped;
+  std::string gpu_mem;  // on a GPU: the most device memory in tensors since the last line
+  if (device_.is_cuda()) {
+    const double peak_mb = static_cast<double>(cuda::memory_stats(device_).peak_allocated_bytes) / (1 << 20);
+    cuda::reset_peak_memory_stats(device_);
+    gpu_mem = " gpu_mem " + fixed(peak_mb, 0) + " MB";
+    record["gpu_mem_mb"] = peak_mb;
+  }
+  std::printf("%sepoch %lld step %lld/%lld loss %s lr %s grad_norm %s img/s %s ms/step %s mem %s MB%s\n",
+              tty_ ? "\r\033[K" : "", static_cast<long long>(epoch),
+              static_cast<long long>(step_ - epoch * steps_per_epoch_), static_cast<long long>(steps_per_epoch_),
+              fixed(mean_loss, 4).c_str(), sci(current_lr_).c_str(), fixed(norm, 3).c_str(), fixed(ips, 1).c_str(),
+              fixed(ms, 1).c_str(), fixed(resident_mb(), 0).c_str(), gpu_mem.c_str());
+  std::fflush(stdout);
+  metrics_->write(record);
+  t_log_ = now;
+  images_since_log_ = steps_since_log_ = finite_micro_since_log_ = 0;
+  loss_since_log_ = 0;
+}
+
+bool TrainingRun::train_epoch(int64_t epoch, int64_t first_batch) {
+  DataLoader& loader = *train_set_.loader;
+  loader.start_epoch(epoch, first_batch);
+  model_->zero_grad();  // as engine.py: nothing carries over from an earlier epoch
+  t_log_ = t_epoch_ = std::chrono::steady_clock::now();
+  images_since_log_ = steps_since_log_ = finite_micro_since_log_ = 0;
+  loss_since_log_ = 0;
+  bool step_is_finite = true;  // every micro-batch of this optimiser step had a finite loss
+  Batch b;
+  while (loader.next(b)) {
+    // Batches past the last whole group of update_freq make no optimiser step: skipped, as
+    // in engine.py (their gradients would leak into the next epoch's first step).
+    if (b.index >= steps_per_epoch_ * cfg_.update_freq) break;
+    // ---- one micro-batch: forward, backward (gradients accumulate over update_freq) ----
+    const int64_t micro = b.index % cfg_.update_freq;
+    if (micro == 0) {
+      current_lr_ = lr_schedule_[static_cast<size_t>(std::min(step_, total_steps_ - 1))];
+      step_is_finite = true;
+    }
+    Tensor logits = model_->forward(batch_images(b, device_), /*training=*/true, *drop_gen_, activations_);
+    // Mixup/CutMix: soft targets (smoothing folded in), as main.py's SoftTargetCrossEntropy.
+    Tensor loss = b.targets.defined() ? soft_cross_entropy(logits, b.targets.to(device_))
+                                      : cross_entropy(logits, b.labels.to(device_), cfg_.smoothing);
+    if (!cfg_.poison_steps_for_testing.empty() &&
+        std::count(cfg_.poison_steps_for_testing.begin(), cfg_.poison_steps_for_testing.end(), step_))
+      loss = mul(loss, Tensor::full({}, std::numeric_limits<double>::quiet_NaN(), DType::f32, device_));
+    const double loss_value = loss.item();
+    if (std::isfinite(loss_value)) {  // a non-finite loss has nothing to teach: no backward
+      (cfg_.update_freq > 1 ? mul(loss, inv_update_freq_) : loss).backward();
+      loss_since_log_ += loss_value;
+      ++finite_micro_since_log_;
+    }
+    step_is_finite = step_is_finite && std::isfinite(loss_value);
+    images_since_log_ += b.labels.numel();
+    if (micro != cfg_.update_freq - 1) continue;
+
+    // ---- the optimiser step, or a skipped one ----
+    const double norm = step_is_finite ? clip_grad_norm(model_->parameters(), cfg_.clip_grad)
+                                       : std::numeric_limits<double>::quiet_NaN();
+    if (std::isfinite(norm)) {
+      opt_->step(current_lr_, cfg_.weight_decay);
+      if (ema_) ema_->update(model_->parameters());
+      nonfinite_.streak = 0;
+    } else {
+      ++nonfinite_.skipped;
+      ++nonfinite_.streak;
+    }
+    model_->zero_grad();
+    ++step_;
+    ++steps_since_log_;
+    result_.losses.push_back(loss_value);
+    if (!std::isfinite(norm)) {
+      std::printf("%sepoch %lld step %lld: %s: optimiser step skipped (%lld in a row, %lld in all)\n",
+                  tty_ ? "\r\033[K" : "", static_cast<long long>(epoch), static_cast<long long>(step_),
+                  step_is_finite ? ("gradient norm " + fixed(norm, 3)).c_str() : "non-finite loss",
+                  static_cast<long long>(nonfinite_.streak), static_cast<long long>(nonfinite_.skipped));
+      metrics_->write({{"type", "skip"}, {"epoch", epoch}, {"step", step_}, {"loss", loss_value},
+                       {"grad_norm", norm}, {"streak", nonfinite_.streak}});
+      if (nonfinite_.streak > cfg_.skip_nonfinite) {
+        // The skipped steps changed no weight: the recovery checkpoint holds those of the last
+        // good step (and save_checkpoint would refuse anything non-finite).
+        stop_with_recovery(epoch, b.index + 1, "after " + std::to_string(nonfinite_.streak) +
+                                                   " non-finite steps in a row");
+        fail("training diverged: ", nonfinite_.streak, " optimiser steps in a row with a non-finite loss or "
+             "gradient (--skip_nonfinite ", cfg_.skip_nonfinite, "), the last at epoch ", epoch, " step ", step_,
+             "; the weights are those of step ", step_ - nonfinite_.streak, " (try a lower --lr)");
+      }
+    }
+    log_step(epoch, b.index, norm);
+
+    if (stop_requested(epoch, b.index + 1, /*started=*/true)) return false;
+    if (cfg_.max_steps > 0 && step_ >= cfg_.max_steps) {
+      stop_with_recovery(epoch, b.index + 1, "by --max_steps");
+      return false;
+    }
+  }
+  return true;
+}
+
+bool TrainingRun::end_epoch(int64_t epoch) {
+  // A signal during evaluation stops it at the next batch; the recovery checkpoint continues at
+  // the end of this epoch's batches, so the resumed run evaluates this epoch.
+  const int64_t end_batch = steps_per_epoch_ * cfg_.update_freq;
+  const EvalResult ev = evaluate_loaded(*model_, *test_set_.loader, activations_);
+  if (ev.interrupted) return !stop_requested(epoch, end_batch, true);
+  json record = {{"type", "eval"}, {"epoch", epoch}, {"step", step_}, {"acc1", ev.acc1},
+                 {"acc5", ev.acc5}, {"loss", ev.loss}};
+  std::printf("epoch %lld test: Acc@1 %.2f Acc@5 %.2f loss %.4f", static_cast<long long>(epoch), ev.acc1,
+              ev.acc5, ev.loss);
+  if (ema_ && cfg_.model_ema_eval) {
+    if (!ema_model_) {
+      Generator g(0);
+      ema_model_ = std::make_unique<ConvNeXt>(model_->config(), g);
+      ema_model_->to(device_);
+    }
+    ema_->copy_to(ema_model_->parameters());
+    const EvalResult ee = evaluate_loaded(*ema_model_, *test_set_.loader, activations_);
+    if (ee.interrupted) {
+      std::printf("\n");
+      return !stop_requested(epoch, end_batch, true);
+    }
+    std::printf(" | EMA Acc@1 %.2f Acc@5 %.2f loss %.4f", ee.acc1, ee.acc5, ee.loss);
+    record["ema_acc1"] = ee.acc1;
+    record["ema_acc5"] = ee.acc5;
+    record["ema_loss"] = ee.loss;
+  }
+  std::printf("\n");
+  metrics_->write(record);
+  result_.last_acc1 = ev.acc1;
+  result_.last_acc5 = ev.acc5;
+  result_.last_loss = ev.loss;
+  result_.epochs_done = epoch + 1;
+  // A non-finite evaluation (a NaN or infinite logit: loss NaN) never becomes best.
+  const bool best = std::isfinite(ev.loss) && ev.acc1 > best_acc1_;
+  if (best) best_acc1_ = ev.acc1;
+  result_.best_acc1 = best_acc1_;
+
+  if (!cfg_.output_dir.empty() && cfg_.save_ckpt) {
+    const Checkpoint ck = snapshot(epoch + 1, 0, ev.acc1);
+    // best first: killed between the two writes, the resumed run (from the older numbered
+    // checkpoint) redoes this epoch and finds best already holding it, never an older one.
+    if (best) save_checkpoint(checkpoint_path(cfg_.output_dir, "best"), ck);
+    if ((epoch + 1) % cfg_.save_ckpt_freq == 0 || epoch + 1 == cfg_.epochs) {
+      save_checkpoint(checkpoint_path(cfg_.output_dir, std::to_string(epoch)), ck);
+      prune_checkpoints(cfg_.output_dir, static_cast<int>(cfg_.save_ckpt_num));
+    }
+    std::error_code ec;  // a finished epoch supersedes a recovery checkpoint
+    fs::remove(checkpoint_path(cfg_.output_dir, "recovery"), ec);
+  }
+  return true;
+}
+
+TrainResult TrainingRun::run() {
+  cfg_.validate();
+  device_ = resolve_device(cfg_.device);
+  activations_ = cfg_.activations(device_);  // bf16 under --use_amp
+  tty_ = cfg_.progress_bar && ::isatty(STDOUT_FILENO);
+  // The folder first: a second run on it is refused before it loads anything.
+  run_dir_ = std::make_unique<RunDir>(cfg_.output_dir);
+  open_data();
+  if (stop_requested(0, 0, false)) return result_;
+  build_model();
+  if (stop_requested(0, 0, false)) return result_;
+
+  std::string resume_path = cfg_.resume;
+  if (resume_path.empty() && cfg_.auto_resume && !cfg_.output_dir.empty())
+    resume_path = find_resume_checkpoint(cfg_.output_dir);
+  std::optional<TrainConfig> resumed_config;
+  if (!resume_path.empty()) {
+    resume(resume_path);
+    resumed_config = checkpoint_config(resume_path);
+  }
+  plan_lr(resumed_config);
+  result_.best_acc1 = best_acc1_;
+  if (!cfg_.output_dir.empty()) {
+    std::ofstream config_file(fs::path(cfg_.output_dir) / "config.json");
+    config_file << cfg_.to_json() << '\n';
+    CNX_CHECK(config_file.good(), cfg_.output_dir, "/config.json: cannot write it");
+  }
+  metrics_ = std::make_unique<MetricsLog>(cfg_.output_dir, step_, start_epoch_);
+  inv_update_freq_ = Tensor::full({}, 1.0 / static_cast<double>(cfg_.update_freq), DType::f32, device_);
+  if (stop_requested(0, 0, false)) return result_;
+
+  for (int64_t epoch = start_epoch_; epoch < cfg_.epochs; ++epoch) {
+    const bool go_on = train_epoch(epoch, epoch == start_epoch_ ? start_batch_ : 0) && end_epoch(epoch);
+    result_.steps = step_;
+    result_.nonfinite_skipped = nonfinite_.skipped;
+    if (!go_on) return result_;
+  }
+  result_.steps = step_;
+  std::printf("done: %lld epochs, best test Acc@1 %.2f\n", static_cast<long long>(result_.epochs_done),
+              result_.best_acc1);
+  return result_;
+}
+
+}  // namespace
+
+TrainResult train(const TrainConfig& cfg) { return TrainingRun(cfg).run(); }
 
 }  // namespace cnx

@@ -52,7 +52,12 @@ struct TrainConfig {
   int64_t batch_size = 128;
   int64_t update_freq = 1;      // gradient accumulation steps
   int64_t epochs = 10;
-  double lr = 0.128;            // for a total batch of 4096, scaled linearly: 4e-3 at 128
+  double lr = -1;               // the peak lr as given, as main.py's --lr; -1: from --blr, or
+                                // main.py's default 4e-3 (resolve_lr)
+  double blr = -1;              // > 0 and no --lr: lr = blr * total batch / 256
+  std::string lr_rule = "absolute";  // how `lr` was meant: "absolute", or "per_4096" in the
+                                     // configs of checkpoints made before --lr meant main.py's
+                                     // (it was then scaled by total batch / 4096)
   double min_lr = 1e-6;         // the cosine schedule's end value (not scaled, as in main.py)
   double warmup_lr = 0.0;       // the warmup's start value
   int64_t warmup_epochs = 1;
@@ -82,6 +87,10 @@ struct TrainConfig {
   int64_t max_steps = -1;       // > 0: stop after this many optimiser steps, leaving a
                                 // recovery checkpoint (as a signal does)
   bool progress_bar = true;     // on a terminal; plain lines otherwise
+  int64_t skip_nonfinite = 5;   // optimiser steps with a non-finite loss or gradient skipped in
+                                // a row before the run stops (0: stop at the first)
+  // Testing only (not a flag, not saved): the optimiser steps whose loss is made NaN.
+  std::vector<int64_t> poison_steps_for_testing;
 
   // The training loader's options these flags describe (the -1 defaults resolved by dataset).
   LoaderOptions train_loader_options() const;
@@ -91,7 +100,7 @@ struct TrainConfig {
   void validate() const;
   // The activation dtype of the model on `device`: bf16 when use_amp says so, else f32.
   DType activations(const Device& device) const;
-  std::string to_json() const;  // every field
+  std::string to_json() const;  // every field (but the testing one)
   // The fields present in a to_json() text (others keep their defaults).
   static TrainConfig from_json(const std::string& text);
 };
@@ -110,7 +119,23 @@ struct TrainResult {
   double last_acc1 = 0.0, last_acc5 = 0.0, last_loss = 0.0;
   std::vector<double> losses;  // the training loss of every optimiser step, in order
   bool interrupted = false;    // stopped by a signal; a recovery checkpoint was written
+                               // (if training had begun and there is an --output_dir)
+  int64_t nonfinite_skipped = 0;  // optimiser steps skipped for a non-finite loss or gradient
 };
+
+// The peak learning rate of a run, and how it was obtained (printed at start):
+//   --lr given        as given (main.py's meaning: the paper's 4e-3 goes with a total batch
+//                     of 4096, reached through --update_freq)
+//   --blr given       blr * total batch / 256 (ConvNeXt V2's and MAE's fine-tuning scripts)
+//   neither           4e-3, main.py's default
+//   resuming a checkpoint whose config has lr_rule "per_4096" (made when --lr was scaled by
+//   total batch / 4096): the lr that run trained with, whatever --lr and --blr say now.
+// total batch = batch_size * update_freq.
+struct LrChoice {
+  double value = 0;
+  std::string description;
+};
+LrChoice resolve_lr(const TrainConfig& config, const std::optional<TrainConfig>& resumed = std::nullopt);
 
 // The device a --device flag names: "cpu"; "cuda" or "cuda:N", which must exist (otherwise a
 // cnx::Error says whether the build has the CUDA backend and how many devices are visible); and
@@ -118,7 +143,9 @@ struct TrainResult {
 // the CPU on a device (then auto should pick cuda:0 when one is visible).
 Device resolve_device(const std::string& flag);
 
-// Set by SIGINT/SIGTERM handlers (install_stop_handlers); checked between steps.
+// Set by the SIGINT/SIGTERM/SIGHUP handlers (install_stop_handlers): a dropped SSH session
+// (SIGHUP) stops a run like Ctrl-C. Checked between steps, between evaluation batches and
+// between the phases of a run's start. (SIGQUIT keeps its default: a core dump on request.)
 std::atomic<int>& stop_signal();
 void install_stop_handlers();
 
@@ -129,6 +156,7 @@ TrainResult train(const TrainConfig& config);
 struct EvalResult {
   double acc1 = 0, acc5 = 0, loss = 0;
   int64_t images = 0;
+  bool interrupted = false;  // a stop signal arrived: the figures cover `images` only
 };
 // image_folder: the val split at input_size with crop_pct (the eval transform).
 EvalResult evaluate(const ConvNeXt& model, const std::string& data_set,

@@ -1,5 +1,6 @@
 // convnext train / eval / predict. Flag names follow the official ConvNeXt main.py, so its
 // documented commands carry over (booleans take a value, as there: --model_ema true).
+#include <charconv>
 #include <cstdio>
 #include <fstream>
 #include <sstream>
@@ -38,10 +39,21 @@ struct ModelFlags {
 struct TrainFlags {
   TrainConfig cfg;
   ModelFlags model;
+  std::string seed_text = "0";  // parsed here: CLI11 would wrap -1 and 2^64 into a uint64
 };
+
+// A seed: decimal digits only, at most 2^64 - 1.
+uint64_t parse_seed(const std::string& text) {
+  uint64_t v = 0;
+  const auto r = std::from_chars(text.data(), text.data() + text.size(), v);
+  CNX_CHECK(!text.empty() && r.ec == std::errc() && r.ptr == text.data() + text.size(),
+            "--seed must be an integer from 0 to 18446744073709551615, got '", text, "'");
+  return v;
+}
 
 int run_train(TrainFlags& f) {
   f.model.apply(f.cfg);
+  f.cfg.seed = parse_seed(f.seed_text);
   install_stop_handlers();
   const TrainResult r = train(f.cfg);
   if (r.interrupted) return 128 + stop_signal().load();  // the shell's convention: 130, 143
@@ -219,7 +231,8 @@ Command train_command(CLI::App& app) {
   opt("--batch_size", c.batch_size, "Images per micro-batch");
   opt("--update_freq", c.update_freq, "Gradient accumulation steps");
   opt("--epochs", c.epochs, "Epochs");
-  opt("--lr", c.lr, "Peak learning rate for a total batch of 4096 (scaled linearly)");
+  opt("--lr", c.lr, "Peak learning rate, used as given as in main.py (-1: from --blr, else 4e-3)");
+  opt("--blr", c.blr, "Base learning rate per 256 images: lr = blr x total batch / 256 (when --lr is not given)");
   opt("--min_lr", c.min_lr, "Final learning rate of the cosine schedule");
   opt("--warmup_lr", c.warmup_lr, "Learning rate at the start of the warmup");
   opt("--warmup_epochs", c.warmup_epochs, "Linear warmup epochs");
@@ -231,7 +244,7 @@ Command train_command(CLI::App& app) {
   opt("--model_ema", c.model_ema, "Keep an EMA of the weights");
   opt("--model_ema_decay", c.model_ema_decay, "EMA decay");
   opt("--model_ema_eval", c.model_ema_eval, "Evaluate the EMA every epoch too");
-  opt("--seed", c.seed, "Seed of every random draw");
+  sub->add_option("--seed", f->seed_text, "Seed of every random draw (0 to 2^64-1)")->default_str("0");
   opt("--output_dir", c.output_dir, "Checkpoints, metrics.jsonl and config.json go here");
   opt("--resume", c.resume, "Continue from this checkpoint");
   opt("--auto_resume", c.auto_resume, "Continue from the newest checkpoint in --output_dir");
@@ -244,6 +257,8 @@ Command train_command(CLI::App& app) {
   opt("--log_every", c.log_every, "Optimiser steps between log lines");
   opt("--max_steps", c.max_steps, "Stop after this many optimiser steps (-1: no limit)");
   opt("--progress_bar", c.progress_bar, "A live progress line on a terminal");
+  opt("--skip_nonfinite", c.skip_nonfinite,
+      "Optimiser steps with a non-finite loss or gradient skipped in a row before the run stops (0: stop at the first)");
   return {sub, [f] { return run_train(*f); }};
 }
 
