@@ -526,3 +526,22 @@ TEST_F(Training, LrMeansWhatItMeansInMainPy) {
   ASSERT_EQ(resumed.losses.size(), 4u);
   EXPECT_EQ(resumed.losses, std::vector<double>(full.losses.begin() + 4, full.losses.end()));
 }
+
+// A failed metrics.jsonl write is reported once on stderr; training goes on and its checkpoints
+// are written.
+TEST_F(Training, MetricsWriteErrorsAreReported) {
+  if (!fs::exists("/dev/full")) GTEST_SKIP() << "no /dev/full";
+  TrainConfig c = config();
+  c.epochs = 1;
+  c.log_every = 1;
+  c.output_dir = out("run");
+  fs::create_directories(c.output_dir);
+  fs::create_symlink("/dev/full", fs::path(c.output_dir) / "metrics.jsonl");
+  testing::internal::CaptureStderr();
+  const TrainResult r = train(c);
+  const std::string err = testing::internal::GetCapturedStderr();
+  EXPECT_EQ(r.epochs_done, 1);
+  EXPECT_NE(err.find("metrics.jsonl: write failed"), std::string::npos) << err;
+  EXPECT_EQ(err.find("write failed", err.find("write failed") + 1), std::string::npos) << "reported once: " << err;
+  EXPECT_TRUE(fs::exists(checkpoint_path(c.output_dir, "0")));
+}

@@ -57,7 +57,8 @@ MetricsLog::MetricsLog(const std::string& dir, int64_t resumed_step, int64_t res
   path_ = (fs::path(dir) / "metrics.jsonl").string();
   std::vector<std::string> kept;
   bool dropped = false;
-  {
+  std::error_code ec;
+  if (fs::is_regular_file(path_, ec)) {  // (a device or a FIFO is only appended to)
     std::ifstream old(path_);
     std::string line;
     while (std::getline(old, line)) {
@@ -82,7 +83,6 @@ MetricsLog::MetricsLog(const std::string& dir, int64_t resumed_step, int64_t res
       out.flush();
       CNX_CHECK(out.good(), path_, ": cannot rewrite it for the resumed run (", tmp, ")");
     }
-    std::error_code ec;
     fs::rename(tmp, path_, ec);
     CNX_CHECK(!ec, path_, ": cannot replace it: ", ec.message());
   }

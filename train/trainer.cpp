@@ -27,6 +27,7 @@
 #include "train/optim/schedule.h"
 #include "train/run_dir.h"
 #include "tensor/cuda_memory.h"
+#include "tensor/escape.h"
 
 namespace cnx {
 
@@ -532,6 +533,8 @@ void TrainingRun::build_model() {
 
 void TrainingRun::resume(const std::string& path) {
   const Checkpoint ck = load_checkpoint(path);
+  if (const auto bad = first_nonfinite(ck.tensors))
+    fail("cannot resume from ", path, ": ", escape_for_message(*bad), " holds a NaN or an infinity");
   const ResumeState state = parse_resume_state(
       path, ck.state_json, ResumeBounds{cfg_.epochs, batches_, cfg_.update_freq});
   const json want = resume_key(cfg_), have = json::parse(state.resume_key);
