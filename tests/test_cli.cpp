@@ -373,38 +373,49 @@ TEST_F(Cli, CudaTrainTwentyStepsFollowTheCpu) {
   }
 }
 
+// SIGINT, SIGTERM and SIGHUP (a dropped SSH session) stop a run with a recovery checkpoint; while
+// it runs, a second run on its folder is refused, naming its PID.
 TEST_F(Cli, TrainStopsOnSigintWithARecoveryCheckpointAndResumes) {
   const fs::path data = path("data");
   write_noise_fashion_mnist(data);
-  const fs::path out = path("run"), log = path("train.log");
-  const std::string args = std::string(CNX_CLI) + " train --data_path " + data.string() +
-                           " --depths 1,1 --dims 8,16 --batch_size 16 --epochs 1000 --log_every 1 "
-                           "--output_dir " + out.string();
-  const pid_t pid = fork();
-  ASSERT_GE(pid, 0);
-  if (pid == 0) {
-    std::freopen(log.c_str(), "w", stdout);
-    std::freopen("/dev/null", "w", stderr);
-    execl("/bin/sh", "sh", "-c", ("exec " + args).c_str(), static_cast<char*>(nullptr));
-    _exit(127);
+  for (const int sig : {SIGINT, SIGHUP}) {
+    const std::string tag = std::to_string(sig);
+    const fs::path out = path("run" + tag), log = path("train" + tag + ".log");
+    const std::string args = std::string(CNX_CLI) + " train --data_path " + data.string() +
+                             " --depths 1,1 --dims 8,16 --batch_size 16 --epochs 1000 --log_every 1 "
+                             "--output_dir " + out.string();
+    const pid_t pid = fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {
+      std::freopen(log.c_str(), "w", stdout);
+      std::freopen("/dev/null", "w", stderr);
+      execl("/bin/sh", "sh", "-c", ("exec " + args).c_str(), static_cast<char*>(nullptr));
+      _exit(127);
+    }
+    // Wait until it has made a few steps, then interrupt it.
+    for (int i = 0; i < 600 && slurp(log).find("step 3/") == std::string::npos; ++i) usleep(50000);
+    ASSERT_NE(slurp(log).find("step 3/"), std::string::npos) << slurp(log);
+    if (sig == SIGINT) {  // one run per folder
+      const RunResult second = run("train --data_path " + data.string() + " --depths 1,1 --dims 8,16 --output_dir " +
+                                   out.string());
+      expect_one_line_failure(this, second, {"convnext train: --output_dir " + out.string() +
+                                             " is in use by another training run (PID " + std::to_string(pid) + " holds"}, 1);
+    }
+    kill(pid, sig);
+    int status = 0;
+    ASSERT_EQ(waitpid(pid, &status, 0), pid);
+    ASSERT_TRUE(WIFEXITED(status)) << "killed instead of stopping cleanly";
+    EXPECT_EQ(WEXITSTATUS(status), 128 + sig);  // the shell's convention: 130, 129
+    EXPECT_NE(slurp(log).find("stopped by signal " + tag), std::string::npos) << slurp(log);
+    ASSERT_TRUE(fs::exists(out / "checkpoint-recovery.safetensors"));
+    // The next run picks it up (auto_resume) and goes on; --max_steps bounds it here.
+    const fs::path log2 = path("resume" + tag + ".log");
+    const int rc = std::system((args + " --max_steps 40 > " + log2.string() + " 2>&1").c_str());
+    EXPECT_TRUE(WIFEXITED(rc) && WEXITSTATUS(rc) == 0) << slurp(log2);
+    EXPECT_NE(slurp(log2).find("resumed from " + (out / "checkpoint-recovery.safetensors").string()),
+              std::string::npos) << slurp(log2);
+    EXPECT_NE(slurp(log2).find("stopped by --max_steps at step 40"), std::string::npos) << slurp(log2);
   }
-  // Wait until it has made a few steps, then interrupt it.
-  for (int i = 0; i < 600 && slurp(log).find("step 3/") == std::string::npos; ++i) usleep(50000);
-  ASSERT_NE(slurp(log).find("step 3/"), std::string::npos) << slurp(log);
-  kill(pid, SIGINT);
-  int status = 0;
-  ASSERT_EQ(waitpid(pid, &status, 0), pid);
-  ASSERT_TRUE(WIFEXITED(status)) << "killed instead of stopping cleanly";
-  EXPECT_EQ(WEXITSTATUS(status), 130);  // 128 + SIGINT, the shell's convention
-  EXPECT_NE(slurp(log).find("stopped by signal 2"), std::string::npos) << slurp(log);
-  ASSERT_TRUE(fs::exists(out / "checkpoint-recovery.safetensors"));
-  // The next run picks it up (auto_resume) and goes on; --max_steps bounds it here.
-  const fs::path log2 = path("resume.log");
-  const int rc = std::system((args + " --max_steps 40 > " + log2.string() + " 2>&1").c_str());
-  EXPECT_TRUE(WIFEXITED(rc) && WEXITSTATUS(rc) == 0) << slurp(log2);
-  EXPECT_NE(slurp(log2).find("resumed from " + (out / "checkpoint-recovery.safetensors").string()),
-            std::string::npos) << slurp(log2);
-  EXPECT_NE(slurp(log2).find("stopped by --max_steps at step 40"), std::string::npos) << slurp(log2);
 }
 
 TEST_F(Cli, EvalAndPredictUseATrainedCheckpoint) {
