@@ -15,6 +15,8 @@ packages=(
   libturbojpeg0-dev                 # JPEG decoding (ImageFolder datasets)
   libboost-context-dev              # the emulated CUDA device's fibers (kernels/cuda/emulator)
   llvm                              # llvm-symbolizer: source lines in the sanitizer reports
+  clang libclang-rt-14-dev          # the fuzz targets (tests/fuzz): clang's libFuzzer, sanitizers
+  libomp-dev                        # OpenMP for the clang build of the library (tests/fuzz)
   dataset-fashion-mnist             # the default training data (/usr/share/datasets/fashion-mnist)
 )
 
