@@ -7,14 +7,19 @@
 #include <algorithm>
 #include <bit>
 #include <cerrno>
+#include <chrono>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <limits>
 #include <set>
 #include <string_view>
 #include <system_error>
+#include <thread>
 
 #include <nlohmann/json.hpp>
+
+#include "tensor/escape.h"
 
 namespace cnx {
 
@@ -32,13 +37,14 @@ constexpr int64_t kInt64Max = std::numeric_limits<int64_t>::max();
 
 // ---- errors ----------------------------------------------------------------------------------
 
-// Throws cnx::Error "<what>: <message>". Control characters become spaces so that the message
-// stays on one line whatever a file's names or a JSON parser's excerpt contain.
+// Throws cnx::Error "<what>: <message>". Strings from the file reach the message escaped
+// (quoted, excerpt, escape_for_message); as a last guard, control characters left (a path
+// given with a newline) become spaces so that the message stays on one line.
 template <class... Args>
 [[noreturn]] void fail_in(const std::string& what, const Args&... args) {
   std::string message = detail::concat(what, ": ", args...);
   for (char& c : message)
-    if (static_cast<unsigned char>(c) < 0x20) c = ' ';
+    if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) c = ' ';
   throw Error(message);
 }
 
@@ -55,14 +61,24 @@ std::string shortened(std::string text, size_t max = 200) {
   return text;
 }
 
-// A name as a JSON string literal, so that quotes, newlines and empty names read unambiguously.
-// Invalid UTF-8 (possible in a name given to the writer) is replaced rather than thrown about.
+// A name (or a dtype string, a metadata key) from a file, in double quotes, escaped
+// (tensor/escape.h: "\n", "\x1b", "\"", ...) so that newlines, terminal escape sequences,
+// invalid UTF-8 and empty names read unambiguously, and cut short when huge (the size then
+// counts the quoted text).
 std::string quoted(const std::string& name) {
-  return shortened(json(name).dump(-1, ' ', false, json::error_handler_t::replace));
+  std::string out = "\"";
+  for (const char c : escape_for_message(name)) {
+    if (c == '"') out += '\\';
+    out += c;
+  }
+  return shortened(out + "\"");
 }
 
-// A JSON value as it would appear in the header, for messages.
-std::string excerpt(const json& value) { return shortened(value.dump()); }
+// A JSON value as it would appear in the header, for messages (non-ASCII as JSON's \u escapes,
+// so that nothing unprintable reaches the message).
+std::string excerpt(const json& value) {
+  return escape_for_message(shortened(value.dump(-1, ' ', true, json::error_handler_t::replace)));
+}
 
 // strerror, but thread-safe.
 std::string errno_message(int error) { return std::generic_category().message(error); }
@@ -110,6 +126,12 @@ void check_file_size(int64_t file_size, const std::string& what) {
 // The header size N from the first 8 bytes, checked against the limit and the file's size.
 int64_t header_size(const unsigned char (&prefix)[kSizePrefix], int64_t file_size,
                     const std::string& what) {
+  // A PyTorch checkpoint given by mistake: a zip archive (torch.save since 1.6) or a legacy
+  // pickle (protocol 2 to 5). Said so before its first bytes are misread as a header size.
+  const bool zip = std::memcmp(prefix, "PK\x03\x04", 4) == 0;
+  if (zip || (prefix[0] == 0x80 && prefix[1] >= 2 && prefix[1] <= 5))
+    fail_in(what, "this looks like a PyTorch .pth file (", zip ? "a zip archive" : "a pickle",
+            "), not safetensors; convert it with tools/convert_checkpoint.py");
   uint64_t n;
   std::memcpy(&n, prefix, sizeof n);  // little-endian, like the host (static_assert above)
   if (n > static_cast<uint64_t>(kSafetensorsMaxHeader))
@@ -157,7 +179,7 @@ json parse_header_json(std::string_view text, const std::string& what) {
   try {
     header = json::parse(text.begin(), text.end(), track_keys);
   } catch (const json::exception& e) {
-    fail_in(what, "header is not valid JSON: ", shortened(e.what(), 1000));
+    fail_in(what, "header is not valid JSON: ", escape_for_message(shortened(e.what(), 1000)));
   }
   if (!header.is_object())
     fail_in(what, "header is a JSON ", header.type_name(), ", not an object");
@@ -436,6 +458,13 @@ Safetensors parse_safetensors(const std::string& bytes, const std::string& what)
 // Reads the file piecewise rather than through parse_safetensors, so that a checkpoint is
 // read straight into its tensors instead of being held twice in memory.
 namespace {
+// Opens `path` for reading without blocking: open(2) of a FIFO with O_RDONLY waits for a
+// writer, forever (`eval --weights <a FIFO>`). O_NONBLOCK makes it return at once; read_header
+// then refuses anything but a regular file (for which O_NONBLOCK changes nothing).
+int open_for_reading(const std::string& path) {
+  return ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+}
+
 // Validates the whole header of an open file against its size; returns it and sets the
 // data buffer's offset.
 Header read_header(const FileDescriptor& fd, const std::string& path, int64_t& data_start) {
@@ -444,7 +473,14 @@ Header read_header(const FileDescriptor& fd, const std::string& path, int64_t& d
   if (::fstat(fd.get(), &st) != 0) fail_in(path, "cannot stat: ", errno_message(errno));
   // open(2) succeeds on a directory; reading it would fail with a less clear message.
   if (S_ISDIR(st.st_mode)) fail_in(path, "cannot open: ", errno_message(EISDIR));
-  if (!S_ISREG(st.st_mode)) fail_in(path, "cannot open: not a regular file");
+  if (!S_ISREG(st.st_mode))
+    fail_in(path, "cannot open: not a regular file (",
+            S_ISFIFO(st.st_mode)   ? "a FIFO"
+            : S_ISCHR(st.st_mode)  ? "a character device"
+            : S_ISBLK(st.st_mode)  ? "a block device"
+            : S_ISSOCK(st.st_mode) ? "a socket"
+                                   : "not a file",
+            ")");
 
   const int64_t file_size = st.st_size;
   check_file_size(file_size, path);
@@ -459,13 +495,13 @@ Header read_header(const FileDescriptor& fd, const std::string& path, int64_t& d
 }  // namespace
 
 std::map<std::string, std::string> read_safetensors_metadata(const std::string& path) {
-  const FileDescriptor fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  const FileDescriptor fd(open_for_reading(path));
   int64_t data_start = 0;
   return read_header(fd, path, data_start).metadata;
 }
 
 Safetensors read_safetensors(const std::string& path) {
-  const FileDescriptor fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  const FileDescriptor fd(open_for_reading(path));
   int64_t data_start = 0;
   Header header = read_header(fd, path, data_start);
 
@@ -491,14 +527,32 @@ std::string serialize_safetensors(const std::vector<std::pair<std::string, Tenso
   return out;
 }
 
+namespace {
+// Testing only: CNX_TEST_PAUSE_BEFORE_RENAME_MS=<ms> holds every write between its complete
+// temporary and the rename, so that tests/kill_resume_test.py can kill a run inside a save.
+void pause_before_rename_for_testing() {
+  static const long ms = [] {
+    const char* v = std::getenv("CNX_TEST_PAUSE_BEFORE_RENAME_MS");
+    return v ? std::strtol(v, nullptr, 10) : 0L;
+  }();
+  if (ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+}
+}  // namespace
+
 void write_safetensors(const std::string& path,
                        const std::vector<std::pair<std::string, Tensor>>& tensors,
                        const std::map<std::string, std::string>& metadata) {
   // Everything that can be checked is checked before the disk is touched.
   const std::string head = make_head(tensors, metadata, path);
   const std::string tmp = path + ".tmp";
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  // O_NONBLOCK: a FIFO left at the temporary's name would block the open (regular files are
+  // unaffected); anything but a regular file is refused below.
+  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NONBLOCK, 0644);
   if (fd < 0) fail_in(path, "cannot create ", tmp, ": ", errno_message(errno));
+  if (struct stat st; ::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+    ::close(fd);
+    fail_in(path, "cannot create ", tmp, ": it exists and is not a regular file");
+  }
   try {
     write_all(fd, head.data(), static_cast<int64_t>(head.size()), path, tmp);
     for (const auto& [name, t] : tensors) {
@@ -511,6 +565,7 @@ void write_safetensors(const std::string& path,
     const int closed = ::close(fd);
     fd = -1;
     if (closed != 0) fail_in(path, "cannot close ", tmp, ": ", errno_message(errno));
+    pause_before_rename_for_testing();
     if (::rename(tmp.c_str(), path.c_str()) != 0)
       fail_in(path, "cannot rename ", tmp, " over it: ", errno_message(errno));
   } catch (...) {

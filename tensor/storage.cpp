@@ -17,7 +17,14 @@ Storage::Storage(int64_t nbytes, Device device) : nbytes_(nbytes), device_(devic
   CNX_CHECK(nbytes >= 0, "Storage: negative size ", nbytes);
   if (nbytes == 0) return;
   if (device.is_cpu()) {
-    data_ = ::operator new(static_cast<size_t>(nbytes), kCpuAlignment);
+    try {
+      data_ = ::operator new(static_cast<size_t>(nbytes), kCpuAlignment);
+    } catch (const std::bad_alloc&) {
+      // A bare "std::bad_alloc" says neither how much nor what for: say how much. (Sizes read
+      // from files are checked before they get here; this is a legitimately large request.)
+      fail("Storage: cannot allocate ", nbytes, " bytes (", static_cast<double>(nbytes) / (1 << 30),
+           " GiB) of CPU memory for a tensor: out of memory");
+    }
   } else {
     data_ = cuda_malloc(nbytes, device);
   }

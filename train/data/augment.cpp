@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "tensor/error.h"
+#include "train/data/dataset.h"
 #include "train/data/draws.h"
 
 namespace cnx {
@@ -182,7 +183,12 @@ int64_t eval_resize_size(int64_t input_size, double crop_pct) {
   CNX_CHECK(input_size > 0 && crop_pct > 0 && crop_pct <= 1.0,
             "eval_resize_size: need input_size > 0 and crop_pct in (0, 1], got ", input_size,
             " and ", crop_pct);
-  return static_cast<int64_t>(static_cast<double>(input_size) / crop_pct);
+  // In double before any conversion: a tiny crop_pct makes the side arbitrarily large.
+  const double side = static_cast<double>(input_size) / crop_pct;
+  CNX_CHECK(side * side <= static_cast<double>(kMaxImagePixels), "eval_transform: input_size ",
+            input_size, " / crop_pct ", crop_pct, " resizes to ", side, " pixels a side, above the limit of ",
+            kMaxImagePixels, " pixels an image (", kMaxEvalResizeSide, " a side): crop_pct is too small");
+  return static_cast<int64_t>(side);
 }
 
 CropBox center_crop_box(int64_t H, int64_t W, int64_t out_h, int64_t out_w) {
@@ -196,6 +202,8 @@ std::vector<uint8_t> eval_transform(std::span<const uint8_t> image, int64_t H, i
                                     int64_t input_size, double crop_pct) {
   check_image("eval_transform", image.size(), H, W, C);
   CNX_CHECK(input_size > 0, "eval_transform: input_size must be positive, got ", input_size);
+  CNX_CHECK(input_size <= kMaxEvalResizeSide, "eval_transform: input_size ", input_size,
+            " is above the limit of ", kMaxEvalResizeSide, " (", kMaxImagePixels, " pixels an image)");
   const CropBox whole{0, 0, H, W};
   if (crop_pct <= 0.0 && input_size >= 384)  // the official code warps, no cropping
     return resize_bicubic(image, H, W, C, whole, input_size, input_size);
@@ -203,8 +211,14 @@ std::vector<uint8_t> eval_transform(std::span<const uint8_t> image, int64_t H, i
   const int64_t s = eval_resize_size(input_size, crop_pct);
   const bool tall = H >= W;
   const int64_t short_side = tall ? W : H, long_side = tall ? H : W;
-  const int64_t new_long = static_cast<int64_t>(
-      static_cast<double>(s) * static_cast<double>(long_side) / static_cast<double>(short_side));
+  const double long_d =
+      static_cast<double>(s) * static_cast<double>(long_side) / static_cast<double>(short_side);
+  // An elongated image (1 x 5000 pixels) keeps its aspect: its long side grows with it.
+  CNX_CHECK(long_d * static_cast<double>(s) <= static_cast<double>(kMaxImagePixels),
+            "eval_transform: resizing the ", W, "x", H, " image to a short side of ", s, " gives ",
+            static_cast<int64_t>(long_d), " pixels on the long side, above the limit of ",
+            kMaxImagePixels, " pixels an image");
+  const int64_t new_long = static_cast<int64_t>(long_d);
   const int64_t rh = tall ? new_long : s, rw = tall ? s : new_long;
   const std::vector<uint8_t> resized = (rh == H && rw == W)
                                            ? std::vector<uint8_t>(image.begin(), image.end())

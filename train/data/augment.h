@@ -82,9 +82,15 @@ bool random_hflip(std::span<uint8_t> image, int64_t H, int64_t W, int64_t C, Gen
 
 // ---- evaluation transform --------------------------------------------------------------------
 
+// The largest side eval_transform resizes to or crops: floor(sqrt(kMaxImagePixels)), the
+// pixel limit of train/data/dataset.h as a square.
+constexpr int64_t kMaxEvalResizeSide = 9459;
+
 // The official build_transform's default crop_pct: 224 / 256 = 0.875 below 384, else 1.0.
 double default_crop_pct(int64_t input_size);
-// int(input_size / crop_pct): 224 -> 256 with 0.875, 384 -> 384 with 1.0.
+// int(input_size / crop_pct): 224 -> 256 with 0.875, 384 -> 384 with 1.0. Throws cnx::Error
+// when that side squared is above kMaxImagePixels (--crop_pct 0.001 would resize to 32000 x
+// 32000 pixels for --input_size 32).
 int64_t eval_resize_size(int64_t input_size, double crop_pct);
 // torchvision's CenterCrop box: top = round((H - out_h) / 2), left = round((W - out_w) / 2)
 // (ties to even). Requires out_h <= H and out_w <= W.
@@ -95,7 +101,9 @@ CropBox center_crop_box(int64_t H, int64_t W, int64_t out_h, int64_t out_w);
 // image to input_size x input_size ("no cropping"). With a crop_pct in (0, 1] given, or by
 // default below 384: resize the shorter side to s = eval_resize_size(input_size, crop_pct) with
 // bicubic (the longer side to int(s * long / short), torchvision's Resize(int)), then
-// center_crop_box to input_size x input_size.
+// center_crop_box to input_size x input_size. Throws cnx::Error (one line) when an image the
+// transform makes would be above kMaxImagePixels: input_size above kMaxEvalResizeSide, too
+// small a crop_pct, or an image so elongated that its resized long side is too long.
 std::vector<uint8_t> eval_transform(std::span<const uint8_t> image, int64_t H, int64_t W, int64_t C,
                                     int64_t input_size, double crop_pct = -1.0);
 

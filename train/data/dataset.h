@@ -19,16 +19,49 @@
 // cifar-10-batches-bin/ or cifar-100-binary/ inside). There is no default CIFAR location.
 //
 // Bad files are refused with a cnx::Error of one line that starts with the dataset and the
-// file's path and says what is wrong (missing, truncated, wrong magic, counts that disagree,
-// a label out of range, a size that is not a whole number of records).
+// file's path and says what is wrong (missing, not a regular file, truncated, wrong magic,
+// counts that disagree, a label out of range, a size that is not a whole number of records,
+// sizes above the limits below).
+//
+// Hostile files: every size read from a file is checked for overflow (checked_product) and
+// against the limits below before anything is allocated. An idx file's header is read first
+// and its declared size checked; decompression then stops at that size (a gzip bomb inflates
+// at most one byte a chunk past it), and the images' count is checked against the labels'
+// before the images are inflated.
 #pragma once
 
 #include <array>
 #include <cstdint>
+#include <initializer_list>
 #include <string>
 #include <vector>
 
 namespace cnx {
+
+// ---- limits on what a file may declare -------------------------------------------------------
+
+// The largest image any reader decodes or any transform produces, in pixels: Pillow's
+// decompression-bomb guard (PIL.Image.MAX_IMAGE_PIXELS = 89,478,485, about 0.25 GB of RGB).
+// A file declaring more (a 2 KB JPEG can declare 16384 x 16384) is a bad file.
+constexpr int64_t kMaxImagePixels = 89'478'485;
+// The most pixel bytes an in-memory dataset (all its files together) may hold: 4 GiB, about 90
+// times Fashion-MNIST's training split (47,040,000 bytes) and 26 times CIFAR-100's.
+constexpr int64_t kMaxDatasetBytes = int64_t{1} << 32;
+
+// a * b * ... of non-negative sizes read from a file; false (and `product` unspecified) when
+// the product overflows int64.
+inline bool checked_product(std::initializer_list<int64_t> factors, int64_t& product) {
+  product = 1;
+  for (const int64_t f : factors)
+    if (f < 0 || __builtin_mul_overflow(product, f, &product)) return false;
+  return true;
+}
+
+// Why `path` cannot be read as a data file, or "" when it is a regular file (symbolic links
+// followed): "missing", "a folder, not a regular file", "a FIFO, not a regular file", ...
+// Readers call it before opening: open(2) of a FIFO blocks until some writer appears, and a
+// device can be endless.
+std::string not_a_regular_file(const std::string& path);
 
 struct Dataset {
   std::string name;  // "fashion_mnist", "cifar10", "cifar100"

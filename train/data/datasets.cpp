@@ -1,11 +1,14 @@
 // Readers for Fashion-MNIST (idx, gzipped or not) and CIFAR-10/100 (binary version): see
 // train/data/dataset.h for the formats. Every check names the file it is about.
+#include <sys/stat.h>
 #include <zlib.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <optional>
 #include <system_error>
 
 #include "tensor/error.h"
@@ -62,39 +65,90 @@ std::string hex32(uint32_t v) {
   return s;
 }
 
-// The whole (decompressed) content of a file. gzread passes a file that is not gzipped through
-// unchanged, so this reads the idx files in either form.
-std::vector<uint8_t> read_gz_or_plain(const std::string& ds, const fs::path& path) {
-  gzFile f = gzopen(path.c_str(), "rb");
-  if (!f) fail(ds, ": ", path.string(), ": cannot open for reading");
-  std::vector<uint8_t> out;
-  constexpr size_t kChunk = size_t{1} << 20;
-  for (;;) {
-    const size_t at = out.size();
-    out.resize(at + kChunk);
-    const int got = gzread(f, out.data() + at, static_cast<unsigned>(kChunk));
-    int code = Z_OK;
-    std::string msg = gzerror(f, &code);
-    // zlib prefixes its message with the path, which the message below already names.
-    if (const std::string prefix = path.string() + ": "; msg.rfind(prefix, 0) == 0)
-      msg = msg.substr(prefix.size());
-    // A gzip stream cut short: zlib returns the bytes it could decode, then Z_BUF_ERROR
-    // ("unexpected end of file").
-    if (code == Z_BUF_ERROR) {
-      gzclose(f);
-      fail(ds, ": ", path.string(), ": truncated: the gzip stream ends early after ",
-           at + static_cast<size_t>(std::max(got, 0)), " decompressed bytes (zlib: ", msg, ")");
-    }
-    if (got < 0 || code != Z_OK) {
-      gzclose(f);
-      fail(ds, ": ", path.string(), ": corrupt gzip data (zlib: ", msg, ")");
-    }
-    out.resize(at + static_cast<size_t>(got));
-    if (got == 0) break;
+// A gzipped or plain file read piece by piece: gzread passes a file that is not gzipped through
+// unchanged, so this reads the idx files in either form. Reading in pieces lets the idx readers
+// check a header's declared size before inflating anything after it.
+class GzReader {
+ public:
+  GzReader(const std::string& ds, const fs::path& path) : path_(path) {
+    where_ = ds + ": " + path.string() + ": ";
+    if (const std::string why = not_a_regular_file(path.string()); !why.empty()) fail(where_, why);
+    f_ = gzopen(path.c_str(), "rb");
+    if (!f_) fail(where_, "cannot open for reading");
   }
-  gzclose(f);
-  if (out.empty()) fail(ds, ": ", path.string(), ": empty file");
-  return out;
+  ~GzReader() { gzclose(f_); }
+  GzReader(const GzReader&) = delete;
+  GzReader& operator=(const GzReader&) = delete;
+
+  // Reads up to n bytes into dst; fewer only at the end of the (decompressed) data.
+  size_t read(uint8_t* dst, size_t n) {
+    size_t done = 0;
+    while (done < n) {
+      const unsigned ask = static_cast<unsigned>(std::min<size_t>(n - done, size_t{1} << 20));
+      const int got = gzread(f_, dst + done, ask);
+      int code = Z_OK;
+      std::string msg = gzerror(f_, &code);
+      // zlib prefixes its message with the path, which the messages below already name.
+      if (const std::string prefix = path_.string() + ": "; msg.rfind(prefix, 0) == 0)
+        msg = msg.substr(prefix.size());
+      // A gzip stream cut short: zlib returns the bytes it could decode, then Z_BUF_ERROR
+      // ("unexpected end of file").
+      if (code == Z_BUF_ERROR)
+        fail(where_, "truncated: the gzip stream ends early after ",
+             total_ + done + static_cast<size_t>(std::max(got, 0)), " decompressed bytes (zlib: ",
+             msg, ")");
+      if (got < 0 || code != Z_OK) fail(where_, "corrupt gzip data (zlib: ", msg, ")");
+      done += static_cast<size_t>(got);
+      if (got == 0) break;
+    }
+    total_ += done;
+    return done;
+  }
+
+  // Appends exactly `n` bytes to `out` unless the data end first (then fewer). The buffer grows
+  // with the data actually read, so a header that declares more than the file holds costs no
+  // more memory than the file's content.
+  void read_into(std::vector<uint8_t>& out, size_t n) {
+    constexpr size_t kChunk = size_t{1} << 22;
+    const size_t end = out.size() + n;
+    while (out.size() < end) {
+      const size_t at = out.size(), ask = std::min(kChunk, end - at);
+      out.resize(at + ask);
+      const size_t got = read(out.data() + at, ask);
+      out.resize(at + got);
+      if (got < ask) break;
+    }
+  }
+
+  // How many bytes are left, counted up to `cap` (not inflated further): cap + 1 for "more".
+  size_t count_rest(size_t cap) {
+    std::vector<uint8_t> sink(std::min<size_t>(cap + 1, size_t{1} << 16));
+    size_t rest = 0;
+    while (rest <= cap) {
+      const size_t got = read(sink.data(), std::min(sink.size(), cap + 1 - rest));
+      if (got == 0) break;
+      rest += got;
+    }
+    return rest;
+  }
+
+  const std::string& where() const { return where_; }
+
+ private:
+  fs::path path_;
+  std::string where_;  // "<dataset>: <path>: "
+  gzFile f_ = nullptr;
+  size_t total_ = 0;   // decompressed bytes read so far
+};
+
+// Bytes after an idx file's data are counted up to this many for the message, not inflated
+// further (a gzip bomb appended to a good file).
+constexpr size_t kMaxCountedTrailing = size_t{1} << 20;
+
+// "N bytes" or "more than N bytes" for what GzReader::count_rest returned.
+std::string trailing_bytes(size_t rest) {
+  return rest > kMaxCountedTrailing ? "more than " + std::to_string(kMaxCountedTrailing) + " bytes"
+                                    : std::to_string(rest) + " bytes";
 }
 
 // ---- Fashion-MNIST (idx) ---------------------------------------------------------------------
@@ -105,7 +159,40 @@ fs::path find_idx_file(const std::string& ds, const fs::path& dir, const std::st
   std::error_code ec;
   if (fs::is_regular_file(gz, ec)) return gz;
   if (fs::is_regular_file(plain, ec)) return plain;
+  // Something that is not a file (a FIFO would block the reader forever): say what it is.
+  for (const fs::path& p : {gz, plain})
+    if (fs::exists(p, ec)) fail(ds, ": ", p.string(), ": ", not_a_regular_file(p.string()));
   fail(ds, ": ", gz.string(), ": missing file (nor is there an uncompressed ", stem, ")");
+}
+
+// The first `size` bytes of an idx file: its header, magic checked first (a file of another
+// kind is reported as such, not as a short header).
+void read_idx_header(GzReader& in, uint8_t* header, size_t size, uint32_t magic, const char* kind,
+                     const char* what) {
+  const size_t got = in.read(header, size);
+  if (got == 0) fail(in.where(), "empty file");
+  if (got >= 4) {
+    const std::vector<uint8_t> b(header, header + 4);
+    if (read_be32(b, 0) != magic)
+      fail(in.where(), "wrong magic number: expected ", hex32(magic), " (", kind,
+           ", unsigned bytes: ", what, "), found ", hex32(read_be32(b, 0)));
+  }
+  if (got < size)
+    fail(in.where(), "truncated: ", got, " bytes, fewer than the ", size, " of an ", kind, " ",
+         what == std::string("images") ? "image" : "label", " header");
+}
+
+// The label count of an idx1 labels file whose header is readable, else nothing (its reader
+// reports the problem later). Inflates 8 bytes.
+std::optional<int64_t> peek_idx_label_count(const std::string& ds, const fs::path& path) {
+  try {
+    GzReader in(ds, path);
+    std::vector<uint8_t> h(8);
+    if (in.read(h.data(), 8) != 8 || read_be32(h, 0) != 0x00000801u) return std::nullopt;
+    return read_be32(h, 4);
+  } catch (const Error&) {
+    return std::nullopt;
+  }
 }
 
 struct IdxImages {
@@ -113,48 +200,60 @@ struct IdxImages {
   std::vector<uint8_t> pixels;
 };
 
-IdxImages read_idx_images(const std::string& ds, const fs::path& path) {
-  std::vector<uint8_t> b = read_gz_or_plain(ds, path);
-  const std::string where = ds + ": " + path.string() + ": ";
-  // The magic first: a file of another kind is reported as such, not as a short header.
-  if (b.size() >= 4 && read_be32(b, 0) != 0x00000803u)
-    fail(where, "wrong magic number: expected ", hex32(0x00000803u),
-         " (idx3, unsigned bytes: images), found ", hex32(read_be32(b, 0)));
-  if (b.size() < 16)
-    fail(where, "truncated: ", b.size(), " bytes, fewer than the 16 of an idx3 image header");
+// `labels_path`: the labels file, whose count (when its header is readable) must match before
+// the images are inflated.
+IdxImages read_idx_images(const std::string& ds, const fs::path& path, const fs::path& labels_path) {
+  GzReader in(ds, path);
+  const std::string& where = in.where();
+  std::vector<uint8_t> h(16);
+  read_idx_header(in, h.data(), 16, 0x00000803u, "idx3", "images");
   IdxImages im;
-  im.n = read_be32(b, 4);
-  im.rows = read_be32(b, 8);
-  im.cols = read_be32(b, 12);
+  im.n = read_be32(h, 4);
+  im.rows = read_be32(h, 8);
+  im.cols = read_be32(h, 12);
   if (im.n == 0 || im.rows == 0 || im.cols == 0)
     fail(where, "empty: the header says ", im.n, " images of ", im.rows, "x", im.cols);
-  const uint64_t want = static_cast<uint64_t>(im.n) * static_cast<uint64_t>(im.rows) *
-                        static_cast<uint64_t>(im.cols);
-  const uint64_t have = b.size() - 16;
+  int64_t pixels = 0, want = 0;
+  if (!checked_product({im.rows, im.cols}, pixels) || pixels > kMaxImagePixels)
+    fail(where, "header field rows x cols = ", im.rows, "x", im.cols, " is above the limit of ",
+         kMaxImagePixels, " pixels an image (Fashion-MNIST's are 28x28): a corrupt or hostile file");
+  if (!checked_product({im.n, pixels}, want) || want > kMaxDatasetBytes)
+    fail(where, "header field count: ", im.n, " images of ", im.rows, "x", im.cols,
+         " would take more than the limit of ", kMaxDatasetBytes,
+         " bytes (Fashion-MNIST's training split takes 47040000): a corrupt or hostile file");
+  if (const std::optional<int64_t> labels = peek_idx_label_count(ds, labels_path); labels && *labels != im.n)
+    fail(ds, ": ", labels_path.string(), ": count mismatch: ", *labels, " labels but ",
+         path.string(), " has ", im.n, " images");
+  in.read_into(im.pixels, static_cast<size_t>(want));
+  const int64_t have = static_cast<int64_t>(im.pixels.size());
   if (have < want)
     fail(where, "truncated: the header promises ", im.n, " images of ", im.rows, "x", im.cols,
          " (", want, " bytes) but only ", have, " bytes follow it");
-  if (have > want)
-    fail(where, "has ", have - want, " bytes after the ", im.n, " images of ", im.rows, "x",
+  if (const size_t rest = in.count_rest(kMaxCountedTrailing); rest > 0)
+    fail(where, "has ", trailing_bytes(rest), " after the ", im.n, " images of ", im.rows, "x",
          im.cols, " its header promises");
-  im.pixels.assign(b.begin() + 16, b.end());
   return im;
 }
 
-std::vector<uint8_t> read_idx_labels(const std::string& ds, const fs::path& path) {
-  std::vector<uint8_t> b = read_gz_or_plain(ds, path);
-  const std::string where = ds + ": " + path.string() + ": ";
-  if (b.size() >= 4 && read_be32(b, 0) != 0x00000801u)
-    fail(where, "wrong magic number: expected ", hex32(0x00000801u),
-         " (idx1, unsigned bytes: labels), found ", hex32(read_be32(b, 0)));
-  if (b.size() < 8)
-    fail(where, "truncated: ", b.size(), " bytes, fewer than the 8 of an idx1 label header");
-  const uint64_t n = read_be32(b, 4), have = b.size() - 8;
-  if (have < n)
-    fail(where, "truncated: the header promises ", n, " labels but only ", have,
+// The labels of an idx1 file that must hold `expected` of them (the images' count).
+std::vector<uint8_t> read_idx_labels(const std::string& ds, const fs::path& path, int64_t expected,
+                                     const fs::path& images_path) {
+  GzReader in(ds, path);
+  const std::string& where = in.where();
+  std::vector<uint8_t> h(8);
+  read_idx_header(in, h.data(), 8, 0x00000801u, "idx1", "labels");
+  const int64_t n = read_be32(h, 4);
+  if (n != expected)
+    fail(where, "count mismatch: ", n, " labels but ", images_path.string(), " has ", expected,
+         " images");
+  std::vector<uint8_t> labels;
+  in.read_into(labels, static_cast<size_t>(n));
+  if (static_cast<int64_t>(labels.size()) < n)
+    fail(where, "truncated: the header promises ", n, " labels but only ", labels.size(),
          " bytes follow it");
-  if (have > n) fail(where, "has ", have - n, " bytes after the ", n, " labels its header promises");
-  return {b.begin() + 8, b.end()};
+  if (const size_t rest = in.count_rest(kMaxCountedTrailing); rest > 0)
+    fail(where, "has ", trailing_bytes(rest), " after the ", n, " labels its header promises");
+  return labels;
 }
 
 void load_fashion_mnist(Dataset& d, const std::string& data_path, bool train) {
@@ -167,11 +266,8 @@ void load_fashion_mnist(Dataset& d, const std::string& data_path, bool train) {
   const std::string split = train ? "train" : "t10k";
   const fs::path images_path = find_idx_file(d.name, dir, split + "-images-idx3-ubyte");
   const fs::path labels_path = find_idx_file(d.name, dir, split + "-labels-idx1-ubyte");
-  IdxImages im = read_idx_images(d.name, images_path);
-  std::vector<uint8_t> lab = read_idx_labels(d.name, labels_path);
-  if (static_cast<int64_t>(lab.size()) != im.n)
-    fail(d.name, ": ", labels_path.string(), ": count mismatch: ", lab.size(), " labels but ",
-         images_path.string(), " has ", im.n, " images");
+  IdxImages im = read_idx_images(d.name, images_path, labels_path);
+  std::vector<uint8_t> lab = read_idx_labels(d.name, labels_path, im.n, images_path);
   for (size_t i = 0; i < lab.size(); ++i)
     if (lab[i] >= d.num_classes)
       fail(d.name, ": ", labels_path.string(), ": label ", int(lab[i]), " of image ", i,
@@ -205,7 +301,7 @@ fs::path cifar_folder(const std::string& ds, const std::string& data_path, const
 void read_cifar_file(Dataset& d, const fs::path& path, int label_bytes) {
   const std::string where = d.name + ": " + path.string() + ": ";
   std::error_code ec;
-  if (!fs::is_regular_file(path, ec)) fail(where, "missing file");
+  if (const std::string why = not_a_regular_file(path.string()); !why.empty()) fail(where, why);
   const uint64_t size = fs::file_size(path, ec);
   if (ec) fail(where, "cannot read its size (", ec.message(), ")");
   const uint64_t record = static_cast<uint64_t>(label_bytes + kCifarPixels);
@@ -214,6 +310,13 @@ void read_cifar_file(Dataset& d, const fs::path& path, int label_bytes) {
     fail(where, "size ", size, " bytes is not a whole number of ", record, "-byte ",
          d.name == "cifar10" ? "CIFAR-10" : "CIFAR-100", " records (", size / record,
          " records and ", size % record, " bytes left over)");
+  // The dataset so far and this file's images, checked before anything is allocated.
+  int64_t total = 0;
+  if (size > static_cast<uint64_t>(kMaxDatasetBytes) ||
+      !checked_product({static_cast<int64_t>(size / record), kCifarPixels}, total) ||
+      total > kMaxDatasetBytes - static_cast<int64_t>(d.images.size()))
+    fail(where, "size ", size, " bytes (", size / record, " records) takes the dataset past the "
+         "limit of ", kMaxDatasetBytes, " pixel bytes (CIFAR-100's training split takes 153600000)");
   std::ifstream in(path, std::ios::binary);
   if (!in) fail(where, "cannot open for reading");
   std::vector<uint8_t> b(size);
@@ -245,7 +348,14 @@ void read_cifar_file(Dataset& d, const fs::path& path, int label_bytes) {
 // One class name per non-empty line; exactly num_classes of them. Absent file: keep the built-in.
 void read_class_names(Dataset& d, const fs::path& path) {
   std::error_code ec;
-  if (!fs::is_regular_file(path, ec)) return;
+  if (!fs::exists(path, ec)) return;
+  if (const std::string why = not_a_regular_file(path.string()); !why.empty())
+    fail(d.name, ": ", path.string(), ": ", why);
+  // 100 names of at most a few dozen bytes: a file of megabytes is not a class list.
+  constexpr uintmax_t kMaxNamesFile = 1 << 20;
+  if (const uintmax_t size = fs::file_size(path, ec); !ec && size > kMaxNamesFile)
+    fail(d.name, ": ", path.string(), ": ", size, " bytes, more than the ", kMaxNamesFile,
+         " a class name list may take");
   std::ifstream in(path);
   if (!in) fail(d.name, ": ", path.string(), ": cannot open for reading");
   std::vector<std::string> names;
@@ -280,6 +390,22 @@ void load_cifar100(Dataset& d, const std::string& data_path, bool train) {
 }
 
 }  // namespace
+
+std::string not_a_regular_file(const std::string& path) {
+  struct stat st;
+  if (::stat(path.c_str(), &st) != 0) {
+    const int error = errno;
+    return error == ENOENT ? "missing file" : "cannot open: " + std::generic_category().message(error);
+  }
+  if (S_ISREG(st.st_mode)) return "";
+  const char* kind = S_ISDIR(st.st_mode)    ? "a folder"
+                     : S_ISFIFO(st.st_mode) ? "a FIFO (named pipe)"
+                     : S_ISCHR(st.st_mode)  ? "a character device"
+                     : S_ISBLK(st.st_mode)  ? "a block device"
+                     : S_ISSOCK(st.st_mode) ? "a socket"
+                                            : "not a file";
+  return std::string(kind) + ", not a regular file";
+}
 
 const std::vector<std::string>& known_datasets() {
   static const std::vector<std::string> names = {"fashion_mnist", "cifar10", "cifar100"};

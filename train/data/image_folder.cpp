@@ -16,6 +16,7 @@
 #include <system_error>
 
 #include "tensor/error.h"
+#include "train/data/dataset.h"
 
 namespace cnx {
 
@@ -87,6 +88,11 @@ struct TjHandle {
 };
 
 bool read_file(const std::string& path, std::vector<unsigned char>& bytes, std::string& error) {
+  // Before opening: fopen of a FIFO blocks until a writer appears.
+  if (const std::string why = not_a_regular_file(path); !why.empty()) {
+    error = why == "missing file" ? "cannot open: " + std::generic_category().message(ENOENT) : why;
+    return false;
+  }
   std::unique_ptr<FILE, int (*)(FILE*)> f(std::fopen(path.c_str(), "rb"), &std::fclose);
   if (!f) {
     error = std::string("cannot open: ") + std::strerror(errno);
@@ -111,8 +117,12 @@ std::string hex_start(const std::vector<unsigned char>& b) {
   return os.str();
 }
 
-// Larger images are refused rather than allocated (a corrupt header can claim 65535 x 65535).
-constexpr int64_t kMaxPixels = int64_t(1) << 28;
+// libjpeg-turbo's warning for bytes of garbage between two markers, e.g. "Corrupt JPEG data:
+// 240 extraneous bytes before marker 0xd9" (a few ImageNet files have it; the image is
+// complete). The one warning that does not make a file fail (image_folder.h).
+bool harmless_warning(const char* message) {
+  return std::strstr(message, "extraneous bytes before marker") != nullptr;
+}
 
 }  // namespace
 
@@ -197,9 +207,11 @@ bool decode_jpeg(const std::string& path, DecodedImage& out, std::string& error)
               std::to_string(b.size()) + " bytes of the file";
       return false;
     }
-    if (int64_t(w) * h > kMaxPixels) {
-      error = "image of " + std::to_string(w) + "x" + std::to_string(h) +
-              " pixels is larger than the " + std::to_string(kMaxPixels) + " pixels allowed";
+    // From the header, before anything is allocated: a 2 KB file can declare 16384 x 16384.
+    if (int64_t(w) * h > kMaxImagePixels) {
+      error = "image of " + std::to_string(w) + "x" + std::to_string(h) + " = " +
+              std::to_string(int64_t(w) * h) + " pixels is above the limit of " +
+              std::to_string(kMaxImagePixels) + " pixels (a decompression bomb?)";
       return false;
     }
     // libjpeg-turbo 2.1 has no CMYK/YCCK -> RGB conversion: decode to CMYK and convert below.
@@ -207,10 +219,18 @@ bool decode_jpeg(const std::string& path, DecodedImage& out, std::string& error)
     const int channels = cmyk ? 4 : 3;
     std::vector<unsigned char> px(size_t(w) * size_t(h) * channels);
     if (tjDecompress2(tj.h, b.data(), b.size(), px.data(), w, 0, h, cmyk ? TJPF_CMYK : TJPF_RGB,
-                      0) != 0 &&
-        tjGetErrorCode(tj.h) != TJERR_WARNING) {
-      error = std::string("corrupt JPEG data: ") + tjGetErrorStr2(tj.h);
-      return false;
+                      0) != 0) {
+      const char* message = tjGetErrorStr2(tj.h);
+      // A warning ("Premature end of JPEG file": the data are cut short and the missing rows
+      // come out grey) is a failure too, except the harmless one.
+      if (tjGetErrorCode(tj.h) != TJERR_WARNING) {
+        error = std::string("corrupt JPEG data: ") + message;
+        return false;
+      }
+      if (!harmless_warning(message)) {
+        error = std::string("truncated or corrupt JPEG data (libjpeg-turbo: ") + message + ")";
+        return false;
+      }
     }
     out.H = h;
     out.W = w;

@@ -17,12 +17,16 @@
 // caller skips the file (warn_skipped + DecodeStats).
 //
 // Decoding rule for damaged files: a file decodes when its header is complete (dimensions and
-// tables readable) and libjpeg-turbo reports at most warnings (TJERR_WARNING) while decoding
-// the pixels. A JPEG cut short in its entropy-coded data therefore decodes: libjpeg-turbo warns
-// "Premature end of JPEG file" and fills the missing rows (typically grey); this is what
-// PIL/torchvision with LOAD_TRUNCATED_IMAGES and most loaders do. A file cut inside its
-// header, a zero-byte file, a non-JPEG file or one whose data raise a fatal libjpeg error is a
-// failure.
+// tables readable), it declares at most kMaxImagePixels (train/data/dataset.h: Pillow's
+// decompression-bomb limit, checked from the header before anything is allocated) and
+// libjpeg-turbo decodes its pixels without an error or a warning. A JPEG cut short in its
+// entropy-coded data therefore fails: libjpeg-turbo warns "Premature end of JPEG file" and
+// would fill the missing rows with grey, which is a bad training sample, not an image. The one
+// warning allowed is "Corrupt JPEG data: N extraneous bytes before marker 0xXX" (garbage
+// between two markers, skipped; the image is complete; a few ImageNet files have it and Pillow
+// decodes them silently). A file cut inside its header, a zero-byte file, a non-JPEG file, a
+// FIFO, folder or device (refused before it is opened), or one whose data raise a libjpeg
+// error or warning is a failure.
 //
 // Colour: every JPEG is returned as 8-bit RGB. Grayscale JPEGs are expanded (R = G = B) by
 // libjpeg-turbo. CMYK and YCCK JPEGs cannot be converted to RGB by libjpeg-turbo 2.1
@@ -60,8 +64,8 @@ struct DecodedImage {
 };
 
 // Decodes the JPEG at `path` to RGB (rules above). Returns false and sets `error` to a one-line
-// reason (without the path) for a missing, unreadable, zero-byte, non-JPEG, corrupt or
-// truncated-in-header file; `out` is then unspecified. Never throws on bad file content and is
+// reason (without the path) for a missing, unreadable, not regular, zero-byte, non-JPEG,
+// too large (kMaxImagePixels), corrupt or truncated file; `out` is then unspecified. Never throws on bad file content and is
 // safe to call from several threads at once.
 bool decode_jpeg(const std::string& path, DecodedImage& out, std::string& error);
 

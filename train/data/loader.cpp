@@ -107,6 +107,10 @@ struct Slot {
 };
 
 constexpr int64_t kEraseAlignment = 64;  // where the erase params start in a ByteBatch block
+// The most pixel bytes one batch may take: 16 GiB, 85 times an ImageNet batch of 1024 images
+// of 224x224x3. Larger is a mistake (a batch size or an image size from a corrupt file), and
+// the pool holds several such blocks.
+constexpr int64_t kMaxBatchBytes = int64_t{1} << 34;
 
 }  // namespace
 
@@ -194,6 +198,12 @@ Tensor batch_images(const Batch& b, Device device) {
 
 FolderImageTransform::FolderImageTransform(const FolderTransform& t) : t_(t) {
   (void)checked_normalization(3, t.mean, t.std, "FolderTransform");
+  // The evaluation resize's size, checked once here rather than as every image fails: a tiny
+  // crop_pct resizes every image to tens of thousands of pixels a side.
+  CNX_CHECK(t.input_size > 0 && t.input_size <= kMaxEvalResizeSide, "FolderTransform: input_size ",
+            t.input_size, " is not in [1, ", kMaxEvalResizeSide, "]");
+  if (t.crop_pct > 0 || t.input_size < 384)
+    (void)eval_resize_size(t.input_size, t.crop_pct > 0 ? t.crop_pct : default_crop_pct(t.input_size));
   if (!t.auto_augment.empty() && t.auto_augment != "none") {
     rand_augment_ = parse_rand_augment(t.auto_augment);
     for (int c = 0; c < 3; ++c)  // geometric ops fill with the mean colour (timm's img_mean)
@@ -270,13 +280,26 @@ struct DataLoader::Impl {
   // (out_h, out_w, 3). False when the file does not decode (warned and counted); throws when
   // this epoch's failures pass max_bad_fraction of the split.
   bool folder_sample(uint8_t* dst, int64_t i, Generator& gen) const {
+    const std::string& path = folder->samples[static_cast<size_t>(i)].first;
     DecodedImage img;
-    if (!decode_jpeg_or_warn(folder->samples[static_cast<size_t>(i)].first, img, &decode_stats)) {
-      decode_stats.check(opt.folder.max_bad_fraction, N);  // this epoch's failures vs the split
-      return false;
+    std::string error;
+    bool ok = decode_jpeg(path, img, error);
+    if (ok) {
+      // The evaluation transform refuses an image so elongated that resizing it would pass the
+      // pixel limit (a 1 x 5000 image with a short side of 256): a bad file like the others.
+      try {
+        (*folder_transform)(img, augmenting(), gen, dst);
+      } catch (const Error& e) {
+        ok = false;
+        error = e.what();
+      }
     }
-    (*folder_transform)(img, augmenting(), gen, dst);
-    return true;
+    decode_stats.record(ok);
+    if (!ok) {
+      warn_skipped(path, error);
+      decode_stats.check(opt.folder.max_bad_fraction, N);  // this epoch's failures vs the split
+    }
+    return ok;
   }
 
   // Batch `index` of the epoch: the uint8 batch (pixels, erase and mix parameters, labels,
@@ -407,7 +430,12 @@ struct DataLoader::Impl {
     // The pool of uint8 batch blocks: [pixels (batch, S, S, C) | erase params (batch)]. At most
     // `depth` batches are claimed but not delivered, the consumer holds one, and one or two may
     // still be copying to the device: depth + 3 blocks suffice in the steady state.
-    const int64_t pixel_bytes = opt.batch_size * out_h * out_w * C;
+    // Checked: the batch size comes from the command line, the image sizes from files.
+    int64_t pixel_bytes = 0;
+    CNX_CHECK(checked_product({opt.batch_size, out_h, out_w, C}, pixel_bytes) &&
+                  pixel_bytes <= kMaxBatchBytes,
+              who, ": a batch of ", opt.batch_size, " images of ", out_h, "x", out_w, "x", C,
+              " would take more than the limit of ", kMaxBatchBytes, " bytes");
     erase_offset = (pixel_bytes + kEraseAlignment - 1) / kEraseAlignment * kEraseAlignment;
     const int64_t block = erase_offset + opt.batch_size * static_cast<int64_t>(sizeof(EraseParams));
     const bool pinned = opt.output == LoaderOutput::u8 && opt.pinned && cuda_device_count() > 0;
@@ -420,9 +448,11 @@ DataLoader::DataLoader(const Dataset& ds, LoaderOptions opt) {
   CNX_CHECK(ds.N > 0, who, " has no samples");
   CNX_CHECK(ds.num_classes > 0, who, " has ", ds.num_classes, " classes");
   CNX_CHECK(ds.H > 0 && ds.W > 0 && ds.C > 0, who, ": bad image shape ", ds.H, "x", ds.W, "x", ds.C);
-  CNX_CHECK(static_cast<int64_t>(ds.images.size()) == ds.N * ds.H * ds.W * ds.C, who, " holds ",
-            ds.images.size(), " pixel bytes for ", ds.N, " images of ", ds.H, "x", ds.W, "x", ds.C,
-            " (", ds.N * ds.H * ds.W * ds.C, ")");
+  int64_t bytes = 0;  // checked: the sizes may come from a file's header
+  CNX_CHECK(checked_product({ds.N, ds.H, ds.W, ds.C}, bytes), who, ": ", ds.N, " images of ", ds.H,
+            "x", ds.W, "x", ds.C, " take more bytes than int64 can count");
+  CNX_CHECK(static_cast<int64_t>(ds.images.size()) == bytes, who, " holds ", ds.images.size(),
+            " pixel bytes for ", ds.N, " images of ", ds.H, "x", ds.W, "x", ds.C, " (", bytes, ")");
   CNX_CHECK(static_cast<int64_t>(ds.labels.size()) == ds.N, who, " holds ", ds.labels.size(),
             " labels for ", ds.N, " images");
   impl_ = std::make_unique<Impl>();
