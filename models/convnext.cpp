@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
+#include <initializer_list>
 #include <map>
 #include <set>
 
@@ -18,7 +19,10 @@ constexpr double kInitStd = 0.02;
 
 std::string join(const std::vector<int64_t>& v) {
   std::string s;
-  for (size_t i = 0; i < v.size(); ++i) s += (i ? "," : "") + std::to_string(v[i]);
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (i) s += ',';
+    s += std::to_string(v[i]);
+  }
   return s;
 }
 }  // namespace
@@ -34,13 +38,81 @@ void ConvNeXtConfig::validate() const {
   CNX_CHECK(!isotropic || depths.size() == 1, what, "an isotropic model has one stage, got ",
             depths.size());
   for (size_t i = 0; i < depths.size(); ++i) {
-    CNX_CHECK(depths[i] >= 0, what, "depths must be non-negative, got ", join(depths));
+    CNX_CHECK(depths[i] > 0, what, "depths must be positive, got ", join(depths));
     CNX_CHECK(dims[i] > 0, what, "dims must be positive, got ", join(dims));
   }
+  CNX_CHECK(isotropic || depths.size() <= kMaxStages, what, depths.size(),
+            " stages: at most ", kMaxStages, " (each one halves the input)");
   CNX_CHECK(drop_path_rate >= 0 && drop_path_rate < 1, what, "drop_path_rate must be in [0, 1), got ",
             drop_path_rate);
   CNX_CHECK(layer_scale_init_value >= 0, what, "layer_scale_init_value must be >= 0, got ",
             layer_scale_init_value);
+  // Before anything is allocated: a typo like --depths 1,1,1,100000000 must not grow memory
+  // until the machine gives up.
+  const int64_t n = num_parameters();
+  CNX_CHECK(n >= 0 && n <= kMaxParameters, what,
+            n < 0 ? std::string("more than 2^63") : std::to_string(n), " parameters (depths ",
+            join(depths), ", dims ", join(dims), ", in_chans ", in_chans, ", num_classes ",
+            num_classes, ") exceed the maximum of ", kMaxParameters, " (2^31)");
+}
+
+namespace {
+// A sum of products in int64_t that remembers whether anything overflowed.
+class CheckedCount {
+ public:
+  // Adds the product of the factors.
+  void add(std::initializer_list<int64_t> factors) {
+    int64_t product = 1;
+    for (int64_t f : factors) overflow_ = overflow_ || __builtin_mul_overflow(product, f, &product);
+    overflow_ = overflow_ || __builtin_add_overflow(n_, product, &n_);
+  }
+  int64_t value() const { return overflow_ ? -1 : n_; }
+
+ private:
+  int64_t n_ = 0;
+  bool overflow_ = false;
+};
+}  // namespace
+
+int64_t ConvNeXtConfig::num_parameters() const {
+  // The parameters the constructor adds, in the same order (see there for the shapes).
+  CheckedCount n;
+  const size_t S = dims.size();
+  if (isotropic) {
+    n.add({dims[0], in_chans, 16, 16});  // stem conv
+    n.add({dims[0]});
+  } else {
+    n.add({dims[0], in_chans, 4, 4});  // stem conv
+    n.add({dims[0]});
+    n.add({2, dims[0]});  // its LayerNorm
+    for (size_t i = 1; i < S; ++i) {
+      n.add({2, dims[i - 1]});             // LayerNorm
+      n.add({dims[i], dims[i - 1], 2, 2});  // 2x2/2 conv
+      n.add({dims[i]});
+    }
+  }
+  for (size_t i = 0; i < S; ++i) {
+    const int64_t C = dims[i];
+    CheckedCount block;
+    if (layer_scale_init_value > 0) block.add({C});  // gamma
+    block.add({C, 7, 7});                            // dwconv
+    block.add({C});
+    block.add({2, C});                               // LayerNorm
+    block.add({4, C, C});                            // pwconv1
+    block.add({4, C});
+    block.add({C, 4, C});                            // pwconv2
+    block.add({C});
+    if (block.value() < 0) return -1;
+    n.add({depths[i], block.value()});
+  }
+  n.add({2, dims.back()});              // final LayerNorm
+  n.add({num_classes, dims.back()});    // head
+  n.add({num_classes});
+  return n.value();
+}
+
+int64_t ConvNeXtConfig::downsampling() const {
+  return isotropic ? 16 : int64_t{4} << (dims.size() - 1);
 }
 
 namespace {
@@ -317,10 +389,18 @@ Tensor ConvNeXt::block_forward(const Block& b, const Tensor& x, bool training,
   return scaled_residual(x, h, gamma, scale);
 }
 
+void ConvNeXt::check_input_size(int64_t H, int64_t W) const {
+  const int64_t s = config_.downsampling();
+  CNX_CHECK(H >= s && W >= s, "model ", config_.name, ": input ", H, "x", W,
+            " is too small for this model: the smallest is ", s, "x", s, " (it downsamples by ",
+            s, ")");
+}
+
 Tensor ConvNeXt::forward(const Tensor& images, bool training, Generator& drop_gen,
                          DType activations) const {
   CNX_CHECK(images.rank() == 4 && images.dim(3) == config_.in_chans, "model ", config_.name,
             ": images ", images.str(), " must be (N, H, W, ", config_.in_chans, ")");
+  check_input_size(images.dim(1), images.dim(2));
   CNX_CHECK(images.device() == device(), "model ", config_.name, ": images ", images.str(),
             " are not on the model's device ", device().str(), " (move them with .to())");
   const DType params = p(head_w_).dtype();
@@ -373,7 +453,29 @@ void ConvNeXt::load_state_dict(const NamedTensors& tensors) {
   StateDictMatcher match(tensors);
   std::vector<const Tensor*> found;
   for (const Parameter& prm : params_) found.push_back(match.floating(prm.name, prm.official_shape));
-  match.finish("load_state_dict: weights do not fit model " + config_.name + ":");
+  if (!match.ok()) {
+    const std::string head = "load_state_dict: weights do not fit model " + config_.name + ":";
+    const std::vector<std::string> missing = match.missing(), unexpected = match.unexpected();
+    std::set<std::string> expected;
+    for (const Parameter& prm : params_) expected.insert(prm.name);
+    const std::string foreign = foreign_naming_hint(unexpected, expected, missing.size());
+    if (!foreign.empty()) fail(head, " ", foreign);
+    // Weights with and without layer scale differ only by the blocks' gamma tensors.
+    auto all_gamma = [](const std::vector<std::string>& names) {
+      return !names.empty() && std::all_of(names.begin(), names.end(), [](const std::string& n) {
+        return n.ends_with(".gamma");
+      });
+    };
+    std::string hint;
+    if (all_gamma(missing) && unexpected.empty())
+      hint = "the weights have no layer scale (no .gamma tensors): build the model with "
+             "layer_scale_init_value 0 (--layer_scale_init_value 0)";
+    else if (all_gamma(unexpected) && missing.empty())
+      hint = "the weights have layer scale (.gamma tensors), the model, built with "
+             "layer_scale_init_value 0, has none: build it with a positive value "
+             "(--layer_scale_init_value 1e-6)";
+    match.finish(head, hint);
+  }
 
   // Everything fits: convert first, assign after, so a failure leaves the model unchanged.
   std::vector<Tensor> values;

@@ -41,8 +41,24 @@ struct ConvNeXtConfig {
   double layer_scale_init_value = 1e-6;  // 0: no gamma parameters at all
   double head_init_scale = 1.0;
 
-  // Checks sizes and rates; throws cnx::Error naming the bad field.
+  // The most parameters a model may have: 2^31 (8 GiB of f32 weights), comfortably above the
+  // largest ConvNeXt known (timm's convnext_xxlarge, 846M). The constructor refuses a bigger
+  // configuration before it allocates anything.
+  static constexpr int64_t kMaxParameters = int64_t{1} << 31;
+  // The most stages a hierarchical model may have (it then downsamples by 2^25).
+  static constexpr size_t kMaxStages = 24;
+
+  // Checks sizes and rates (positive depths and dims, at most kMaxStages stages, at most
+  // kMaxParameters parameters); throws cnx::Error naming the bad field.
   void validate() const;
+  // The number of parameters (elements) the model will have, from the sizes alone, with
+  // overflow-checked arithmetic: -1 if it does not fit in int64_t. Expects positive sizes.
+  int64_t num_parameters() const;
+  // How much the model downsamples: 4 (the stem) times 2 per downsampling layer, 32 for four
+  // stages; 16 for the isotropic stem. The smallest input is downsampling() x downsampling();
+  // any larger size works, not only multiples (each patchify conv drops the remainder rows and
+  // columns, as PyTorch's strided conv does). Expects a validated configuration.
+  int64_t downsampling() const;
 };
 
 // The named variants: convnext_{atto,femto,pico,nano,tiny,small,base,large,xlarge} and
@@ -100,8 +116,11 @@ class ConvNeXt {
   // accumulation; LayerNorm statistics in fp32), and the pooled features come back to fp32, so
   // the head's LayerNorm and linear, the logits and the loss are fp32. Gradients follow the same
   // dtypes backwards; every parameter gradient is fp32.
+  // Throws cnx::Error, naming the smallest size, if an H x W input is smaller than the model
+  // takes (config().downsampling() in each direction); forward() checks this first.
   Tensor forward(const Tensor& images, bool training, Generator& drop_gen,
                  DType activations = DType::f32) const;
+  void check_input_size(int64_t H, int64_t W) const;
 
   // In official order (the order of the official model's state_dict()).
   std::vector<Parameter>& parameters() { return params_; }
@@ -115,7 +134,10 @@ class ConvNeXt {
   NamedTensors state_dict() const;
   // Strict: every parameter present, nothing unexpected, official shapes, floating dtypes
   // (converted to f32), copied to the parameters' device. Reports every missing, unexpected and
-  // mis-shaped name in one error; the model is unchanged if anything is wrong.
+  // mis-shaped name in one error; the model is unchanged if anything is wrong. Names from
+  // elsewhere (timm's, or a training checkpoint's wrapper prefix) get a one-line diagnosis with
+  // the tools/convert_checkpoint.py command instead of the lists; a file that differs only by
+  // the layer scale (.gamma) tensors gets a hint about layer_scale_init_value.
   void load_state_dict(const NamedTensors& tensors);
   // The accumulated gradients in official names and layouts, CPU copies (zeros where none was
   // computed).

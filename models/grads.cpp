@@ -19,6 +19,8 @@ GradsResult compute_grads(ConvNeXt& model, const Tensor& images_nchw, const Tens
     CNX_CHECK(v >= 0 && v < cfg.num_classes, "label ", v, " is outside [0, ", cfg.num_classes,
               ")");
 
+  model.check_input_size(images_nchw.dim(2), images_nchw.dim(3));  // before the model moves
+
   CNX_CHECK(cfg.drop_path_rate == 0, "grads: the model must have drop_path_rate 0, got ",
             cfg.drop_path_rate);
 

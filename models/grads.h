@@ -16,7 +16,7 @@ struct GradsResult {
 // images: f32 (N, C, H, W) with C = in_chans; labels: i64 (N) in [0, num_classes), both on the
 // host. The model is moved to `device` (ConvNeXt::to) and its gradients reset first; the pass
 // runs there, and the results are CPU copies, the same on every device up to float rounding.
-// Throws cnx::Error on bad input.
+// Throws cnx::Error on bad input (an image smaller than the model takes: naming the smallest).
 GradsResult compute_grads(ConvNeXt& model, const Tensor& images_nchw, const Tensor& labels,
                           Device device = Device::cpu());
 

@@ -234,7 +234,7 @@ TEST(ConvNeXtModel, ForwardShapesForAwkwardSizes) {
   expect_error([&] { m.forward(Tensor::randn({1, 32, 32, 1}, g), false, d); },
                {"images f32[1, 32, 32, 1] cpu must be (N, H, W, 3)"});
   expect_error([&] { m.forward(Tensor::randn({1, 16, 16, 3}, g), false, d); },
-               {"patchify_conv", "smaller than the 2x2 patch"});  // 16 -> 4 -> 2 -> 1 -> 0
+               {"input 16x16 is too small for this model: the smallest is 32x32"});  // 16 -> 4 -> 2 -> 1 -> 0
 }
 
 TEST(ConvNeXtModel, DropPathOnlyInTraining) {

@@ -3,6 +3,7 @@
 (facebookresearch/ConvNeXt) and timm parameter names.
 
     python3 tools/convert_checkpoint.py INPUT OUTPUT [--key KEY] [--to official|timm]
+                                        [--eps EPS] [--timm-mlp auto|linear|conv]
                                         [--allow-pickle]
 
 INPUT is read by its content, OUTPUT written by its extension:
@@ -15,11 +16,27 @@ INPUT is read by its content, OUTPUT written by its extension:
     layout) with the official names, or timm's names with --to timm.
   - (also: .safetensors -> .safetensors, e.g. timm's hub files to official names, which needs
     only numpy; and .pth -> .pth, which renames.)
-The input naming (official, official isotropic, or timm 0.6+) is detected. Every tensor is
-written as float32: float16/bfloat16/float64 are converted, integer and bool buffers are dropped
-(each with a note on stdout). timm's conv_mlp models (atto ... nano) keep mlp.fc1/fc2 weights
-as 1x1 convs [out, in, 1, 1]: they become [out, in]. With --to timm the Linear form [out, in]
-is written (timm's default, conv_mlp=False, layout).
+The input naming (official, official isotropic, or timm 0.6+) is detected; a 'module.' or
+'model.' prefix on every name (DistributedDataParallel, a flattened training checkpoint) is
+stripped. Every tensor is written as float32: float16/bfloat16/float64 are converted, integer
+and bool buffers are dropped (each with a note on stdout). timm's conv_mlp models (atto ...
+nano) keep mlp.fc1/fc2 weights as 1x1 convs [out, in, 1, 1]: they become [out, in].
+
+--timm-mlp (with --to timm): the form of the mlp.fc1/fc2 weights written. auto (the default):
+[out, in, 1, 1] where timm builds the model with conv_mlp=True (atto, femto, pico, nano, found
+by their depths and dims) or the input had that form, else [out, in] (timm's Linear MLP, its
+default); linear or conv force one form, for other conv_mlp models.
+
+LayerNorm eps: the file does not say which eps its model was trained with, and a model run with
+another eps computes different outputs. The official code and this project's C++ model use 1e-6
+in every LayerNorm, as timm does except for convnext_xxlarge and its test_convnext* models
+(norm_eps 1e-5). The eps is taken from --eps; else from the input's metadata (layer_norm_eps,
+which this script writes into every safetensors OUTPUT); else from the architecture, found by
+its depths and dims (1e-5 for timm's convnext_xxlarge, depths 3,4,30,3, dims
+384,768,1536,3072, and the test_convnext models); else 1e-6. An eps other than 1e-6 is refused
+for a .safetensors OUTPUT (the C++ model) and for official names (the official code): only a
+timm-named .pth (--to timm) can carry it, and a note says to build the timm model with that
+norm_eps. Pass --eps 1e-6 for weights that were trained with 1e-6 despite their architecture.
 
 --allow-pickle: load with weights_only=False, for checkpoints holding other Python objects
 (the official main.py saves its argparse Namespace as "args"). Unpickling runs code from the
@@ -216,6 +233,145 @@ def official_sort_key(name):
     return key
 
 
+# ---- the model a state dict holds: LayerNorm eps and timm's MLP form (pure) -------------------
+OFFICIAL_EPS = 1e-6  # every LayerNorm of the official code and of the C++ model
+HIERARCHICAL, ISO = "hierarchical", "isotropic"
+
+# (kind, depths, dims) -> (model, LayerNorm eps, timm builds the MLP as 1x1 convs). From the
+# official models/convnext.py and convnext_isotropic.py (eps 1e-6 throughout) and timm 1.0's
+# models/convnext.py: norm_eps=1e-5 for convnext_xxlarge and test_convnext{,2,3} (which also
+# use a tanh GELU, or SiLU and smaller kernels, that no official model has); conv_mlp=True for
+# atto, femto, pico, nano (and their _ols stems, which have other names).
+KNOWN_MODELS = {
+    (HIERARCHICAL, (2, 2, 6, 2), (40, 80, 160, 320)): ("convnext_atto", 1e-6, True),
+    (HIERARCHICAL, (2, 2, 6, 2), (48, 96, 192, 384)): ("convnext_femto", 1e-6, True),
+    (HIERARCHICAL, (2, 2, 6, 2), (64, 128, 256, 512)): ("convnext_pico", 1e-6, True),
+    (HIERARCHICAL, (2, 2, 8, 2), (80, 160, 320, 640)): ("convnext_nano", 1e-6, True),
+    (HIERARCHICAL, (3, 3, 9, 3), (96, 192, 384, 768)): ("convnext_tiny", 1e-6, False),
+    (HIERARCHICAL, (3, 3, 27, 3), (96, 192, 384, 768)): ("convnext_small", 1e-6, False),
+    (HIERARCHICAL, (3, 3, 27, 3), (128, 256, 512, 1024)): ("convnext_base", 1e-6, False),
+    (HIERARCHICAL, (3, 3, 27, 3), (192, 384, 768, 1536)): ("convnext_large", 1e-6, False),
+    (HIERARCHICAL, (3, 3, 27, 3), (256, 512, 1024, 2048)): ("convnext_xlarge", 1e-6, False),
+    (HIERARCHICAL, (3, 4, 30, 3), (384, 768, 1536, 3072)): ("timm's convnext_xxlarge", 1e-5,
+                                                             False),
+    (HIERARCHICAL, (1, 2, 4, 2), (24, 32, 48, 64)): ("timm's test_convnext", 1e-5, False),
+    (HIERARCHICAL, (1, 1, 1, 1), (32, 64, 96, 128)): ("timm's test_convnext2/3", 1e-5, False),
+    (ISO, (18,), (384,)): ("convnext_isotropic_small", 1e-6, False),
+    (ISO, (18,), (768,)): ("convnext_isotropic_base", 1e-6, False),
+    (ISO, (36,), (1024,)): ("convnext_isotropic_large", 1e-6, False),
+}
+
+_STAGE_BLOCK = re.compile(r"stages\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.")
+_ISO_BLOCK = re.compile(r"blocks\.(0|[1-9][0-9]*)\.")
+
+
+def architecture(named_shapes):
+    """(kind, depths, dims) of a state dict with official names, from (name, shape) pairs: the
+    blocks per stage and the width of each stage's first depthwise conv (the isotropic stem's
+    width); None when the names do not make a whole model."""
+    shapes = {name: tuple(int(d) for d in shape) for name, shape in named_shapes}
+    if "stem.weight" in shapes:  # isotropic
+        blocks = {int(m.group(1)) for m in map(_ISO_BLOCK.match, shapes) if m}
+        if not blocks or blocks != set(range(len(blocks))):
+            return None
+        return ISO, (len(blocks),), (shapes["stem.weight"][0],)
+    stages = {}
+    for name in shapes:
+        m = _STAGE_BLOCK.match(name)
+        if m:
+            stages.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    if not stages or set(stages) != set(range(len(stages))):
+        return None
+    depths, dims = [], []
+    for i in range(len(stages)):
+        if stages[i] != set(range(len(stages[i]))):
+            return None
+        dw = shapes.get(f"stages.{i}.0.dwconv.weight")
+        if not dw:
+            return None
+        depths.append(len(stages[i]))
+        dims.append(dw[0])
+    return HIERARCHICAL, tuple(depths), tuple(dims)
+
+
+def _parse_eps(text, what):
+    try:
+        eps = float(text)
+    except (TypeError, ValueError):
+        raise ConversionError(f"{what}: expected a positive number, got {text!r}")
+    if not eps > 0 or eps == float("inf"):
+        raise ConversionError(f"{what}: expected a positive number, got {text!r}")
+    return eps
+
+
+def resolve_eps(eps_arg, recorded, known):
+    """(eps, where it came from): --eps (a string) if given, else the input's layer_norm_eps
+    metadata (a string), else the known model's (KNOWN_MODELS' value), else OFFICIAL_EPS."""
+    if eps_arg is not None:
+        return _parse_eps(eps_arg, "--eps"), "--eps"
+    if recorded is not None:
+        return _parse_eps(recorded, "the input's layer_norm_eps metadata"), "the input's metadata"
+    if known is not None:
+        return known[1], known[0]
+    return OFFICIAL_EPS, "the default"
+
+
+def is_official_eps(eps):
+    return abs(eps - OFFICIAL_EPS) <= 1e-12
+
+
+def check_eps(eps, source, writes_timm):
+    """None when eps is the official 1e-6; a note for a timm-named output (timm builds the model
+    with norm_eps); else raises ConversionError: the official code and the C++ model have only
+    1e-6 and would compute other outputs."""
+    if is_official_eps(eps):
+        return None
+    if writes_timm:
+        return (f"LayerNorm eps {eps:g} ({source}): build the timm model with norm_eps={eps:g} "
+                "(timm's convnext_xxlarge and test_convnext models do by default)")
+    raise ConversionError(f"the model uses LayerNorm eps {eps:g} ({source}); the official code "
+                          "and the C++ model use 1e-6 in every LayerNorm and would compute other "
+                          "outputs, so it is not converted to official names; for timm write a "
+                          ".pth with --to timm, or give --eps 1e-6 if these weights were trained "
+                          "with 1e-6")
+
+
+def timm_mlp_is_conv(choice, input_was_conv, known):
+    """Whether timm's mlp.fc1/fc2 weights are written as 1x1 convs [out, in, 1, 1]: choice
+    'conv' or 'linear' decides; 'auto' follows the input's form, then the known model's."""
+    if choice == "conv":
+        return True
+    if choice == "linear":
+        return False
+    return bool(input_was_conv or (known is not None and known[2]))
+
+
+def timm_shape(official_name, shape, conv_mlp):
+    """The shape timm has for an official tensor: pwconv weights [out, in] become [out, in, 1, 1]
+    when conv_mlp; everything else is unchanged."""
+    shape = tuple(int(d) for d in shape)
+    if conv_mlp and _PWCONV_WEIGHT.fullmatch(official_name) and len(shape) == 2:
+        return shape + (1, 1)
+    return shape
+
+
+_WRAPPER_PREFIXES = ("module.", "model.")
+
+
+def strip_wrapper_prefixes(names):
+    """(names without a 'module.'/'model.' prefix that every name has, repeatedly; the prefixes
+    stripped, in order)."""
+    names, stripped = list(names), []
+    while names:
+        prefix = next((p for p in _WRAPPER_PREFIXES
+                       if all(isinstance(n, str) and n.startswith(p) for n in names)), None)
+        if prefix is None:
+            break
+        stripped.append(prefix)
+        names = [n[len(prefix):] for n in names]
+    return names, stripped
+
+
 def select_state_dict(checkpoint, key, is_tensor):
     """(state dict, where it was found) from a loaded checkpoint: checkpoint[key] with a key;
     else checkpoint['model'], 'state_dict', 'model_ema', else the checkpoint itself when it
@@ -347,36 +503,43 @@ def _to_float32_arrays(items, notes):
     return out
 
 
+def _strip_prefixes(items, notes):
+    names, stripped = strip_wrapper_prefixes([k for k, _ in items])
+    for prefix in stripped:
+        why = ("a DistributedDataParallel state dict" if prefix == "module." else
+               "a wrapped state dict")
+        notes.append(f"stripped the {prefix!r} prefix ({why})")
+    return [(n, v) for n, (_, v) in zip(names, items)]
+
+
 def read_input(path, key, allow_pickle, notes):
-    """[(name, float32 numpy array)] in file order."""
+    """([(name, float32 numpy array)] in file order, the file's metadata: {} for PyTorch)."""
     if is_safetensors_file(path):
         if key is not None:
             raise ConversionError("--key applies to PyTorch checkpoints, INPUT is a safetensors "
                                   "file")
         safetensors_io = _import_safetensors_io()
         try:
-            tensors, _ = safetensors_io.load(path)
+            tensors, metadata = safetensors_io.load(path)
         except Exception as e:
             raise ConversionError(f"{path}: not a readable safetensors file ("
                                   f"{type(e).__name__}: {_one_line(e)[:300]})")
-        return _to_float32_arrays(tensors.items(), notes)
+        items = _strip_prefixes(list(tensors.items()), notes)
+        return _to_float32_arrays(items, notes), dict(metadata or {})
     torch = _import_torch()
     checkpoint = _load_torch(path, allow_pickle)
     state_dict, where = select_state_dict(checkpoint, key, torch.is_tensor)
     if where != "checkpoint['model']":
         notes.append(f"state dict: {where}")
-    items = list(state_dict.items())
-    prefix = "module."
-    if items and all(isinstance(k, str) and k.startswith(prefix) for k, _ in items):
-        notes.append(f"stripped the {prefix!r} prefix (a DistributedDataParallel state dict)")
-        items = [(k[len(prefix):], v) for k, v in items]
-    return _to_float32_arrays(items, notes)
+    items = _strip_prefixes(list(state_dict.items()), notes)
+    return _to_float32_arrays(items, notes), {}
 
 
-def _write_safetensors(tmp, tensors, source):
+def _write_safetensors(tmp, tensors, source, eps):
     safetensors_io = _import_safetensors_io()
     safetensors_io.save(tmp, tensors, {"format": "pt", "naming": OFFICIAL,
-                                       "converted_from": os.path.basename(source)})
+                                       "converted_from": os.path.basename(source),
+                                       "layer_norm_eps": f"{eps:g}"})
 
 
 def _write_torch(tmp, tensors):
@@ -388,8 +551,10 @@ def _write_torch(tmp, tensors):
 _TORCH_EXTENSIONS = (".pth", ".pt", ".bin")
 
 
-def convert(input_path, output_path, key=None, to=OFFICIAL, allow_pickle=False, log=print):
-    """Converts one file; raises ConversionError. Returns the summary line."""
+def convert(input_path, output_path, key=None, to=OFFICIAL, allow_pickle=False, log=print,
+            eps=None, timm_mlp="auto"):
+    """Converts one file; raises ConversionError. Returns the summary line. eps: --eps (a
+    string) or None; timm_mlp: --timm-mlp."""
     out_lower = output_path.lower()
     if out_lower.endswith(".safetensors"):
         out_format = "safetensors"
@@ -406,9 +571,11 @@ def convert(input_path, output_path, key=None, to=OFFICIAL, allow_pickle=False, 
     if not os.path.isfile(input_path):
         raise ConversionError(f"{input_path}: not a regular file")
 
+    if eps is not None:
+        _parse_eps(eps, "--eps")  # a bad value fails before the input is read
     notes = []
     try:
-        tensors = read_input(input_path, key, allow_pickle, notes)
+        tensors, metadata = read_input(input_path, key, allow_pickle, notes)
     except OSError as e:
         raise ConversionError(f"{input_path}: cannot read ({_one_line(e)})")
     if not tensors:
@@ -416,21 +583,39 @@ def convert(input_path, output_path, key=None, to=OFFICIAL, allow_pickle=False, 
     names = [name for name, _ in tensors]
     scheme, official = to_official_names(names)
     arrays = []
+    input_conv_mlp = False  # timm's conv_mlp form [out, in, 1, 1] in the input
     for name, (_, array) in zip(official, tensors):
         shape = official_shape(name, array.shape)
+        input_conv_mlp = input_conv_mlp or len(shape) != array.ndim
         arrays.append((name, array.reshape(shape)))
     arrays.sort(key=lambda item: official_sort_key(item[0]))
+
+    arch = architecture([(name, array.shape) for name, array in arrays])
+    known = KNOWN_MODELS.get(arch) if arch else None
+    layer_norm_eps, eps_source = resolve_eps(eps, metadata.get("layer_norm_eps"), known)
+    writes_timm = to == TIMM and scheme != ISOTROPIC
+    eps_note = check_eps(layer_norm_eps, eps_source, writes_timm)
+    if eps_note:
+        notes.append(eps_note)
     if to == TIMM:
         timm_names = to_timm_names([name for name, _ in arrays], scheme)
         if scheme == ISOTROPIC:
             notes.append("isotropic ConvNeXt has no timm names: kept the official ones")
+        else:
+            conv = timm_mlp_is_conv(timm_mlp, input_conv_mlp, known)
+            arrays = [(name, array.reshape(timm_shape(name, array.shape, conv)))
+                      for name, array in arrays]
+            if conv:
+                notes.append("mlp.fc1/fc2 weights written as 1x1 convs [out, in, 1, 1] "
+                             "(timm's conv_mlp=True" + (f", as {known[0]}" if known and known[2]
+                                                         else "") + ")")
         arrays = [(t, array) for t, (_, array) in zip(timm_names, arrays)]
     out_names = "official" if to == OFFICIAL or scheme == ISOTROPIC else "timm"
 
     tmp = output_path + ".tmp"
     try:
         if out_format == "safetensors":
-            _write_safetensors(tmp, arrays, input_path)
+            _write_safetensors(tmp, arrays, input_path, layer_norm_eps)
         else:
             _write_torch(tmp, arrays)
         os.replace(tmp, output_path)
@@ -466,12 +651,22 @@ def main(argv=None):
                                       "model, state_dict, model_ema, or the checkpoint itself)")
     parser.add_argument("--to", choices=(OFFICIAL, TIMM), default=OFFICIAL,
                         help="names in a .pth OUTPUT (a .safetensors OUTPUT is always official)")
+    parser.add_argument("--eps", metavar="EPS",
+                        help="the LayerNorm eps the input model was trained with (default: the "
+                             "input's layer_norm_eps metadata, else 1e-5 for timm's "
+                             "convnext_xxlarge and test_convnext models, else 1e-6); anything "
+                             "but 1e-6 is refused unless writing timm names (--to timm)")
+    parser.add_argument("--timm-mlp", choices=("auto", "linear", "conv"), default="auto",
+                        help="with --to timm: mlp.fc1/fc2 weights as [out, in] (linear) or "
+                             "[out, in, 1, 1] (conv, timm's conv_mlp=True); auto: conv for "
+                             "atto, femto, pico, nano or a conv-form input (default: auto)")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="torch.load with weights_only=False: runs code from the file, only "
                              "for files you trust")
     args = parser.parse_args(argv)
     try:
-        convert(args.input, args.output, args.key, args.to, args.allow_pickle)
+        convert(args.input, args.output, args.key, args.to, args.allow_pickle, eps=args.eps,
+                timm_mlp=args.timm_mlp)
     except ConversionError as e:
         print(f"{PROG}: {_one_line(e)}", file=sys.stderr)
         return 1

@@ -287,6 +287,106 @@ def _numel(shape):
     return n
 
 
+def isotropic_params(depth=2, dim=24, layer_scale=False):
+    shapes = {"stem.weight": (dim, 3, 16, 16), "stem.bias": (dim,), "dwconv.weight": (dim, 1, 7, 7),
+              "pwconv1.weight": (4 * dim, dim), "pwconv1.bias": (4 * dim,),
+              "pwconv2.weight": (dim, 4 * dim), "head.weight": (1000, dim),
+              "head.bias": (1000,)}
+    return [(n, shapes.get(n, shapes.get(n.split(".", 2)[-1], (dim,))))
+            for n in isotropic_names(depth, layer_scale)]
+
+
+class TestModelFacts(unittest.TestCase):
+    """Pure Python: the architecture of a state dict, its LayerNorm eps and timm's MLP form."""
+
+    def test_architecture_from_names_and_shapes(self):
+        self.assertEqual(cc.architecture(official_params()),
+                         ("hierarchical", TINY_DEPTHS, TINY_DIMS))
+        self.assertEqual(cc.architecture(official_params((3, 4, 30, 3), (384, 768, 1536, 3072),
+                                                         layer_scale=False)),
+                         ("hierarchical", (3, 4, 30, 3), (384, 768, 1536, 3072)))
+        self.assertEqual(cc.architecture(isotropic_params(18, 384)), ("isotropic", (18,), (384,)))
+        # not a whole model: a block or a stage missing
+        holed = [(n, s) for n, s in official_params() if not n.startswith("stages.1.1.")]
+        self.assertIsNone(cc.architecture(holed))
+        self.assertIsNone(cc.architecture([(n, s) for n, s in official_params()
+                                           if not n.startswith("stages.0.")]))
+        self.assertIsNone(cc.architecture([("head.weight", (10, 8))]))
+
+    def test_known_models(self):
+        def known(depths, dims, kind="hierarchical"):
+            return cc.KNOWN_MODELS[(kind, depths, dims)]
+        # timm's xxlarge recipe: LayerNorm eps 1e-5 (timm's convnext.py: norm_eps 1e-5)
+        self.assertEqual(known((3, 4, 30, 3), (384, 768, 1536, 3072))[1], 1e-5)
+        self.assertEqual(known((1, 2, 4, 2), (24, 32, 48, 64))[1], 1e-5)
+        # every official model: 1e-6; the 1x1-conv MLP exactly for atto ... nano
+        conv_mlp = {"convnext_atto", "convnext_femto", "convnext_pico", "convnext_nano"}
+        for (kind, depths, dims), (name, eps, conv) in cc.KNOWN_MODELS.items():
+            with self.subTest(name):
+                if not name.startswith("timm's"):
+                    self.assertEqual(eps, 1e-6)
+                self.assertEqual(conv, name in conv_mlp)
+                self.assertEqual(len(depths), len(dims))
+        self.assertEqual(known(TINY_DEPTHS, TINY_DIMS)[0], "convnext_tiny")
+        self.assertEqual(known((2, 2, 8, 2), (80, 160, 320, 640))[0], "convnext_nano")
+
+    def test_eps_comes_from_the_flag_the_metadata_the_model_or_the_default(self):
+        xxl = cc.KNOWN_MODELS[("hierarchical", (3, 4, 30, 3), (384, 768, 1536, 3072))]
+        tiny = cc.KNOWN_MODELS[("hierarchical", TINY_DEPTHS, TINY_DIMS)]
+        self.assertEqual(cc.resolve_eps(None, None, None), (1e-6, "the default"))
+        self.assertEqual(cc.resolve_eps(None, None, tiny), (1e-6, "convnext_tiny"))
+        self.assertEqual(cc.resolve_eps(None, None, xxl), (1e-5, "timm's convnext_xxlarge"))
+        self.assertEqual(cc.resolve_eps(None, "1e-05", tiny), (1e-5, "the input's metadata"))
+        self.assertEqual(cc.resolve_eps("1e-6", "1e-05", xxl), (1e-6, "--eps"))
+        for bad in ("abc", "0", "-1e-6", "inf", "nan"):
+            with self.subTest(bad), self.assertRaisesRegex(cc.ConversionError,
+                                                           "--eps: expected a positive number"):
+                cc.resolve_eps(bad, None, None)
+
+    def test_an_eps_other_than_1e6_is_refused_unless_written_for_timm(self):
+        self.assertIsNone(cc.check_eps(1e-6, "the default", writes_timm=False))
+        self.assertIsNone(cc.check_eps(1e-6, "--eps", writes_timm=True))
+        with self.assertRaises(cc.ConversionError) as e:
+            cc.check_eps(1e-5, "timm's convnext_xxlarge", writes_timm=False)
+        message = str(e.exception)
+        for part in ("LayerNorm eps 1e-05 (timm's convnext_xxlarge)", "use 1e-6",
+                     "--to timm", "--eps 1e-6"):
+            self.assertIn(part, message)
+        self.assertIn("norm_eps=1e-05", cc.check_eps(1e-5, "--eps", writes_timm=True))
+
+    def test_timm_mlp_form(self):
+        atto = cc.KNOWN_MODELS[("hierarchical", (2, 2, 6, 2), (40, 80, 160, 320))]
+        tiny = cc.KNOWN_MODELS[("hierarchical", TINY_DEPTHS, TINY_DIMS)]
+        self.assertTrue(cc.timm_mlp_is_conv("auto", False, atto))
+        self.assertFalse(cc.timm_mlp_is_conv("auto", False, tiny))
+        self.assertFalse(cc.timm_mlp_is_conv("auto", False, None))
+        self.assertTrue(cc.timm_mlp_is_conv("auto", True, None))  # the input's own form
+        self.assertFalse(cc.timm_mlp_is_conv("linear", True, atto))
+        self.assertTrue(cc.timm_mlp_is_conv("conv", False, tiny))
+
+    def test_atto_to_timm_has_timms_shapes(self):
+        """--to timm for atto: every (name, shape) is timm's conv_mlp model's."""
+        depths, dims = (2, 2, 6, 2), (40, 80, 160, 320)
+        official = official_params(depths, dims)
+        conv = cc.timm_mlp_is_conv("auto", False,
+                                   cc.KNOWN_MODELS[cc.architecture(official)])
+        got = {cc.official_to_timm_name(n): cc.timm_shape(n, s, conv) for n, s in official}
+        self.assertEqual(got, dict(timm_params(depths, dims, conv_mlp=True)))
+        self.assertEqual(got["stages.0.blocks.0.mlp.fc1.weight"], (160, 40, 1, 1))
+        # the Linear form is unchanged
+        self.assertEqual(cc.timm_shape("stages.0.0.pwconv2.weight", (40, 160), False), (40, 160))
+        self.assertEqual(cc.timm_shape("head.weight", (10, 320), True), (10, 320))
+        self.assertEqual(cc.timm_shape("stages.0.0.pwconv1.bias", (160,), True), (160,))
+
+    def test_wrapper_prefixes_are_stripped(self):
+        self.assertEqual(cc.strip_wrapper_prefixes(["module.model.head.weight",
+                                                    "module.model.norm.bias"]),
+                         (["head.weight", "norm.bias"], ["module.", "model."]))
+        self.assertEqual(cc.strip_wrapper_prefixes(["model.head.weight", "norm.bias"]),
+                         (["model.head.weight", "norm.bias"], []))
+        self.assertEqual(cc.strip_wrapper_prefixes([]), ([], []))
+
+
 def run_converter(*args):
     """(exit status, stdout, stderr) of the converter run as a program."""
     proc = subprocess.run([sys.executable, CONVERTER, *map(str, args)], capture_output=True,
@@ -346,6 +446,15 @@ class TestCommandLineWithoutTorch(_TempDirTest):
         self.assertFailsCleanly(["a.pth", out, "--to", "keras"], out, "invalid choice")
 
 
+    def test_bad_eps_fails_before_reading(self):
+        src = self.path("in.pth")
+        with open(src, "wb") as f:
+            f.write(b"\x80\x02")
+        out = self.path("out.safetensors")
+        self.assertFailsCleanly([src, out, "--eps", "abc"], out,
+                                "--eps: expected a positive number, got 'abc'")
+        self.assertFailsCleanly([src, out, "--timm-mlp", "1x1"], out, "invalid choice")
+
     @unittest.skipIf(HAVE_NUMPY, "numpy is importable by this Python")
     def test_without_numpy_says_so(self):
         src, out = self.path("in.safetensors"), self.path("out.safetensors")
@@ -392,6 +501,92 @@ class TestSafetensorsOnly(_TempDirTest):
             self.assertEqual(array.dtype, np.float32)
             original = source[cc.official_to_timm_name(name)]
             np.testing.assert_array_equal(array, original.astype(np.float32).reshape(array.shape))
+
+    def _timm_file(self, depths, dims, name="timm.safetensors", metadata=None):
+        import safetensors_io
+        rng = np.random.default_rng(1)
+        timm = [(n, rng.standard_normal(s).astype(np.float32))
+                for n, s in timm_params(depths, dims, num_classes=3)]
+        src = self.path(name)
+        safetensors_io.save(src, timm, metadata)
+        return src, timm
+
+    def test_a_model_with_another_layernorm_eps_is_refused(self):
+        """timm's test_convnext (the xxlarge recipe's eps 1e-5, small enough for a test)."""
+        import safetensors_io
+        src, timm = self._timm_file((1, 2, 4, 2), (24, 32, 48, 64))
+        out = self.path("official.safetensors")
+        line = self.assertFailsCleanly([src, out], out, "LayerNorm eps 1e-05 (timm's "
+                                                        "test_convnext)")
+        self.assertIn("would compute other outputs", line)
+        # official names in a .pth are refused too (the official code has 1e-6 only)
+        pth = self.path("official.pth")
+        self.assertFailsCleanly([src, pth], pth, "LayerNorm eps 1e-05")
+        # an explicit --eps 1e-6 says the weights were trained with 1e-6: converted, recorded
+        rc, stdout, err = run_converter(src, out, "--eps", "1e-6")
+        self.assertEqual(rc, 0, msg=err)
+        got, metadata = safetensors_io.load(out)
+        self.assertEqual(metadata["layer_norm_eps"], "1e-06")
+        self.assertEqual(len(got), len(timm))
+        # and an explicit other eps for an unknown architecture is refused
+        custom, _ = self._timm_file((1, 1, 2, 1), (8, 16, 24, 32), "custom.safetensors")
+        out2 = self.path("custom_official.safetensors")
+        self.assertFailsCleanly([custom, out2, "--eps", "1e-5"], out2,
+                                "LayerNorm eps 1e-05 (--eps)")
+        rc, _, err = run_converter(custom, out2)
+        self.assertEqual(rc, 0, msg=err)
+        self.assertEqual(safetensors_io.load(out2)[1]["layer_norm_eps"], "1e-06")
+
+    def test_the_eps_recorded_in_the_input_is_honoured(self):
+        src, _ = self._timm_file((1, 1, 2, 1), (8, 16, 24, 32),
+                                 metadata={"layer_norm_eps": "1e-05"})
+        out = self.path("official.safetensors")
+        self.assertFailsCleanly([src, out], out, "LayerNorm eps 1e-05 (the input's metadata)")
+
+    def test_atto_written_for_timm_has_1x1_conv_mlp_weights(self):
+        """--to timm from a safetensors atto: what reaches torch.save is timm's conv_mlp model's
+        state dict (torch.save replaced by a recorder, so that only numpy is needed)."""
+        import safetensors_io
+        depths, dims = (2, 2, 6, 2), (40, 80, 160, 320)
+        rng = np.random.default_rng(3)
+        official = [(n, rng.standard_normal(s).astype(np.float32))
+                    for n, s in official_params(depths, dims, num_classes=3)]
+        src = self.path("atto.safetensors")
+        safetensors_io.save(src, official)
+        written = {}
+
+        def record(tmp, tensors):
+            written[tmp] = list(tensors)
+            open(tmp, "wb").close()
+        logged = []
+        for mlp, conv in (("auto", True), ("linear", False)):
+            written.clear()
+            with mock.patch.object(cc, "_write_torch", record):
+                cc.convert(src, self.path("atto_timm.pth"), to="timm", timm_mlp=mlp,
+                           log=logged.append)
+            (tensors,) = written.values()
+            got = dict(tensors)
+            self.assertEqual({n: a.shape for n, a in tensors},
+                             dict(timm_params(depths, dims, num_classes=3, conv_mlp=conv)))
+            self.assertEqual(got["stages.2.blocks.5.mlp.fc2.weight"].shape,
+                             (160, 640, 1, 1) if conv else (160, 640))
+            for name, array in official:
+                np.testing.assert_array_equal(
+                    got[cc.official_to_timm_name(name)].reshape(array.shape), array)
+        self.assertTrue(any("timm's conv_mlp=True, as convnext_atto" in line for line in logged))
+
+    def test_wrapped_names_are_unwrapped(self):
+        import safetensors_io
+        rng = np.random.default_rng(2)
+        params = official_params((1, 1, 2, 1), (8, 16, 24, 32), num_classes=3)
+        src, out = self.path("wrapped.safetensors"), self.path("official.safetensors")
+        safetensors_io.save(src, [("model." + n, rng.standard_normal(s).astype(np.float32))
+                                  for n, s in params])
+        rc, stdout, err = run_converter(src, out)
+        self.assertEqual(rc, 0, msg=err)
+        self.assertIn("stripped the 'model.' prefix", stdout)
+        got, _ = safetensors_io.load(out)
+        self.assertEqual([(n, a.shape) for n, a in got.items()], params)
 
     def test_broken_safetensors_input(self):
         src, out = self.path("bad.safetensors"), self.path("out.safetensors")
@@ -493,6 +688,30 @@ class TestEndToEnd(_TempDirTest):
         self.assertIn("naming detected: timm, written: official", stdout)
         self.assertIn("state dict: the checkpoint itself", stdout)
         self.assertSameAsSd(self.load_safetensors(out))
+
+    def test_conv_mlp_models_are_written_for_timm_as_1x1_convs(self):
+        """atto ... nano: timm builds them with conv_mlp=True, [out, in, 1, 1] MLP weights."""
+        import convnext_reference
+        depths, dims = (2, 2, 6, 2), (40, 80, 160, 320)
+        model = convnext_reference.ConvNeXt(depths=depths, dims=dims)
+        sd = {k: torch.randn(v.shape) for k, v in model.state_dict().items()}
+        src, timm = self.path("atto.pth"), self.path("atto_timm.pth")
+        torch.save({"model": sd}, src)
+        stdout = self.convert(src, timm, "--to", "timm")
+        self.assertIn("as 1x1 convs [out, in, 1, 1] (timm's conv_mlp=True, as convnext_atto)",
+                      stdout)
+        timm_sd = torch.load(timm)["model"]
+        self.assertEqual({n: tuple(v.shape) for n, v in timm_sd.items()},
+                         dict(timm_params(depths, dims, conv_mlp=True)))
+        for name, value in sd.items():
+            np.testing.assert_array_equal(
+                timm_sd[cc.official_to_timm_name(name)].reshape(value.shape).numpy(),
+                value.numpy(), err_msg=name)
+        # --timm-mlp linear: timm's Linear form
+        linear = self.path("atto_linear.pth")
+        self.convert(src, linear, "--to", "timm", "--timm-mlp", "linear")
+        self.assertEqual({n: tuple(v.shape) for n, v in torch.load(linear)["model"].items()},
+                         dict(timm_params(depths, dims, conv_mlp=False)))
 
     def test_reduced_and_double_precision_become_float32(self):
         for dtype, label in ((torch.float16, "float16"), (torch.bfloat16, "bfloat16"),

@@ -2,18 +2,23 @@
 // comparison with PyTorch (see the README). The contract, which outside tools script:
 //
 //   convnext grads (--model NAME | --depths a,b,c,d --dims a,b,c,d) [--in_chans C]
-//                  [--num_classes K] --weights W.safetensors --batch B.safetensors
-//                  --out O.safetensors [--device cpu|cuda]
+//                  [--num_classes K] [--layer_scale_init_value V] --weights W.safetensors
+//                  --batch B.safetensors --out O.safetensors [--device cpu|cuda]
 //
-// W: every parameter, official names and shapes. B: `images` float32 [N, C, H, W] and
-// `labels` int64 [N]. O: float32 `logits` [N, K], `loss` [] and `grad.<name>` per parameter.
+// W: every parameter, official names and shapes (or a `convnext train` checkpoint: its model.*
+// weights); with --layer_scale_init_value 0, no .gamma tensors (weights trained without layer
+// scale; the value itself is overwritten by W's). B: `images` float32 [N, C, H, W], H and W at
+// least the model's downsampling (32 for four stages, 16 isotropic), and `labels` int64 [N].
+// O: float32 `logits` [N, K], `loss` [] and `grad.<name>` per parameter.
 #include <cerrno>
 #include <cstdlib>
+#include <optional>
 
 #include "models/convnext.h"
 #include "models/grads.h"
 #include "models/safetensors.h"
 #include "train/cli/commands.h"
+#include "train/trainer.h"
 
 namespace cnx {
 
@@ -48,6 +53,7 @@ namespace {
 struct GradsOptions {
   std::string model, depths, dims, weights, batch, out, device = "cpu";
   int64_t in_chans = 3, num_classes = 1000;
+  std::optional<double> layer_scale_init_value;  // default: the model's
 };
 
 int run_grads(const GradsOptions& o) {
@@ -61,7 +67,9 @@ int run_grads(const GradsOptions& o) {
   }
   cfg.in_chans = o.in_chans;
   cfg.num_classes = o.num_classes;
+  if (o.layer_scale_init_value) cfg.layer_scale_init_value = *o.layer_scale_init_value;
   cfg.drop_path_rate = 0;
+  cfg.validate();  // before the files are read: a bad size is named without reading them
   const Device device = Device::parse(o.device);
   CNX_CHECK(!device.is_cuda() || device.index < cuda_device_count(), "--device ", o.device,
             ": no such CUDA device (", cuda_device_count(), " visible; built with CUDA: ",
@@ -69,7 +77,7 @@ int run_grads(const GradsOptions& o) {
 
   Generator init(0);  // every value is overwritten by the weights file
   ConvNeXt model(cfg, init);
-  model.load_state_dict(read_safetensors(o.weights).tensors);
+  model.load_state_dict(load_weights(o.weights));
 
   const Safetensors batch = read_safetensors(o.batch);
   const Tensor images = batch.find("images"), labels = batch.find("labels");
@@ -93,6 +101,9 @@ Command grads_command(CLI::App& app) {
   add_model_flags(sub, opts->model, opts->depths, opts->dims);
   sub->add_option("--in_chans", opts->in_chans, "Input channels")->capture_default_str();
   sub->add_option("--num_classes", opts->num_classes, "Classes")->capture_default_str();
+  sub->add_option("--layer_scale_init_value", opts->layer_scale_init_value,
+                  "0: a model without layer scale (no .gamma weights); default: the model's "
+                  "(1e-6, isotropic 0)");
   sub->add_option("--weights", opts->weights, "Weights, official names (.safetensors)")->required();
   sub->add_option("--batch", opts->batch, "images f32 [N,C,H,W] and labels i64 [N] (.safetensors)")
       ->required();
