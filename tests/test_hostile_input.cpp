@@ -358,6 +358,16 @@ TEST_F(Hostile, JpegBombIsRefusedFromItsHeader) {
   EXPECT_NE(error.find("16384x16384 = 268435456 pixels is above the limit of 89478485"), std::string::npos)
       << error;
   EXPECT_TRUE(im.rgb.empty());
+
+  // A 1 GiB file (sparse: no disk blocks) that starts like a JPEG is not read into memory.
+  Bytes head = encode_rgb(16, 16, 1);
+  head.resize(64);
+  write_bytes(dir_ / "huge.jpg", head);
+  fs::resize_file(dir_ / "huge.jpg", uint64_t{1} << 30);
+  EXPECT_FALSE(decode_jpeg((dir_ / "huge.jpg").string(), im, error));
+  EXPECT_NE(error.find("file of 1073741824 bytes is larger than the 536870912 bytes a JPEG may take"),
+            std::string::npos)
+      << error;
 }
 
 TEST_F(Hostile, TruncatedJpegIsABadFile) {

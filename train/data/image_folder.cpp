@@ -87,6 +87,10 @@ struct TjHandle {
   }
 };
 
+// The largest JPEG file read: 512 MiB, 6 bytes a pixel at the pixel limit (a JPEG of noise at
+// quality 100 without subsampling takes about 3).
+constexpr uintmax_t kMaxJpegFileBytes = uintmax_t{1} << 29;
+
 bool read_file(const std::string& path, std::vector<unsigned char>& bytes, std::string& error) {
   // Before opening: fopen of a FIFO blocks until a writer appears.
   if (const std::string why = not_a_regular_file(path); !why.empty()) {
@@ -96,6 +100,13 @@ bool read_file(const std::string& path, std::vector<unsigned char>& bytes, std::
   std::unique_ptr<FILE, int (*)(FILE*)> f(std::fopen(path.c_str(), "rb"), &std::fclose);
   if (!f) {
     error = std::string("cannot open: ") + std::strerror(errno);
+    return false;
+  }
+  // The whole file is read into memory: refuse one larger than any JPEG within the pixel limit.
+  std::error_code ec;
+  if (const uintmax_t size = fs::file_size(path, ec); !ec && size > kMaxJpegFileBytes) {
+    error = "file of " + std::to_string(size) + " bytes is larger than the " +
+            std::to_string(kMaxJpegFileBytes) + " bytes a JPEG may take";
     return false;
   }
   bytes.clear();

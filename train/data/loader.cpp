@@ -151,8 +151,9 @@ CropFlip crop_flip(uint64_t seed, int64_t epoch, int64_t position) {
 Tensor normalize_image(std::span<const uint8_t> hwc, int64_t H, int64_t W, int64_t C,
                        const std::array<float, 3>& mean, const std::array<float, 3>& std) {
   const PixelPlacer place(H, W, C, mean, std, "normalize_image");
-  CNX_CHECK(static_cast<int64_t>(hwc.size()) == H * W * C, "normalize_image: ", hwc.size(),
-            " bytes given for an image of ", H, "x", W, "x", C, " (", H * W * C, " bytes)");
+  int64_t bytes = 0;  // checked: the sizes may come from a file's header
+  CNX_CHECK(checked_product({H, W, C}, bytes) && static_cast<int64_t>(hwc.size()) == bytes,
+            "normalize_image: ", hwc.size(), " bytes given for an image of ", H, "x", W, "x", C);
   std::vector<uint8_t> framed(static_cast<size_t>(place.out_h * place.out_w * C));
   place.write(framed.data(), hwc.data(), CropFlip{});
   Tensor out = Tensor::empty({1, place.out_h, place.out_w, C});
