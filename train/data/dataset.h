@@ -25,9 +25,10 @@
 //
 // Hostile files: every size read from a file is checked for overflow (checked_product) and
 // against the limits below before anything is allocated. An idx file's header is read first
-// and its declared size checked; decompression then stops at that size (a gzip bomb inflates
-// at most one byte a chunk past it), and the images' count is checked against the labels'
-// before the images are inflated.
+// and its declared size checked; decompression then stops at that size (bytes after it, a
+// gzip bomb's, are counted up to 1 MiB, no further), the buffer grows only with the data
+// actually there, and the images' count is checked against the labels' before the images are
+// inflated.
 #pragma once
 
 #include <array>
