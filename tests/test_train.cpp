@@ -492,7 +492,10 @@ TEST_F(Training, LrMeansWhatItMeansInMainPy) {
   TrainConfig c;
   c.batch_size = 32;
   c.update_freq = 4;  // total batch 128
-  EXPECT_EQ(resolve_lr(c).value, 4e-3);
+  EXPECT_EQ(resolve_lr(c).value, 4e-3);  // the default: blr 8e-3 x 128 / 256
+  c.batch_size = 8;
+  EXPECT_EQ(resolve_lr(c).value, 1e-3);
+  c.batch_size = 32;
   c.lr = 4e-3;
   EXPECT_EQ(resolve_lr(c).value, 4e-3);  // not 4e-3 * 128 / 4096
   c.lr = -1;

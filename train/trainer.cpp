@@ -36,7 +36,9 @@ using json = nlohmann::json;
 
 namespace {
 constexpr int64_t kOldReferenceBatch = 4096;  // lr_rule "per_4096": --lr was for this total batch
-constexpr double kDefaultLr = 4e-3;           // main.py's --lr default
+// Neither --lr nor --blr: blr 8e-3, the project's default before --lr became absolute (its 0.128
+// per total batch 4096 is 8e-3 per 256): 4e-3 for the default job's batch 128, as main.py's.
+constexpr double kDefaultBlr = 8e-3;
 constexpr uint64_t kDropPathStream = 0x64726f7070617468ull;  // "droppath": its own generator
 }  // namespace
 
@@ -389,12 +391,11 @@ LrChoice resolve_lr(const TrainConfig& c, const std::optional<TrainConfig>& resu
                            ": the resumed checkpoint's, made when --lr was scaled by total batch / 4096 (" +
                            old.description + ")"};
   }
-  if (c.lr != -1) return {c.lr, "lr " + sci(c.lr) + batch + " (--lr, as given)"};
-  if (c.blr != -1) {
-    const double lr = c.blr * static_cast<double>(total) / 256.0;
-    return {lr, "lr " + sci(lr) + " = --blr " + sci(c.blr) + " x total batch " + std::to_string(total) + " / 256"};
-  }
-  return {kDefaultLr, "lr " + sci(kDefaultLr) + batch + " (the default, as main.py's --lr)"};
+  if (c.lr != -1) return {c.lr, "lr " + sci(c.lr) + batch + ": --lr as given"};
+  const double blr = c.blr != -1 ? c.blr : kDefaultBlr;
+  const double lr = blr * static_cast<double>(total) / 256.0;
+  return {lr, "lr " + sci(lr) + " = --blr " + sci(blr) + (c.blr != -1 ? "" : " (the default)") + " x total batch " +
+                  std::to_string(total) + " / 256"};
 }
 
 // ---- training ---------------------------------------------------------------------------------

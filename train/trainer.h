@@ -52,9 +52,9 @@ struct TrainConfig {
   int64_t batch_size = 128;
   int64_t update_freq = 1;      // gradient accumulation steps
   int64_t epochs = 10;
-  double lr = -1;               // the peak lr as given, as main.py's --lr; -1: from --blr, or
-                                // main.py's default 4e-3 (resolve_lr)
-  double blr = -1;              // > 0 and no --lr: lr = blr * total batch / 256
+  double lr = -1;               // the peak lr as given, as main.py's --lr; -1: from --blr
+  double blr = -1;              // no --lr: lr = blr * total batch / 256; -1: 8e-3 (4e-3 at
+                                // the default batch 128, main.py's default lr)
   std::string lr_rule = "absolute";  // how `lr` was meant: "absolute", or "per_4096" in the
                                      // configs of checkpoints made before --lr meant main.py's
                                      // (it was then scaled by total batch / 4096)
@@ -127,7 +127,7 @@ struct TrainResult {
 //   --lr given        as given (main.py's meaning: the paper's 4e-3 goes with a total batch
 //                     of 4096, reached through --update_freq)
 //   --blr given       blr * total batch / 256 (ConvNeXt V2's and MAE's fine-tuning scripts)
-//   neither           4e-3, main.py's default
+//   neither           --blr 8e-3: 4e-3 at the default total batch 128 (main.py's default lr)
 //   resuming a checkpoint whose config has lr_rule "per_4096" (made when --lr was scaled by
 //   total batch / 4096): the lr that run trained with, whatever --lr and --blr say now.
 // total batch = batch_size * update_freq.

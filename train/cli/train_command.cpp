@@ -231,8 +231,8 @@ Command train_command(CLI::App& app) {
   opt("--batch_size", c.batch_size, "Images per micro-batch");
   opt("--update_freq", c.update_freq, "Gradient accumulation steps");
   opt("--epochs", c.epochs, "Epochs");
-  opt("--lr", c.lr, "Peak learning rate, used as given as in main.py (-1: from --blr, else 4e-3)");
-  opt("--blr", c.blr, "Base learning rate per 256 images: lr = blr x total batch / 256 (when --lr is not given)");
+  opt("--lr", c.lr, "Peak learning rate, used as given as in main.py (-1: from --blr)");
+  opt("--blr", c.blr, "Without --lr: lr = blr x total batch / 256 (-1: 8e-3, so 4e-3 at batch 128)");
   opt("--min_lr", c.min_lr, "Final learning rate of the cosine schedule");
   opt("--warmup_lr", c.warmup_lr, "Learning rate at the start of the warmup");
   opt("--warmup_epochs", c.warmup_epochs, "Linear warmup epochs");
