@@ -186,6 +186,7 @@ ImageFolder scan_image_folder(const std::string& root, const std::string& split)
 }
 
 bool decode_jpeg(const std::string& path, DecodedImage& out, std::string& error) {
+  int w = 0, h = 0;  // once the header is read: for an out-of-memory message
   try {
     std::vector<unsigned char> b;
     if (!read_file(path, b, error)) return false;
@@ -208,7 +209,7 @@ bool decode_jpeg(const std::string& path, DecodedImage& out, std::string& error)
       error = std::string("cannot create a TurboJPEG decompressor: ") + tjGetErrorStr2(nullptr);
       return false;
     }
-    int w = 0, h = 0, subsamp = 0, colorspace = 0;
+    int subsamp = 0, colorspace = 0;
     if (tjDecompressHeader3(tj.h, b.data(), b.size(), &w, &h, &subsamp, &colorspace) != 0) {
       error = std::string("corrupt or truncated JPEG header: ") + tjGetErrorStr2(tj.h);
       return false;
@@ -259,7 +260,8 @@ bool decode_jpeg(const std::string& path, DecodedImage& out, std::string& error)
     }
     return true;
   } catch (const std::bad_alloc&) {
-    error = "out of memory";
+    error = w > 0 ? "out of memory for the pixels of a " + std::to_string(w) + "x" + std::to_string(h) + " image"
+                  : "out of memory reading the file";
     return false;
   }
 }
