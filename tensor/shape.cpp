@@ -25,7 +25,8 @@ int64_t Shape::operator[](int i) const {
 
 int64_t Shape::numel() const {
   int64_t n = 1;
-  for (int i = 0; i < rank_; ++i) n *= dims_[i];
+  for (int i = 0; i < rank_; ++i)
+    CNX_CHECK(!__builtin_mul_overflow(n, dims_[i], &n), "Shape ", str(), ": the element count overflows int64");
   return n;
 }
 

@@ -58,7 +58,14 @@ Tensor make_tensor(const Shape& shape, DType dtype, Device device, Make&& make) 
 
 Tensor Tensor::empty(const Shape& shape, DType dtype, Device device) {
   auto impl = std::make_shared<TensorImpl>();
-  impl->storage = std::make_shared<Storage>(shape.numel() * dtype_size(dtype), device);
+  int64_t nbytes = 0;
+  CNX_CHECK(!__builtin_mul_overflow(shape.numel(), dtype_size(dtype), &nbytes), "Tensor::empty: ",
+            shape.str(), " ", dtype_name(dtype), " overflows a byte count");
+  try {
+    impl->storage = std::make_shared<Storage>(nbytes, device);
+  } catch (const Error& e) {  // out of memory: say for which tensor
+    fail("tensor ", shape.str(), " ", dtype_name(dtype), " on ", device.str(), ": ", e.what());
+  }
   impl->shape = shape;
   impl->dtype = dtype;
   return Tensor(std::move(impl));

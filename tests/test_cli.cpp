@@ -2,6 +2,7 @@
 // Every bad input gets one line on stderr and a non-zero exit, and --out is left alone: not
 // created when absent, unchanged when present.
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -529,6 +530,16 @@ TEST_F(Cli, TrainsOnAGeneratedImageFolderWithThePapersRecipe) {
                  " > " + pred.string() + " 2>&1").c_str());
     EXPECT_EQ(slurp(pred).rfind(jpg + ": " + cls + " ", 0), 0u) << slurp(pred);
   }
+  // A FIFO is refused at once (it used to block in open() until a writer came), and an image the
+  // evaluation transform cannot take is named.
+  const fs::path fifo = path("fifo.jpg");
+  ASSERT_EQ(mkfifo(fifo.c_str(), 0600), 0);
+  const std::string weights = " --weights " + (out / "checkpoint-best.safetensors").string();
+  expect_one_line_failure(this, run("predict" + weights + " " + fifo.string()), {fifo.string() + ": ", "FIFO"}, 1);
+  const fs::path strip = path("strip.pgm");  // 100000 x 1: resized to 36 rows, 3.6M columns
+  std::ofstream(strip, std::ios::binary) << "P5 100000 1 255\n" << std::string(100000, '\x80');
+  expect_one_line_failure(this, run("predict" + weights + " " + strip.string()),
+                          {strip.string() + ": eval_transform", "89478485"}, 1);
 }
 
 TEST_F(Cli, ImageFolderBadInput) {

@@ -463,7 +463,8 @@ TEST(HostileEvalTransform, RefusesResizesAboveThePixelLimit) {
 TEST(HostileStorage, AnImpossibleAllocationSaysHowMuch) {
   // 2^48 f32 values: 1 PiB.
   expect_error([] { (void)Tensor::empty({int64_t{1} << 48}, DType::f32); },
-               {"cannot allocate 1125899906842624 bytes", "out of memory"});
+               {"tensor [281474976710656] f32 on cpu:", "cannot allocate 1125899906842624 bytes", "out of memory"});
+  expect_error([] { (void)Tensor::empty({int64_t{1} << 62, 4}, DType::f32); }, {"overflows"});
 }
 
 }  // namespace

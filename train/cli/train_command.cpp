@@ -125,6 +125,8 @@ Image read_any_size(const std::string& path, const TrainConfig& cfg) {
   Image img;
   DecodedImage jpeg;
   std::string error;
+  // Not a FIFO or a device: opening one would wait for a writer.
+  if (const std::string why = not_a_regular_file(path); !why.empty()) fail(path, ": ", why);
   std::ifstream probe(path, std::ios::binary);
   CNX_CHECK(probe.good(), path, ": cannot open");
   const int first = probe.get();
@@ -139,7 +141,11 @@ Image read_any_size(const std::string& path, const TrainConfig& cfg) {
     img.pixels = std::move(jpeg.rgb);
   }
   // A grey PGM stays one channel here; run_predict converts channels like any other image.
-  img.pixels = eval_transform(img.pixels, img.H, img.W, img.C, cfg.input_size, cfg.crop_pct);
+  try {
+    img.pixels = eval_transform(img.pixels, img.H, img.W, img.C, cfg.input_size, cfg.crop_pct);
+  } catch (const Error& e) {
+    fail(path, ": ", e.what());
+  }
   img.H = img.W = cfg.input_size;
   return img;
 }
