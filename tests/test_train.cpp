@@ -548,3 +548,15 @@ TEST_F(Training, MetricsWriteErrorsAreReported) {
   EXPECT_EQ(err.find("write failed", err.find("write failed") + 1), std::string::npos) << "reported once: " << err;
   EXPECT_TRUE(fs::exists(checkpoint_path(c.output_dir, "0")));
 }
+
+// Weights recorded with another LayerNorm eps (tools/convert_checkpoint.py writes
+// layer_norm_eps) are refused instead of loading and then mismatching (issue 13, item 8).
+TEST_F(Training, WeightsWithAnotherLayerNormEpsAreRefused) {
+  Generator g(5);
+  ConvNeXt m(model_config(10), g);
+  const std::string w = out("w.safetensors");
+  write_safetensors(w, m.state_dict(), {{"layer_norm_eps", "1e-05"}});
+  test::expect_error([&] { load_weights(w); }, {"w.safetensors: trained with LayerNorm eps 1e-05", "uses 1e-6"});
+  write_safetensors(w, m.state_dict(), {{"layer_norm_eps", "1e-06"}});
+  EXPECT_EQ(load_weights(w).size(), m.state_dict().size());
+}

@@ -202,6 +202,14 @@ std::optional<TrainConfig> checkpoint_config(const std::string& path) {
 
 NamedTensors load_weights(const std::string& path, bool use_ema) {
   Safetensors file = read_safetensors(path);
+  // Every LayerNorm here uses eps 1e-6; weights trained with another (timm's convnext_xxlarge:
+  // 1e-5, recorded by tools/convert_checkpoint.py) would load and then mismatch.
+  if (auto eps = file.metadata.find("layer_norm_eps"); eps != file.metadata.end()) {
+    char* end = nullptr;
+    const double value = std::strtod(eps->second.c_str(), &end);
+    CNX_CHECK(end != eps->second.c_str() && *end == '\0' && value == 1e-6, path, ": trained with LayerNorm eps ",
+              escape_for_message(eps->second), "; this implementation uses 1e-6 (the official models')");
+  }
   auto format = file.metadata.find("format");
   const bool checkpoint = format != file.metadata.end() && format->second == kCheckpointFormat;
   CNX_CHECK(checkpoint || !use_ema, path, ": plain weights have no EMA (only training checkpoints do)");
