@@ -108,7 +108,9 @@ for t in "${TARGETS[@]}"; do
   dir=$OUT/$t
   rc=$(cat "$dir/status" 2>/dev/null || echo "?")
   # libFuzzer's last status line: "#<execs> DONE cov: .. ft: .. corp: .. exec/s: .. rss: .."
-  stats=$(grep -E '^#[0-9]+' "$dir/log" | tail -1 | sed -E 's/^#([0-9]+)[[:space:]]+[A-Z]+[[:space:]]+/execs \1 /; s/ lim: [0-9]+//')
+  # (fork mode: "#<execs>: cov: .. ft: .. corp: .. exec/s .. oom/timeout/crash: ..")
+  stats=$(grep -E '^#[0-9]+' "$dir/log" | tail -1 |
+          sed -E 's/^#([0-9]+):?[[:space:]]+([A-Z]+[[:space:]]+)?/execs \1 /; s/ lim: [0-9]+//; s/ (time|job|dft_time): [0-9]+s?//g')
   mapfile -t found < <(find "$dir" -maxdepth 1 -type f \( -name 'crash-*' -o -name 'leak-*' \
                        -o -name 'timeout-*' -o -name 'oom-*' -o -name 'slow-unit-*' \) | sort)
   # slow units are not failures (libFuzzer reports them only with -report_slow_units).
