@@ -25,17 +25,10 @@ using namespace cnx;
 using test::expect_error;
 namespace fs = std::filesystem;
 
+using cnx::test::error_of;
+
 namespace {
 
-// The message of the cnx::Error that fn throws ("" if none).
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
 
 ConvNeXtConfig custom(std::vector<int64_t> depths, std::vector<int64_t> dims, int64_t classes = 10) {
   ConvNeXtConfig c;

@@ -30,6 +30,7 @@
 #include "train/data/pnm.h"
 
 using namespace cnx;
+using cnx::test::error_of;
 using cnx::test::expect_error;
 namespace fs = std::filesystem;
 
@@ -69,15 +70,6 @@ void write_gz(const fs::path& p, const Bytes& head, size_t zeros = 0) {
   gzclose(f);
 }
 
-// The message of the cnx::Error that fn throws ("" when it throws none).
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
 
 // The error of fn, which reads the FIFO `fifo`; "BLOCKED" when it is still waiting after 3 s
 // (then a writer is opened and closed to release it, so that the test ends).

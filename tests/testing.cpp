@@ -90,6 +90,15 @@ void expect_gradients_match(const std::string& what,
   }
 }
 
+std::string error_of(const std::function<void()>& fn) {
+  try {
+    fn();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
 void expect_error(const std::function<void()>& fn, const std::vector<std::string>& parts) {
   try {
     fn();

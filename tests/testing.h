@@ -41,6 +41,8 @@ void expect_gradients_match(const std::string& what,
 
 // EXPECTs that `fn` throws cnx::Error whose message contains every string in `parts`.
 void expect_error(const std::function<void()>& fn, const std::vector<std::string>& parts);
+// The message of the cnx::Error that `fn` throws ("" when it throws none).
+std::string error_of(const std::function<void()>& fn);
 
 // ---- data ------------------------------------------------------------------------------------
 
