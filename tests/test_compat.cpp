@@ -22,10 +22,9 @@
 #include "train/checkpoint.h"
 
 using namespace cnx;
+using test::error_of;
 using test::expect_error;
 namespace fs = std::filesystem;
-
-using cnx::test::error_of;
 
 namespace {
 
