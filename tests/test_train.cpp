@@ -560,3 +560,34 @@ TEST_F(Training, WeightsWithAnotherLayerNormEpsAreRefused) {
   write_safetensors(w, m.state_dict(), {{"layer_norm_eps", "1e-06"}});
   EXPECT_EQ(load_weights(w).size(), m.state_dict().size());
 }
+
+// A checkpoint's config with a field of the wrong type is refused naming the file and the field
+// (it used to throw nlohmann's "type must be number, but is string").
+TEST_F(Training, CheckpointConfigOfTheWrongTypeNamesTheField) {
+  TrainConfig c = config();
+  c.output_dir = out("run");
+  c.max_steps = 1;
+  train(c);
+  const std::string path = checkpoint_path(c.output_dir, "recovery");
+  edit_state(path, [](nlohmann::json& s) { s["config"]["depths"] = "1,1"; });
+  test::expect_error([&] { checkpoint_config(path); },
+                     {path + ": checkpoint config field \"depths\" has the wrong type: \"1,1\""});
+  edit_state(path, [](nlohmann::json& s) { s["config"] = 5; });
+  test::expect_error([&] { checkpoint_config(path); }, {path + ": checkpoint config is not a JSON object"});
+  test::expect_error([] { TrainConfig::from_json("{\"seed\": -1}"); }, {"config field \"seed\" has the wrong type: -1"});
+}
+
+// The config a checkpoint records reads back as it was written (every field, through the
+// file's text).
+TEST_F(Training, CheckpointConfigRoundTrips) {
+  TrainConfig c = config();
+  c.output_dir = out("run");
+  c.max_steps = 1;
+  c.seed = 18446744073709551615ull;
+  c.blr = 0.25;
+  c.lr = -1;
+  train(c);
+  const std::optional<TrainConfig> back = checkpoint_config(checkpoint_path(c.output_dir, "recovery"));
+  ASSERT_TRUE(back.has_value());
+  EXPECT_EQ(back->to_json(), c.to_json());
+}

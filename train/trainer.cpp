@@ -163,10 +163,38 @@ std::string TrainConfig::to_json() const {
 }
 
 TrainConfig TrainConfig::from_json(const std::string& text) {
-  const json j = json::parse(text);
+  json j;
+  try {
+    j = json::parse(text);
+  } catch (const json::exception& e) {
+    fail("config is not valid JSON (", e.what(), ")");
+  }
+  CNX_CHECK(j.is_object(), "config is not a JSON object");
   TrainConfig c;
+  // A field of the wrong type (or out of its type's range) is an error naming it; the values'
+  // ranges are checked where they are used (validate(), ConvNeXtConfig::validate()).
   auto get = [&](const char* key, auto& field) {
-    if (j.contains(key)) field = j.at(key).get<std::decay_t<decltype(field)>>();
+    if (!j.contains(key)) return;
+    using T = std::decay_t<decltype(field)>;
+    const json& v = j.at(key);
+    // nlohmann converts between number kinds silently (-1 into a uint64 is 2^64 - 1): the kind
+    // must match, and an integer must fit.
+    bool ok = true;
+    if constexpr (std::is_same_v<T, uint64_t>) ok = v.is_number_unsigned();
+    else if constexpr (std::is_integral_v<T> && !std::is_same_v<T, bool>)
+      ok = v.is_number_integer() && !(v.is_number_unsigned() && v.get<uint64_t>() > uint64_t(std::numeric_limits<T>::max())) &&
+           v.get<int64_t>() >= std::numeric_limits<T>::min() && v.get<int64_t>() <= std::numeric_limits<T>::max();
+    else if constexpr (std::is_same_v<T, std::vector<int64_t>>)
+      for (const json& e : v.is_array() ? v : json::array({json()}))
+        ok = ok && e.is_number_integer() && !(e.is_number_unsigned() && e.get<uint64_t>() > uint64_t(INT64_MAX));
+    if (ok) {
+      try {
+        field = v.get<T>();
+      } catch (const json::exception&) {
+        ok = false;
+      }
+    }
+    CNX_CHECK(ok, "config field \"", key, "\" has the wrong type: ", escape_for_message(v.dump().substr(0, 80)));
   };
   get("model", c.model); get("depths", c.depths); get("dims", c.dims);
   get("drop_path", c.drop_path); get("layer_scale_init_value", c.layer_scale_init_value);
@@ -189,7 +217,8 @@ TrainConfig TrainConfig::from_json(const std::string& text) {
   get("max_steps", c.max_steps);
   get("skip_nonfinite", c.skip_nonfinite);
   // A config without lr_rule was written when --lr was given for a total batch of 4096.
-  c.lr_rule = j.contains("lr_rule") ? j.at("lr_rule").get<std::string>() : "per_4096";
+  c.lr_rule = "per_4096";
+  get("lr_rule", c.lr_rule);
   return c;
 }
 
@@ -197,7 +226,20 @@ std::optional<TrainConfig> checkpoint_config(const std::string& path) {
   const auto md = read_safetensors_metadata(path);
   auto format = md.find("format");
   if (format == md.end() || format->second != kCheckpointFormat) return std::nullopt;
-  return TrainConfig::from_json(json::parse(md.at("state")).at("config").dump());
+  try {
+    auto state = md.find("state");
+    CNX_CHECK(state != md.end(), "no \"state\" in its metadata");
+    json parsed;
+    try {
+      parsed = json::parse(state->second);
+    } catch (const json::exception& e) {
+      fail("its state is not valid JSON (", e.what(), ")");
+    }
+    CNX_CHECK(parsed.is_object() && parsed.contains("config"), "its state has no \"config\"");
+    return TrainConfig::from_json(parsed.at("config").dump());
+  } catch (const Error& e) {
+    fail(path, ": checkpoint ", e.what());
+  }
 }
 
 NamedTensors load_weights(const std::string& path, bool use_ema) {
