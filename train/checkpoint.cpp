@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <limits>
 #include <regex>
+#include <string_view>
 
 #include <nlohmann/json.hpp>
 
@@ -20,16 +21,21 @@ using json = nlohmann::json;
 namespace {
 const std::regex kNumbered("checkpoint-([0-9]+)\\.safetensors");
 
+// `text`, all of it, as a decimal int64 >= 0 (std::nullopt for anything else, an overflow
+// included).
+std::optional<int64_t> whole_non_negative(std::string_view text) {
+  int64_t v = 0;
+  const auto r = std::from_chars(text.data(), text.data() + text.size(), v);
+  if (r.ec != std::errc() || r.ptr != text.data() + text.size() || v < 0) return std::nullopt;
+  return v;
+}
+
 // The epoch of a numbered checkpoint's name, if its number fits an int64 (a stray
 // checkpoint-<20 digits> is not one of ours).
 std::optional<int64_t> numbered_epoch(const std::string& name) {
   std::smatch m;
   if (!std::regex_match(name, m, kNumbered)) return std::nullopt;
-  int64_t epoch = 0;
-  const std::string digits = m[1];
-  const auto r = std::from_chars(digits.data(), digits.data() + digits.size(), epoch);
-  if (r.ec != std::errc() || r.ptr != digits.data() + digits.size()) return std::nullopt;
-  return epoch;
+  return whole_non_negative(m[1].str());
 }
 
 // The step recorded in a checkpoint's metadata, or -1 if it is not a readable checkpoint.
@@ -38,10 +44,7 @@ int64_t recorded_step(const std::string& path) {
     const auto md = read_safetensors_metadata(path);
     auto format = md.find("format"), step = md.find("step");
     if (format == md.end() || format->second != kCheckpointFormat || step == md.end()) return -1;
-    int64_t value = -1;
-    const std::string& text = step->second;
-    const auto r = std::from_chars(text.data(), text.data() + text.size(), value);
-    return r.ec == std::errc() && r.ptr == text.data() + text.size() && value >= 0 ? value : -1;
+    return whole_non_negative(step->second).value_or(-1);
   } catch (const std::exception&) {
     return -1;  // unreadable or half-written files are not resumed from
   }
@@ -53,7 +56,8 @@ std::optional<std::string> first_nonfinite(const NamedTensors& tensors) {
     if (t.dtype() != DType::f32 && t.dtype() != DType::bf16 && t.dtype() != DType::f16 &&
         t.dtype() != DType::f64)
       continue;
-    // On the host in f64 (exact for every floating type): a checkpoint is copied there anyway.
+    // On the host in f64 (exact for every floating type). For a CUDA tensor this is a second
+    // copy to the host (write_safetensors makes its own); only at checkpoint time.
     for (double v : t.to(Device::cpu()).to(DType::f64).to_vector<double>())
       if (!std::isfinite(v)) return name;
   }
@@ -83,10 +87,10 @@ Checkpoint load_checkpoint(const std::string& path) {
   Checkpoint c;
   c.tensors = std::move(file.tensors);
   c.state_json = state->second;
-  const std::string& text = step->second;
-  const auto r = std::from_chars(text.data(), text.data() + text.size(), c.step);
-  CNX_CHECK(r.ec == std::errc() && r.ptr == text.data() + text.size() && c.step >= 0, path,
-            ": checkpoint field \"step\" is not an integer >= 0 ('", escape_for_message(text), "')");
+  const std::optional<int64_t> recorded = whole_non_negative(step->second);
+  CNX_CHECK(recorded.has_value(), path, ": checkpoint field \"step\" is not an integer >= 0 ('",
+            escape_for_message(step->second), "')");
+  c.step = *recorded;
   return c;
 }
 
@@ -196,11 +200,10 @@ ResumeState parse_resume_state(const std::string& path, const std::string& state
   CNX_CHECK(state.contains("drop_gen"), path, ": checkpoint state lacks \"drop_gen\"");
   r.drop_seed = uint_field(state.at("drop_gen"), path, "seed");
   r.drop_offset = uint_field(state.at("drop_gen"), path, "offset");
-  const int64_t max = std::numeric_limits<int64_t>::max();
   if (state.contains("nonfinite_skipped"))
     r.nonfinite_skipped = int_field(state, path, "nonfinite_skipped", 0, r.step);
   if (state.contains("nonfinite_streak"))
-    r.nonfinite_streak = int_field(state, path, "nonfinite_streak", 0, std::min(max, r.nonfinite_skipped));
+    r.nonfinite_streak = int_field(state, path, "nonfinite_streak", 0, r.nonfinite_skipped);
   CNX_CHECK(state.contains("resume_key") && state.at("resume_key").is_object(), path,
             ": checkpoint state lacks the object \"resume_key\"");
   CNX_CHECK(state.contains("config") && state.at("config").is_object(), path,

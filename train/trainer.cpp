@@ -477,7 +477,8 @@ class TrainingRun {
  private:
   void open_data();
   void build_model();
-  void resume(const std::string& path);
+  // Returns the configuration the checkpoint was trained with.
+  TrainConfig resume(const std::string& path);
   void plan_lr(const std::optional<TrainConfig>& resumed_config);
   bool train_epoch(int64_t epoch, int64_t first_batch);
   bool end_epoch(int64_t epoch);
@@ -582,7 +583,7 @@ void TrainingRun::build_model() {
   drop_gen_ = std::make_unique<Generator>(cfg_.seed ^ kDropPathStream);
 }
 
-void TrainingRun::resume(const std::string& path) {
+TrainConfig TrainingRun::resume(const std::string& path) {
   const Checkpoint ck = load_checkpoint(path);
   if (const auto bad = first_nonfinite(ck.tensors))
     fail("cannot resume from ", path, ": ", escape_for_message(*bad), " holds a NaN or an infinity");
@@ -609,6 +610,11 @@ void TrainingRun::resume(const std::string& path) {
               static_cast<long long>(start_epoch_), static_cast<long long>(start_batch_),
               static_cast<long long>(step_));
   keep_best_consistent(path, state, ck);
+  try {
+    return TrainConfig::from_json(state.config);
+  } catch (const Error& e) {
+    fail(path, ": checkpoint ", e.what());
+  }
 }
 
 // checkpoint-best must hold the best accuracy the resumed state records. Since end_epoch writes
@@ -882,8 +888,7 @@ TrainResult TrainingRun::run() {
     resume_path = find_resume_checkpoint(cfg_.output_dir);
   std::optional<TrainConfig> resumed_config;
   if (!resume_path.empty()) {
-    resume(resume_path);
-    resumed_config = checkpoint_config(resume_path);
+    resumed_config = resume(resume_path);
   }
   plan_lr(resumed_config);
   result_.best_acc1 = best_acc1_;
