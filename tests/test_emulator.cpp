@@ -36,6 +36,9 @@
 #include "kernels/cuda/emulator/device_prelude.h"
 #include "kernels/cuda/launch.cuh"
 
+#include <cublas_v2.h>
+#include <unistd.h>
+
 namespace {
 
 using cnx::cuda::launch;
@@ -1152,6 +1155,238 @@ TEST_F(EmulatorDeadlock, AShuffleWaitingForALaneAtABarrierIsReportedNotHung) {
                           {"deadlock", "1 wait in __syncthreads()", "31 wait in a warp shuffle",
                            "shuffle_against_barrier_kernel"}));
   }
+}
+
+// ================================ 11. instrumentation ================================
+// The host-synchronisation counters and the launch trace (emulator.h) that bench/cost_model.cpp
+// builds its cost model on. The expected figures are worked out here from the calls made and the
+// addresses the allocations got, not read back from the emulator.
+
+class EmulatorInstrumentation : public EmulatorFixture {
+ protected:
+  void TearDown() override {
+    (void)cnx::emu::stop_trace();  // a failed assertion must not leave a trace running
+    EmulatorFixture::TearDown();
+  }
+};
+
+TEST_F(EmulatorInstrumentation, EveryCallThatMakesTheHostWaitIsCountedOnceUnderItsHeading) {
+  DeviceArray<int> a(1000);
+  PinnedArray<int> pinned(1000);
+  std::vector<int> host(1000, 7);
+  Stream s;
+  cudaEvent_t event;
+  ASSERT_EQ(cudaEventCreate(&event), cudaSuccess);
+  void* extra = nullptr;
+  ASSERT_EQ(cudaMalloc(&extra, 64), cudaSuccess);
+  cnx::emu::reset_host_sync_counts();
+
+  ASSERT_EQ(cudaStreamSynchronize(s), cudaSuccess);
+  ASSERT_EQ(cudaStreamSynchronize(nullptr), cudaSuccess);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  ASSERT_EQ(cudaEventRecord(event, s), cudaSuccess);
+  ASSERT_EQ(cudaEventQuery(event), cudaSuccess);  // runs the record (one item per poll)
+  ASSERT_EQ(cudaStreamQuery(s), cudaSuccess);
+  ASSERT_EQ(cudaEventSynchronize(event), cudaSuccess);
+  // Not waits: a copy from pageable memory is staged, one to pinned memory is queued.
+  ASSERT_EQ(cudaMemcpyAsync(a.get(), host.data(), a.bytes(), cudaMemcpyHostToDevice, s), cudaSuccess);
+  ASSERT_EQ(cudaMemcpyAsync(pinned.get(), a.get(), a.bytes(), cudaMemcpyDeviceToHost, s), cudaSuccess);
+  ASSERT_EQ(cudaMemsetAsync(a.get(), 0, a.bytes(), s), cudaSuccess);
+  // Waits: a copy to pageable memory, cudaMemcpy (once, though it is a copy to pageable memory
+  // too), cudaMemset as the emulator does it.
+  ASSERT_EQ(cudaMemcpyAsync(host.data(), a.get(), a.bytes(), cudaMemcpyDeviceToHost, s), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(host.data(), a.get(), a.bytes(), cudaMemcpyDeviceToHost), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(a.get(), host.data(), a.bytes(), cudaMemcpyHostToDevice), cudaSuccess);
+  ASSERT_EQ(cudaMemset(a.get(), 0, a.bytes()), cudaSuccess);
+  ASSERT_EQ(cudaFree(nullptr), cudaSuccess);  // frees nothing: no wait
+  ASSERT_EQ(cudaFree(extra), cudaSuccess);
+
+  const cnx::emu::HostSyncCounts c = cnx::emu::host_sync_counts();
+  EXPECT_EQ(c.stream_syncs, 2u);
+  EXPECT_EQ(c.device_syncs, 1u);
+  EXPECT_EQ(c.event_syncs, 1u);
+  EXPECT_EQ(c.queries, 2u);
+  EXPECT_EQ(c.blocking_copies, 4u);
+  EXPECT_EQ(c.frees, 1u);
+  EXPECT_EQ(c.total_blocking(), 9u);  // the queries are not waits
+
+  cnx::emu::reset_host_sync_counts();
+  EXPECT_EQ(cnx::emu::host_sync_counts().total_blocking(), 0u);
+  EXPECT_EQ(cnx::emu::host_sync_counts().queries, 0u);
+  ASSERT_EQ(cudaEventDestroy(event), cudaSuccess);
+}
+
+__global__ void copy_floats_kernel(const float* in, float* out, int n) {
+  const int i = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
+  if (i < n) out[i] = in[i];
+}
+
+__global__ void accumulate_floats_kernel(const float* in, float* out, int n) {
+  const int i = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
+  if (i < n) out[i] += in[i];
+}
+
+// The pages [p, p + bytes) spans: first and one past the last.
+std::pair<uintptr_t, uintptr_t> page_span(const void* p, size_t bytes) {
+  const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  return {a / page, (a + bytes - 1) / page + 1};
+}
+
+TEST_F(EmulatorInstrumentation, TheTraceRecordsEachItemInOrderWithTheBytesItMoves) {
+  const bool measured = cnx::emu::trace_traffic_available();
+  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  constexpr int kN = 1 << 20;  // 4 MiB of floats: 1024 pages, or 1025 where it straddles one
+  DeviceArray<float> in(kN), out(kN);
+  std::vector<float> values(kN);
+  for (int i = 0; i < kN; ++i) values[static_cast<size_t>(i)] = static_cast<float>(i) * 0.5f;
+
+  // Launches before the trace are not part of it; start_trace runs them first.
+  launch<copy_floats_kernel>(dim3(kN / 256), dim3(256), 0, nullptr, in.get(), out.get(), kN);
+  ASSERT_TRUE(cnx::emu::start_trace(measured));
+  EXPECT_FALSE(cnx::emu::start_trace(measured)) << "a second trace while one runs";
+  ASSERT_EQ(cudaMemcpyAsync(in.get(), values.data(), in.bytes(), cudaMemcpyHostToDevice, nullptr), cudaSuccess);
+  launch<copy_floats_kernel>(dim3(kN / 256), dim3(256), 0, nullptr, in.get(), out.get(), kN);
+  launch<accumulate_floats_kernel>(dim3(kN / 128), dim3(128), 16, nullptr, in.get(), out.get(), kN);
+  ASSERT_EQ(cudaMemsetAsync(in.get(), 0, 1000, nullptr), cudaSuccess);
+  const std::vector<cnx::emu::TraceRecord> trace = cnx::emu::stop_trace();
+  EXPECT_TRUE(cnx::emu::stop_trace().empty()) << "stop_trace without a trace";
+
+  // The kernels computed what they should while watched: out = 2 * in.
+  const std::vector<float> result = out.download();
+  for (int i = 0; i < kN; i += 4099) ASSERT_EQ(result[static_cast<size_t>(i)], values[static_cast<size_t>(i)] * 2.0f) << i;
+
+  ASSERT_EQ(trace.size(), 4u);
+  using cnx::emu::TraceKind;
+  EXPECT_EQ(trace[0].kind, TraceKind::kCopy);
+  EXPECT_EQ(trace[0].name, "cudaMemcpyAsync HtoD");
+  EXPECT_EQ(trace[0].bytes_read, 0u);
+  EXPECT_EQ(trace[0].bytes_written, in.bytes());
+  EXPECT_EQ(trace[1].kind, TraceKind::kKernel);
+  EXPECT_TRUE(contains(trace[1].name, "copy_floats_kernel")) << trace[1].name;
+  EXPECT_EQ(trace[1].grid.x, static_cast<unsigned>(kN / 256));
+  EXPECT_EQ(trace[1].block.x, 256u);
+  EXPECT_EQ(trace[1].dynamic_smem, 0u);
+  EXPECT_EQ(trace[1].flops, 0u);
+  EXPECT_TRUE(contains(trace[2].name, "accumulate_floats_kernel")) << trace[2].name;
+  EXPECT_EQ(trace[2].block.x, 128u);
+  EXPECT_EQ(trace[2].dynamic_smem, 16u);
+  EXPECT_EQ(trace[3].kind, TraceKind::kMemset);
+  EXPECT_EQ(trace[3].bytes_written, 1000u);
+  EXPECT_EQ(trace[3].bytes_read, 0u);
+
+  if (!measured) {
+    EXPECT_EQ(trace[1].bytes_read + trace[1].bytes_written, 0u) << "no measurement: no kernel bytes";
+    GTEST_SKIP() << "the traffic measurement is not available in this build (AddressSanitizer)";
+  }
+  // Pages spanned by the two arrays. They may share one page (an allocation is followed by a
+  // 256-byte gap, not by a page boundary).
+  const auto [in_first, in_end] = page_span(in.get(), in.bytes());
+  const auto [out_first, out_end] = page_span(out.get(), out.bytes());
+  const uint64_t in_pages = in_end - in_first, out_pages = out_end - out_first;
+  EXPECT_GE(in_pages * page, in.bytes());
+  // The copy: out's pages written; in's pages read, except one that out's first element shares
+  // with in's last, which thread 0 (of block 0, in order) writes before anything reads it: a page
+  // written first counts as written only. (Elsewhere than x86-64 a first touch is always a read.)
+  uint64_t expect_read = in_pages;
+#if defined(__x86_64__)
+  if (out_first == in_end - 1) expect_read -= 1;
+#endif
+  EXPECT_EQ(trace[1].page_bytes_written, out_pages * page);
+  EXPECT_EQ(trace[1].page_bytes_read, expect_read * page);
+  EXPECT_EQ(trace[1].bytes_read, trace[1].page_bytes_read) << "a kernel's figure is its pages";
+  EXPECT_EQ(trace[1].bytes_written, trace[1].page_bytes_written);
+  // out[i] += in[i] reads every page of both before writing out's: all read, out's also written.
+  uint64_t both = in_pages + out_pages;
+  if (out_first == in_end - 1 || in_first == out_end - 1) both -= 1;  // one shared page, once
+  EXPECT_EQ(trace[2].page_bytes_read, both * page);
+  EXPECT_EQ(trace[2].page_bytes_written, out_pages * page);
+  // The copy and the memset are measured too: the pages they write.
+  EXPECT_EQ(trace[0].page_bytes_written, in_pages * page);
+  const auto [set_first, set_end] = page_span(in.get(), 1000);
+  EXPECT_EQ(trace[3].page_bytes_written, (set_end - set_first) * page);
+}
+
+TEST_F(EmulatorInstrumentation, ATracedGemmRecordsItsShapeFlopsAndOperandBytes) {
+  constexpr int m = 96, n = 40, k = 24;
+  DeviceArray<float> a(m * k), b(k * n), c(m * n);
+  a.upload(std::vector<float>(m * k, 1.0f));
+  b.upload(std::vector<float>(k * n, 2.0f));
+  cublasHandle_t handle;
+  ASSERT_EQ(cublasCreate(&handle), CUBLAS_STATUS_SUCCESS);
+  const float alpha = 1.0f, zero = 0.0f, one = 1.0f;
+  ASSERT_TRUE(cnx::emu::start_trace(cnx::emu::trace_traffic_available()));
+  // C = A B, then C += A B (beta = 1: C is read too).
+  ASSERT_EQ(cublasSgemm(handle, CUBLAS_OP_N, CUBLAS_OP_N, m, n, k, &alpha, a.get(), m, b.get(), k, &zero, c.get(), m),
+            CUBLAS_STATUS_SUCCESS);
+  ASSERT_EQ(cublasSgemm(handle, CUBLAS_OP_N, CUBLAS_OP_N, m, n, k, &alpha, a.get(), m, b.get(), k, &one, c.get(), m),
+            CUBLAS_STATUS_SUCCESS);
+  const std::vector<cnx::emu::TraceRecord> trace = cnx::emu::stop_trace();
+  ASSERT_EQ(cublasDestroy(handle), CUBLAS_STATUS_SUCCESS);
+  EXPECT_EQ(c.download(), std::vector<float>(m * n, 2.0f * 2.0f * k));
+
+  ASSERT_EQ(trace.size(), 2u);
+  for (const auto& r : trace) {
+    EXPECT_EQ(r.kind, cnx::emu::TraceKind::kGemm);
+    EXPECT_EQ(r.name, "cublasSgemm");
+    EXPECT_EQ(r.m, m);
+    EXPECT_EQ(r.n, n);
+    EXPECT_EQ(r.k, k);
+    EXPECT_EQ(r.flops, 2u * m * n * k);
+    EXPECT_EQ(r.types, "f32*f32->f32");  // the handle's default math: no TF32
+    EXPECT_EQ(r.epilogue, "DEFAULT");
+    EXPECT_EQ(r.bytes_written, sizeof(float) * m * n);
+  }
+  EXPECT_EQ(trace[0].bytes_read, sizeof(float) * (m * k + k * n));
+  EXPECT_EQ(trace[1].bytes_read, sizeof(float) * (m * k + k * n + m * n));
+  if (cnx::emu::trace_traffic_available()) {
+    // The pages really touched cover at least the operands' bytes.
+    EXPECT_GE(trace[1].page_bytes_read, trace[1].bytes_read);
+    EXPECT_GE(trace[1].page_bytes_written, trace[1].bytes_written);
+  }
+}
+
+TEST_F(EmulatorInstrumentation, UnderTheRaceCheckATracedKernelRunsOnceAndIsStillRight) {
+  if (!cnx::emu::trace_traffic_available()) GTEST_SKIP() << "no traffic measurement in this build";
+  cnx::emu::set_racecheck_for_testing(true);
+  constexpr int kN = 1 << 16;
+  DeviceArray<float> in(kN), out(kN);
+  in.upload(std::vector<float>(kN, 3.0f));
+  out.upload(std::vector<float>(kN, 1.0f));
+  DeviceArray<int> racy(64);
+  ASSERT_TRUE(cnx::emu::start_trace());
+  launch<accumulate_floats_kernel>(dim3(kN / 256), dim3(256), 0, nullptr, in.get(), out.get(), kN);
+  launch<last_writer_kernel>(dim3(1), dim3(64), 0, nullptr, racy.get());  // not checked: runs once
+  const std::vector<cnx::emu::TraceRecord> trace = cnx::emu::stop_trace();
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess) << "a traced launch was race-checked";
+  // Racechecked, the sum would still be 4 (the second run starts from the first's input), but the
+  // snapshots would have read out's pages and written them back: only the kernel's own traffic
+  // is here, out's pages written once.
+  EXPECT_EQ(out.download(), std::vector<float>(kN, 4.0f));
+  ASSERT_EQ(trace.size(), 2u);
+  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  const auto [out_first, out_end] = page_span(out.get(), out.bytes());
+  EXPECT_EQ(trace[0].page_bytes_written, (out_end - out_first) * page);
+  // After the trace the check is back.
+  launch<last_writer_kernel>(dim3(1), dim3(64), 0, nullptr, racy.get());
+  EXPECT_TRUE(SyncFails(cudaErrorLaunchFailure, {"racecheck", "last_writer_kernel"}));
+}
+
+TEST_F(EmulatorInstrumentation, WithoutTrafficTheTraceStillRecordsLaunchesAndASanitizerBuildRefusesTraffic) {
+  if (!cnx::emu::trace_traffic_available())
+    EXPECT_FALSE(cnx::emu::start_trace(true)) << "the sanitizer build cannot watch pages: refused";
+  DeviceArray<float> in(1024), out(1024);
+  ASSERT_TRUE(cnx::emu::start_trace(false));
+  launch<copy_floats_kernel>(dim3(4), dim3(256), 0, nullptr, in.get(), out.get(), 1024);
+  const std::vector<cnx::emu::TraceRecord> trace = cnx::emu::stop_trace();
+  ASSERT_EQ(trace.size(), 1u);
+  EXPECT_TRUE(contains(trace[0].name, "copy_floats_kernel"));
+  EXPECT_EQ(trace[0].grid.x, 4u);
+  EXPECT_EQ(trace[0].page_bytes_read + trace[0].page_bytes_written, 0u);
+  // Work outside a trace is not recorded by the next one.
+  launch<copy_floats_kernel>(dim3(4), dim3(256), 0, nullptr, in.get(), out.get(), 1024);
+  ASSERT_TRUE(cnx::emu::start_trace(false));
+  EXPECT_TRUE(cnx::emu::stop_trace().empty());
 }
 
 // ================================ sanitizers ================================

@@ -287,6 +287,24 @@ cublasStatus_t check_buffers(const char* function, const Gemm& g) {
   return CUBLAS_STATUS_SUCCESS;
 }
 
+// What a launch trace (emulator.h, start_trace) records of g: its shape and the bytes of the
+// buffers it reads (A, B, C when beta != 0, a BIAS vector) and writes (D, a BGRADB vector).
+GemmTraceInfo trace_info(const Gemm& g) {
+  const auto short_name = [](cudaDataType_t t) { return t == CUDA_R_16BF ? "bf16" : "f32"; };
+  GemmTraceInfo info{g.m, g.n, g.k,
+                     std::string(short_name(g.a.type)) + "*" + short_name(g.b.type) + "->" +
+                         short_name(g.d.type) + (g.tf32 ? " +tf32" : ""),
+                     g.epilogue == CUBLASLT_EPILOGUE_BIAS     ? "BIAS"
+                     : g.epilogue == CUBLASLT_EPILOGUE_BGRADB ? "BGRADB"
+                                                              : "DEFAULT"};
+  for (const Buffer& b : buffers(g)) {
+    const bool written = std::strcmp(b.name, "D") == 0 ||
+                         (g.epilogue == CUBLASLT_EPILOGUE_BGRADB && b.data == g.bias.data);
+    (written ? info.bytes_written : info.bytes_read) += b.bytes;
+  }
+  return info;
+}
+
 // Queues g on the stream. The buffers are checked again when the work runs: one freed in between
 // would be a use-after-free on the GPU.
 cublasStatus_t launch_gemm(const char* function, cudaStream_t stream, const Gemm& g) {
@@ -298,7 +316,7 @@ cublasStatus_t launch_gemm(const char* function, cudaStream_t stream, const Gemm
         throw DeviceFault{cudaErrorIllegalAddress,
                           name + ": " + describe(b) + " is no longer device memory when the GEMM runs"};
     run(g);
-  });
+  }, trace_info(g));
   return CUBLAS_STATUS_SUCCESS;
 }
 

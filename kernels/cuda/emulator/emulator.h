@@ -134,6 +134,82 @@ void cp_async_wait_all();
 // added): it becomes the sticky error, the block is abandoned.
 [[noreturn]] void device_error(cudaError_t code, const std::string& message);
 
+// ---- instrumentation: host synchronisations and the launch trace -------------------------------
+// What the cost model (bench/cost_model.cpp) reads off one emulated training step. Neither costs
+// anything worth measuring while nobody asks: a counter increment per runtime call, one flag test
+// per queued item.
+
+// The runtime calls that made the host wait for the device, since the process started or the
+// last reset_host_sync_counts(). Each call is counted once, under the first heading it fits,
+// whether or not there was queued work to wait for (the host paid the round trip either way).
+struct HostSyncCounts {
+  uint64_t stream_syncs = 0;     // cudaStreamSynchronize
+  uint64_t device_syncs = 0;     // cudaDeviceSynchronize
+  uint64_t event_syncs = 0;      // cudaEventSynchronize
+  // cudaMemcpy (any direction: it waits for the device before and after), cudaMemcpyAsync to
+  // pageable host memory (the driver returns only when the data is there), and cudaMemset (the
+  // emulator waits; the real one need not for device memory, but the project never calls it)
+  uint64_t blocking_copies = 0;
+  uint64_t frees = 0;            // cudaFree and cudaFreeHost of a non-null pointer: they synchronise
+  uint64_t queries = 0;          // cudaStreamQuery, cudaEventQuery: a poll, not a wait; apart
+  uint64_t total_blocking() const {
+    return stream_syncs + device_syncs + event_syncs + blocking_copies + frees;
+  }
+};
+HostSyncCounts host_sync_counts();
+void reset_host_sync_counts();
+
+// One piece of device work that ran while a trace was on, in the order it ran. Implicit waits,
+// event records and stream-wait-event items are bookkeeping, not work: they are not recorded.
+enum class TraceKind { kKernel, kGemm, kCopy, kMemset };
+struct TraceRecord {
+  TraceKind kind = TraceKind::kKernel;
+  // kernel: the kernel's name (as kernel_launch_counts gives it); GEMM: the library function
+  // ("cublasLtMatmul", "cublasGemmEx", ...); copy: "cudaMemcpyAsync HtoD|DtoH|DtoD"; "cudaMemsetAsync"
+  std::string name;
+  dim3 grid{1, 1, 1}, block{1, 1, 1};  // kernels
+  size_t dynamic_smem = 0;             // kernels: the launch's dynamic shared memory
+  int64_t m = 0, n = 0, k = 0;         // GEMMs: D (m, n) = op(A) (m, k) op(B) (k, n)
+  std::string types;                   // GEMMs: "A*B->D", e.g. "bf16*bf16->f32", "+tf32" when rounded
+  std::string epilogue;                // GEMMs: "DEFAULT", "BIAS" or "BGRADB"
+  uint64_t flops = 0;                  // GEMMs: 2mnk (the epilogue's few adds are not counted)
+  // Device-memory traffic, the figure a cost model wants: for a kernel the pages it touched (below;
+  // 0 when the trace does not measure traffic); for a GEMM the exact extents of its operands (A,
+  // B, C when beta != 0 and the bias are read, D and a bias gradient written: what a GEMM must
+  // move at least); for a copy its size on the device side(s) (HtoD writes n, DtoH reads n, DtoD
+  // both); for a memset n written.
+  uint64_t bytes_read = 0, bytes_written = 0;
+  // What the page-fault measurement saw for this item, whatever its kind (0 without it): pages
+  // first read (and perhaps written later), and pages written, times the page size. A page read
+  // and then written counts in both, one written first only as written. Page granularity
+  // overcounts tensors much smaller than a page and those that share one with their neighbours.
+  uint64_t page_bytes_read = 0, page_bytes_written = 0;
+};
+
+// Whether start_trace(true) can measure traffic in this build: it watches device memory through
+// page protections and its own SIGSEGV handler, which AddressSanitizer's handler excludes, so not
+// in the -DCNX_EMU_SANITIZE=ON build.
+bool trace_traffic_available();
+// Finishes the work already queued (not recorded), then records every item that runs until
+// stop_trace(). With measure_traffic, each recorded item runs with the whole device arena
+// PROT_NONE and the pages it touches are logged on first touch (read fault: the page becomes
+// readable; write fault: writable), which slows it down; a traced kernel then also skips the race
+// check (its snapshot and second run would be counted as traffic). False, and nothing starts,
+// when a trace is already on or traffic is asked for and !trace_traffic_available().
+bool start_trace(bool measure_traffic = true);
+// Finishes the queued work (recorded), ends the trace and returns its records. Empty when no
+// trace was on.
+std::vector<TraceRecord> stop_trace();
+
+// What the cuBLAS emulation tells the trace about a GEMM it queues (TraceRecord's fields).
+struct GemmTraceInfo {
+  int64_t m = 0, n = 0, k = 0;
+  std::string types, epilogue;
+  uint64_t bytes_read = 0, bytes_written = 0;
+};
+// enqueue() for a GEMM: the same, and a running trace records `gemm`.
+void enqueue(cudaStream_t stream, std::string what, std::function<void()> work, GemmTraceInfo gemm);
+
 // ---- for the emulator's own tests (tests/test_emulator.cpp) -----------------------------------
 
 // From now on, schedule threads and blocks as CNX_EMU_SCHEDULE would ("inorder", "reverse",

@@ -18,9 +18,11 @@
 //    and requires bitwise the same device memory after both; CNX_EMU_COVERAGE_DIR=dir writes the
 //    kernels this process registered and launched to dir/<pid>.txt at exit.
 #include <sys/mman.h>
+#include <ucontext.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <csignal>
 #include <cstdio>
@@ -46,9 +48,17 @@
 #define CNX_EMU_UNPOISON(p, n) ((void)(p), (void)(n))
 #endif
 
+// One queued piece of device work: what it is called in error messages, the work, and what a
+// running trace records of it (made only while a trace is on; nullptr for bookkeeping items).
+struct QueuedWork {
+  std::string what;
+  std::function<void()> work;
+  std::unique_ptr<cnx::emu::TraceRecord> note;
+};
+
 // The opaque handle types of the runtime API, defined here.
 struct CUstream_st {
-  std::deque<std::pair<std::string, std::function<void()>>> queue;
+  std::deque<QueuedWork> queue;
   uint64_t enqueued = 0, executed = 0;  // items so far
   bool blocking = true;  // synchronises with the legacy default stream (not cudaStreamNonBlocking)
   bool destroyed = false;
@@ -129,6 +139,12 @@ class Arena {
 
   size_t capacity() const { return capacity_; }
   size_t used() const { return used_; }
+  char* base() const { return base_; }
+  size_t mapped() const { return mapped_; }  // [base, base + mapped) is what the window opens
+  // Sets the protection of the whole window (the traffic measurement's start and end).
+  void protect_window(int prot) {
+    if (mapped_ > 0) protect(0, mapped_, prot);
+  }
   bool contains(const void* p) const {
     const char* c = static_cast<const char*>(p);
     return c >= base_ && c < base_ + capacity_;
@@ -253,14 +269,71 @@ struct Device {
   std::string sticky_message;
   ScheduleChoice schedule = schedule_from_env();
   bool racecheck = env_flag("CNX_EMU_RACECHECK");
+  HostSyncCounts syncs;
+  // The launch trace (start_trace .. stop_trace).
+  bool tracing = false;
+  bool measure_traffic = false;
+  std::vector<TraceRecord> records;
 };
 
 Device* g_device = nullptr;  // for the signal handler
 
-// SIGSEGV on the arena: say why before the process dies as it would have (the handler restores
-// the default action and returns, so the faulting access repeats and kills the process).
-// AddressSanitizer builds keep ASan's own handler, which prints the stack.
-void on_segv(int sig, siginfo_t* info, void*) {
+// ---- the traffic measurement of a traced item ------------------------------------------------------
+// While a traced item runs, the whole arena is PROT_NONE and the SIGSEGV handler (on_segv) notes
+// each page the item touches: a read fault marks the page read and makes it readable, a write
+// fault marks it written and makes it writable, so each page faults at most twice and the item
+// then runs at full speed on it. x86-64 tells a write fault from a read one (the page-fault error
+// code's bit 1, in the signal context); elsewhere every first touch is taken for a read, and a
+// page written without being read counts as both.
+// The handler may only touch memory that exists before it runs: the page table is sized, and the
+// list of touched pages reserved, when the item starts.
+struct Traffic {
+  enum : uint8_t { kRead = 1, kWritten = 2 };
+  volatile sig_atomic_t active = 0;
+  char* base = nullptr;  // watched: [base, base + bytes)
+  size_t bytes = 0;
+  size_t page = 0;
+  std::vector<uint8_t> state;     // per page: kRead | kWritten
+  std::vector<uint32_t> touched;  // the pages with a state, to count and clear them at the end
+};
+Traffic g_traffic;
+
+bool is_write_fault([[maybe_unused]] const void* context) {
+#if defined(__x86_64__)
+  return (static_cast<const ucontext_t*>(context)->uc_mcontext.gregs[REG_ERR] & 2) != 0;
+#else
+  return false;  // decided by the page's state instead (note_touch)
+#endif
+}
+
+// The SIGSEGV handler's part: true when the fault was a first touch of a watched page (noted, the
+// page opened; the access then repeats and succeeds).
+bool note_touch(const void* address, const void* context) {
+  Traffic& t = g_traffic;
+  const char* c = static_cast<const char*>(address);
+  if (!t.active || c < t.base || c >= t.base + t.bytes) return false;
+  const size_t index = static_cast<size_t>(c - t.base) / t.page;
+  uint8_t& s = t.state[index];
+  const bool is_write = is_write_fault(context) || s == Traffic::kRead;
+  if (s & Traffic::kWritten) return false;  // writable already: not a fault of ours
+  if (!is_write && s != 0) return false;
+  if (s == 0) t.touched.push_back(static_cast<uint32_t>(index));  // reserved: never reallocates
+  s |= is_write ? Traffic::kWritten : Traffic::kRead;
+  if (mprotect(t.base + index * t.page, t.page, is_write ? PROT_READ | PROT_WRITE : PROT_READ) != 0) {
+    static const char msg[] = "cnx emulator: the launch trace cannot change a page's protection "
+                              "(too many memory mappings? see vm.max_map_count)\n";
+    [[maybe_unused]] const ssize_t n = write(STDERR_FILENO, msg, sizeof msg - 1);
+    std::abort();
+  }
+  return true;
+}
+
+// SIGSEGV on the arena: a page a traced item touches first (note_touch), else say why before the
+// process dies as it would have (the handler restores the default action and returns, so the
+// faulting access repeats and kills the process). AddressSanitizer builds keep ASan's own
+// handler, which prints the stack (and have no traffic measurement).
+void on_segv(int sig, siginfo_t* info, void* context) {
+  if (note_touch(info->si_addr, context)) return;
   if (g_device && g_device->arena.contains(info->si_addr)) {
     static const char msg[] =
         "cnx emulator: segmentation fault on device memory: host code dereferenced a device "
@@ -291,6 +364,59 @@ class DeviceAccess {
   ~DeviceAccess() { device().arena.close(); }
   DeviceAccess(const DeviceAccess&) = delete;
   DeviceAccess& operator=(const DeviceAccess&) = delete;
+};
+
+// Measures the pages one traced item touches, inside the device-access window (which it closes
+// to PROT_NONE at the start and reopens at the end, also when the item throws). Does nothing for
+// an untraced item, without measure_traffic, or nested in another measurement (an item that
+// drains another stream: the inner items are measured, the outer is bookkeeping).
+class TrafficWatch {
+ public:
+  TrafficWatch(Device& dev, TraceRecord* record) : dev_(dev), record_(record) {
+    if (!record_ || !dev.measure_traffic || g_traffic.active) {
+      record_ = nullptr;
+      return;
+    }
+    Traffic& t = g_traffic;
+    t.base = dev.arena.base();
+    t.bytes = dev.arena.mapped();
+    t.page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    t.state.resize(t.bytes / t.page, 0);  // cleared by the previous item's finish
+    t.touched.reserve(t.state.size());
+    dev.arena.protect_window(PROT_NONE);
+    std::atomic_signal_fence(std::memory_order_seq_cst);
+    t.active = 1;
+  }
+  ~TrafficWatch() { finish(); }
+  TrafficWatch(const TrafficWatch&) = delete;
+  TrafficWatch& operator=(const TrafficWatch&) = delete;
+
+  // Ends the measurement and writes the page figures into the record.
+  void finish() {
+    if (!record_) return;
+    Traffic& t = g_traffic;
+    t.active = 0;
+    std::atomic_signal_fence(std::memory_order_seq_cst);
+    dev_.arena.protect_window(PROT_READ | PROT_WRITE);
+    uint64_t read = 0, written = 0;
+    for (const uint32_t p : t.touched) {
+      read += (t.state[p] & Traffic::kRead) != 0;
+      written += (t.state[p] & Traffic::kWritten) != 0;
+      t.state[p] = 0;
+    }
+    t.touched.clear();
+    record_->page_bytes_read = read * t.page;
+    record_->page_bytes_written = written * t.page;
+    if (record_->kind == TraceKind::kKernel) {  // the only figure a kernel has
+      record_->bytes_read = record_->page_bytes_read;
+      record_->bytes_written = record_->page_bytes_written;
+    }
+    record_ = nullptr;
+  }
+
+ private:
+  Device& dev_;
+  TraceRecord* record_;
 };
 
 thread_local cudaError_t t_last_error = cudaSuccess;
@@ -339,19 +465,22 @@ CUstream_st* stream_of(cudaStream_t s) {
 // Runs the oldest item of `s`; false when it is empty.
 bool step(Device& dev, CUstream_st* s) {
   if (s->queue.empty() || dev.sticky != cudaSuccess) return false;
-  auto item = std::move(s->queue.front());
+  QueuedWork item = std::move(s->queue.front());
   s->queue.pop_front();
   try {
     DeviceAccess access;
-    item.second();
+    TrafficWatch watch(dev, dev.tracing ? item.note.get() : nullptr);
+    item.work();
+    watch.finish();
     ++s->executed;
   } catch (const DeviceFault& f) {
     set_sticky(dev, f.code, f.message);
     return false;
   } catch (const std::exception& e) {
-    set_sticky(dev, cudaErrorLaunchFailure, item.first + ": " + e.what());
+    set_sticky(dev, cudaErrorLaunchFailure, item.what + ": " + e.what());
     return false;
   }
+  if (dev.tracing && item.note) dev.records.push_back(std::move(*item.note));
   return true;
 }
 
@@ -367,8 +496,9 @@ void drain_all(Device& dev) {
 // Queues an item on `s`, after the implicit waits of the legacy default stream: work on it
 // waits for the work already queued on every blocking stream, and work on a blocking stream
 // waits for the work already queued on it (CUDA Runtime API, "stream synchronization behavior").
-void push_raw(CUstream_st* s, std::string what, std::function<void()> work) {
-  s->queue.emplace_back(std::move(what), std::move(work));
+void push_raw(CUstream_st* s, std::string what, std::function<void()> work,
+              std::unique_ptr<TraceRecord> note = nullptr) {
+  s->queue.push_back(QueuedWork{std::move(what), std::move(work), std::move(note)});
   ++s->enqueued;
 }
 void wait_for(Device& dev, CUstream_st* s, CUstream_st* other) {
@@ -379,14 +509,30 @@ void wait_for(Device& dev, CUstream_st* s, CUstream_st* other) {
     }
   });
 }
-void push(Device& dev, CUstream_st* s, std::string what, std::function<void()> work) {
+// `note`: what a running trace records of the item (nullptr: nothing; see trace_note).
+void push(Device& dev, CUstream_st* s, std::string what, std::function<void()> work,
+          std::unique_ptr<TraceRecord> note = nullptr) {
   if (s == &dev.legacy_stream) {
     for (auto& b : dev.streams)
       if (b->blocking && !b->destroyed) wait_for(dev, s, b.get());
   } else if (s->blocking) {
     wait_for(dev, s, &dev.legacy_stream);
   }
-  push_raw(s, std::move(what), std::move(work));
+  push_raw(s, std::move(what), std::move(work), std::move(note));
+}
+
+// A record for an item about to be queued, or nullptr when no trace is on (the ordinary run pays
+// one test). start_trace drains the queues first and stop_trace drains them before it ends, so
+// every item that runs during a trace was queued during it and carries its note.
+std::unique_ptr<TraceRecord> trace_note(const Device& dev, TraceKind kind, std::string name,
+                                        uint64_t bytes_read = 0, uint64_t bytes_written = 0) {
+  if (!dev.tracing) return nullptr;
+  auto note = std::make_unique<TraceRecord>();
+  note->kind = kind;
+  note->name = std::move(name);
+  note->bytes_read = bytes_read;
+  note->bytes_written = bytes_written;
+  return note;
 }
 
 // cudaSuccess for the legacy stream (nullptr) and a stream that was created and not destroyed.
@@ -532,6 +678,63 @@ void enqueue(cudaStream_t stream, std::string what, std::function<void()> work) 
   push(dev, stream_of(stream), std::move(what), std::move(work));
 }
 
+void enqueue(cudaStream_t stream, std::string what, std::function<void()> work, GemmTraceInfo gemm) {
+  Device& dev = device();
+  std::lock_guard<std::recursive_mutex> lock(dev.mutex);
+  if (dev.sticky != cudaSuccess) return;
+  auto note = trace_note(dev, TraceKind::kGemm, what, gemm.bytes_read, gemm.bytes_written);
+  if (note) {
+    note->m = gemm.m;
+    note->n = gemm.n;
+    note->k = gemm.k;
+    note->types = std::move(gemm.types);
+    note->epilogue = std::move(gemm.epilogue);
+    note->flops = 2 * static_cast<uint64_t>(gemm.m) * static_cast<uint64_t>(gemm.n) * static_cast<uint64_t>(gemm.k);
+  }
+  push(dev, stream_of(stream), std::move(what), std::move(work), std::move(note));
+}
+
+HostSyncCounts host_sync_counts() {
+  Device& dev = device();
+  std::lock_guard<std::recursive_mutex> lock(dev.mutex);
+  return dev.syncs;
+}
+
+void reset_host_sync_counts() {
+  Device& dev = device();
+  std::lock_guard<std::recursive_mutex> lock(dev.mutex);
+  dev.syncs = HostSyncCounts{};
+}
+
+bool trace_traffic_available() {
+#if defined(__SANITIZE_ADDRESS__)
+  return false;
+#else
+  return true;
+#endif
+}
+
+bool start_trace(bool measure_traffic) {
+  Device& dev = device();
+  std::lock_guard<std::recursive_mutex> lock(dev.mutex);
+  if (dev.tracing || (measure_traffic && !trace_traffic_available())) return false;
+  drain_all(dev);  // earlier work is not part of the trace
+  dev.records.clear();
+  dev.measure_traffic = measure_traffic;
+  dev.tracing = true;
+  return true;
+}
+
+std::vector<TraceRecord> stop_trace() {
+  Device& dev = device();
+  std::lock_guard<std::recursive_mutex> lock(dev.mutex);
+  if (!dev.tracing) return {};
+  drain_all(dev);
+  dev.tracing = false;
+  dev.measure_traffic = false;
+  return std::move(dev.records);
+}
+
 void launch_kernel(const KernelInfo* kernel, dim3 grid, dim3 block, size_t smem_bytes,
                    cudaStream_t stream, std::function<void()> body, WrittenMemory written) {
   Device& dev = device();
@@ -565,13 +768,21 @@ void launch_kernel(const KernelInfo* kernel, dim3 grid, dim3 block, size_t smem_
   if (check_stream(dev, stream, "launch of " + kernel->name) != cudaSuccess) return;
   count_launch(kernel);
   auto launch = std::make_shared<Launch>(Launch{kernel, grid, block, smem_bytes, std::move(body), std::move(written)});
+  auto note = trace_note(dev, TraceKind::kKernel, kernel->name);
+  if (note) {
+    note->grid = grid;
+    note->block = block;
+    note->dynamic_smem = smem_bytes;
+  }
   push(dev, stream_of(stream), "kernel " + kernel->name, [launch] {
     Device& d = device();
-    if (d.racecheck)
+    // Under a traffic measurement the race check's snapshots and second run would count as the
+    // kernel's traffic: a traced kernel runs once.
+    if (d.racecheck && !g_traffic.active)
       run_racechecked(*launch);
     else
       run_kernel(*launch, d.schedule);
-  });
+  }, std::move(note));
 }
 
 bool set_schedule_for_testing(const std::string& spec) {
@@ -670,6 +881,54 @@ const char* error_text(cudaError_t e) {
 cudaError_t check_event(cudaEvent_t e) {
   if (device().events.count(e)) return cudaSuccess;
   return error(cudaErrorInvalidResourceHandle, "not a live event");
+}
+
+// cudaMemcpyAsync's work, under the device lock; `blocked`: the call waited for the copy (to
+// pageable memory), which the caller counts as a host synchronisation.
+cudaError_t copy_async(Device& dev, void* dst, const void* src, size_t n, cudaMemcpyKind kind,
+                       cudaStream_t stream, bool& blocked) {
+  if (cudaError_t e = check_stream(dev, stream, "cudaMemcpyAsync")) return e;
+  if (n == 0) return cudaSuccess;
+  CUstream_st* s = stream_of(stream);
+  switch (kind) {
+    case cudaMemcpyHostToDevice: {
+      if (cudaError_t e = check_device_range(dst, n, "cudaMemcpyAsync HtoD", "destination")) return e;
+      if (cudaError_t e = check_host_range(src, n, "cudaMemcpyAsync HtoD", "source")) return e;
+      if (is_pinned(dev, src, n)) {
+        // A DMA from page-locked memory: reads the source when it runs.
+        push(dev, s, "cudaMemcpyAsync HtoD", [=] { std::memcpy(dst, src, n); },
+             trace_note(dev, TraceKind::kCopy, "cudaMemcpyAsync HtoD", 0, n));
+      } else {
+        // Pageable: the driver stages the source before returning.
+        auto staged = std::make_shared<std::vector<char>>(static_cast<const char*>(src),
+                                                          static_cast<const char*>(src) + n);
+        push(dev, s, "cudaMemcpyAsync HtoD", [=] { std::memcpy(dst, staged->data(), n); },
+             trace_note(dev, TraceKind::kCopy, "cudaMemcpyAsync HtoD", 0, n));
+      }
+      return cudaSuccess;
+    }
+    case cudaMemcpyDeviceToHost: {
+      if (cudaError_t e = check_device_range(src, n, "cudaMemcpyAsync DtoH", "source")) return e;
+      if (cudaError_t e = check_host_range(dst, n, "cudaMemcpyAsync DtoH", "destination")) return e;
+      push(dev, s, "cudaMemcpyAsync DtoH", [=] { std::memcpy(dst, src, n); },
+           trace_note(dev, TraceKind::kCopy, "cudaMemcpyAsync DtoH", n, 0));
+      // To pageable memory the call returns only once the copy is done.
+      if (!is_pinned(dev, dst, n)) {
+        blocked = true;
+        drain(dev, s);
+      }
+      return dev.sticky;
+    }
+    case cudaMemcpyDeviceToDevice: {
+      if (cudaError_t e = check_device_range(src, n, "cudaMemcpyAsync DtoD", "source")) return e;
+      if (cudaError_t e = check_device_range(dst, n, "cudaMemcpyAsync DtoD", "destination")) return e;
+      push(dev, s, "cudaMemcpyAsync DtoD", [=] { std::memmove(dst, src, n); },
+           trace_note(dev, TraceKind::kCopy, "cudaMemcpyAsync DtoD", n, n));
+      return cudaSuccess;
+    }
+    default:
+      return error(cudaErrorInvalidValue, "cudaMemcpyAsync: only HtoD, DtoH and DtoD copies are emulated");
+  }
 }
 
 }  // namespace
@@ -772,6 +1031,7 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int d) {
 
 cudaError_t cudaDeviceSynchronize(void) {
   CNX_EMU_ENTER();
+  ++dev.syncs.device_syncs;
   drain_all(dev);
   return dev.sticky;
 }
@@ -831,6 +1091,7 @@ cudaError_t cudaMalloc(void** ptr, size_t bytes) {
 cudaError_t cudaFree(void* ptr) {
   CNX_EMU_ENTER();
   if (!ptr) return cudaSuccess;
+  ++dev.syncs.frees;
   drain_all(dev);  // cudaFree synchronises the device
   if (dev.sticky != cudaSuccess) return dev.sticky;
   char msg[96];
@@ -853,6 +1114,7 @@ cudaError_t cudaMallocHost(void** ptr, size_t bytes) { return cudaHostAlloc(ptr,
 cudaError_t cudaFreeHost(void* ptr) {
   CNX_EMU_ENTER();
   if (!ptr) return cudaSuccess;
+  ++dev.syncs.frees;
   drain_all(dev);  // work still queued may read or write it
   const auto it = dev.pinned.find(static_cast<char*>(ptr));
   if (it == dev.pinned.end()) return error(cudaErrorInvalidValue, "cudaFreeHost: not from cudaHostAlloc");
@@ -881,47 +1143,18 @@ cudaError_t cudaPointerGetAttributes(cudaPointerAttributes* attr, const void* pt
 
 cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t n, cudaMemcpyKind kind, cudaStream_t stream) {
   CNX_EMU_ENTER();
-  if (cudaError_t e = check_stream(dev, stream, __func__)) return e;
-  if (n == 0) return cudaSuccess;
-  CUstream_st* s = stream_of(stream);
-  switch (kind) {
-    case cudaMemcpyHostToDevice: {
-      if (cudaError_t e = check_device_range(dst, n, "cudaMemcpyAsync HtoD", "destination")) return e;
-      if (cudaError_t e = check_host_range(src, n, "cudaMemcpyAsync HtoD", "source")) return e;
-      if (is_pinned(dev, src, n)) {
-        // A DMA from page-locked memory: reads the source when it runs.
-        push(dev, s, "cudaMemcpyAsync HtoD", [=] { std::memcpy(dst, src, n); });
-      } else {
-        // Pageable: the driver stages the source before returning.
-        auto staged = std::make_shared<std::vector<char>>(static_cast<const char*>(src),
-                                                          static_cast<const char*>(src) + n);
-        push(dev, s, "cudaMemcpyAsync HtoD", [=] { std::memcpy(dst, staged->data(), n); });
-      }
-      return cudaSuccess;
-    }
-    case cudaMemcpyDeviceToHost: {
-      if (cudaError_t e = check_device_range(src, n, "cudaMemcpyAsync DtoH", "source")) return e;
-      if (cudaError_t e = check_host_range(dst, n, "cudaMemcpyAsync DtoH", "destination")) return e;
-      push(dev, s, "cudaMemcpyAsync DtoH", [=] { std::memcpy(dst, src, n); });
-      // To pageable memory the call returns only once the copy is done.
-      if (!is_pinned(dev, dst, n)) drain(dev, s);
-      return dev.sticky;
-    }
-    case cudaMemcpyDeviceToDevice: {
-      if (cudaError_t e = check_device_range(src, n, "cudaMemcpyAsync DtoD", "source")) return e;
-      if (cudaError_t e = check_device_range(dst, n, "cudaMemcpyAsync DtoD", "destination")) return e;
-      push(dev, s, "cudaMemcpyAsync DtoD", [=] { std::memmove(dst, src, n); });
-      return cudaSuccess;
-    }
-    default:
-      return error(cudaErrorInvalidValue, "cudaMemcpyAsync: only HtoD, DtoH and DtoD copies are emulated");
-  }
+  bool blocked = false;
+  const cudaError_t e = copy_async(dev, dst, src, n, kind, stream, blocked);
+  if (blocked) ++dev.syncs.blocking_copies;
+  return e;
 }
 
 cudaError_t cudaMemcpy(void* dst, const void* src, size_t n, cudaMemcpyKind kind) {
   CNX_EMU_ENTER();
+  ++dev.syncs.blocking_copies;  // once, whether or not copy_async waited too
   drain_all(dev);
-  if (cudaError_t e = cudaMemcpyAsync(dst, src, n, kind, nullptr)) return e;
+  bool blocked = false;
+  if (cudaError_t e = copy_async(dev, dst, src, n, kind, nullptr, blocked)) return e;
   drain_all(dev);
   return dev.sticky;
 }
@@ -937,12 +1170,14 @@ cudaError_t cudaMemsetAsync(void* dst, int value, size_t n, cudaStream_t stream)
   if (cudaError_t e = check_stream(dev, stream, __func__)) return e;
   if (cudaError_t e = check_device_range(dst, n, "cudaMemsetAsync", "destination")) return e;
   if (n == 0) return cudaSuccess;
-  push(dev, stream_of(stream), "cudaMemsetAsync", [=] { std::memset(dst, value, n); });
+  push(dev, stream_of(stream), "cudaMemsetAsync", [=] { std::memset(dst, value, n); },
+       trace_note(dev, TraceKind::kMemset, "cudaMemsetAsync", 0, n));
   return cudaSuccess;
 }
 
 cudaError_t cudaMemset(void* dst, int value, size_t n) {
   CNX_EMU_ENTER();
+  ++dev.syncs.blocking_copies;
   if (cudaError_t e = cudaMemsetAsync(dst, value, n, nullptr)) return e;
   drain_all(dev);
   return dev.sticky;
@@ -972,6 +1207,7 @@ cudaError_t cudaStreamDestroy(cudaStream_t stream) {
 cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
   CNX_EMU_ENTER();
   if (cudaError_t e = check_stream(dev, stream, __func__)) return e;
+  ++dev.syncs.stream_syncs;
   drain(dev, stream_of(stream));
   return dev.sticky;
 }
@@ -979,6 +1215,7 @@ cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
 cudaError_t cudaStreamQuery(cudaStream_t stream) {
   CNX_EMU_ENTER();
   if (cudaError_t e = check_stream(dev, stream, __func__)) return e;
+  ++dev.syncs.queries;
   CUstream_st* s = stream_of(stream);
   step(dev, s);
   if (dev.sticky != cudaSuccess) return dev.sticky;
@@ -1022,6 +1259,7 @@ cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
 cudaError_t cudaEventQuery(cudaEvent_t event) {
   CNX_EMU_ENTER();
   if (cudaError_t e = check_event(event)) return e;
+  ++dev.syncs.queries;
   if (event->completed == event->recorded) return cudaSuccess;
   step(dev, event->stream);  // the device advances by one item per poll
   if (dev.sticky != cudaSuccess) return dev.sticky;
@@ -1031,6 +1269,7 @@ cudaError_t cudaEventQuery(cudaEvent_t event) {
 cudaError_t cudaEventSynchronize(cudaEvent_t event) {
   CNX_EMU_ENTER();
   if (cudaError_t e = check_event(event)) return e;
+  ++dev.syncs.event_syncs;
   while (event->completed != event->recorded && step(dev, event->stream)) {
   }
   return dev.sticky;
