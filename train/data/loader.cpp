@@ -14,6 +14,7 @@
 #include "tensor/cuda_context.h"
 #include "tensor/error.h"
 #include "tensor/generator.h"
+#include "tensor/upload.h"
 
 namespace cnx {
 
@@ -172,17 +173,17 @@ Tensor finish_batch(ByteBatch& bb, Device device) {
     return out;
   }
 #if defined(CNX_CUDA) && CNX_CUDA
-  // One copy of the pixels and the erase params into a device block (from the caching
-  // allocator: freed at return, which is safe because whatever reuses it is enqueued on the same
-  // stream after the finish kernel), then the finish on the same stream.
+  // One copy of the pixels and the erase params into a staging slot, on the device's copy
+  // stream (tensor/upload.h): it overlaps the kernels of the step before; the finish kernel on
+  // the compute stream waits for it.
   const int64_t used = bb.used_bytes();
-  Tensor raw = Tensor::empty({used}, DType::u8, device);
-  bb.buffer.copy_to_device(raw.raw_data(), device, used);
+  StagedUpload staged = upload_async(bb.buffer, used, device);
   cuda::DeviceGuard guard(device);
-  const uint8_t* dev = raw.data<uint8_t>();
+  const uint8_t* dev = staged.data<uint8_t>();
   const EraseParams* erase = bb.erasing ? reinterpret_cast<const EraseParams*>(dev + bb.erase_offset) : nullptr;
   cuda::batch_finish(out.data<float>(), dev, erase, bb.mix, bb.norm, bb.B, bb.H, bb.W, bb.C,
                      cuda::device_stream(device));
+  staged.release();  // the slot is reused once the finish kernel has run
   return out;
 #else
   fail("finish_batch: ", device.str(), " is a CUDA device but this build has no CUDA backend");
