@@ -42,6 +42,16 @@ struct AdamWScalars {
 // kernel's parameter block, in chunks; no device memory is allocated. `slots` is a host array
 // (read before the call returns); the update runs asynchronously on `stream`. Slots with n == 0
 // are skipped.
-void adamw_step(const AdamWSlot* slots, int64_t count, AdamWScalars s, cudaStream_t stream);
+//
+// `skip` (device memory, or nullptr: always update): when *skip != 0 the kernel changes
+// nothing, neither parameters nor moments. The optimiser passes the flag its gradient-norm step
+// computed on the device (kernels/grad_norm.h, status[2]), so a step with a non-finite gradient
+// or loss is dropped without the host waiting to read that decision.
+void adamw_step(const AdamWSlot* slots, int64_t count, AdamWScalars s,
+                const float* skip,  // () or nullptr
+                cudaStream_t stream);
+inline void adamw_step(const AdamWSlot* slots, int64_t count, AdamWScalars s, cudaStream_t stream) {
+  adamw_step(slots, count, s, nullptr, stream);
+}
 
 }  // namespace cnx::cuda

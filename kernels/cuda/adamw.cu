@@ -8,7 +8,8 @@
 // thread per chunk (float4 when the four pointers of the slot are 16-byte aligned, the chunk's
 // n % 4 tail scalar). The table is a __grid_constant__ parameter, so indexing it with a
 // run-time slot number reads the parameter space directly instead of copying the table to
-// local memory. ConvNeXt-T's 182 tensors take 4 launches.
+// local memory. ConvNeXt-T's 182 tensors take 4 launches. With a skip flag, every block reads it
+// first and leaves at once when it is set: a skipped step costs the launches and nothing else.
 //
 // Arithmetic: the float operations of AdamW::step's loop (train/optim/adamw.cpp) one by one,
 // with the _rn intrinsics so that nvcc cannot contract a multiply and an add into an FMA (the
@@ -34,6 +35,7 @@ constexpr int64_t kMaxGrid = int64_t(1) << 24;  // larger launches loop over blo
 struct AdamWTable {
   AdamWSlot slot[kSlotsPerLaunch];
   int64_t block_start[kSlotsPerLaunch + 1];  // block_start[count] = blocks of the launch
+  const float* skip;  // () or nullptr
   int count;
   AdamWScalars s;
 };
@@ -53,6 +55,7 @@ __device__ __forceinline__ void adamw_element(float& p, float& m, float& v, floa
 }
 
 __global__ void __launch_bounds__(kThreads) adamw_kernel(const __grid_constant__ AdamWTable table) {
+  if (table.skip != nullptr && *table.skip != 0.0f) return;  // the whole grid leaves
   const int64_t blocks = table.block_start[table.count];
   for (int64_t b = blockIdx.x; b < blocks; b += gridDim.x) {  // uniform over the block
     // The last slot that starts at or before block b (empty slots never reach the table).
@@ -106,9 +109,11 @@ void launch_table(const AdamWTable& table, cudaStream_t stream) {
 
 }  // namespace
 
-void adamw_step(const AdamWSlot* slots, int64_t count, AdamWScalars s, cudaStream_t stream) {
+void adamw_step(const AdamWSlot* slots, int64_t count, AdamWScalars s, const float* skip,
+                cudaStream_t stream) {
   AdamWTable table{};
   table.s = s;
+  table.skip = skip;
   for (int64_t k = 0; k < count; ++k) {
     if (slots[k].n <= 0) continue;
     table.slot[table.count] = slots[k];

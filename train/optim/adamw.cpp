@@ -8,8 +8,10 @@
 #include "autograd/function.h"
 #include "autograd/ops.h"
 #include "kernels/adamw.h"
+#include "kernels/grad_norm.h"
 #include "models/state_dict.h"
 #include "tensor/cuda_context.h"
+#include "tensor/cuda_memory.h"
 
 namespace cnx {
 
@@ -93,12 +95,15 @@ AdamW::AdamW(const std::vector<Parameter>& params, const AdamWOptions& options,
   param_steps_.assign(params_.size(), 0);
 }
 
-void AdamW::step(double lr, double weight_decay) {
+void AdamW::step(double lr, double weight_decay, const StepStatus* status) {
   CNX_CHECK(std::isfinite(lr) && lr >= 0, "AdamW.step: lr must be finite and >= 0, got ", lr);
   CNX_CHECK(std::isfinite(weight_decay) && weight_decay >= 0,
             "AdamW.step: weight_decay must be finite and >= 0, got ", weight_decay);
   std::vector<const Tensor*> grads;
   for (const Parameter& p : params_) grads.push_back(checked_grad(p, device_, "AdamW.step"));
+  if (status) status->check(device_, "AdamW.step");
+  // The CPU reads the skip decision now; a CUDA device reads it in the kernel (no host wait).
+  const bool skip_on_host = status && device_.is_cpu() && status->skipped();
 
   const double beta1 = options_.beta1, beta2 = options_.beta2;
   // PyTorch's Python scalars become f32 when they meet the f32 tensors.
@@ -106,11 +111,16 @@ void AdamW::step(double lr, double weight_decay) {
   const float b2 = static_cast<float>(beta2), one_minus_b2 = static_cast<float>(1 - beta2);
   const float eps = static_cast<float>(options_.eps);
 
+  // Counted whether or not the device skips the step (uncount_step takes it back).
   ++step_count_;
+  last_counted_.clear();
+  can_uncount_ = true;
   std::vector<cuda::AdamWSlot> slots;  // the CUDA path: every update in one adamw_step call
   for (size_t i = 0; i < params_.size(); ++i) {
     if (!grads[i]) continue;
     const int64_t t = ++param_steps_[i];
+    last_counted_.push_back(i);
+    if (skip_on_host) continue;
     const double lr_p = lr * lr_scales_[i];
     const double wd_p = params_[i].decay ? weight_decay : 0.0;
     // As torch.optim.AdamW (_single_tensor_adamw), in double:
@@ -151,11 +161,20 @@ void AdamW::step(double lr, double weight_decay) {
     const cuda::AdamWScalars scalars{b1, one_minus_b1, b2, one_minus_b2, eps};
     cuda::DeviceGuard guard(device_);
     cuda::adamw_step(slots.data(), static_cast<int64_t>(slots.size()), scalars,
-                     cuda::device_stream(device_));
+                     status ? status->skip_flag() : nullptr, cuda::device_stream(device_));
 #else
     fail("AdamW.step: parameters on ", device_.str(), " but this build has no CUDA backend");
 #endif
   }
+}
+
+void AdamW::uncount_step() {
+  CNX_CHECK(can_uncount_, "AdamW.uncount_step: no step to undo (no step() since the optimiser was "
+            "made or loaded, or the last one was already undone)");
+  --step_count_;
+  for (size_t i : last_counted_) --param_steps_[i];
+  last_counted_.clear();
+  can_uncount_ = false;
 }
 
 NamedTensors AdamW::state_dict() const {
@@ -202,36 +221,17 @@ void AdamW::load_state_dict(const NamedTensors& tensors) {
   }
   param_steps_ = std::move(steps);
   step_count_ = step_count;
+  last_counted_.clear();
+  can_uncount_ = false;  // the counts of the last step are not this state's
 }
 
 // ---- gradient-norm clipping --------------------------------------------------------------------
 
 namespace {
 
-// grad_norm of CUDA gradients: each gradient's sum of squares on the device (the mul and sum
-// kernels, deterministic), gathered into one buffer and copied to the host at once, then added
-// in double in parameter order.
-double grad_norm_cuda(const std::vector<Parameter>& params, Device device) {
-  NoGradGuard no_grad;
-  std::vector<Tensor> squares;  // f32 [] each
-  for (const Parameter& p : params) {
-    const Tensor* g = checked_grad(p, device, "grad_norm");
-    if (g && g->numel() > 0) squares.push_back(sum(mul(*g, *g)));
-  }
-  if (squares.empty()) return 0.0;
-  Tensor gathered = Tensor::empty(Shape{static_cast<int64_t>(squares.size())}, DType::f32, device);
-  for (size_t i = 0; i < squares.size(); ++i)
-    copy_bytes(gathered.data<float>() + i, device, squares[i].raw_data(), device, sizeof(float));
-  double total = 0;
-  for (float s : gathered.to_vector<float>()) total += s;  // waits for the device
-  return std::sqrt(total);
-}
-
-}  // namespace
-
-double grad_norm(const std::vector<Parameter>& params) {
-  const Device device = params_device(params);
-  if (device.is_cuda()) return grad_norm_cuda(params, device);
+// The sum of the squares of every CPU gradient, in double: over chunks of kNormChunk elements,
+// each in order, then the chunk sums in order (the same result for any number of threads).
+double cpu_sum_squares(const std::vector<Parameter>& params, Device device) {
   struct Chunk {
     const float* g;  // (n)
     int64_t n;
@@ -257,39 +257,99 @@ double grad_norm(const std::vector<Parameter>& params) {
   }
   double total = 0;
   for (double s : partial) total += s;
+  return total;
+}
+
+// clip_grad_norm_status; when `sum_squares` is not null it also gets the double sum of squares
+// (for grad_norm and clip_grad_norm, which report the norm in double; on CUDA that is one read
+// back, so only those host wrappers ask for it).
+StepStatus clip_status(const std::vector<Parameter>& params, double max_norm, const Tensor& loss,
+                       double* sum_squares) {
+  const Device device = params_device(params);
+  if (loss.defined()) {
+    check_f32_on(loss, device, "clip_grad_norm_status: the loss");
+    CNX_CHECK(loss.numel() == 1, "clip_grad_norm_status: the loss must be one number, got ",
+              loss.str());
+  }
+  const bool clip = max_norm > 0;
+  const float max_norm_f = static_cast<float>(max_norm);
+  StepStatus status;
+  if (device.is_cuda()) {
+#if defined(CNX_CUDA) && CNX_CUDA
+    std::vector<cuda::GradSlot> slots;
+    for (const Parameter& p : params) {
+      const Tensor* g = checked_grad(p, device, "clip_grad_norm_status");
+      if (!g || g->numel() == 0) continue;
+      Tensor handle = *g;  // shares the gradient's storage: scaled in place, as on the CPU
+      slots.push_back({handle.data<float>(), handle.numel()});
+    }
+    const int64_t count = static_cast<int64_t>(slots.size());
+    cuda::DeviceGuard guard(device);
+    const cudaStream_t stream = cuda::device_stream(device);
+    // The only allocations: the status and one scratch buffer (the partials, and the double sum
+    // of squares after them), both from the caching allocator. The scratch goes back to the
+    // cache at the end of this scope; what gets it next is queued after these kernels.
+    status.values = Tensor::empty(Shape{4}, DType::f32, device);
+    const int64_t partials = cuda::grad_norm_workspace_size(slots.data(), count);
+    cuda::ScratchBuffer scratch((partials + 1) * static_cast<int64_t>(sizeof(double)), device);
+    double* const total = scratch.as<double>() + partials;
+    cuda::grad_norm_status(status.values.data<float>(), sum_squares ? total : nullptr,
+                           scratch.as<double>(), slots.data(), count, clip, max_norm_f,
+                           loss.defined() ? loss.data<float>() : nullptr, stream);
+    if (clip) cuda::grad_scale(slots.data(), count, status.values.data<float>(), stream);
+    if (sum_squares) copy_bytes(sum_squares, Device::cpu(), total, device, sizeof(double));  // waits
+    return status;
+#else
+    fail("clip_grad_norm_status: parameters on ", device.str(),
+         " but this build has no CUDA backend");
+#endif
+  }
+  // The CPU: the same decisions as the device's grad_norm_finish_kernel, in the same f32 steps.
+  const double total = cpu_sum_squares(params, device);
+  if (sum_squares) *sum_squares = total;
+  const float norm = static_cast<float>(std::sqrt(total));
+  const float loss_value = loss.defined() ? loss.data<float>()[0] : NAN;
+  const bool skip = !(std::isfinite(norm) && (!loss.defined() || std::isfinite(loss_value)));
+  float coef = 1.0f;
+  if (clip && !skip) {
+    // clip_coef = max_norm / (total_norm + 1e-6), an f32 tensor in PyTorch.
+    const float c = max_norm_f / (norm + 1e-6f);
+    if (c < 1.0f) coef = c;
+  }
+  if (coef != 1.0f) {
+    for (const Parameter& p : params) {
+      Tensor g = p.value.grad();  // a handle: the gradient is scaled in place
+      if (!g.defined()) continue;
+      float* d = g.data<float>();  // (numel)
+      const int64_t n = g.numel();
+#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+      for (int64_t k = 0; k < n; ++k) d[k] *= coef;
+    }
+  }
+  status.values = Tensor::from_data<float>(
+      Shape{4}, std::vector<float>{norm, coef, skip ? 1.0f : 0.0f, loss_value});
+  return status;
+}
+
+}  // namespace
+
+StepStatus clip_grad_norm_status(const std::vector<Parameter>& params, double max_norm,
+                                 const Tensor& loss) {
+  return clip_status(params, max_norm, loss, nullptr);
+}
+
+double grad_norm(const std::vector<Parameter>& params) {
+  const Device device = params_device(params);
+  double total = 0;
+  if (device.is_cuda()) clip_status(params, 0.0, Tensor(), &total);  // no clipping: reads only
+  else total = cpu_sum_squares(params, device);
   return std::sqrt(total);
 }
 
 double clip_grad_norm(const std::vector<Parameter>& params, double max_norm) {
-  const double norm = grad_norm(params);
-  if (!(max_norm > 0) || !std::isfinite(norm)) return norm;
-  // clip_coef = max_norm / (total_norm + 1e-6), an f32 tensor in PyTorch.
-  const float coef = static_cast<float>(max_norm) / (static_cast<float>(norm) + 1e-6f);
-  if (!(coef < 1.0f)) return norm;
-  const Device device = params_device(params);
-  if (device.is_cuda()) {
-    // g * coef in f32 on the device, as the loop below: drop_path's per-sample multiply with the
-    // whole gradient as one sample (a (1, n) view) and coef as its scale. The product replaces
-    // the gradient (a new tensor from the cache; nothing else holds the old one).
-    NoGradGuard no_grad;
-    const Tensor scale = Tensor::full(Shape{1}, coef, DType::f32, device);
-    for (const Parameter& p : params) {
-      const Tensor& g = p.value.grad();
-      if (!g.defined() || g.numel() == 0) continue;
-      Tensor value = p.value;  // a handle: set_grad changes the parameter itself
-      value.set_grad(drop_path(g.view(Shape{1, g.numel()}), scale).view(g.shape()));
-    }
-    return norm;
-  }
-  for (const Parameter& p : params) {
-    Tensor g = p.value.grad();  // a handle: the gradient is scaled in place
-    if (!g.defined()) continue;
-    float* d = g.data<float>();  // (numel)
-    const int64_t n = g.numel();
-#pragma omp parallel for schedule(static) if (n >= kParallelMin)
-    for (int64_t k = 0; k < n; ++k) d[k] *= coef;
-  }
-  return norm;
+  double total = 0;
+  clip_status(params, max_norm, Tensor(), &total);
+  return std::sqrt(total);
 }
 
 // ---- layer-wise lr decay -----------------------------------------------------------------------

@@ -24,7 +24,13 @@
 // Devices: the parameters, their gradients and the moments are f32 tensors on one device. On the
 // CPU the update is the loop in adamw.cpp; on a CUDA device one cnx::cuda::adamw_step call per
 // step updates every parameter (kernels/adamw.h: the same f32 expressions in the same order), and
-// grad_norm / clip_grad_norm run on the device too (deterministic, like the CPU path).
+// grad_norm / clip_grad_norm / clip_grad_norm_status run on the device too (multi-tensor kernels,
+// kernels/grad_norm.h; deterministic, like the CPU path).
+//
+// Steps the device decides to skip (train/optim/step_status.h): step(lr, wd, &status) leaves
+// every parameter and moment unchanged when the status says skip, decided on the device without
+// the host reading it. The host cannot know at the call whether the step happened, so it counts
+// the step either way; uncount_step() takes that count back once the host has read the status.
 #pragma once
 
 #include <cstdint>
@@ -32,6 +38,7 @@
 #include <vector>
 
 #include "models/convnext.h"
+#include "train/optim/step_status.h"
 
 namespace cnx {
 
@@ -57,7 +64,22 @@ class AdamW {
   // One update of every parameter that has a gradient (see the top of the file). lr >= 0 and
   // weight_decay >= 0 are this step's scheduled values. Every gradient is checked (shape of
   // the value, f32 on the parameters' device) before any parameter changes.
-  void step(double lr, double weight_decay);
+  //
+  // With a `status` (clip_grad_norm_status of this step's gradients, on the parameters' device),
+  // the update is conditional on its skip flag: when values[2] != 0 no parameter or moment
+  // changes. On CUDA the flag is read by the kernel, so the call does not wait for the device;
+  // on the CPU it is read directly. Either way step_count() and the param_step() of every
+  // parameter with a gradient go up by one, as for an applied step (the host does not know yet).
+  void step(double lr, double weight_decay, const StepStatus* status = nullptr);
+
+  // Undoes the step counts of the last step() call: step_count() and the param_step() of exactly
+  // the parameters that step counted (those with a gradient) go back by one, so the next step
+  // uses the bias corrections of a run that never saw the skipped one. Nothing else changes.
+  // Contract: the trainer calls it once it has read that the last step was skipped
+  // (status.skipped()), and before the next step(); calling it for an applied step would make
+  // the counts disagree with the moments. Throws cnx::Error when there is no step to undo (no
+  // step yet, called twice, or after load_state_dict).
+  void uncount_step();
 
   // step() calls so far; restored by load_state_dict.
   int64_t step_count() const { return step_count_; }
@@ -97,6 +119,10 @@ class AdamW {
   std::vector<Tensor> m_, v_;  // internal layout, f32
   std::vector<int64_t> param_steps_;
   int64_t step_count_ = 0;
+  // The parameters the last step() counted (those with a gradient), for uncount_step(); valid
+  // only while can_uncount_.
+  std::vector<size_t> last_counted_;
+  bool can_uncount_ = false;
   Device device_;  // where the parameters, gradients and moments are
 };
 
@@ -106,8 +132,9 @@ class AdamW {
 // value that torch.nn.utils.clip_grad_norm_ and the official utils.get_grad_norm_ report. The
 // squares are summed in double over fixed chunks in a fixed order, so the result is the same
 // for any number of threads. Gradients must be f32 of their value's shape, on the parameters'
-// device (the first parameter's). On a CUDA device each gradient's sum of squares is an f32 sum
-// on the device (deterministic), and those are added in double on the host.
+// device (the first parameter's). On a CUDA device the same double sum of squares is formed on
+// the device in a fixed order too (kernels/grad_norm.h; it agrees with the CPU's to double
+// rounding), and read back: this call waits for the device.
 double grad_norm(const std::vector<Parameter>& params);
 
 // torch.nn.utils.clip_grad_norm_(params, max_norm) for max_norm > 0: with norm = grad_norm(),
@@ -115,7 +142,9 @@ double grad_norm(const std::vector<Parameter>& params);
 // f32, as PyTorch does). max_norm <= 0 means no clipping (the official --clip_grad None): the
 // gradients are left alone. Returns the norm before clipping, for the training log. A non-finite
 // norm is returned as is and the gradients are not touched (PyTorch would multiply them by
-// max_norm / inf = 0, or by NaN); the caller decides what to do with such a step.
+// max_norm / inf = 0, or by NaN); the caller decides what to do with such a step. (Non-finite
+// means the norm rounded to f32, as clip_grad_norm_status decides it.) On CUDA this is
+// clip_grad_norm_status plus one read of the norm: it waits for the device.
 double clip_grad_norm(const std::vector<Parameter>& params, double max_norm);
 
 // ---- layer-wise lr decay -----------------------------------------------------------------------

@@ -6,8 +6,9 @@
 #include <set>
 
 #include "autograd/function.h"
-#include "autograd/ops.h"
+#include "kernels/ema.h"
 #include "models/state_dict.h"
+#include "tensor/cuda_context.h"
 
 namespace cnx {
 
@@ -47,33 +48,35 @@ void ModelEma::check_same(const std::vector<Parameter>& params, const char* op) 
   }
 }
 
-void ModelEma::update(const std::vector<Parameter>& params) {
+void ModelEma::update(const std::vector<Parameter>& params, const StepStatus* status) {
   check_same(params, "ModelEma.update");
   for (size_t i = 0; i < params.size(); ++i)
     CNX_CHECK(params[i].value.device() == ema_[i].value.device(), "ModelEma.update: parameter ",
               params[i].name, " ", params[i].value.str(), " is not on the EMA's device ",
               ema_[i].value.device().str());
+  if (ema_.empty()) return;
+  const Device device = ema_.front().value.device();
+  if (status) status->check(device, "ModelEma.update");
   // timm: ema_v.copy_(ema_v * self.decay + (1. - self.decay) * model_v)
   const float d = static_cast<float>(decay_);
   const float one_minus_d = static_cast<float>(1. - decay_);
-  if (!ema_.empty() && ema_.front().value.device().is_cuda()) {
-    // On the device: round(e * d) + round(p * (1 - d)), each product and the sum rounded to f32
-    // as in the loop below (which the compiler does not contract into FMAs), so both devices
-    // give the same bits. drop_path's per-sample multiply does the products, with the tensor as
-    // one sample (a (1, n) view) and the scalar as its scale; the sum replaces the average.
-    NoGradGuard no_grad;
-    const Device device = ema_.front().value.device();
-    const Tensor dt = Tensor::full(Shape{1}, d, DType::f32, device);
-    const Tensor omdt = Tensor::full(Shape{1}, one_minus_d, DType::f32, device);
-    for (size_t i = 0; i < params.size(); ++i) {
-      Tensor& e = ema_[i].value;
-      const int64_t n = e.numel();
-      if (n == 0) continue;
-      const Tensor flat_p = params[i].value.detach().view(Shape{1, n});
-      e = add(drop_path(e.view(Shape{1, n}), dt), drop_path(flat_p, omdt)).view(e.shape());
-    }
+  if (device.is_cuda()) {
+#if defined(CNX_CUDA) && CNX_CUDA
+    // One multi-tensor update on the device, in place: round(e * d) + round((1 - d) * p), the
+    // loop below's operations (kernels/ema.h), conditional on the status's skip flag there.
+    std::vector<cuda::EmaSlot> slots;
+    for (size_t i = 0; i < params.size(); ++i)
+      slots.push_back({ema_[i].value.data<float>(), params[i].value.data<float>(),
+                       ema_[i].value.numel()});
+    cuda::DeviceGuard guard(device);
+    cuda::ema_update(slots.data(), static_cast<int64_t>(slots.size()), d, one_minus_d,
+                     status ? status->skip_flag() : nullptr, cuda::device_stream(device));
     return;
+#else
+    fail("ModelEma.update: averages on ", device.str(), " but this build has no CUDA backend");
+#endif
   }
+  if (status && status->skipped()) return;
   for (size_t i = 0; i < params.size(); ++i) {
     float* e = ema_[i].value.data<float>();             // (numel)
     const float* p = params[i].value.data<float>();     // (numel)

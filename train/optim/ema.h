@@ -9,12 +9,14 @@
 //
 // The averages live where the parameters were at construction (CPU or CUDA, f32); update()
 // needs the parameters there too. state_dict() copies to the host. On a CUDA device the update
-// gives bitwise the CPU's result (each product and the sum rounded to f32, as on the CPU).
+// is one multi-tensor kernel (kernels/ema.h) that gives bitwise the CPU's result (each product
+// and the sum rounded to f32, as on the CPU), in place, without allocating.
 #pragma once
 
 #include <vector>
 
 #include "models/convnext.h"
+#include "train/optim/step_status.h"
 
 namespace cnx {
 
@@ -26,7 +28,10 @@ class ModelEma {
 
   // ema = ema * decay + (1 - decay) * param for each parameter. `params` must be the same list
   // (names, order, shapes) as at construction; else cnx::Error and nothing changes.
-  void update(const std::vector<Parameter>& params);
+  // With a `status` (clip_grad_norm_status of this step, on the averages' device), nothing
+  // changes when it says skip: read by the kernel on CUDA (the host does not wait), directly on
+  // the CPU.
+  void update(const std::vector<Parameter>& params, const StepStatus* status = nullptr);
 
   double decay() const { return decay_; }
   // The averages, internal layout, with the model's names, official shapes, layouts and decay.
