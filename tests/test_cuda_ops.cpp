@@ -49,8 +49,10 @@
 #include "kernels/layer_scale.h"
 #include "kernels/layernorm.h"
 #include "kernels/mul.h"
+#include "kernels/patchify.h"
 #include "kernels/sum.h"
 #include "models/convnext.h"
+#include "tensor/cuda_context.h"
 #include "tensor/device.h"
 #include "tensor/generator.h"
 #include "tensor/tensor.h"
@@ -350,7 +352,8 @@ void check_layer_scale(const Act& s, int64_t off, bool want_din, bool want_dgamm
   // of any order of summation is at most (longest chain of sequential adds) * u * mag, with
   // mag = sum |dout * in| (first order). The GPU's chains: a block lane's rows
   // (<= ceil(rows / P) / 8 <= 7: P = min(2048, ceil(rows / 32)), >= 8 lanes), then the lanes in
-  // order (<= 256, for C = 1), then the partials (P / 8 + 8 <= 264): < 530, so kReduceTol.
+  // order (<= 256, for C = 1), then the partials (groups of 64 rows: 64 / 8 + 8, then the
+  // <= 32 group sums: 32 / 8 + 8; 28 in all): < 300, so kReduceTol.
   // Integer data is exact in any order: bitwise.
   std::vector<double> xd = dbl(x), gd = dbl(g), gammad = dbl(gamma), want(C), mag(C);
   cpu::layer_scale_backward<double>(nullptr, want.data(), gd.data(), xd.data(), gammad.data(), rows,
@@ -598,8 +601,8 @@ void check_layernorm_backward(const LnCase& c, uint64_t seed, LnWanted want = {}
   }
   // dweight, dbias: the GPU's longest chain of sequential adds is, on the fast path, a group's
   // rows of a block (<= ceil(rows / P) <= 49), a butterfly across the groups (<= 2 levels), the
-  // 8 warps, then the partials (P / 8 + 8 <= 264 with P <= 2048): < 330; on the generic path a
-  // lane's rows (<= 7), the lanes (<= 256, C = 1), the partials (<= 264): < 530. Each term
+  // 8 warps, then the partials (<= 28 with P <= 2048: reduce.cuh's two passes): < 90; on the
+  // generic path a lane's rows (<= 7), the lanes (<= 256, C = 1), the partials: < 300. Each term
   // carries a few u of its own (xhat). So kReduceTol of the magnitude. With integer dout,
   // every partial of dbias is an integer < 2^24: exact in any order, bitwise.
   const double tol_params = kReduceTol;
@@ -940,6 +943,130 @@ TEST(CudaOps, LayerNormBackwardGradientSubsetsAndExactSums) {
   for (const Act& a : all_acts()) check_layernorm_backward({a.rows(), a.C}, seed++, {}, true);
   check_layernorm_backward({100000, 8}, seed++, {}, true);
   check_layernorm_backward({70001, 3}, seed++, {}, true);
+#else
+  CNX_SKIP_BUILT_WITHOUT_CUDA();
+#endif
+}
+
+// The second stage of the parameter-gradient reductions (reduce.cuh's launch_column_sums) at
+// ConvNeXt's C = 96 with many partial rows: 40000 rows make P = 1250 partial rows, so the first
+// pass runs 20 groups of 64 rows (the last one 34 rows) for each column tile and the second adds
+// the 20 group sums; 2100 rows make P = 66, just past one group (a group of 2 rows). LayerNorm's
+// dweight and dbias (width 2C = 192: 6 column tiles) and layer scale's dgamma (width 96) against
+// the double reference, then on integer data, exact in any order, bitwise (a row lost or added
+// twice by the split would show), and every result twice: bitwise equal. Under
+// CNX_EMU_RACECHECK=1 every launch also runs in reverse block and thread order and must give the
+// same bytes, so the result does not depend on the schedule.
+TEST(CudaOps, ColumnSumsSplitRowsAcrossBlocks) {
+#if CNX_TEST_CUDA
+  CNX_SKIP_WITHOUT_DEVICE();
+  uint64_t seed = 1300;
+  for (int64_t rows : {int64_t{40000}, int64_t{2100}}) {
+    check_layernorm_backward({rows, 96}, seed++);
+    check_layernorm_backward({rows, 96}, seed++, {false, true, true}, true);
+    check_layer_scale({1, 1, rows, 96}, 0, false, true, false, seed++);
+    check_layer_scale({1, 1, rows, 96}, 0, false, true, true, seed++);
+  }
+  Generator gen(seed);
+  const int64_t rows = 40000, C = 96;
+  const LnData d = ln_data({rows, C}, gen);
+  DevBuf x(d.x), w(d.w), g(d.g), mean(d.mean), rstd(d.rstd);
+  DevBuf ws_ln = workspace(cuda::layernorm_backward_workspace_floats(rows, C));
+  DevBuf ws_ls = workspace(cuda::layer_scale_backward_workspace_floats(rows, C));
+  std::vector<std::vector<float>> runs[2];
+  for (int run = 0; run < 2; ++run) {
+    DevBuf dw = DevBuf::out(C), db = DevBuf::out(C), dgamma = DevBuf::out(C);
+    cuda::layernorm_backward(nullptr, dw.p(), db.p(), g.p(), x.p(), w.p(), mean.p(), rstd.p(),
+                             rows, C, ws_ln.p(), nullptr);
+    cuda::layer_scale_backward(static_cast<float*>(nullptr), dgamma.p(), g.p(), x.p(), w.p(),
+                               rows, C, ws_ls.p(), nullptr);
+    device_sync();
+    runs[run] = {dw.get(), db.get(), dgamma.get()};
+  }
+  const char* names[] = {"dweight", "dbias", "dgamma"};
+  for (size_t k = 0; k < 3; ++k) expect_bitwise(names[k], runs[1][k], runs[0][k]);
+#else
+  CNX_SKIP_BUILT_WITHOUT_CUDA();
+#endif
+}
+
+// =============================================================================================
+// patchify: the gather (space-to-depth) and scatter (depth-to-space) move values exactly
+// =============================================================================================
+
+// cuda::patchify_forward / backward with the identity as weight (Co = k k Ci, no bias), so that
+// out is the patch matrix P itself and the patch gradient dP is dout itself: small integers,
+// exact in fp32, TF32 and bf16, pass through the GEMMs unchanged, and the result must equal
+// the index formula below bitwise. That checks the kernels' indexing (every element from the
+// right place, the ignored rows and columns past Ho k, Wo k zero in din) independently of the
+// GEMM's rounding. T: float or bf16 (the bf16 tensors are the same integers).
+void check_patchify_exact(DType dt, int64_t N, int64_t H, int64_t W, int64_t Ci, int64_t k,
+                          uint64_t seed) {
+  const std::string what = cat("patchify exact ", dt == DType::bf16 ? "bf16" : "f32", " N", N,
+                               " H", H, " W", W, " Ci", Ci, " k", k);
+  SCOPED_TRACE(what);
+  Generator gen(seed);
+  const int64_t Ho = H / k, Wo = W / k, KK = k * k * Ci, rows = N * Ho * Wo;
+  const std::vector<float> x = randi(N * H * W * Ci, gen), dy = randi(rows * KK, gen);
+  std::vector<float> eye(static_cast<size_t>(KK * KK), 0.0f);
+  for (int64_t o = 0; o < KK; ++o) eye[o * KK + o] = 1.0f;
+  // The reference: P[(n, i, j), (p k + q) Ci + c] = x[n, i k + p, j k + q, c], and din the
+  // same map backwards, 0 where no patch reads the pixel.
+  std::vector<float> want_out(static_cast<size_t>(rows * KK));
+  std::vector<float> want_din(x.size(), 0.0f);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t i = 0; i < Ho; ++i)
+      for (int64_t j = 0; j < Wo; ++j)
+        for (int64_t p = 0; p < k; ++p)
+          for (int64_t q = 0; q < k; ++q)
+            for (int64_t c = 0; c < Ci; ++c) {
+              const int64_t r = (n * Ho + i) * Wo + j, col = (p * k + q) * Ci + c;
+              const int64_t pix = ((n * H + i * k + p) * W + j * k + q) * Ci + c;
+              want_out[r * KK + col] = x[pix];
+              want_din[pix] = dy[r * KK + col];
+            }
+  const auto dev = [&](const std::vector<float>& v) {
+    Tensor t = Tensor::from_data<float>(Shape{static_cast<int64_t>(v.size())}, v).to(dt).to(kDev);
+    device_sync();
+    return t;
+  };
+  Tensor xd = dev(x), dyd = dev(dy), wd = dev(eye);
+  // Outputs start as NaN (the fill of zeros' f32 bits would hide an unwritten 0 of din).
+  Tensor out = dev(std::vector<float>(want_out.size(), NAN));
+  Tensor din = dev(std::vector<float>(x.size(), NAN));
+  {
+    cuda::DeviceGuard guard(kDev);
+    const cudaStream_t s = cuda::current_stream();
+    if (dt == DType::bf16) {
+      cuda::patchify_forward(out.data<bf16>(), xd.data<bf16>(), wd.data<bf16>(), nullptr, N, H,
+                             W, Ci, KK, k, s);
+      cuda::patchify_backward(din.data<bf16>(), nullptr, nullptr, dyd.data<bf16>(), nullptr,
+                              wd.data<bf16>(), N, H, W, Ci, KK, k, s);
+    } else {
+      cuda::patchify_forward(out.data<float>(), xd.data<float>(), wd.data<float>(), nullptr, N, H,
+                             W, Ci, KK, k, s);
+      cuda::patchify_backward(din.data<float>(), nullptr, nullptr, dyd.data<float>(), nullptr,
+                              wd.data<float>(), N, H, W, Ci, KK, k, s);
+    }
+  }
+  const auto host = [](const Tensor& t) { return t.to(Device::cpu()).to(DType::f32).to_vector<float>(); };
+  expect_bitwise("out (the patch matrix)", host(out), want_out);
+  expect_bitwise("din (the scattered dout)", host(din), want_din);
+}
+
+TEST(CudaOps, PatchifyGatherAndScatterMoveValuesExactly) {
+#if CNX_TEST_CUDA
+  CNX_SKIP_WITHOUT_DEVICE();
+  uint64_t seed = 1500;
+  for (DType dt : {DType::f32, DType::bf16}) {
+    check_patchify_exact(dt, 2, 16, 16, 3, 4, seed++);   // the stem: Ci = 3, one element a step
+    check_patchify_exact(dt, 1, 23, 19, 3, 4, seed++);   // odd sizes: 3 rows, 3 columns ignored
+    check_patchify_exact(dt, 3, 9, 11, 1, 4, seed++);    // a grey image, batch 3
+    check_patchify_exact(dt, 1, 7, 13, 5, 3, seed++);    // k = 3, Ci = 5
+    check_patchify_exact(dt, 2, 9, 7, 8, 2, seed++);     // Ci = 8: the 16-byte pack path (both)
+    check_patchify_exact(dt, 1, 10, 6, 12, 2, seed++);   // Ci = 12: packs for f32 only
+    check_patchify_exact(dt, 1, 3, 2, 4, 4, seed++);     // H, W < k: out empty, din all zeros
+  }
 #else
   CNX_SKIP_BUILT_WITHOUT_CUDA();
 #endif

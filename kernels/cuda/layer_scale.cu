@@ -21,7 +21,8 @@
 //     dout * in per column in registers; the lanes' sums are then added in lane order through
 //     shared memory into partials[p, c] (the workspace, (P, C) row-major). dout and in are read
 //     once, din written once: the three streams of the elementwise kernel.
-//  2. detail::launch_column_sums: dgamma[c] = sum_p partials[p, c] in index order.
+//  2. detail::launch_column_sums: dgamma[c] = sum_p partials[p, c] in a fixed order, the rows
+//     split across blocks (groups of 64 rows, then the group sums; see reduce.cuh).
 //
 // The fused layer scale + drop path + residual add (kernels/scaled_residual.h) lives here too:
 // its forward is an elementwise kernel of the same shape as the forward above (plus x and the

@@ -34,7 +34,8 @@
 //    dout per column in registers. Then the block adds its groups in a fixed order (butterfly
 //    across the groups of a warp, then the warps in index order through shared memory) into
 //    row p of the workspace, partials (P, 2C): [dweight partials | dbias partials]. Stage 2,
-//    detail::launch_column_sums, adds the P rows of each column in index order. Deterministic
+//    detail::launch_column_sums, adds the P rows of each column in a fixed order (groups of 64
+//    rows on separate blocks, then the group sums; see reduce.cuh). Deterministic
 //    (no atomics; P depends on rows only), and dout, in are read once, din written once.
 // Generic path (any C >= 1, any alignment): one warp per row, one element at a time,
 // re-reading the row from global memory (L1/L2) for each pass; for the parameter gradients a

@@ -8,7 +8,8 @@
 //  - the partial-sum layout of the two-stage parameter-gradient reductions (LayerNorm's dweight
 //    and dbias, layer scale's dgamma): stage 1 writes one row of per-column partial sums per
 //    block of rows into the workspace, (P, width) row-major; stage 2, launch_column_sums below,
-//    adds the P rows of each column in index order.
+//    adds the P rows of each column in a fixed order (groups of 64 rows in parallel, then the
+//    group sums).
 //  - row_partitions: how many blocks of rows stage 1 uses. A function of the row count only (not
 //    of the device), so the caller can size the workspace and the result does not depend on
 //    which GPU ran it.
@@ -116,41 +117,75 @@ constexpr int64_t kMaxGridY = 65535;
 
 namespace {
 
-// out_a[j] = sum_p partials[p, j] for j < split, out_b[j - split] = the same for j >= split,
-// the P rows added in index order p = 0, 1, ... (each thread adds a strided subset of the rows
-// in order, then the 8 subsets are added in order). A null output is skipped and its columns
-// are not read. partials: (P, width) row-major. Block (32, 8): 32 columns x 8 row subsets.
-// (This and its launcher are templates only so that the .cu files that include this header
-// without using them compile neither.)
-template <int kUnused = 0>
+// Stage 2 adds the P partial rows of each column. One block per 32 columns walking all P rows
+// would leave the GPU nearly idle (ceil(width / 32) blocks: 3 for layer scale at C = 96, each
+// adding up to 2048 rows), so the rows are split across blocks too, in two passes:
+//   pass 1: grid (column tiles, G), G = ceil(P / kColumnSumGroupRows): block (t, g) adds the
+//           rows [g * 64, (g + 1) * 64) of its 32 columns and writes the group's sum over the
+//           group's first row, partials[g * 64, :] (in place: only this block reads that group);
+//   pass 2: grid (column tiles, 1): adds the G group sums (rows 0, 64, 128, ...) in order g = 0,
+//           1, ... into the outputs.
+// With P <= 64 pass 2 alone adds the P rows. Every sum has a fixed order (below), set by P and
+// width alone, so the result is bitwise the same on every run, GPU and emulator schedule, and
+// the longest chain of sequential adds is 64 / 8 + 8 + 32 / 8 + 8 = 28 (P <= 2048).
+constexpr int64_t kColumnSumGroupRows = 64;
+
+// One pass of stage 2. partials: (P, width) row-major. Block (t, y) adds, for its 32 columns
+// j = 32 t + threadIdx.x, the `count` rows r_u = (y * count + u) * stride, u = 0 .. count - 1,
+// that are < P: thread (x, ty) adds the rows u = ty, ty + 8, ... in order, then the 8 subsets are
+// added in order ty = 0 .. 7. kFinal: the sum goes to out_a[j] for j < split, out_b[j - split]
+// for j >= split; otherwise over the first of the block's rows, partials[r_0, j]. A column whose
+// output is null is neither read nor written. Block (32, 8). (kUnused: see launch_column_sums.)
+template <bool kFinal, int kUnused>
 __global__ void __launch_bounds__(256)
     column_sums_kernel(float* __restrict__ out_a, float* __restrict__ out_b,
-                       const float* __restrict__ partials, int64_t P, int64_t width,
-                       int64_t split) {
+                       float* __restrict__ partials, int64_t P, int64_t width, int64_t split,
+                       int64_t count, int64_t stride) {
   __shared__ float part[8][33];
   const int64_t j = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
   float* const out = j < split ? out_a : out_b;
   const bool active = j < width && out != nullptr;
+  const int64_t first = static_cast<int64_t>(blockIdx.y) * count;  // u of the block's row 0
   float acc = 0.0f;
   if (active)
-    for (int64_t p = threadIdx.y; p < P; p += 8) acc += partials[p * width + j];
+    for (int64_t u = threadIdx.y; u < count && (first + u) * stride < P; u += 8)
+      acc += partials[(first + u) * stride * width + j];
   part[threadIdx.y][threadIdx.x] = acc;
-  __syncthreads();
+  __syncthreads();  // every read of the block's rows is done before row r_0 is overwritten
   if (threadIdx.y == 0 && active) {
     float total = part[0][threadIdx.x];
 #pragma unroll
     for (int k = 1; k < 8; ++k) total += part[k][threadIdx.x];
-    out[j < split ? j : j - split] = total;
+    if constexpr (kFinal) {
+      out[j < split ? j : j - split] = total;
+    } else {
+      partials[first * stride * width + j] = total;
+    }
   }
 }
 
-// Stage 2: launches column_sums_kernel (P >= 1, width >= 1).
+// Stage 2: out_a[j] = sum_p partials[p, j] for j < split, out_b[j - split] = the same for
+// j >= split (P >= 1, width >= 1; a null output's columns are skipped). partials is scratch:
+// pass 1 overwrites some of its rows.
+// (The kernel and this launcher are templates, and in an unnamed namespace, so that the .cu files
+// that include this header without using them compile neither.)
 template <int kUnused = 0>
-void launch_column_sums(float* out_a, float* out_b, const float* partials, int64_t P,
-                               int64_t width, int64_t split, cudaStream_t stream) {
-  const unsigned grid = static_cast<unsigned>((width + 31) / 32);
-  launch<column_sums_kernel<kUnused>>(grid, dim3(32, 8), 0, stream, out_a, out_b, partials, P,
-                                      width, split);
+void launch_column_sums(float* out_a, float* out_b, float* partials, int64_t P, int64_t width,
+                        int64_t split, cudaStream_t stream) {
+  const unsigned tiles = static_cast<unsigned>((width + 31) / 32);
+  int64_t count = P, stride = 1;  // pass 2 alone: all P rows
+  if (P > kColumnSumGroupRows) {
+    const int64_t groups = (P + kColumnSumGroupRows - 1) / kColumnSumGroupRows;
+    CNX_CHECK(groups <= kMaxGridY, "column sums: too many partial rows (", P, ")");
+    launch<column_sums_kernel<false, kUnused>>(dim3(tiles, static_cast<unsigned>(groups)), dim3(32, 8), 0,
+                                      stream, out_a, out_b, partials, P, width, split,
+                                      kColumnSumGroupRows, int64_t{1});
+    CNX_CUDA_LAUNCH_CHECK();
+    count = groups;  // pass 2: the group sums, rows 0, 64, 128, ...
+    stride = kColumnSumGroupRows;
+  }
+  launch<column_sums_kernel<true, kUnused>>(dim3(tiles, 1), dim3(32, 8), 0, stream, out_a, out_b,
+                                   partials, P, width, split, count, stride);
   CNX_CUDA_LAUNCH_CHECK();
 }
 
