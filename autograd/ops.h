@@ -19,6 +19,14 @@ Tensor patchify_conv(const Tensor& x, const Tensor& weight, const Tensor& bias);
 // x (N, H, W, C), weight (k, k, C), bias (C) or undefined -> (N, H, W, C).
 Tensor dwconv(const Tensor& x, const Tensor& weight, const Tensor& bias);
 
+// The depthwise conv and the LayerNorm after it in one op (a ConvNeXt block's first two):
+// layer_norm(dwconv(x, dw_weight, dw_bias), ln_weight, ln_bias, eps), the same values and
+// gradients as the two ops (kernels/dwconv_layernorm.h says how close on CUDA); one fused
+// kernel on CUDA for k = 7. x (N, H, W, C), dw_weight (k, k, C), dw_bias (C) or undefined,
+// ln_weight, ln_bias (C) -> (N, H, W, C).
+Tensor dwconv_layer_norm(const Tensor& x, const Tensor& dw_weight, const Tensor& dw_bias,
+                         const Tensor& ln_weight, const Tensor& ln_bias, double eps = 1e-6);
+
 // ---- normalisation and pointwise layers ------------------------------------------------------
 // LayerNorm over the last dimension: (x - mean) / sqrt(var + eps) * weight + bias, with the
 // biased variance. x (..., C), weight (C), bias (C). ConvNeXt uses eps = 1e-6.

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdlib>
 #include <cstring>
 #include <initializer_list>
 #include <map>
@@ -15,6 +16,19 @@ namespace cnx {
 
 namespace {
 constexpr double kLayerNormEps = 1e-6;
+
+// Whether a block on CUDA runs its depthwise conv and LayerNorm as one fused op
+// (dwconv_layer_norm: one kernel, y stays in shared memory). On unless the environment sets
+// CNX_FUSE_DWCONV_LN=0, which selects the two ops, so that a benchmark or a cost model can
+// compare the two. Read once per process. The CPU always runs the two ops (the fused op's CPU
+// path is the same two reference ops, so there is nothing to gain).
+bool fuse_dwconv_layer_norm() {
+  static const bool on = [] {
+    const char* v = std::getenv("CNX_FUSE_DWCONV_LN");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  return on;
+}
 constexpr double kInitStd = 0.02;
 
 std::string join(const std::vector<int64_t>& v) {
@@ -375,8 +389,11 @@ Device ConvNeXt::device() const { return params_.empty() ? Device::cpu() : param
 
 Tensor ConvNeXt::block_forward(const Block& b, const Tensor& x, bool training,
                                Generator& drop_gen) const {
-  Tensor h = dwconv(x, p(b.dw_w), p(b.dw_b));           // (N, H, W, C)
-  h = layer_norm(h, p(b.ln_w), p(b.ln_b), kLayerNormEps);
+  Tensor h = x.device().is_cuda() && fuse_dwconv_layer_norm()
+                 ? dwconv_layer_norm(x, p(b.dw_w), p(b.dw_b), p(b.ln_w), p(b.ln_b),
+                                     kLayerNormEps)                 // (N, H, W, C)
+                 : layer_norm(dwconv(x, p(b.dw_w), p(b.dw_b)), p(b.ln_w), p(b.ln_b),
+                              kLayerNormEps);
   h = gelu(linear(h, p(b.pw1_w), p(b.pw1_b)));          // (N, H, W, 4C)
   h = linear(h, p(b.pw2_w), p(b.pw2_b));                // (N, H, W, C)
   // x + drop_path(layer_scale(h)) in one pass; the drop-path draw is drop_path()'s (the same
