@@ -7,6 +7,8 @@
 #include <omp.h>
 
 #include <cmath>
+#include <cstring>
+#include <limits>
 #include <map>
 #include <numbers>
 #include <sstream>
@@ -17,6 +19,7 @@
 #include "train/optim/adamw.h"
 #include "train/optim/ema.h"
 #include "train/optim/schedule.h"
+#include "train/optim/step_status.h"
 
 using namespace cnx;
 using cnx::test::expect_close;
@@ -556,6 +559,176 @@ TEST(GradNorm, MatchesPyTorchClipGradNorm) {
       expect_close("clip." + label + ".result." + std::to_string(i), values(params[i].value.grad()),
                    ref_values("clip." + label + ".result." + std::to_string(i)), 1e-8, 1e-6);
   }
+}
+
+// ---- the step status: the same decisions, readable later (train/optim/step_status.h) -------------
+
+namespace {
+
+std::vector<uint32_t> bits_of(const Tensor& t) {
+  const std::vector<float> v = t.to_vector<float>();
+  std::vector<uint32_t> out(v.size());
+  std::memcpy(out.data(), v.data(), v.size() * sizeof(float));
+  return out;
+}
+
+Tensor scalar_loss(double v) { return Tensor::full(Shape{}, v, DType::f32); }
+
+}  // namespace
+
+TEST(StepStatus, IsClipGradNormBitwiseWithTheNormCoefAndLoss) {
+  // Every way clip_grad_norm can go: clipped, not clipped, no clipping asked for.
+  for (double max_norm : {0.05, 1e6, 0.0}) {
+    SCOPED_TRACE("max_norm " + std::to_string(max_norm));
+    Generator init(5);
+    ConvNeXt a(small_config(), init);
+    Generator init2(5);
+    ConvNeXt b(small_config(), init2);
+    std::vector<Parameter> pa = a.parameters(), pb = b.parameters();
+    random_grads(pa, 3);
+    random_grads(pb, 3);
+    const double norm = clip_grad_norm(pa, max_norm);
+    const StepStatus st = clip_grad_norm_status(pb, max_norm, scalar_loss(1.25));
+    for (size_t i = 0; i < pa.size(); ++i)
+      ASSERT_EQ(bits_of(pb[i].value.grad()), bits_of(pa[i].value.grad())) << pa[i].name;
+    EXPECT_TRUE(st.values.device().is_cpu());
+    EXPECT_EQ(st.values.shape(), Shape{4});
+    EXPECT_EQ(st.norm(), static_cast<double>(static_cast<float>(norm)));
+    // PyTorch's clip_coef in f32; 1 when it is not applied.
+    const float coef = static_cast<float>(max_norm) / (static_cast<float>(norm) + 1e-6f);
+    EXPECT_EQ(st.coef(), max_norm > 0 && coef < 1.0f ? coef : 1.0f);
+    EXPECT_EQ(st.coef() < 1.0, max_norm == 0.05);  // the small max_norm clips, the others do not
+    EXPECT_FALSE(st.skipped());
+    EXPECT_EQ(st.loss(), 1.25);
+    EXPECT_EQ(*(st.skip_flag() - 2), static_cast<float>(st.norm()));  // skip_flag is values[2]
+    EXPECT_EQ(*st.skip_flag(), 0.0f);
+  }
+  // No loss: NaN in values[3], and it does not decide anything.
+  std::vector<Parameter> params = {make_param("a", {2}, {0, 0}, true)};
+  params[0].value.set_grad(f32({2}, {3, 4}));
+  const StepStatus st = clip_grad_norm_status(params, 1.0, Tensor());
+  EXPECT_TRUE(std::isnan(st.loss()));
+  EXPECT_FALSE(st.skipped());
+  EXPECT_EQ(st.norm(), 5.0);
+  EXPECT_EQ(st.coef(), 1.0f / (5.0f + 1e-6f));
+}
+
+TEST(StepStatus, SkipsANonFiniteGradientOrLossAndTouchesNothing) {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const float inf = std::numeric_limits<float>::infinity();
+  struct Case {
+    const char* what;
+    float grad, loss;
+  };
+  for (const Case c : {Case{"NaN gradient", nan, 1.0f}, Case{"Inf gradient", -inf, 1.0f},
+                       Case{"NaN loss", 0.5f, nan}, Case{"Inf loss", 0.5f, inf}}) {
+    SCOPED_TRACE(c.what);
+    std::vector<Parameter> params = {make_param("a", {3}, {1, 2, 3}, true),
+                                     make_param("b", {2}, {4, 5}, false)};
+    params[0].value.set_grad(f32({3}, {0.5, -0.25, 2.0}));
+    params[1].value.set_grad(Tensor::from_data<float>(Shape{2}, std::vector<float>{c.grad, 1.0f}));
+    const auto ga = bits_of(params[0].value.grad()), gb = bits_of(params[1].value.grad());
+    const StepStatus st = clip_grad_norm_status(params, 1e-3, scalar_loss(c.loss));  // would clip
+    EXPECT_TRUE(st.skipped());
+    EXPECT_EQ(st.coef(), 1.0);
+    EXPECT_EQ(bits_of(params[0].value.grad()), ga);  // not scaled
+    EXPECT_EQ(bits_of(params[1].value.grad()), gb);
+    EXPECT_EQ(std::isfinite(st.norm()), std::isfinite(c.grad));
+  }
+}
+
+TEST(StepStatus, RefusesAMisshapenLossOrStatus) {
+  std::vector<Parameter> params = {make_param("a", {2}, {0, 0}, true)};
+  params[0].value.set_grad(f32({2}, {3, 4}));
+  expect_error([&] { clip_grad_norm_status(params, 1.0, f32({2}, {1, 2})); },
+               {"clip_grad_norm_status", "the loss must be one number", "[2]"});
+  expect_error([&] { clip_grad_norm_status(params, 1.0, test::make({}, {1}, DType::f64)); },
+               {"clip_grad_norm_status: the loss", "must be an f32 tensor"});
+  AdamW opt(params);
+  StepStatus bad;
+  bad.values = f32({3}, {0, 1, 0});
+  expect_error([&] { opt.step(1e-3, 0.0, &bad); }, {"AdamW.step", "step status", "f32 [4]"});
+  ModelEma ema(params);
+  expect_error([&] { ema.update(params, &bad); }, {"ModelEma.update", "step status"});
+  EXPECT_EQ(opt.step_count(), 0);  // refused before counting
+}
+
+// A run with a skipped step, taken back with uncount_step, continues bitwise as one that never saw
+// it: parameters, moments, step counts (also of a parameter without a gradient on the bad step)
+// and the EMA.
+TEST(AdamW, SkippedStepChangesNothingAndUncountStepRestoresTheCounts) {
+  Generator init(8);
+  ConvNeXt ma(small_config(), init);
+  Generator init2(8);
+  ConvNeXt mb(small_config(), init2);
+  std::vector<Parameter> a = ma.parameters(), b = mb.parameters();
+  AdamW opt_a(a), opt_b(b);
+  ModelEma ema_a(a, 0.9), ema_b(b, 0.9);
+  auto step = [](std::vector<Parameter>& ps, AdamW& opt, ModelEma& ema, uint64_t seed,
+                 double loss, size_t without) {
+    random_grads(ps, seed);
+    if (without < ps.size()) ps[without].value.set_grad(Tensor());
+    const StepStatus st = clip_grad_norm_status(ps, 0.5, scalar_loss(loss));
+    opt.step(1e-2, 0.05, &st);
+    ema.update(ps, &st);
+    return st;
+  };
+  auto state = [](const std::vector<Parameter>& ps, const AdamW& opt, const ModelEma& ema) {
+    std::vector<std::vector<uint32_t>> out;
+    for (size_t i = 0; i < ps.size(); ++i) {
+      out.push_back(bits_of(ps[i].value));
+      out.push_back(bits_of(opt.exp_avg(i)));
+      out.push_back(bits_of(opt.exp_avg_sq(i)));
+      out.push_back(bits_of(ema.parameters()[i].value));
+      out.push_back({static_cast<uint32_t>(opt.param_step(i))});
+    }
+    out.push_back({static_cast<uint32_t>(opt.step_count())});
+    return out;
+  };
+
+  step(a, opt_a, ema_a, 1, 2.0, 3);  // parameter 3 without a gradient on the first step
+  step(b, opt_b, ema_b, 1, 2.0, 3);
+  const auto before = state(a, opt_a, ema_a);
+  // The bad step: a NaN loss, parameter 5 without a gradient.
+  const StepStatus bad = step(a, opt_a, ema_a, 2, std::nan(""), 5);
+  ASSERT_TRUE(bad.skipped());
+  EXPECT_EQ(opt_a.step_count(), 2);  // counted on the host, as on a CUDA device
+  EXPECT_EQ(opt_a.param_step(3), 1);  // no gradient on step 1, counted on the bad step
+  EXPECT_EQ(opt_a.param_step(5), 1);  // counted on step 1, no gradient on the bad step
+  opt_a.uncount_step();
+  EXPECT_EQ(state(a, opt_a, ema_a), before);
+  EXPECT_EQ(opt_a.param_step(3), 0);
+  EXPECT_EQ(opt_a.param_step(5), 1);
+  expect_error([&] { opt_a.uncount_step(); }, {"AdamW.uncount_step", "no step to undo"});
+
+  for (uint64_t seed : {3, 4}) {
+    step(a, opt_a, ema_a, seed, 1.0, 99);
+    step(b, opt_b, ema_b, seed, 1.0, 99);
+  }
+  EXPECT_EQ(state(a, opt_a, ema_a), state(b, opt_b, ema_b));
+
+  // A status that does not skip changes nothing about the update: bitwise step(lr, wd).
+  random_grads(a, 6);
+  random_grads(b, 6);
+  const StepStatus ok = clip_grad_norm_status(a, 0.0, Tensor());
+  opt_a.step(1e-2, 0.05, &ok);
+  opt_b.step(1e-2, 0.05);
+  ema_a.update(a, &ok);
+  ema_b.update(b);
+  EXPECT_EQ(state(a, opt_a, ema_a), state(b, opt_b, ema_b));
+}
+
+TEST(AdamW, UncountStepRefusesWhenThereIsNothingToUndo) {
+  std::vector<Parameter> params = {make_param("a", {2}, {1, 2}, true)};
+  AdamW opt(params);
+  expect_error([&] { opt.uncount_step(); }, {"AdamW.uncount_step", "no step to undo"});
+  params[0].value.set_grad(f32({2}, {1, 1}));
+  opt.step(1e-3, 0.0);
+  const NamedTensors saved = opt.state_dict();
+  opt.step(1e-3, 0.0);
+  opt.load_state_dict(saved);  // the last step's counts are not the loaded state's
+  expect_error([&] { opt.uncount_step(); }, {"AdamW.uncount_step", "no step to undo"});
+  EXPECT_EQ(opt.step_count(), 1);
 }
 
 // =================================================================================================
