@@ -11,14 +11,18 @@
 // Mixed precision (T = bf16), as PyTorch's autocast does it with fp32 master weights: in, out,
 // dout and din are bf16; the GEMM's weight operand is bf16 too, a copy of the fp32 parameter
 // rounded once by the caller (autograd's linear makes it in forward and keeps it for backward);
-// the bias is the fp32 parameter itself, and dweight, dbias are fp32 (param_t<bf16> = float,
-// tensor/dtype.h). Every product accumulates in fp32; out = bf16(in W^T + b) and
+// the bias is passed as the fp32 parameter, and the forward uses it rounded to bf16 (as
+// autocast's F.linear casts weight and bias to bf16; on the GPU this is the bias type cuBLASLt's
+// epilogue takes with a bf16 output, see the CUDA section below); dweight, dbias are fp32
+// (param_t<bf16> = float, tensor/dtype.h). Every product accumulates in fp32;
+// out = bf16(in W^T + bf16(b)) (the rounded bias added in fp32, the sum rounded once) and
 // din = bf16(dout W) are rounded once, dweight = dout^T in and dbias = sum_m dout are not
 // rounded at all. For T = float or double every pointer is T, as before.
 #pragma once
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "kernels/stream.h"
 #include "tensor/dtype.h"
@@ -117,15 +121,23 @@ void linear_backward(bf16* din, float* dweight, float* dbias, const bf16* dout, 
 // argument): `stream` must be that device's library stream (cnx::cuda::current_stream()). f32
 // allocates no device memory.
 //
+// The epilogues' bias vector has D's type (cuBLASLt's rule for these type combinations), must be
+// 16-byte aligned (checked here before cuBLASLt is asked: an unaligned bias, e.g. a view at an
+// odd float offset, takes the plain GEMM and the bias pass).
+//
 // bf16 (T = bf16): A and B are CUDA_R_16BF, the compute type CUBLAS_COMPUTE_32F (fp32
 // accumulation; TF32 does not apply), and
-//   forward   D = out, CUDA_R_16BF, with the fp32 bias in the BIAS epilogue
-//             (CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE = CUDA_R_32F): one rounding of acc + bias.
-//             Where cuBLASLt refuses an fp32 bias with a bf16 D, the product goes to an fp32
-//             scratch buffer (caching allocator) and a small kernel adds the bias and rounds.
+//   forward   D = out, CUDA_R_16BF; the fp32 bias is first cast to a bf16 copy (N elements, in
+//             scratch from the caching allocator, so always aligned), which the BIAS epilogue
+//             adds in fp32 before the one rounding: out = bf16(acc + bf16(b)). Where cuBLASLt
+//             offers no algorithm with the epilogue, the product goes to an fp32 scratch buffer
+//             (M x N floats) and a small kernel adds the bf16 bias and rounds once: the same
+//             result, slower.
 //   din       D = din, CUDA_R_16BF
 //   dweight   D = dweight, CUDA_R_32F (bf16 A, B with an fp32 D: written unrounded), with
 //             BGRADB writing the fp32 dbias, else our column sum of the bf16 dout in fp32.
+//
+// Which path each distinct GEMM took is recorded (gemm_paths() at the end of this file).
 namespace cnx::cuda {
 
 // out (M, N), in (M, K), weight (N, K), bias (N) or null.
@@ -143,5 +155,56 @@ void linear_forward(bf16* out, const bf16* in, const bf16* weight, const float* 
                     int64_t K, int64_t N, cudaStream_t stream);
 void linear_backward(bf16* din, float* dweight, float* dbias, const bf16* dout, const bf16* in,
                      const bf16* weight, int64_t M, int64_t K, int64_t N, cudaStream_t stream);
+
+// ---- which path each GEMM takes ---------------------------------------------------------------
+// A fallback is correct but slow (an extra pass over the output, or an fp32 copy of it), so the
+// launchers above record, once per distinct GEMM, which path it took; the trainer prints the list
+// after its first step. With the environment variable CNX_LOG_GEMM=1 each new record is also
+// printed to stderr as it happens. The records live in kernels/cpu/linear_paths.cpp, compiled
+// in every build: in a build without CUDA the list is simply empty.
+//
+// Paths (`path` below):
+//   "cuBLASLt+BIAS epilogue"           forward, the bias added by the GEMM (the fast path)
+//   "cuBLASLt+BGRADB epilogue"         dweight, dbias written by the GEMM (the fast path)
+//   "cuBLASLt"                         a GEMM with nothing else to do (no bias, din, dweight
+//                                      without dbias)
+//   "cuBLASLt, then bias pass"         forward, fp32: the epilogue refused, out += bias after
+//   "cuBLASLt to fp32 scratch, then bias pass"
+//                                      forward, bf16: the epilogue refused; an fp32 (M, N) copy
+//   "cuBLASLt, then column sums"       dweight: BGRADB refused, dbias by column_sums
+// and each of them with "cuBLAS fallback" in place of "cuBLASLt" where cuBLASLt offered no
+// algorithm at all and classic cuBLAS (cublasSgemm / cublasGemmEx) ran the product.
+enum class GemmPass { forward, dinput, dweight };
+const char* gemm_pass_name(GemmPass pass);  // "forward", "dinput", "dweight"
+
+struct GemmPathRecord {
+  GemmPass pass = GemmPass::forward;
+  int64_t M = 0, K = 0, N = 0;  // the layer's sizes: in (M, K), weight (N, K), out (M, N)
+  DType dtype = DType::f32;     // the activations' dtype (f32 or bf16)
+  std::string path;             // one of the paths above
+  std::string why;              // for a path other than the fast one: why (the first time seen)
+};
+
+// Records `r` unless a record with the same pass, sizes, dtype and path exists (`why` is not
+// part of the key); prints it to stderr when new and CNX_LOG_GEMM=1. Returns true when new.
+// Thread-safe. Called by the launchers; public for the tests.
+bool note_gemm_path(const GemmPathRecord& r);
+// Every record so far, in the order they were first seen. Thread-safe.
+std::vector<GemmPathRecord> gemm_paths();
+// Forgets every record (tests, or a trainer that wants the paths of a later step).
+void clear_gemm_paths();
+// One line per record, e.g.
+//   "  forward  M=25088 K=96 N=384 bf16: cuBLASLt+BIAS epilogue\n"
+// with " (why)" after a fallback's path; "" for no records.
+std::string format_gemm_paths(const std::vector<GemmPathRecord>& records);
+inline std::string format_gemm_paths() { return format_gemm_paths(gemm_paths()); }
+
+// Whether the launchers may use cuBLASLt: true unless the environment variable
+// CNX_LINEAR_CUBLASLT=0 (read once), then whatever set_cublaslt_enabled last said. false sends
+// every GEMM to the classic-cuBLAS fallback and every bias to its separate pass: the fallback
+// paths on demand, for the tests and for comparing the two libraries. Thread-safe; meant to be
+// flipped between calls, not during one.
+bool cublaslt_enabled();
+void set_cublaslt_enabled(bool on);
 
 }  // namespace cnx::cuda

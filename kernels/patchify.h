@@ -12,7 +12,8 @@
 // Mixed precision (T = bf16), as for linear (kernels/linear.h): in, out, dout, din are bf16; the
 // weight operand is a bf16 copy of the fp32 parameter rounded once by the caller (autograd's
 // patchify_conv, which keeps it for backward); bias, dweight and dbias are fp32
-// (param_t<bf16> = float). Sums in fp32; out and din rounded once, dweight and dbias not at all.
+// (param_t<bf16> = float), the forward using the bias rounded to bf16 as linear does. Sums in
+// fp32; out and din rounded once, dweight and dbias not at all.
 // The CPU kernels are templates on float, double and bf16.
 #pragma once
 

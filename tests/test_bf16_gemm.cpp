@@ -2,16 +2,19 @@
 // kernels/patchify.h, autograd/ops/linear.cpp, autograd/ops/patchify_conv.cpp).
 //
 // The bf16 form, as PyTorch's autocast with fp32 master weights: x bf16; weight and bias fp32
-// parameters; the GEMM's weight operand is the weight rounded once to bf16; every sum in fp32;
-//   out = bf16(x W_bf16^T + b)      din = bf16(dout W_bf16)            (bf16, rounded once)
+// parameters; the GEMM's weight operand is the weight rounded once to bf16, and the forward's
+// bias is the bias rounded to bf16 (autocast's F.linear casts both; cuBLASLt's epilogue takes
+// the bias in the output's type); every sum in fp32;
+//   out = bf16(x W_bf16^T + b_bf16) din = bf16(dout W_bf16)            (bf16, rounded once)
 //   dweight = dout^T x              dbias = sum over rows of dout        (fp32, not rounded)
 //
 // CPU (runs everywhere): the cpu:: bf16 kernels and the autograd ops (through OpenBLAS when the
 // build has it, and through the loops with CNX_CPU_REFERENCE) on bf16-representable random
-// inputs against the f64 reference computed on the same values (with the weight rounded to bf16,
-// as the op rounds it); the cpu:: kernels are also checked to be exactly the f32 reference
-// kernels with one rounding of each bf16 result; dtypes of every output and gradient; clear
-// errors for non-fp32 parameters.
+// inputs against the f64 reference computed on the same values (with the weight and the bias
+// rounded to bf16, as the op rounds them); the cpu:: kernels are also checked to be exactly the
+// f32 reference kernels (fed the rounded bias) with one rounding of each bf16 result; on inputs
+// whose sums are exact, out is bitwise bf16(acc + bf16(b)) on every path (not bf16(acc + b));
+// dtypes of every output and gradient; clear errors for non-fp32 parameters.
 //
 // GPU (skips itself without CUDA or a device): the CUDA bf16 launchers against the CPU bf16
 // kernels on identical inputs, ConvNeXt-T shapes at batch 2, awkward sizes, misaligned (offset)
@@ -41,6 +44,7 @@
 #include <cstring>
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "autograd/ops.h"
@@ -275,13 +279,13 @@ void check_linear_cpu(const Shape& xs, int64_t N, bool with_bias, uint64_t seed)
   const std::string what = cat("linear bf16 x", xs.str(), " N ", N, with_bias ? "" : " no bias");
   SCOPED_TRACE(what);
   Generator gen(seed);
-  // x and dout are bf16 activations; the weight is an fp32 parameter that is NOT bf16-exact
-  // (the op rounds it), the bias an fp32 parameter used as is.
+  // x and dout are bf16 activations; the weight and the bias are fp32 parameters that are NOT
+  // bf16-exact (the op rounds both for the forward: the reference gets them rounded).
   const std::vector<float> x = randb(M * K, gen), w = randf(N * K, gen, 0.5),
                            b = with_bias ? randf(N, gen) : std::vector<float>{},
                            dy = randb(M * N, gen);
-  const std::vector<float> wr = rounded(w);
-  const Reference ref = linear_reference(x, wr, b, dy, M, K, N);
+  const std::vector<float> wr = rounded(w), br = rounded(b);
+  const Reference ref = linear_reference(x, wr, br, dy, M, K, N);
 
   // cpu:: kernels.
   const std::vector<bf16> xb = to_b16(x), wb = to_b16(w), dyb = to_b16(dy);
@@ -295,10 +299,10 @@ void check_linear_cpu(const Shape& xs, int64_t N, bool with_bias, uint64_t seed)
   expect_f32_result("cpu dweight", dbl(dw), ref.dw, ref.mag_dw, M);
   expect_f32_result("cpu dbias", dbl(db), ref.db, ref.mag_db, M);
 
-  // Exactly the f32 kernels on the widened operands, each bf16 result rounded once, the fp32
-  // gradients not rounded at all.
+  // Exactly the f32 kernels on the widened operands and the rounded bias, each bf16 result
+  // rounded once, the fp32 gradients not rounded at all.
   std::vector<float> yf(M * N), dxf(M * K), dwf(N * K), dbf(N);
-  cpu::linear_forward<float>(yf.data(), x.data(), wr.data(), ptr(b, with_bias), M, K, N);
+  cpu::linear_forward<float>(yf.data(), x.data(), wr.data(), ptr(br, with_bias), M, K, N);
   cpu::linear_backward<float>(dxf.data(), dwf.data(), dbf.data(), dy.data(), x.data(), wr.data(), M,
                               K, N);
   expect_bitwise("cpu out = bf16(f32 kernel)", from_b16(out), rounded(yf));
@@ -401,6 +405,75 @@ TEST(Bf16Linear, ParametersMustBeF32) {
                {"linear", "x f16[2, 7] cpu", "must be f32, f64 or bf16"});
 }
 
+// ---- the bias: rounded to bf16, added in fp32, the sum rounded once ---------------------------
+
+// Operands whose products and partial sums are all exact in f32 (x a multiple of 1/64, w of 1/16,
+// at most 8 terms: at most 15 significant bits), so that every summation order gives the same
+// acc; the bias an fp32 value that is not bf16-exact. The one result the bf16 form allows is then
+// out = bf16(acc + bf16(b)), the add done in f32, bitwise. The unrounded-bias form bf16(acc + b)
+// differs from it in some elements (checked by exact_bias_expected's caller), so a kernel that
+// adds the fp32 bias fails.
+struct ExactBiasCase {
+  int64_t M, K, N;
+  std::vector<float> x, w, b;  // (M, K) bf16-exact, (N, K) bf16-exact, (N) not bf16-exact
+};
+
+ExactBiasCase exact_bias_case(int64_t M, int64_t K, int64_t N, uint64_t seed) {
+  Generator gen(seed);
+  ExactBiasCase c{M, K, N, {}, {}, randf(N, gen)};
+  for (int64_t i = 0; i < M * K; ++i) c.x.push_back(static_cast<float>(std::nearbyint(16 * gen.normal()) / 64));
+  for (int64_t i = 0; i < N * K; ++i) c.w.push_back(static_cast<float>(std::nearbyint(8 * gen.normal()) / 16));
+  return c;
+}
+
+// bf16(acc + bias) with the bias rounded to bf16 first (round_bias) or not, as floats.
+std::vector<float> exact_bias_expected(const ExactBiasCase& c, bool round_bias) {
+  std::vector<float> out(static_cast<size_t>(c.M * c.N));
+  for (int64_t m = 0; m < c.M; ++m)
+    for (int64_t n = 0; n < c.N; ++n) {
+      double acc = 0;  // exact (see above), and so is its conversion to float
+      for (int64_t k = 0; k < c.K; ++k) acc += double(c.x[m * c.K + k]) * c.w[n * c.K + k];
+      const float bias = round_bias ? round_bf16(c.b[n]) : c.b[n];
+      out[m * c.N + n] = round_bf16(static_cast<float>(acc) + bias);  // one f32 add, one rounding
+    }
+  return out;
+}
+
+// How many elements differ between the two forms (the case must tell them apart).
+int64_t forms_differ(const ExactBiasCase& c) {
+  const std::vector<float> a = exact_bias_expected(c, true), b = exact_bias_expected(c, false);
+  int64_t n = 0;
+  for (size_t i = 0; i < a.size(); ++i) n += a[i] != b[i];
+  return n;
+}
+
+TEST(Bf16Linear, BiasIsRoundedToBf16AddedInFp32AndTheSumRoundedOnce) {
+  for (const auto& [M, K, N, seed] : std::vector<std::tuple<int64_t, int64_t, int64_t, uint64_t>>{
+           {37, 5, 24, 1}, {64, 8, 96, 2}, {3, 1, 130, 3}}) {
+    SCOPED_TRACE(cat("M ", M, " K ", K, " N ", N));
+    const ExactBiasCase c = exact_bias_case(M, K, N, seed);
+    ASSERT_GT(forms_differ(c), 0) << "the case cannot tell a rounded bias from an fp32 one";
+    const std::vector<float> want = exact_bias_expected(c, true);
+    const std::vector<bf16> xb = to_b16(c.x), wb = to_b16(c.w);
+    std::vector<bf16> out(static_cast<size_t>(M * N));
+    cpu::linear_forward<bf16>(out.data(), xb.data(), wb.data(), c.b.data(), M, K, N);
+    expect_bitwise("cpu::linear_forward<bf16>", from_b16(out), want);
+    std::fill(out.begin(), out.end(), bf16(0.0f));
+    blas::linear_forward(out.data(), xb.data(), wb.data(), c.b.data(), M, K, N);  // loops without BLAS
+    expect_bitwise("blas::linear_forward (bf16)", from_b16(out), want);
+    // patchify_conv with k = 1 is the same product (its patch matrix is the image).
+    std::fill(out.begin(), out.end(), bf16(0.0f));
+    cpu::patchify_forward<bf16>(out.data(), xb.data(), wb.data(), c.b.data(), 1, 1, M, K, N, 1);
+    expect_bitwise("cpu::patchify_forward<bf16>, k = 1", from_b16(out), want);
+    // The op, whose weight copy is exact here (w is bf16-exact), both CPU paths.
+    for (bool reference_loops : {false, true}) {
+      blas::ScopedCpuReference loops(reference_loops);
+      const Tensor y = linear(bf16_tensor({M, K}, c.x), f32_tensor({N, K}, c.w), f32_tensor({N}, c.b));
+      expect_bitwise(reference_loops ? "op, reference loops" : "op, default CPU path", floats_of(y), want);
+    }
+  }
+}
+
 // =============================================================================================
 // patchify_conv, CPU
 // =============================================================================================
@@ -412,8 +485,8 @@ void check_patchify_cpu(const PatchShape& s, bool with_bias, uint64_t seed) {
   const std::vector<float> x = randb(s.x_numel(), gen), w = randf(s.w_numel(), gen, 0.3),
                            b = with_bias ? randf(s.Co, gen) : std::vector<float>{},
                            dy = randb(s.out_numel(), gen);
-  const std::vector<float> wr = rounded(w);
-  const Reference ref = patchify_reference(x, wr, b, dy, s);
+  const std::vector<float> wr = rounded(w), br = rounded(b);  // the op rounds both (forward)
+  const Reference ref = patchify_reference(x, wr, br, dy, s);
   const int64_t depth = s.k * s.k * s.Ci;  // terms of an output; din: Co terms; params: rows
 
   const std::vector<bf16> xb = to_b16(x), wb = to_b16(w), dyb = to_b16(dy);
@@ -429,7 +502,7 @@ void check_patchify_cpu(const PatchShape& s, bool with_bias, uint64_t seed) {
   expect_f32_result("cpu dbias", dbl(db), ref.db, ref.mag_db, s.rows());
 
   std::vector<float> yf(s.out_numel()), dxf(s.x_numel()), dwf(s.w_numel()), dbf(s.Co);
-  cpu::patchify_forward<float>(yf.data(), x.data(), wr.data(), ptr(b, with_bias), s.N, s.H, s.W,
+  cpu::patchify_forward<float>(yf.data(), x.data(), wr.data(), ptr(br, with_bias), s.N, s.H, s.W,
                                s.Ci, s.Co, s.k);
   cpu::patchify_backward<float>(dxf.data(), dwf.data(), dbf.data(), dy.data(), x.data(), wr.data(),
                                 s.N, s.H, s.W, s.Ci, s.Co, s.k);

@@ -40,6 +40,24 @@ class Widened {
   const float* ptr_ = nullptr;
 };
 
+// A float copy of n fp32 values, each rounded to bf16 (and so exact in float): an fp32 parameter
+// that a bf16 op uses in bf16, as autocast casts it (the bias of linear and patchify_conv, which
+// the GPU's GEMM epilogue reads in the output's type). Null stays null.
+class RoundedToBf16 {
+ public:
+  RoundedToBf16(const float* src, int64_t n) {
+    if (!src) return;
+    v_.resize(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) v_[static_cast<size_t>(i)] = static_cast<float>(bf16(src[i]));
+    ptr_ = v_.data();
+  }
+  const float* data() const { return ptr_; }
+
+ private:
+  std::vector<float> v_;
+  const float* ptr_ = nullptr;
+};
+
 // Float scratch for n results that store() rounds into the bf16 destination.
 class Narrowed {
  public:

@@ -3,8 +3,9 @@
 // forward, a scaled row added to a row (axpy) for the gradients. Each output element is owned
 // by one thread, so results do not depend on the thread count.
 // bf16: the f32 loops between a widening of the bf16 operands and one rounding of the bf16
-// results (kernels/cpu/bf16_emulation.h); the fp32 bias is read and the fp32 dweight, dbias are
-// written by the f32 loops directly, never rounded.
+// results (kernels/cpu/bf16_emulation.h); the fp32 bias is rounded to bf16 first (as the GPU's
+// epilogue reads it, and as autocast casts it) and added in f32 before the one rounding; the
+// fp32 dweight, dbias are written by the f32 loops directly, never rounded.
 #include "kernels/linear.h"
 
 #include "kernels/cpu/bf16_emulation.h"
@@ -81,8 +82,9 @@ template <>
 void linear_forward<bf16>(bf16* out, const bf16* in, const bf16* weight, const float* bias,
                           int64_t M, int64_t K, int64_t N) {
   const Widened x(in, M * K), w(weight, N * K);
+  const RoundedToBf16 b(bias, N);
   Narrowed y(out, M * N);
-  linear_forward<float>(y.data(), x.data(), w.data(), bias, M, K, N);
+  linear_forward<float>(y.data(), x.data(), w.data(), b.data(), M, K, N);
   y.store();
 }
 

@@ -238,13 +238,15 @@ void linear_backward(float* din, float* dweight, float* dbias, const float* dout
 #endif  // CNX_HAVE_BLAS
 
 // ================================ bf16 ================================
-// The f32 products above between a widening of the bf16 operands and one rounding of the bf16
-// results (kernels/cpu/bf16_emulation.h), as cpu::linear_forward<bf16> does around the loops.
+// The f32 products above between a widening of the bf16 operands (and a rounding of the fp32
+// bias to bf16) and one rounding of the bf16 results (kernels/cpu/bf16_emulation.h), as
+// cpu::linear_forward<bf16> does around the loops.
 void linear_forward(bf16* out, const bf16* in, const bf16* weight, const float* bias, int64_t M,
                     int64_t K, int64_t N) {
   const cpu::Widened x(in, M * K), w(weight, N * K);
+  const cpu::RoundedToBf16 b(bias, N);
   cpu::Narrowed y(out, M * N);
-  linear_forward(y.data(), x.data(), w.data(), bias, M, K, N);
+  linear_forward(y.data(), x.data(), w.data(), b.data(), M, K, N);
   y.store();
 }
 

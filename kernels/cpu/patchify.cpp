@@ -4,7 +4,8 @@
 // in[n, i*k + p, j*k .. j*k + k-1, :], and weight[o, p, :, :] is k*Ci contiguous values in the
 // same order, so every inner loop below runs over one contiguous span of length k*Ci.
 // bf16: the f32 loops between a widening of the bf16 operands and one rounding of the bf16
-// results (kernels/cpu/bf16_emulation.h); bias, dweight and dbias are fp32 and never rounded.
+// results (kernels/cpu/bf16_emulation.h); the fp32 bias is used rounded to bf16 (as the GPU's
+// GEMM epilogue reads it, kernels/linear.h); dweight and dbias are fp32 and never rounded.
 #include "kernels/patchify.h"
 
 #include "kernels/cpu/bf16_emulation.h"
@@ -105,8 +106,9 @@ void patchify_forward<bf16>(bf16* out, const bf16* in, const bf16* weight, const
                             int64_t N, int64_t H, int64_t W, int64_t Ci, int64_t Co, int64_t k) {
   const int64_t Ho = H / k, Wo = W / k;
   const Widened x(in, N * H * W * Ci), w(weight, Co * k * k * Ci);
+  const RoundedToBf16 b(bias, Co);
   Narrowed y(out, N * Ho * Wo * Co);
-  patchify_forward<float>(y.data(), x.data(), w.data(), bias, N, H, W, Ci, Co, k);
+  patchify_forward<float>(y.data(), x.data(), w.data(), b.data(), N, H, W, Ci, Co, k);
   y.store();
 }
 

@@ -8,15 +8,23 @@
 // the descriptors they always did, and the bf16 calls differ only in those types and in the
 // compute type (CUBLAS_COMPUTE_32F always: the products of bf16 values are exact in fp32, and
 // the accumulation is fp32). Parameters (bias) and parameter gradients (dweight, dbias) are fp32
-// for both.
+// for both; the bf16 forward hands the BIAS epilogue a bf16 copy of the bias (the epilogue's
+// bias has D's type).
+//
+// Every GEMM also records which path it took (note_gemm_path, kernels/linear.h): the fast paths
+// are the epilogues, and a fallback (a separate bias pass, an fp32 copy of a bf16 output,
+// classic cuBLAS) is correct but slower, so it should be visible rather than silent.
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <string>
 #include <tuple>
+#include <type_traits>
 
+#include "kernels/cast.h"
 #include "kernels/cuda/launch.cuh"
 #include "kernels/cuda/vec.cuh"
 #include "kernels/linear.h"
@@ -93,8 +101,10 @@ class MatmulPreference {
 // D (m, n) = op(A) (m, k) . op(B) (k, n), column-major, beta = 0, plus an epilogue:
 //   BIAS    bias (m) is added to every column of D (read)
 //   BGRADB  bias (n) = the sums of op(B) over k, i.e. over its rows (written)
-// A and B hold type_ab elements (CUDA_R_32F or CUDA_R_16BF), D type_d elements; the bias vector
-// is always fp32 (a parameter, or a parameter's gradient).
+// A and B hold type_ab elements (CUDA_R_32F or CUDA_R_16BF), D type_d elements, and the bias
+// vector type_d elements too: cuBLASLt's rule (quoted in try_gemm).
+// Here that is the fp32 bias for an fp32 D, the fp32 dbias for BGRADB's fp32 dweight, and the
+// bias's bf16 copy for the bf16 forward.
 struct Gemm {
   cublasOperation_t op_a = CUBLAS_OP_N, op_b = CUBLAS_OP_N;
   int64_t m = 0, n = 0, k = 0;
@@ -122,6 +132,18 @@ uint32_t alignment_of(const void* p) {
   while (align > 1 && a % align != 0) align /= 2;
   return align;
 }
+
+// The epilogues' bias pointer must be 16-byte aligned. The documentation gives no figure, only
+// that the alignment matters ("Routines that don't dereference this pointer, like
+// cublasLtMatmulAlgoGetHeuristic() depend on its value to determine expected pointer alignment",
+// cublasLt.h, CUBLASLT_MATMUL_DESC_BIAS_POINTER), and there is no preference to promise less, so
+// the heuristic may well hand out an algorithm that then reads the bias with 16-byte vector
+// loads. 16 is the alignment the documentation asks of pointers for vectorised (Tensor Core)
+// access (https://docs.nvidia.com/cuda/cublas/index.html#tensor-core-usage); Marian's cuBLASLt
+// code (src/tensors/gpu/prod.cpp) learned the same on an A100 ("changed this to 16 to avoid
+// alignment error"). So a less aligned bias (a view at an odd float offset) never reaches
+// cuBLASLt: the caller takes the plain GEMM and its own bias pass.
+constexpr uint32_t kBiasAlignment = 16;
 
 // Everything the algorithm choice depends on. Pointer values matter only through alignment.
 struct GemmKey {
@@ -161,9 +183,33 @@ bool unsupported(cublasStatus_t status, const Gemm& g) {
          (status == CUBLAS_STATUS_INVALID_VALUE && g.epilogue != CUBLASLT_EPILOGUE_DEFAULT);
 }
 
-// Runs g on `stream`. Returns false, having enqueued nothing, when cuBLASLt has no algorithm for
-// it (possible for an epilogue on some shapes or alignments); throws on any other failure.
-bool try_gemm(const Gemm& g, cudaStream_t stream) {
+// What try_gemm did: ran the GEMM, or why not (having enqueued nothing).
+enum class Lt { ran, disabled, bias_misaligned, no_algorithm };
+
+// The reason a GEMM did not run on cuBLASLt (or without its epilogue), for the path records.
+std::string why_not(Lt lt, const Gemm& g) {
+  switch (lt) {
+    case Lt::ran: return "";
+    case Lt::disabled: return "cuBLASLt disabled (CNX_LINEAR_CUBLASLT=0 or set_cublaslt_enabled(false))";
+    case Lt::bias_misaligned:
+      return "bias pointer " + std::to_string(alignment_of(g.bias)) + "-byte aligned, the epilogue needs " +
+             std::to_string(kBiasAlignment);
+    case Lt::no_algorithm:
+      return g.epilogue == CUBLASLT_EPILOGUE_DEFAULT
+                 ? "cuBLASLt offered no algorithm for these sizes and alignments"
+                 : "cuBLASLt offered no algorithm with the epilogue for these sizes and alignments";
+  }
+  return "";
+}
+
+// Runs g on `stream` through cuBLASLt. Returns Lt::ran, or, having enqueued nothing, why not:
+// cuBLASLt switched off, an epilogue's bias less than 16-byte aligned (checked before asking the
+// library), or no algorithm for the call (possible for an epilogue on some shapes or
+// alignments). Throws on any other failure.
+Lt try_gemm(const Gemm& g, cudaStream_t stream) {
+  if (!cublaslt_enabled()) return Lt::disabled;
+  if (g.epilogue != CUBLASLT_EPILOGUE_DEFAULT && alignment_of(g.bias) < kBiasAlignment)
+    return Lt::bias_misaligned;
   // TF32 is a choice for fp32 operands only; bf16 operands always take CUBLAS_COMPUTE_32F.
   const bool tf32 = g.type_ab == CUDA_R_32F && allow_tf32();
   MatmulDesc desc(tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F);
@@ -172,9 +218,13 @@ bool try_gemm(const Gemm& g, cudaStream_t stream) {
   desc.set(CUBLASLT_MATMUL_DESC_EPILOGUE, g.epilogue);
   if (g.epilogue != CUBLASLT_EPILOGUE_DEFAULT) {
     desc.set(CUBLASLT_MATMUL_DESC_BIAS_POINTER, g.bias);
-    // fp32 bias also with a bf16 D (not cuBLASLt's default, which is D's type): where the
-    // library does not take that combination, the heuristic says so and the caller falls back.
-    desc.set(CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, CUDA_R_32F);
+    // "Bias vector elements are the same type as the elements of output matrix (Dtype) with the
+    // following exceptions": IMMA kernels (an int8 C) and fp8 kernels (cublasLt.h of CUDA 13.0,
+    // CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE; the same text in
+    // https://docs.nvidia.com/cuda/cublas/index.html#cublasltmatmuldescattributes-t). Neither
+    // exception applies to fp32 or bf16 outputs, so the bias has D's type, which is also the
+    // attribute's default (-1); set explicitly so that the rule is visible here.
+    desc.set(CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, static_cast<int32_t>(g.type_d));
   }
   // The stored shapes: op(X) = X for N, X^T for T. C is D (beta = 0): same type and layout.
   const MatrixLayout la(g.type_ab, g.op_a == CUBLAS_OP_N ? g.m : g.k,
@@ -215,7 +265,7 @@ bool try_gemm(const Gemm& g, cudaStream_t stream) {
     std::lock_guard<std::mutex> lock(g_algo_mutex);
     algo_cache().emplace(key, chosen);
   }
-  if (!chosen.supported) return false;
+  if (!chosen.supported) return Lt::no_algorithm;
 
   const float alpha = 1.0f, beta = 0.0f;
   const cublasStatus_t status =
@@ -224,26 +274,76 @@ bool try_gemm(const Gemm& g, cudaStream_t stream) {
   if (unsupported(status, g)) {  // refused at launch after all: remember, and fall back
     std::lock_guard<std::mutex> lock(g_algo_mutex);
     algo_cache()[key].supported = false;
-    return false;
+    return Lt::no_algorithm;
   }
   CNX_CUBLAS_CHECK(status);
   CNX_CUDA_LAUNCH_CHECK();
-  return true;
+  return Lt::ran;
 }
 
-// A plain GEMM (no epilogue) that cannot be refused: cuBLASLt, or, should its heuristics offer
-// nothing for these sizes and alignments, classic cuBLAS (cublasSgemm for fp32, cublasGemmEx with
-// CUBLAS_COMPUTE_32F for bf16 operands; any alignment) on the same stream and workspace, with the
-// same math mode.
-void gemm(const Gemm& g, cudaStream_t stream) {
-  if (try_gemm(g, stream)) return;
-  const cublasHandle_t h = cublas_handle();  // bound to the current device's stream
-  cudaStream_t bound = nullptr;
-  CNX_CUBLAS_CHECK(cublasGetStream(h, &bound));
-  if (bound != stream) {  // not the library stream: follow the caller (and keep the workspace)
-    CNX_CUBLAS_CHECK(cublasSetStream(h, stream));
-    CNX_CUBLAS_CHECK(cublasSetWorkspace(h, cublas_workspace(), kCublasWorkspaceBytes));
+// The device's cuBLAS handle, bound to `stream` for one scope. The handle is shared (everything
+// that calls cublas_handle() expects it on the device's stream with the library's workspace), so
+// a call on another stream binds it and puts both back afterwards, also when the call throws.
+// cublasSetStream "unconditionally resets the cuBLAS library workspace back to the default
+// workspace pool" (https://docs.nvidia.com/cuda/cublas/index.html#cublassetstream), hence the
+// cublasSetWorkspace after each cublasSetStream. (There is no getter for the workspace: the
+// handle's is always the library's, cublas_workspace(), tensor/cuda_context.cu.)
+class HandleOnStream {
+ public:
+  HandleOnStream(cublasHandle_t h, cudaStream_t stream) : h_(h), workspace_(cublas_workspace()) {
+    CNX_CUBLAS_CHECK(cublasGetStream(h_, &previous_));
+    if (previous_ == stream) return;
+    CNX_CUBLAS_CHECK(cublasSetStream(h_, stream));
+    rebound_ = true;
+    try {
+      CNX_CUBLAS_CHECK(cublasSetWorkspace(h_, workspace_, kCublasWorkspaceBytes));
+    } catch (...) {
+      restore();  // the destructor of a half-built object does not run
+      throw;
+    }
   }
+  ~HandleOnStream() { restore(); }
+  HandleOnStream(const HandleOnStream&) = delete;
+  HandleOnStream& operator=(const HandleOnStream&) = delete;
+  cublasHandle_t get() const { return h_; }
+
+ private:
+  void restore() noexcept {
+    if (!rebound_) return;
+    rebound_ = false;
+    log_status("cublasSetStream (restoring the handle's stream)", cublasSetStream(h_, previous_));
+    log_status("cublasSetWorkspace (restoring the handle's workspace)",
+               cublasSetWorkspace(h_, workspace_, kCublasWorkspaceBytes));
+  }
+
+  cublasHandle_t h_;
+  void* workspace_;
+  cudaStream_t previous_ = nullptr;
+  bool rebound_ = false;
+};
+
+// Which library ran a plain GEMM, and why it was not cuBLASLt.
+struct Ran {
+  bool cublaslt = true;
+  std::string why;
+  // "cuBLASLt" or "cuBLAS fallback": the first words of every path name (kernels/linear.h).
+  std::string path() const { return cublaslt ? "cuBLASLt" : "cuBLAS fallback"; }
+  // The reason an epilogue was refused (`epilogue_why`), and this GEMM's own if it is another.
+  std::string why_with(const std::string& epilogue_why) const {
+    if (why.empty() || why == epilogue_why) return epilogue_why;
+    return epilogue_why.empty() ? why : epilogue_why + "; " + why;
+  }
+};
+
+// A plain GEMM (no epilogue) that cannot be refused: cuBLASLt, or, should its heuristics offer
+// nothing for these sizes and alignments (or cuBLASLt be switched off), classic cuBLAS
+// (cublasSgemm for fp32, cublasGemmEx with CUBLAS_COMPUTE_32F for bf16 operands; any alignment)
+// on the same stream and workspace, with the same math mode.
+Ran gemm(const Gemm& g, cudaStream_t stream) {
+  const Lt lt = try_gemm(g, stream);
+  if (lt == Lt::ran) return {};
+  const HandleOnStream bound(cublas_handle(), stream);
+  const cublasHandle_t h = bound.get();
   const float alpha = 1.0f, beta = 0.0f;
   if (g.type_ab == CUDA_R_32F && g.type_d == CUDA_R_32F) {
     CNX_CUBLAS_CHECK(cublasSgemm_64(h, g.op_a, g.op_b, g.m, g.n, g.k, &alpha,
@@ -256,6 +356,14 @@ void gemm(const Gemm& g, cudaStream_t stream) {
                                      CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
   }
   CNX_CUDA_LAUNCH_CHECK();
+  return {false, why_not(lt, g)};
+}
+
+// Records the path of one GEMM of a linear layer (M, K, N: the layer's sizes).
+template <class T>
+void note(GemmPass pass, int64_t M, int64_t K, int64_t N, std::string path, std::string why = "") {
+  note_gemm_path({pass, M, K, N, std::is_same_v<T, float> ? DType::f32 : DType::bf16, std::move(path),
+                  std::move(why)});
 }
 
 // CNX_LINEAR_BGRADB=0 replaces the bias-gradient epilogue with the column-sum kernels below
@@ -280,25 +388,27 @@ unsigned int blocks_for(int64_t count) {
 
 // out (M, N) = bias broadcast over the rows (0 where bias is null), or, with an fp32 product
 // `acc` (M, N), out = acc + bias; computed in fp32 and rounded once to T (float or
-// __nv_bfloat16). acc may be out itself (fp32: out += bias in place): no __restrict__ on them;
-// each element is read before it is written by the same thread.
+// __nv_bfloat16). The bias has out's type, as in the BIAS epilogue whose place this takes (the
+// bf16 forward passes the bias's bf16 copy), so both paths give the same out. acc may be out
+// itself (fp32: out += bias in place): no __restrict__ on them; each element is read before it is
+// written by the same thread.
 template <class T>
-__global__ void bias_rows_kernel(T* out, const float* acc, const float* __restrict__ bias, int64_t M,
+__global__ void bias_rows_kernel(T* out, const float* acc, const T* __restrict__ bias, int64_t M,
                                  int64_t N) {
   const int64_t total = M * N;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
        i += int64_t(gridDim.x) * blockDim.x) {
-    float v = bias ? bias[i % N] : 0.0f;
+    float v = bias ? detail::to_float(bias[i % N]) : 0.0f;
     if (acc) v = acc[i] + v;
     out[i] = detail::from_float<T>(v);
   }
 }
 
 template <class T>
-void bias_rows(T* out, const float* acc, const float* bias, int64_t M, int64_t N, cudaStream_t stream) {
+void bias_rows(T* out, const float* acc, const T* bias, int64_t M, int64_t N, cudaStream_t stream) {
   if (M * N == 0) return;
   launch<bias_rows_kernel<detail::device_t<T>>>(blocks_for(M * N), kThreads, 0, stream,
-                                                 detail::dev(out), acc, bias, M, N);
+                                                 detail::dev(out), acc, detail::dev(bias), M, N);
   CNX_CUDA_LAUNCH_CHECK();
 }
 
@@ -374,8 +484,24 @@ template <class T>
 void forward(T* out, const T* in, const T* weight, const float* bias, int64_t M, int64_t K, int64_t N,
              cudaStream_t stream) {
   if (M == 0 || N == 0) return;  // out has no elements
-  if (K == 0) {                  // empty products: out = bias (or 0) in every row
-    bias_rows(out, nullptr, bias, M, N, stream);
+  // The bias in out's type, as the BIAS epilogue takes it: the fp32 parameter itself, or for a
+  // bf16 out a bf16 copy (N elements, one small cast kernel; the scratch block is aligned for
+  // the epilogue whatever the parameter's alignment). torch.autocast rounds the bias to bf16 the
+  // same way (F.linear casts weight and bias); the epilogue adds it to the fp32 accumulator and
+  // rounds the sum once.
+  ScratchBuffer bias_copy;
+  const T* bias_t = nullptr;  // (N) or null
+  if (bias) {
+    if constexpr (std::is_same_v<T, float>) {
+      bias_t = bias;
+    } else {
+      bias_copy = ScratchBuffer(N * static_cast<int64_t>(sizeof(bf16)), Device::cuda(current_device()));
+      cast(bias_copy.as<bf16>(), bias, N, stream);
+      bias_t = bias_copy.as<bf16>();
+    }
+  }
+  if (K == 0) {  // empty products: out = bias (or 0) in every row; no GEMM to record
+    bias_rows(out, nullptr, bias_t, M, N, stream);
     return;
   }
   // out^T (N, M) = W (N, K) . in^T (K, M): W is stored (K, N) column-major (ld K), so op T;
@@ -393,27 +519,35 @@ void forward(T* out, const T* in, const T* weight, const float* bias, int64_t M,
   g.d = out;
   g.ldd = N;
   g.type_ab = g.type_d = cuda_type<T>();
-  if (bias) {
-    g.epilogue = CUBLASLT_EPILOGUE_BIAS;  // bias (N) added to every column of out^T: every row of out
-    g.bias = bias;
-    if (try_gemm(g, stream)) return;
-    g.epilogue = CUBLASLT_EPILOGUE_DEFAULT;  // no algorithm with the epilogue: add it after
-    g.bias = nullptr;
-    if constexpr (std::is_same_v<T, float>) {
-      gemm(g, stream);
-      bias_rows(out, out, bias, M, N, stream);  // out += bias
-    } else {
-      // Adding the bias to a bf16 product would round twice: the product goes to an fp32
-      // scratch buffer instead, and bias_rows rounds acc + bias once.
-      ScratchBuffer acc(M * N * static_cast<int64_t>(sizeof(float)), Device::cuda(current_device()));
-      g.d = acc.as<float>();
-      g.type_d = CUDA_R_32F;
-      gemm(g, stream);
-      bias_rows(out, acc.as<float>(), bias, M, N, stream);
-    }
+  if (!bias) {
+    const Ran ran = gemm(g, stream);
+    note<T>(GemmPass::forward, M, K, N, ran.path(), ran.why);
     return;
   }
-  gemm(g, stream);
+  g.epilogue = CUBLASLT_EPILOGUE_BIAS;  // bias (N) added to every column of out^T: every row of out
+  g.bias = bias_t;
+  const Lt lt = try_gemm(g, stream);
+  if (lt == Lt::ran) {
+    note<T>(GemmPass::forward, M, K, N, "cuBLASLt+BIAS epilogue");
+    return;
+  }
+  const std::string why = why_not(lt, g);
+  g.epilogue = CUBLASLT_EPILOGUE_DEFAULT;  // no epilogue for this call: add the bias after
+  g.bias = nullptr;
+  if constexpr (std::is_same_v<T, float>) {
+    const Ran ran = gemm(g, stream);
+    bias_rows(out, out, bias_t, M, N, stream);  // out += bias
+    note<T>(GemmPass::forward, M, K, N, ran.path() + ", then bias pass", ran.why_with(why));
+  } else {
+    // Adding the bias to a bf16 product would round twice: the product goes to an fp32
+    // scratch buffer instead (M x N floats: the slow path), and bias_rows rounds acc + bias once.
+    ScratchBuffer acc(M * N * static_cast<int64_t>(sizeof(float)), Device::cuda(current_device()));
+    g.d = acc.as<float>();
+    g.type_d = CUDA_R_32F;
+    const Ran ran = gemm(g, stream);
+    bias_rows(out, acc.as<float>(), bias_t, M, N, stream);
+    note<T>(GemmPass::forward, M, K, N, ran.path() + " to fp32 scratch, then bias pass", ran.why_with(why));
+  }
 }
 
 // =============================================================================================
@@ -442,7 +576,8 @@ void backward(T* din, float* dweight, float* dbias, const T* dout, const T* in, 
       g.d = din;
       g.ldd = K;
       g.type_ab = g.type_d = cuda_type<T>();
-      gemm(g, stream);
+      const Ran ran = gemm(g, stream);
+      note<T>(GemmPass::dinput, M, K, N, ran.path(), ran.why);
     }
   }
 
@@ -469,14 +604,27 @@ void backward(T* din, float* dweight, float* dbias, const T* dout, const T* in, 
       g.ldd = K;
       g.type_ab = cuda_type<T>();
       g.type_d = CUDA_R_32F;
+      std::string why;  // why dbias is not BGRADB's
       if (dbias && use_bgradb()) {
         g.epilogue = CUBLASLT_EPILOGUE_BGRADB;
-        g.bias = dbias;
-        dbias_done = try_gemm(g, stream);
+        g.bias = dbias;  // fp32, D's type
+        const Lt lt = try_gemm(g, stream);
+        dbias_done = lt == Lt::ran;
+        if (!dbias_done) why = why_not(lt, g);
         g.epilogue = CUBLASLT_EPILOGUE_DEFAULT;
         g.bias = nullptr;
+      } else if (dbias) {
+        why = "CNX_LINEAR_BGRADB=0";
       }
-      if (!dbias_done) gemm(g, stream);
+      if (dbias_done) {
+        note<T>(GemmPass::dweight, M, K, N, "cuBLASLt+BGRADB epilogue");
+      } else {
+        const Ran ran = gemm(g, stream);
+        if (dbias)
+          note<T>(GemmPass::dweight, M, K, N, ran.path() + ", then column sums", ran.why_with(why));
+        else
+          note<T>(GemmPass::dweight, M, K, N, ran.path(), ran.why);
+      }
     }
   }
   if (dbias && !dbias_done) column_sums(dbias, dout, M, N, stream);
