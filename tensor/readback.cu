@@ -65,12 +65,18 @@ void start_readback(PinnedSlot* slot, const void* src, Device device, int64_t nb
 }
 
 bool readback_ready(PinnedSlot* slot) {
+  if (!slot->recorded) return true;
   const cudaError_t e = cudaEventQuery(slot->event);
   if (e == cudaErrorNotReady) return false;
   CNX_CUDA_CHECK(e);
+  slot->recorded = false;
   return true;
 }
 
-void wait_readback(PinnedSlot* slot) { CNX_CUDA_CHECK(cudaEventSynchronize(slot->event)); }
+void wait_readback(PinnedSlot* slot) {
+  if (!slot->recorded) return;  // waited for already
+  CNX_CUDA_CHECK(cudaEventSynchronize(slot->event));
+  slot->recorded = false;  // complete: neither a second wait() nor the release waits again
+}
 
 }  // namespace cnx::detail

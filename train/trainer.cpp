@@ -25,9 +25,11 @@
 #include "train/optim/adamw.h"
 #include "train/optim/ema.h"
 #include "train/optim/schedule.h"
+#include "train/optim/step_status.h"
 #include "train/run_dir.h"
 #include "tensor/cuda_memory.h"
 #include "tensor/escape.h"
+#include "tensor/readback.h"
 
 namespace cnx {
 
@@ -469,6 +471,18 @@ struct NonfiniteSteps {
   int64_t streak = 0;   // in a row, up to the last step
 };
 
+// An optimiser step whose outcome is still on the device. The step runs without the host
+// looking at it: the loss is summed on the device, the clip and the skip decision are made
+// there (clip_grad_norm_status), and AdamW and the EMA read that decision there. The host reads
+// the outcome one step late (after enqueuing the next step's forward and backward, so the GPU
+// never runs dry), or at once where a line is printed or a checkpoint written: settle_pending.
+struct PendingStep {
+  int64_t epoch = 0, batch_end = 0;  // the data position after it
+  int64_t step = 0;                  // the optimiser steps taken, it included
+  uint64_t drop_offset = 0;          // the drop-path generator's position after it
+  Readback status;                   // StepStatus::values on its way to the host
+};
+
 class TrainingRun {
  public:
   explicit TrainingRun(const TrainConfig& cfg) : cfg_(cfg) {}
@@ -482,13 +496,19 @@ class TrainingRun {
   void plan_lr(const std::optional<TrainConfig>& resumed_config);
   bool train_epoch(int64_t epoch, int64_t first_batch);
   bool end_epoch(int64_t epoch);
-  void log_step(int64_t epoch, int64_t batch_index, double norm);
+  // Reads the pending step's outcome (waiting for that step only): its loss, the skip and its
+  // consequences (AdamW's step count, the streak, a stop when too many come in a row).
+  void settle_pending();
+  void log_step(int64_t epoch, int64_t batch_index);
   // Stops between steps with a recovery checkpoint that continues at (epoch, batch).
-  void stop_with_recovery(int64_t epoch, int64_t batch, const std::string& why);
+  void stop_with_recovery(int64_t epoch, int64_t batch, const std::string& why,
+                          std::optional<uint64_t> drop_offset = std::nullopt);
   // True (after stop_with_recovery, or without a checkpoint before training began) when a
   // signal has arrived.
   bool stop_requested(int64_t epoch, int64_t batch, bool started);
-  Checkpoint snapshot(int64_t epoch, int64_t batch, std::optional<double> acc1) const;
+  // drop_offset: the drop-path generator's position to record (default: where it is now).
+  Checkpoint snapshot(int64_t epoch, int64_t batch, std::optional<double> acc1,
+                      std::optional<uint64_t> drop_offset = std::nullopt) const;
   void keep_best_consistent(const std::string& resumed_path, const ResumeState& state, const Checkpoint& ck);
 
   const TrainConfig& cfg_;
@@ -512,10 +532,13 @@ class TrainingRun {
   double best_acc1_ = 0;
   NonfiniteSteps nonfinite_;
   TrainResult result_;
+  std::optional<PendingStep> pending_;
+  Tensor step_loss_;  // f32 [] on the device: the current step's loss (mean over its micro-batches)
+  double last_norm_ = std::numeric_limits<double>::quiet_NaN();  // of the last settled step
 
   // Between log lines.
   std::chrono::steady_clock::time_point t_log_, t_epoch_;
-  int64_t images_since_log_ = 0, steps_since_log_ = 0, finite_micro_since_log_ = 0;
+  int64_t images_since_log_ = 0, steps_since_log_ = 0, finite_steps_since_log_ = 0;
   double loss_since_log_ = 0, current_lr_ = 0;
 };
 
@@ -652,7 +675,8 @@ void TrainingRun::plan_lr(const std::optional<TrainConfig>& resumed_config) {
                                   cfg_.warmup_lr, cfg_.warmup_steps);
 }
 
-Checkpoint TrainingRun::snapshot(int64_t epoch, int64_t batch, std::optional<double> acc1) const {
+Checkpoint TrainingRun::snapshot(int64_t epoch, int64_t batch, std::optional<double> acc1,
+                                 std::optional<uint64_t> drop_offset) const {
   Checkpoint ck;
   for (auto& [name, t] : model_->state_dict()) ck.tensors.emplace_back("model." + name, t);
   for (auto& nt : opt_->state_dict()) ck.tensors.push_back(nt);
@@ -660,7 +684,7 @@ Checkpoint TrainingRun::snapshot(int64_t epoch, int64_t batch, std::optional<dou
     for (auto& nt : ema_->state_dict()) ck.tensors.push_back(nt);
   ck.step = step_;
   json state = {{"epoch", epoch}, {"batch", batch}, {"step", step_}, {"best_acc1", best_acc1_},
-                {"drop_gen", {{"seed", drop_gen_->seed()}, {"offset", drop_gen_->offset()}}},
+                {"drop_gen", {{"seed", drop_gen_->seed()}, {"offset", drop_offset.value_or(drop_gen_->offset())}}},
                 {"nonfinite_skipped", nonfinite_.skipped}, {"nonfinite_streak", nonfinite_.streak},
                 {"data_seed", cfg_.seed}, {"resume_key", resume_key(cfg_)},
                 {"config", json::parse(cfg_.to_json())}};
@@ -669,11 +693,12 @@ Checkpoint TrainingRun::snapshot(int64_t epoch, int64_t batch, std::optional<dou
   return ck;
 }
 
-void TrainingRun::stop_with_recovery(int64_t epoch, int64_t batch, const std::string& why) {
+void TrainingRun::stop_with_recovery(int64_t epoch, int64_t batch, const std::string& why,
+                                     std::optional<uint64_t> drop_offset) {
   std::string where;
   if (!cfg_.output_dir.empty() && cfg_.save_ckpt) {
     where = checkpoint_path(cfg_.output_dir, "recovery");
-    save_checkpoint(where, snapshot(epoch, batch, std::nullopt));
+    save_checkpoint(where, snapshot(epoch, batch, std::nullopt, drop_offset));
   }
   std::printf("%sstopped %s at step %lld%s%s\n", tty_ ? "\r\033[K" : "", why.c_str(),
               static_cast<long long>(step_), where.empty() ? "" : ": recovery checkpoint ", where.c_str());
@@ -683,6 +708,7 @@ void TrainingRun::stop_with_recovery(int64_t epoch, int64_t batch, const std::st
 bool TrainingRun::stop_requested(int64_t epoch, int64_t batch, bool started) {
   const int sig = stop_signal().load();
   if (sig == 0) return false;
+  settle_pending();  // the checkpoint's counters include the last step
   result_.interrupted = true;
   if (started) {
     stop_with_recovery(epoch, batch, "by signal " + std::to_string(sig));
@@ -693,8 +719,10 @@ bool TrainingRun::stop_requested(int64_t epoch, int64_t batch, bool started) {
   return true;
 }
 
-void TrainingRun::log_step(int64_t epoch, int64_t batch_index, double norm) {
+void TrainingRun::log_step(int64_t epoch, int64_t batch_index) {
   const bool log_now = step_ % cfg_.log_every == 0 || batch_index + 1 == steps_per_epoch_ * cfg_.update_freq;
+  if (log_now) settle_pending();  // the line shows this step's numbers: read them now
+  const double norm = last_norm_;
   if (tty_ && !log_now) {  // a live bar: [=====>    ] done/total, loss, time left in the epoch
     const int64_t done = batch_index + 1, width = 30, filled = width * done / batches_;
     const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_epoch_).count();
@@ -702,17 +730,19 @@ void TrainingRun::log_step(int64_t epoch, int64_t batch_index, double norm) {
     const double left = elapsed / static_cast<double>(done - first) * static_cast<double>(batches_ - done);
     std::string bar(static_cast<size_t>(filled), '=');
     if (filled < width) bar += '>' + std::string(static_cast<size_t>(width - filled - 1), ' ');
+    // The loss of the last step read back (one step behind: the bar never waits for the GPU).
+    const double loss = result_.losses.empty() ? std::numeric_limits<double>::quiet_NaN() : result_.losses.back();
     std::printf("\r\033[Kepoch %lld [%s] %lld/%lld loss %.4f eta %d:%02d", static_cast<long long>(epoch),
-                bar.c_str(), static_cast<long long>(done), static_cast<long long>(batches_),
-                result_.losses.back(), static_cast<int>(left) / 60, static_cast<int>(left) % 60);
+                bar.c_str(), static_cast<long long>(done), static_cast<long long>(batches_), loss,
+                static_cast<int>(left) / 60, static_cast<int>(left) % 60);
     std::fflush(stdout);
   }
   if (!log_now) return;
   const auto now = std::chrono::steady_clock::now();
   const double secs = std::chrono::duration<double>(now - t_log_).count();
-  // The mean over the micro-batches whose loss was finite (NaN if there was none).
-  const double mean_loss = finite_micro_since_log_ > 0
-                               ? loss_since_log_ / static_cast<double>(finite_micro_since_log_)
+  // The mean over the steps that were not skipped (NaN if there was none).
+  const double mean_loss = finite_steps_since_log_ > 0
+                               ? loss_since_log_ / static_cast<double>(finite_steps_since_log_)
                                : std::numeric_limits<double>::quiet_NaN();
   const double ips = static_cast<double>(images_since_log_) / secs;
   const double ms = 1000.0 * secs / static_cast<double>(steps_since_log_);
@@ -735,7 +765,7 @@ void TrainingRun::log_step(int64_t epoch, int64_t batch_index, double norm) {
   std::fflush(stdout);
   metrics_->write(record);
   t_log_ = now;
-  images_since_log_ = steps_since_log_ = finite_micro_since_log_ = 0;
+  images_since_log_ = steps_since_log_ = finite_steps_since_log_ = 0;
   loss_since_log_ = 0;
 }
 
@@ -744,9 +774,8 @@ bool TrainingRun::train_epoch(int64_t epoch, int64_t first_batch) {
   loader.start_epoch(epoch, first_batch);
   model_->zero_grad();  // as engine.py: nothing carries over from an earlier epoch
   t_log_ = t_epoch_ = std::chrono::steady_clock::now();
-  images_since_log_ = steps_since_log_ = finite_micro_since_log_ = 0;
+  images_since_log_ = steps_since_log_ = finite_steps_since_log_ = 0;
   loss_since_log_ = 0;
-  bool step_is_finite = true;  // every micro-batch of this optimiser step had a finite loss
   Batch b;
   while (loader.next(b)) {
     // Batches past the last whole group of update_freq make no optimiser step: skipped, as
@@ -756,7 +785,7 @@ bool TrainingRun::train_epoch(int64_t epoch, int64_t first_batch) {
     const int64_t micro = b.index % cfg_.update_freq;
     if (micro == 0) {
       current_lr_ = lr_schedule_[static_cast<size_t>(std::min(step_, total_steps_ - 1))];
-      step_is_finite = true;
+      step_loss_ = Tensor();
     }
     Tensor logits = model_->forward(batch_images(b, device_), /*training=*/true, *drop_gen_, activations_);
     // Mixup/CutMix: soft targets (smoothing folded in), as main.py's SoftTargetCrossEntropy.
@@ -765,57 +794,78 @@ bool TrainingRun::train_epoch(int64_t epoch, int64_t first_batch) {
     if (!cfg_.poison_steps_for_testing.empty() &&
         std::count(cfg_.poison_steps_for_testing.begin(), cfg_.poison_steps_for_testing.end(), step_))
       loss = mul(loss, Tensor::full({}, std::numeric_limits<double>::quiet_NaN(), DType::f32, device_));
-    const double loss_value = loss.item();
-    if (std::isfinite(loss_value)) {  // a non-finite loss has nothing to teach: no backward
-      (cfg_.update_freq > 1 ? mul(loss, inv_update_freq_) : loss).backward();
-      loss_since_log_ += loss_value;
-      ++finite_micro_since_log_;
+    // The loss stays on the device: a non-finite one makes non-finite gradients, and the step
+    // is skipped on the device (clip_grad_norm_status).
+    const Tensor scaled = cfg_.update_freq > 1 ? mul(loss, inv_update_freq_) : loss;
+    scaled.backward();
+    {
+      NoGradGuard no_grad;
+      step_loss_ = step_loss_.defined() ? add(step_loss_, scaled.detach()) : scaled.detach();
     }
-    step_is_finite = step_is_finite && std::isfinite(loss_value);
     images_since_log_ += b.labels.numel();
     if (micro != cfg_.update_freq - 1) continue;
 
-    // ---- the optimiser step, or a skipped one ----
-    const double norm = step_is_finite ? clip_grad_norm(model_->parameters(), cfg_.clip_grad)
-                                       : std::numeric_limits<double>::quiet_NaN();
-    if (std::isfinite(norm)) {
-      opt_->step(current_lr_, cfg_.weight_decay);
-      if (ema_) ema_->update(model_->parameters());
-      nonfinite_.streak = 0;
-    } else {
-      ++nonfinite_.skipped;
-      ++nonfinite_.streak;
-    }
+    // ---- the optimiser step, applied or skipped on the device ----
+    const StepStatus status = clip_grad_norm_status(model_->parameters(), cfg_.clip_grad, step_loss_);
+    settle_pending();  // the step before: its tail has run while this one's backward was queued
+    opt_->step(current_lr_, cfg_.weight_decay, &status);
+    if (ema_) ema_->update(model_->parameters(), &status);
     model_->zero_grad();
     ++step_;
     ++steps_since_log_;
-    result_.losses.push_back(loss_value);
-    if (!std::isfinite(norm)) {
-      std::printf("%sepoch %lld step %lld: %s: optimiser step skipped (%lld in a row, %lld in all)\n",
-                  tty_ ? "\r\033[K" : "", static_cast<long long>(epoch), static_cast<long long>(step_),
-                  step_is_finite ? ("gradient norm " + fixed(norm, 3)).c_str() : "non-finite loss",
-                  static_cast<long long>(nonfinite_.streak), static_cast<long long>(nonfinite_.skipped));
-      metrics_->write({{"type", "skip"}, {"epoch", epoch}, {"step", step_}, {"loss", loss_value},
-                       {"grad_norm", norm}, {"streak", nonfinite_.streak}});
-      if (nonfinite_.streak > cfg_.skip_nonfinite) {
-        // The skipped steps changed no weight: the recovery checkpoint holds those of the last
-        // good step (and save_checkpoint would refuse anything non-finite).
-        stop_with_recovery(epoch, b.index + 1, "after " + std::to_string(nonfinite_.streak) +
-                                                   " non-finite steps in a row");
-        fail("training diverged: ", nonfinite_.streak, " optimiser steps in a row with a non-finite loss or "
-             "gradient (--skip_nonfinite ", cfg_.skip_nonfinite, "), the last at epoch ", epoch, " step ", step_,
-             "; the weights are those of step ", step_ - nonfinite_.streak, " (try a lower --lr)");
-      }
-    }
-    log_step(epoch, b.index, norm);
+    pending_ = PendingStep{epoch, b.index + 1, step_, drop_gen_->offset(), Readback(status.values)};
+    log_step(epoch, b.index);
 
     if (stop_requested(epoch, b.index + 1, /*started=*/true)) return false;
     if (cfg_.max_steps > 0 && step_ >= cfg_.max_steps) {
+      settle_pending();
       stop_with_recovery(epoch, b.index + 1, "by --max_steps");
       return false;
     }
   }
+  settle_pending();
   return true;
+}
+
+void TrainingRun::settle_pending() {
+  if (!pending_) return;
+  const PendingStep p = std::move(*pending_);
+  pending_.reset();
+  // [0] gradient norm, [1] clip coefficient, [2] skipped, [3] loss (train/optim/step_status.h)
+  const std::vector<float> v = p.status.wait().to_vector<float>();
+  const double norm = v[0], loss = v[3];
+  const bool skipped = v[2] != 0.0f;
+  last_norm_ = norm;
+  result_.losses.push_back(loss);
+  if (!skipped) {
+    nonfinite_.streak = 0;
+    loss_since_log_ += loss;
+    ++finite_steps_since_log_;
+    return;
+  }
+  // Skipped on the device: the weights, the AdamW moments and the EMA did not change; the
+  // step counts that AdamW::step advanced on the host are taken back.
+  opt_->uncount_step();
+  ++nonfinite_.skipped;
+  ++nonfinite_.streak;
+  std::printf("%sepoch %lld step %lld: %s: optimiser step skipped (%lld in a row, %lld in all)\n",
+              tty_ ? "\r\033[K" : "", static_cast<long long>(p.epoch), static_cast<long long>(p.step),
+              std::isfinite(loss) ? ("gradient norm " + fixed(norm, 3)).c_str() : "non-finite loss",
+              static_cast<long long>(nonfinite_.streak), static_cast<long long>(nonfinite_.skipped));
+  metrics_->write({{"type", "skip"}, {"epoch", p.epoch}, {"step", p.step}, {"loss", loss},
+                   {"grad_norm", norm}, {"streak", nonfinite_.streak}});
+  if (nonfinite_.streak > cfg_.skip_nonfinite) {
+    // The skipped steps changed no weight: the recovery checkpoint holds those of the last good
+    // step (and save_checkpoint would refuse anything non-finite). It continues after the
+    // skipped step, whatever of the next step has been enqueued since (nothing of it applied).
+    CNX_CHECK(step_ == p.step, "settle_pending: step ", step_, " but the pending step is ", p.step);
+    stop_with_recovery(p.epoch, p.batch_end,
+                       "after " + std::to_string(nonfinite_.streak) + " non-finite steps in a row",
+                       p.drop_offset);
+    fail("training diverged: ", nonfinite_.streak, " optimiser steps in a row with a non-finite loss or "
+         "gradient (--skip_nonfinite ", cfg_.skip_nonfinite, "), the last at epoch ", p.epoch, " step ", p.step,
+         "; the weights are those of step ", p.step - nonfinite_.streak, " (try a lower --lr)");
+  }
 }
 
 bool TrainingRun::end_epoch(int64_t epoch) {
