@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -48,8 +49,10 @@ const double kU = std::ldexp(1.0, -24);  // f32 unit roundoff
 struct Dims {
   int64_t N, H, W, C;
   std::string str() const {
-    return "N" + std::to_string(N) + " H" + std::to_string(H) + " W" + std::to_string(W) + " C" +
-           std::to_string(C);
+    char buf[96];
+    std::snprintf(buf, sizeof buf, "N%lld H%lld W%lld C%lld", static_cast<long long>(N),
+                  static_cast<long long>(H), static_cast<long long>(W), static_cast<long long>(C));
+    return buf;
   }
 };
 
@@ -71,11 +74,6 @@ void expect_same(const std::string& what, const std::vector<double>& got,
   EXPECT_EQ(bad, 0) << what << ": " << bad << " of " << got.size() << " values differ" << report;
 }
 
-double max_abs(const std::vector<double>& v) {
-  double m = 0;
-  for (double x : v) m = std::max(m, std::abs(x));
-  return m;
-}
 
 // The parameters of one block: the conv's and LayerNorm's (param dtype), the two pointwise
 // layers (C -> 4C -> C) and gamma; layer scale ~1 and LayerNorm weights far from 1, so that no
@@ -172,6 +170,12 @@ TEST(DwconvLayerNorm, RejectsBadShapes) {
 // =============================================================================================
 // CUDA kernel against the two CUDA ops
 // =============================================================================================
+
+double max_abs(const std::vector<double>& v) {
+  double m = 0;
+  for (double x : v) m = std::max(m, std::abs(x));
+  return m;
+}
 
 // Device tensor of dtype dt with the given values.
 Tensor dev(const std::vector<double>& v, DType dt) {
