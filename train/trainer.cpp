@@ -17,6 +17,7 @@
 
 #include "autograd/function.h"
 #include "autograd/ops.h"
+#include "kernels/linear.h"
 #include "models/safetensors.h"
 #include "train/checkpoint.h"
 #include "train/data/dataset.h"
@@ -500,6 +501,9 @@ class TrainingRun {
   // consequences (AdamW's step count, the streak, a stop when too many come in a row).
   void settle_pending();
   void log_step(int64_t epoch, int64_t batch_index);
+  // Once, after the run's first step on a GPU: how many GEMMs took which path, and every one
+  // that took a slow one (kernels/linear.h, gemm_paths).
+  void report_gemm_paths();
   // Stops between steps with a recovery checkpoint that continues at (epoch, batch).
   void stop_with_recovery(int64_t epoch, int64_t batch, const std::string& why,
                           std::optional<uint64_t> drop_offset = std::nullopt);
@@ -533,6 +537,7 @@ class TrainingRun {
   NonfiniteSteps nonfinite_;
   TrainResult result_;
   std::optional<PendingStep> pending_;
+  bool gemm_paths_reported_ = false;
   Tensor step_loss_;  // f32 [] on the device: the current step's loss (mean over its micro-batches)
   double last_norm_ = std::numeric_limits<double>::quiet_NaN();  // of the last settled step
 
@@ -814,6 +819,7 @@ bool TrainingRun::train_epoch(int64_t epoch, int64_t first_batch) {
     ++step_;
     ++steps_since_log_;
     pending_ = PendingStep{epoch, b.index + 1, step_, drop_gen_->offset(), Readback(status.values)};
+    if (!gemm_paths_reported_) report_gemm_paths();
     log_step(epoch, b.index);
 
     if (stop_requested(epoch, b.index + 1, /*started=*/true)) return false;
@@ -825,6 +831,23 @@ bool TrainingRun::train_epoch(int64_t epoch, int64_t first_batch) {
   }
   settle_pending();
   return true;
+}
+
+void TrainingRun::report_gemm_paths() {
+  gemm_paths_reported_ = true;
+  if (!device_.is_cuda()) return;
+  const std::vector<cuda::GemmPathRecord> records = cuda::gemm_paths();  // known at enqueue time
+  std::map<std::string, int64_t> by_path;
+  std::vector<cuda::GemmPathRecord> slow;
+  for (const cuda::GemmPathRecord& r : records) {
+    ++by_path[r.path];
+    if (!r.why.empty()) slow.push_back(r);
+  }
+  std::string line;
+  for (const auto& [path, n] : by_path) line += (line.empty() ? "" : ", ") + std::to_string(n) + " " + path;
+  std::printf("gemm paths (first step, %zu distinct GEMMs): %s\n%s", records.size(), line.c_str(),
+              cuda::format_gemm_paths(slow).c_str());
+  std::fflush(stdout);
 }
 
 void TrainingRun::settle_pending() {
