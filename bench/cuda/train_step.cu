@@ -1,8 +1,10 @@
 // The whole training step of ConvNeXt-T on the GPU, the row to set beside
 // tools/bench_pytorch.py: forward, backward (cross-entropy with smoothing 0.1, drop path 0.1,
-// layer scale 1e-6, as the paper's recipe) and the AdamW update, on a random batch already on
-// the device, 224x224, in fp32 and in bf16 mixed precision (--use_amp: bf16 activations, fp32
-// weights, AdamW state and loss; ConvNeXt::forward's `activations`).
+// layer scale 1e-6, as the paper's recipe), the gradient norm and skip decision on the device
+// (clip_grad_norm_status, no clipping: the recipe has none) and the AdamW update conditional on
+// it, with the status read back one step late as the trainer does (train/trainer.cpp), on a
+// random batch already on the device, 224x224, in fp32 and in bf16 mixed precision (--use_amp:
+// bf16 activations, fp32 weights, AdamW state and loss; ConvNeXt::forward's `activations`).
 //
 //   ./build/bench/bench_cuda_kernels --benchmark_filter=train_step
 //
@@ -13,7 +15,9 @@
 #include "models/convnext.h"
 #include "tensor/cuda_context.h"
 #include "tensor/cuda_memory.h"
+#include "tensor/readback.h"
 #include "train/optim/adamw.h"
+#include "train/optim/step_status.h"
 
 namespace cnx::bench {
 namespace {
@@ -33,12 +37,16 @@ void train_step(benchmark::State& state, DType activations) {
     std::vector<int64_t> y(static_cast<size_t>(batch));
     for (int64_t i = 0; i < batch; ++i) y[static_cast<size_t>(i)] = (i * 7919) % 1000;
     const Tensor labels = Tensor::from_data<int64_t>({batch}, y).to(dev);
+    Readback previous;  // the step before's status, read after this step is queued
     auto step = [&] {
       Tensor loss = cross_entropy(model.forward(images, /*training=*/true, drop, activations),
                                   labels, 0.1);
       loss.backward();
-      opt.step(4e-3, 0.05);
+      const StepStatus status = clip_grad_norm_status(model.parameters(), 0.0, loss.detach());
+      if (previous.defined() && previous.wait().to_vector<float>()[2] != 0.0f) opt.uncount_step();
+      opt.step(4e-3, 0.05, &status);
       model.zero_grad();
+      previous = Readback(status.values);
     };
     for (int i = 0; i < 3; ++i) step();  // warm the allocator's cache and cuBLASLt's choices
     cuda::reset_peak_memory_stats(dev);
