@@ -5,8 +5,6 @@
 #include <map>
 #include <set>
 
-#include "autograd/function.h"
-#include "autograd/ops.h"
 #include "kernels/adamw.h"
 #include "kernels/grad_norm.h"
 #include "models/state_dict.h"

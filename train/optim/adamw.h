@@ -81,7 +81,7 @@ class AdamW {
   // step yet, called twice, or after load_state_dict).
   void uncount_step();
 
-  // step() calls so far; restored by load_state_dict.
+  // step() calls so far, less those taken back by uncount_step(); restored by load_state_dict.
   int64_t step_count() const { return step_count_; }
   // Updates parameter i has had (PyTorch's state[p]["step"]); equals step_count() unless the
   // parameter went without a gradient on some step.
