@@ -66,7 +66,8 @@ void patchify_backward(float* din, float* dweight, float* dbias, const float* do
                        const float* weight, int64_t N, int64_t H, int64_t W, int64_t Ci, int64_t Co,
                        int64_t k, cudaStream_t stream);
 
-// bf16: the same shapes, bf16 activations (and bf16 weight copy), fp32 bias, dweight, dbias.
+// bf16: the same shapes, bf16 activations (and bf16 weight copy), fp32 bias (used rounded to
+// bf16, as linear does), dweight, dbias.
 void patchify_forward(bf16* out, const bf16* in, const bf16* weight, const float* bias, int64_t N,
                       int64_t H, int64_t W, int64_t Ci, int64_t Co, int64_t k, cudaStream_t stream);
 void patchify_backward(bf16* din, float* dweight, float* dbias, const bf16* dout, const bf16* in,

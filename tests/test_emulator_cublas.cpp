@@ -477,8 +477,9 @@ TEST(EmulatorCublasLt, TheSetupItselfIsSupported) {
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
 }
 
-// The bias has D's type; an fp32 bias with a bf16 D (what linear.cu's bf16 forward asks first)
-// is refused by the heuristic and by the matmul, so linear.cu adds the bias itself.
+// The bias has D's type; an fp32 bias with a bf16 D (what linear.cu's bf16 forward once asked
+// for) is refused by the heuristic and by the matmul. linear.cu now hands a bf16 D's epilogue a
+// bf16 copy of the bias (tests/test_cuda_gemm_paths.cpp).
 TEST(EmulatorCublasLt, Fp32BiasWithBf16OutputIsNotSupported) {
   LtSetup s;
   const LayoutDesc la(CUDA_R_16BF, s.m, s.k, s.m), lb(CUDA_R_16BF, s.k, s.n, s.k), ld(CUDA_R_16BF, s.m, s.n, s.m);
