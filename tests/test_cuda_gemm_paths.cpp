@@ -110,6 +110,8 @@ float round_bf16(float v) { return static_cast<float>(bf16(v)); }
 // x (M, K) multiples of 1/64, w (N, K) and dy (M, N) multiples of 1/16 (integers below ~80 over a
 // power of two: bf16-exact), b (N) random fp32. With K <= 8 and M <= 64, every product and every
 // partial sum of out, din, dweight and dbias has at most 20 significant bits: exact in fp32.
+// The cases whose path is asserted have K and N multiples of 8 (16-byte rows in bf16), so that a
+// real cuBLASLt is sure to have an algorithm with the epilogue; M (the GEMM's n) may be odd.
 struct Exact {
   int64_t M, K, N;
   std::vector<float> x, w, b, dy;
@@ -265,11 +267,11 @@ std::vector<float> f32_forward(const Exact& c, int64_t bias_offset) {
 TEST(CudaGemmPaths, Bf16ForwardTakesTheBiasEpilogueAndRoundsTheBiasOnce) {
   CNX_SKIP_WITHOUT_DEVICE();
   cuda::clear_gemm_paths();
-  const Exact c = exact_case(37, 5, 24, 1);
+  const Exact c = exact_case(37, 8, 24, 1);
   const std::vector<float> want = bf16_out(c, true);
   ASSERT_GT(count_differing(want, bf16_out(c, false)), 0) << "the case cannot tell the two bias forms apart";
   expect_bitwise("bf16 out, aligned bias", bf16_forward(c, 0), want);
-  const GemmPathRecord r = the_record(GemmPass::forward, 37, 5, 24, DType::bf16);
+  const GemmPathRecord r = the_record(GemmPass::forward, 37, 8, 24, DType::bf16);
   EXPECT_EQ(r.path, "cuBLASLt+BIAS epilogue");
   EXPECT_EQ(r.why, "");
 }
@@ -279,11 +281,11 @@ TEST(CudaGemmPaths, Bf16ForwardWithAnUnalignedBiasStillTakesTheEpilogue) {
   // The epilogue reads the bias's bf16 copy, in a scratch block of its own (aligned), so an fp32
   // bias view at an odd float offset costs nothing more.
   cuda::clear_gemm_paths();
-  const Exact c = exact_case(19, 7, 40, 2);
+  const Exact c = exact_case(19, 8, 40, 2);
   const std::vector<float> want = bf16_out(c, true);
   ASSERT_GT(count_differing(want, bf16_out(c, false)), 0);
   expect_bitwise("bf16 out, bias at a 4-byte offset", bf16_forward(c, 1), want);
-  EXPECT_EQ(the_record(GemmPass::forward, 19, 7, 40, DType::bf16).path, "cuBLASLt+BIAS epilogue");
+  EXPECT_EQ(the_record(GemmPass::forward, 19, 8, 40, DType::bf16).path, "cuBLASLt+BIAS epilogue");
 }
 
 TEST(CudaGemmPaths, Bf16ForwardMatchesTheCpuBf16KernelOnRandomOperands) {
@@ -338,7 +340,7 @@ TEST(CudaGemmPaths, Bf16ForwardMatchesTheCpuBf16KernelOnRandomOperands) {
 TEST(CudaGemmPaths, Fp32UnalignedBiasTakesThePlainPathWithoutAskingCublasLt) {
   CNX_SKIP_WITHOUT_DEVICE();
   cuda::clear_gemm_paths();
-  const Exact c = exact_case(33, 6, 20, 4);
+  const Exact c = exact_case(33, 8, 20, 4);
   const std::vector<float> want = f32_out(c);
   expect_bitwise("f32 out, aligned bias", f32_forward(c, 0), want);
   expect_bitwise("f32 out, bias at a 4-byte offset", f32_forward(c, 1), want);
