@@ -33,6 +33,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -54,6 +55,8 @@ struct QueuedWork {
   std::string what;
   std::function<void()> work;
   std::unique_ptr<cnx::emu::TraceRecord> note;
+  // False for bookkeeping (an event record, a wait): it runs without opening device memory.
+  bool touches_memory = true;
 };
 
 // The opaque handle types of the runtime API, defined here.
@@ -141,9 +144,30 @@ class Arena {
   size_t used() const { return used_; }
   char* base() const { return base_; }
   size_t mapped() const { return mapped_; }  // [base, base + mapped) is what the window opens
-  // Sets the protection of the whole window (the traffic measurement's start and end).
+  // For the traffic measurement (TrafficWatch): a window that opens no page. It counts as open
+  // (a nested open() changes nothing), and the pages keep their protection, PROT_NONE when no
+  // window was open; the watch opens pages one by one as they are touched and closes them again.
+  bool is_open() const { return open_ > 0; }
+  void open_watched() { ++open_; }
+  void close_watched() { --open_; }
+  // Sets the protection of the whole window, or of [from, to) (byte offsets).
   void protect_window(int prot) {
     if (mapped_ > 0) protect(0, mapped_, prot);
+  }
+  void protect_range(size_t from, size_t to, int prot) { protect(from, to, prot); }
+
+  // Fills [p, p + n) (inside the window) with `byte`, opening only its pages when the window is
+  // closed: opening the whole window costs time in proportion to all the memory in use.
+  void fill(void* p, int byte, size_t n) {
+    static const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    if (open_ > 0) {
+      std::memset(p, byte, n);
+      return;
+    }
+    const size_t from = offset(p) / page * page, to = round_up(offset(p) + n, page);
+    protect(from, to, PROT_READ | PROT_WRITE);
+    std::memset(p, byte, n);
+    protect(from, to, PROT_NONE);
   }
   bool contains(const void* p) const {
     const char* c = static_cast<const char*>(p);
@@ -366,10 +390,13 @@ class DeviceAccess {
   DeviceAccess& operator=(const DeviceAccess&) = delete;
 };
 
-// Measures the pages one traced item touches, inside the device-access window (which it closes
-// to PROT_NONE at the start and reopens at the end, also when the item throws). Does nothing for
-// an untraced item, without measure_traffic, or nested in another measurement (an item that
-// drains another stream: the inner items are measured, the outer is bookkeeping).
+// Measures the pages one traced item touches. Replaces the device-access window for that item:
+// mprotect of the whole arena costs tens of milliseconds per GB, too much for every launch of a
+// training step, so the item runs in a closed window (everything PROT_NONE), the pages it touches
+// are opened one by one (note_touch), and at the end exactly those are closed again. Only when
+// the item runs nested in an open window (an item queued behind an implicit wait) is the whole
+// window closed first and reopened after. Does nothing for an untraced item, without
+// measure_traffic, or inside another measurement.
 class TrafficWatch {
  public:
   TrafficWatch(Device& dev, TraceRecord* record) : dev_(dev), record_(record) {
@@ -383,7 +410,9 @@ class TrafficWatch {
     t.page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
     t.state.resize(t.bytes / t.page, 0);  // cleared by the previous item's finish
     t.touched.reserve(t.state.size());
-    dev.arena.protect_window(PROT_NONE);
+    nested_ = dev.arena.is_open();
+    dev.arena.open_watched();
+    if (nested_) dev.arena.protect_window(PROT_NONE);
     std::atomic_signal_fence(std::memory_order_seq_cst);
     t.active = 1;
   }
@@ -391,19 +420,34 @@ class TrafficWatch {
   TrafficWatch(const TrafficWatch&) = delete;
   TrafficWatch& operator=(const TrafficWatch&) = delete;
 
-  // Ends the measurement and writes the page figures into the record.
+  // Whether this watch stands in for the device-access window (the item needs no other).
+  bool watching() const { return record_ != nullptr; }
+
+  // Ends the measurement, closes what it opened, and writes the page figures into the record.
   void finish() {
     if (!record_) return;
     Traffic& t = g_traffic;
     t.active = 0;
     std::atomic_signal_fence(std::memory_order_seq_cst);
-    dev_.arena.protect_window(PROT_READ | PROT_WRITE);
     uint64_t read = 0, written = 0;
     for (const uint32_t p : t.touched) {
       read += (t.state[p] & Traffic::kRead) != 0;
       written += (t.state[p] & Traffic::kWritten) != 0;
       t.state[p] = 0;
     }
+    if (nested_) {
+      dev_.arena.protect_window(PROT_READ | PROT_WRITE);
+    } else {
+      // Close the touched pages again, one mprotect per run of consecutive pages.
+      std::sort(t.touched.begin(), t.touched.end());
+      for (size_t i = 0; i < t.touched.size();) {
+        size_t j = i + 1;
+        while (j < t.touched.size() && t.touched[j] == t.touched[j - 1] + 1) ++j;
+        dev_.arena.protect_range(t.touched[i] * t.page, (t.touched[j - 1] + size_t{1}) * t.page, PROT_NONE);
+        i = j;
+      }
+    }
+    dev_.arena.close_watched();
     t.touched.clear();
     record_->page_bytes_read = read * t.page;
     record_->page_bytes_written = written * t.page;
@@ -417,6 +461,7 @@ class TrafficWatch {
  private:
   Device& dev_;
   TraceRecord* record_;
+  bool nested_ = false;  // ran inside an open window
 };
 
 thread_local cudaError_t t_last_error = cudaSuccess;
@@ -468,8 +513,9 @@ bool step(Device& dev, CUstream_st* s) {
   QueuedWork item = std::move(s->queue.front());
   s->queue.pop_front();
   try {
-    DeviceAccess access;
     TrafficWatch watch(dev, dev.tracing ? item.note.get() : nullptr);
+    std::optional<DeviceAccess> access;
+    if (!watch.watching() && item.touches_memory) access.emplace();
     item.work();
     watch.finish();
     ++s->executed;
@@ -484,12 +530,28 @@ bool step(Device& dev, CUstream_st* s) {
   return true;
 }
 
+// A drain opens the device-access window once for all its items: opening it costs time in
+// proportion to the device memory in use (mprotect), which per item would dominate a training
+// step. Not under a traffic measurement, whose items must start with the window closed.
+class DrainWindow {
+ public:
+  explicit DrainWindow(const Device& dev) {
+    if (!(dev.tracing && dev.measure_traffic)) access_.emplace();
+  }
+
+ private:
+  std::optional<DeviceAccess> access_;
+};
+
 void drain(Device& dev, CUstream_st* s) {
+  if (s->queue.empty()) return;
+  const DrainWindow window(dev);
   while (step(dev, s)) {
   }
 }
 
 void drain_all(Device& dev) {
+  const DrainWindow window(dev);
   for (CUstream_st* s : all_streams(dev)) drain(dev, s);
 }
 
@@ -501,13 +563,17 @@ void push_raw(CUstream_st* s, std::string what, std::function<void()> work,
   s->queue.push_back(QueuedWork{std::move(what), std::move(work), std::move(note)});
   ++s->enqueued;
 }
+// The item just queued on `s` is bookkeeping: it touches no device memory itself.
+void mark_bookkeeping(CUstream_st* s) { s->queue.back().touches_memory = false; }
 void wait_for(Device& dev, CUstream_st* s, CUstream_st* other) {
   if (other == s || other->executed == other->enqueued) return;
   const uint64_t target = other->enqueued;
   push_raw(s, "implicit wait (legacy default stream semantics)", [&dev, other, target] {
+    const DrainWindow window(dev);
     while (other->executed < target && step(dev, other)) {
     }
   });
+  mark_bookkeeping(s);
 }
 // `note`: what a running trace records of the item (nullptr: nothing; see trace_note).
 void push(Device& dev, CUstream_st* s, std::string what, std::function<void()> work,
@@ -1082,8 +1148,7 @@ cudaError_t cudaMalloc(void** ptr, size_t bytes) {
     t_last_detail = "cudaMalloc of " + std::to_string(bytes) + " bytes: the emulated device is full";
     return cudaErrorMemoryAllocation;
   }
-  DeviceAccess access;
-  std::memset(p, 0xFF, bytes);  // NaN: a kernel that reads what nobody wrote shows it
+  dev.arena.fill(p, 0xFF, bytes);  // NaN: a kernel that reads what nobody wrote shows it
   *ptr = p;
   return cudaSuccess;
 }
@@ -1253,6 +1318,7 @@ cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
     keep->completed = std::max(keep->completed, generation);
     keep->when = std::chrono::steady_clock::now();
   });
+  mark_bookkeeping(stream_of(stream));
   return cudaSuccess;
 }
 
@@ -1270,6 +1336,7 @@ cudaError_t cudaEventSynchronize(cudaEvent_t event) {
   CNX_EMU_ENTER();
   if (cudaError_t e = check_event(event)) return e;
   ++dev.syncs.event_syncs;
+  const DrainWindow window(dev);
   while (event->completed != event->recorded && step(dev, event->stream)) {
   }
   return dev.sticky;
@@ -1296,9 +1363,11 @@ cudaError_t cudaStreamWaitEvent(cudaStream_t stream, cudaEvent_t event, unsigned
   std::shared_ptr<CUevent_st> keep = dev.events[event];
   push(dev, stream_of(stream), "cudaStreamWaitEvent", [keep, generation, other] {
     Device& d = device();
+    const DrainWindow window(d);
     while (keep->completed < generation && step(d, other)) {
     }
   });
+  mark_bookkeeping(stream_of(stream));
   return cudaSuccess;
 }
 
