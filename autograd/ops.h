@@ -13,7 +13,9 @@ namespace cnx {
 // Patchify conv: a k x k kernel with stride k and no padding (the 4x4/4 stem, the 2x2/2
 // downsampling). x (N, H, W, Ci), weight (Co, k, k, Ci), bias (Co) or undefined
 // -> (N, H/k, W/k, Co), sizes floored as in PyTorch (9x9 with k=2 gives 4x4).
-Tensor patchify_conv(const Tensor& x, const Tensor& weight, const Tensor& bias);
+// weight_bf16: as linear's.
+Tensor patchify_conv(const Tensor& x, const Tensor& weight, const Tensor& bias,
+                     const Tensor& weight_bf16 = Tensor());
 
 // Depthwise conv, odd k, padding k/2, stride 1 (ConvNeXt: 7x7).
 // x (N, H, W, C), weight (k, k, C), bias (C) or undefined -> (N, H, W, C).
@@ -34,7 +36,13 @@ Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, dou
 
 // x W^T + b over the last dimension: x (..., K), weight (N, K), bias (N) or undefined
 // -> (..., N). The pointwise 1x1 convs of a block and the classifier head.
-Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias);
+// weight_bf16 (optional): with a bf16 x, the GEMM reads a bf16 copy of the fp32 weight; by
+// default forward casts it, and a caller that already has bf16(weight) (AdamW::bf16_copies())
+// passes it here to skip that cast. It must be exactly that cast (bf16, weight's shape and
+// device; checked, except the values); the gradient still goes to weight, in fp32. Ignored when
+// x is not bf16.
+Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias,
+              const Tensor& weight_bf16 = Tensor());
 
 // GELU, exact erf form: x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2)). Any shape.
 Tensor gelu(const Tensor& x);

@@ -11,13 +11,22 @@
 //   v  = v * beta2 + one_minus_beta2 * g * g
 //   p  = p + neg_step_size * m / (sqrt(v) / bias_correction2_sqrt + eps)
 //
-// All pointers are device pointers to f32 tensors of n elements; the four of a slot must not
-// overlap one another. Layouts are irrelevant (elementwise).
+// and, when the slot has a bf16 copy of the parameter (param_bf16 not null):
+//
+//   param_bf16 = bf16(p)                       round to nearest even, as the cast op (kernels/cast.h)
+//
+// written in the same pass, so that a bf16 forward can read a copy that is always the cast of
+// the fp32 master weight without casting it again (train/optim/adamw.h, AdamW::keep_bf16_copies).
+//
+// The four f32 pointers are device pointers to f32 tensors of n elements, param_bf16 to a bf16
+// tensor of n elements; none of a slot's may overlap another. Layouts are irrelevant
+// (elementwise).
 #pragma once
 
 #include <cstdint>
 
 #include "kernels/stream.h"
+#include "tensor/dtype.h"
 
 namespace cnx::cuda {
 
@@ -32,6 +41,7 @@ struct AdamWSlot {
   float neg_step_size;          // -(lr_p / bias_correction1)
   float bias_correction2_sqrt;  // sqrt(1 - beta2^t)
   float decay_mul;              // 1 - lr_p * wd_p; exactly 1.0f when the parameter does not decay
+  bf16* param_bf16 = nullptr;   // (n) or nullptr: gets bf16(new param), rounded to nearest even
 };
 
 struct AdamWScalars {
@@ -44,9 +54,9 @@ struct AdamWScalars {
 // are skipped.
 //
 // `skip` (device memory, or nullptr: always update): when *skip != 0 the kernel changes
-// nothing, neither parameters nor moments. The optimiser passes the flag its gradient-norm step
-// computed on the device (kernels/grad_norm.h, status[2]), so a step with a non-finite gradient
-// or loss is dropped without the host waiting to read that decision.
+// nothing, neither parameters nor moments nor bf16 copies. The optimiser passes the flag its
+// gradient-norm step computed on the device (kernels/grad_norm.h, status[2]), so a step with a
+// non-finite gradient or loss is dropped without the host waiting to read that decision.
 void adamw_step(const AdamWSlot* slots, int64_t count, AdamWScalars s,
                 const float* skip,  // () or nullptr
                 cudaStream_t stream);

@@ -388,14 +388,14 @@ Device ConvNeXt::device() const { return params_.empty() ? Device::cpu() : param
 // ---- forward ---------------------------------------------------------------------------------
 
 Tensor ConvNeXt::block_forward(const Block& b, const Tensor& x, bool training,
-                               Generator& drop_gen) const {
+                               Generator& drop_gen, const std::vector<Tensor>* bf16_weights) const {
   Tensor h = x.device().is_cuda() && fuse_dwconv_layer_norm()
                  ? dwconv_layer_norm(x, p(b.dw_w), p(b.dw_b), p(b.ln_w), p(b.ln_b),
                                      kLayerNormEps)                 // (N, H, W, C)
                  : layer_norm(dwconv(x, p(b.dw_w), p(b.dw_b)), p(b.ln_w), p(b.ln_b),
                               kLayerNormEps);
-  h = gelu(linear(h, p(b.pw1_w), p(b.pw1_b)));          // (N, H, W, 4C)
-  h = linear(h, p(b.pw2_w), p(b.pw2_b));                // (N, H, W, C)
+  h = gelu(linear(h, p(b.pw1_w), p(b.pw1_b), bf16_of(bf16_weights, b.pw1_w)));  // (N, H, W, 4C)
+  h = linear(h, p(b.pw2_w), p(b.pw2_b), bf16_of(bf16_weights, b.pw2_w));        // (N, H, W, C)
   // x + drop_path(layer_scale(h)) in one pass; the drop-path draw is drop_path()'s (the same
   // samples, from the same generator state, as the unfused ops).
   const Tensor gamma = b.gamma >= 0 ? p(b.gamma) : Tensor();
@@ -413,8 +413,20 @@ void ConvNeXt::check_input_size(int64_t H, int64_t W) const {
             s, ")");
 }
 
+std::vector<size_t> ConvNeXt::bf16_gemm_weights() const {
+  std::vector<size_t> out;
+  for (size_t i = 0; i < stages_.size(); ++i) {
+    out.push_back(static_cast<size_t>(downsample_[i].conv_w));
+    for (const Block& b : stages_[i]) {
+      out.push_back(static_cast<size_t>(b.pw1_w));
+      out.push_back(static_cast<size_t>(b.pw2_w));
+    }
+  }
+  return out;
+}
+
 Tensor ConvNeXt::forward(const Tensor& images, bool training, Generator& drop_gen,
-                         DType activations) const {
+                         DType activations, const std::vector<Tensor>* bf16_weights) const {
   CNX_CHECK(images.rank() == 4 && images.dim(3) == config_.in_chans, "model ", config_.name,
             ": images ", images.str(), " must be (N, H, W, ", config_.in_chans, ")");
   check_input_size(images.dim(1), images.dim(2));
@@ -425,13 +437,17 @@ Tensor ConvNeXt::forward(const Tensor& images, bool training, Generator& drop_ge
             "model ", config_.name, ": activations ", dtype_name(activations),
             " need f32 parameters (mixed precision) or parameters of that dtype; they are ",
             dtype_name(params));
+  CNX_CHECK(!bf16_weights || bf16_weights->size() == params_.size(), "model ", config_.name,
+            ": ", bf16_weights ? bf16_weights->size() : 0, " bf16 weights for ", params_.size(),
+            " parameters (pass AdamW::bf16_copies() of an optimiser made on parameters())");
+  if (activations != DType::bf16) bf16_weights = nullptr;  // no GEMM reads a bf16 weight then
   Tensor x = cast(images, activations);
   for (size_t i = 0; i < stages_.size(); ++i) {
     const Downsample& d = downsample_[i];
     if (d.norm_first) x = layer_norm(x, p(d.ln_w), p(d.ln_b), kLayerNormEps);
-    x = patchify_conv(x, p(d.conv_w), p(d.conv_b));
+    x = patchify_conv(x, p(d.conv_w), p(d.conv_b), bf16_of(bf16_weights, d.conv_w));
     if (!d.norm_first && d.ln_w >= 0) x = layer_norm(x, p(d.ln_w), p(d.ln_b), kLayerNormEps);
-    for (const Block& b : stages_[i]) x = block_forward(b, x, training, drop_gen);
+    for (const Block& b : stages_[i]) x = block_forward(b, x, training, drop_gen, bf16_weights);
   }
   x = global_avg_pool(cast(x, params));  // (N, C), in the parameters' precision from here on
   x = layer_norm(x, p(norm_w_), p(norm_b_), kLayerNormEps);

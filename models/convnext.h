@@ -118,8 +118,19 @@ class ConvNeXt {
   // dtypes backwards; every parameter gradient is fp32.
   // Throws cnx::Error, naming the smallest size, if an H x W input is smaller than the model
   // takes (config().downsampling() in each direction); forward() checks this first.
+  //
+  // `bf16_weights` (optional, mixed precision only): one tensor per parameter, in parameter
+  // order, each the bf16 cast of that parameter or undefined: AdamW::bf16_copies() after
+  // AdamW::keep_bf16_copies(bf16_gemm_weights()). The GEMMs read those copies instead of casting
+  // their fp32 weights on every forward; the results are bitwise the same as without them, as
+  // long as the copies are current (train/optim/adamw.h says who refreshes them). Ignored for
+  // f32 activations.
   Tensor forward(const Tensor& images, bool training, Generator& drop_gen,
-                 DType activations = DType::f32) const;
+                 DType activations = DType::f32,
+                 const std::vector<Tensor>* bf16_weights = nullptr) const;
+  // The indices (into parameters()) of the weights that a bf16 forward casts to bf16: the
+  // patchify convs' and the blocks' linear layers'. (Not the head's: it runs in fp32.)
+  std::vector<size_t> bf16_gemm_weights() const;
   void check_input_size(int64_t H, int64_t W) const;
 
   // In official order (the order of the official model's state_dict()).
@@ -156,8 +167,13 @@ class ConvNeXt {
 
   int64_t add_param(const std::string& name, const Shape& official_shape, ParamLayout layout,
                     bool decay);
-  Tensor block_forward(const Block& b, const Tensor& x, bool training, Generator& drop_gen) const;
+  Tensor block_forward(const Block& b, const Tensor& x, bool training, Generator& drop_gen,
+                       const std::vector<Tensor>* bf16_weights) const;
   const Tensor& p(int64_t index) const { return params_[static_cast<size_t>(index)].value; }
+  // The bf16 copy of parameter `index` from forward's bf16_weights, or an undefined tensor.
+  static Tensor bf16_of(const std::vector<Tensor>* bf16_weights, int64_t index) {
+    return bf16_weights ? (*bf16_weights)[static_cast<size_t>(index)] : Tensor();
+  }
 
   ConvNeXtConfig config_;
   std::vector<Parameter> params_;

@@ -7,7 +7,9 @@
 // Mixed precision: with a bf16 x, weight and bias stay fp32 parameters (check::params). The
 // GEMM's weight operand is a bf16 copy of weight, rounded once here in forward and saved for
 // dx in its place (what PyTorch's autocast does with fp32 master weights); out and dx are bf16,
-// dweight and dbias fp32 (kernels/linear.h).
+// dweight and dbias fp32 (kernels/linear.h). When the caller passes that copy precomputed
+// (weight_bf16: the optimiser writes it in its update, train/optim/adamw.h), forward uses and
+// saves it instead of casting; the values, and so every result, are the same.
 #include <type_traits>
 
 #include "autograd/checks.h"
@@ -23,7 +25,8 @@ class Linear final : public Function {
   const char* name() const override { return "linear"; }
 
   // ---- forward ----
-  static Tensor apply(const Tensor& x, const Tensor& weight, const Tensor& bias) {
+  static Tensor apply(const Tensor& x, const Tensor& weight, const Tensor& bias,
+                      const Tensor& weight_bf16) {
     const char* op = "linear";
     check::activation(op, "x", x);
     check::min_rank(op, "x", x, 1);
@@ -39,8 +42,18 @@ class Linear final : public Function {
     out_dims.back() = N;
     Tensor out = Tensor::empty(Shape(out_dims), x.dtype(), x.device());
     // The weight operand in x's dtype: the parameter itself, or its bf16 copy (no tape: the
-    // gradient goes to the fp32 weight directly, as fp32).
-    const Tensor w = x.dtype() == DType::bf16 ? weight.detach().to(DType::bf16) : weight;
+    // gradient goes to the fp32 weight directly, as fp32). A precomputed copy (the optimiser's,
+    // kept equal to the cast) saves this cast; it is only a cheaper way to the same operand.
+    const bool use_copy = x.dtype() == DType::bf16 && weight_bf16.defined();
+    if (use_copy) {
+      CNX_CHECK(weight_bf16.dtype() == DType::bf16 && weight_bf16.shape() == weight.shape() &&
+                    weight_bf16.device() == weight.device(),
+                op, ": weight_bf16 ", weight_bf16.str(), " must be the bf16 copy of weight ",
+                weight.str(), " (bf16, same shape and device)");
+    }
+    Tensor w = weight;
+    if (use_copy) w = weight_bf16.detach();
+    else if (x.dtype() == DType::bf16) w = weight.detach().to(DType::bf16);
     dispatch_with_bf16(op, x, [&](auto tag) {
       using T = decltype(tag);
       using P = param_t<T>;
@@ -108,8 +121,9 @@ class Linear final : public Function {
   int64_t M_ = 0, K_ = 0, N_ = 0;
 };
 
-Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
-  return Linear::apply(x, weight, bias);
+Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias,
+              const Tensor& weight_bf16) {
+  return Linear::apply(x, weight, bias, weight_bf16);
 }
 
 }  // namespace cnx

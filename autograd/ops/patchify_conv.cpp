@@ -2,7 +2,8 @@
 // Saves x (for dweight) and weight (for dx), each only when needed.
 // Mixed precision, as linear (autograd/ops/linear.cpp): with a bf16 x, weight and bias stay fp32
 // parameters; the GEMM's weight operand is a bf16 copy rounded once here in forward and saved
-// for dx in the weight's place; out and dx are bf16, dweight and dbias fp32.
+// for dx in the weight's place (or the caller's precomputed copy, weight_bf16, as linear);
+// out and dx are bf16, dweight and dbias fp32.
 #include "autograd/checks.h"
 #include "autograd/dispatch.h"
 #include "autograd/function.h"
@@ -16,7 +17,8 @@ class PatchifyConv final : public Function {
   const char* name() const override { return "patchify_conv"; }
 
   // ---- forward ----
-  static Tensor apply(const Tensor& x, const Tensor& weight, const Tensor& bias) {
+  static Tensor apply(const Tensor& x, const Tensor& weight, const Tensor& bias,
+                      const Tensor& weight_bf16) {
     const char* op = "patchify_conv";
     check::activation(op, "x", x);
     check::rank(op, "x", x, 4);
@@ -32,8 +34,19 @@ class PatchifyConv final : public Function {
     CNX_CHECK(Ho > 0 && Wo > 0, op, ": x ", x.str(), " is smaller than the ", k, "x", k,
               " patch of weight ", weight.str());
     Tensor out = Tensor::empty(Shape{N, Ho, Wo, Co}, x.dtype(), x.device());
-    // The weight operand in x's dtype: the parameter itself, or its bf16 copy (no tape).
-    const Tensor w = x.dtype() == DType::bf16 ? weight.detach().to(DType::bf16) : weight;
+    // The weight operand in x's dtype: the parameter itself, or its bf16 copy (no tape: the
+    // gradient goes to the fp32 weight directly, as fp32). A precomputed copy (the optimiser's,
+    // kept equal to the cast) saves this cast; it is only a cheaper way to the same operand.
+    const bool use_copy = x.dtype() == DType::bf16 && weight_bf16.defined();
+    if (use_copy) {
+      CNX_CHECK(weight_bf16.dtype() == DType::bf16 && weight_bf16.shape() == weight.shape() &&
+                    weight_bf16.device() == weight.device(),
+                op, ": weight_bf16 ", weight_bf16.str(), " must be the bf16 copy of weight ",
+                weight.str(), " (bf16, same shape and device)");
+    }
+    Tensor w = weight;
+    if (use_copy) w = weight_bf16.detach();
+    else if (x.dtype() == DType::bf16) w = weight.detach().to(DType::bf16);
     dispatch_with_bf16(op, x, [&](auto tag) {
       using T = decltype(tag);
       cpu::patchify_forward<T>(out.data<T>(), x.data<T>(), w.data<T>(),
@@ -88,8 +101,9 @@ class PatchifyConv final : public Function {
   Shape x_shape_, w_shape_;
 };
 
-Tensor patchify_conv(const Tensor& x, const Tensor& weight, const Tensor& bias) {
-  return PatchifyConv::apply(x, weight, bias);
+Tensor patchify_conv(const Tensor& x, const Tensor& weight, const Tensor& bias,
+                     const Tensor& weight_bf16) {
+  return PatchifyConv::apply(x, weight, bias, weight_bf16);
 }
 
 }  // namespace cnx

@@ -1,25 +1,27 @@
 // CUDA multi-tensor AdamW (see kernels/adamw.h for the update and the contract).
 //
-// Launch: the slots go to the kernel by value, up to 48 per launch in an AdamWTable (~3.1 KB of
-// kernel parameters, under the classic 4 KB limit), with a prefix table of block offsets:
-// every slot is cut into chunks of 4096 elements, and block b of the launch updates the chunk
-// b - block_start[s] of the slot s with block_start[s] <= b < block_start[s + 1] (a binary
-// search in the parameter block, uniform over the block). 256 threads a block, 16 elements a
-// thread per chunk (float4 when the four pointers of the slot are 16-byte aligned, the chunk's
-// n % 4 tail scalar). The table is a __grid_constant__ parameter, so indexing it with a
-// run-time slot number reads the parameter space directly instead of copying the table to
-// local memory. ConvNeXt-T's 182 tensors take 4 launches. With a skip flag, every block reads it
-// first and leaves at once when it is set: a skipped step costs the launches and nothing else.
+// Launch: kernels/cuda/multi_tensor.cuh, up to 48 slots per launch in an AdamWTable (~3.5 KB of
+// kernel parameters, under the classic 4 KB limit), chunks of 4096 elements a block. 256 threads
+// a block, 16 elements a thread per chunk (float4 when the four f32 pointers of the slot are
+// 16-byte aligned and the bf16 copy, if any, 8-byte aligned; the chunk's n % 4 tail scalar).
+// ConvNeXt-T's 182 tensors take 4 launches. With a skip flag, every block reads it first and
+// leaves at once when it is set: a skipped step costs the launches and nothing else.
+//
+// The bf16 copy: the new p is in a register already, so bf16(p) costs 2 bytes of writes per
+// element here instead of a 4-byte read and a 2-byte write in a cast kernel per forward. The
+// rounding is detail::from_float<__nv_bfloat16>, the cast kernel's (kernels/cuda/cast.cu).
 //
 // Arithmetic: the float operations of AdamW::step's loop (train/optim/adamw.cpp) one by one,
 // with the _rn intrinsics so that nvcc cannot contract a multiply and an add into an FMA (the
 // CPU build has no FMA), and IEEE sqrt and division: bitwise the CPU result.
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
 
 #include "kernels/adamw.h"
 #include "kernels/cuda/launch.cuh"
+#include "kernels/cuda/multi_tensor.cuh"
 #include "kernels/cuda/vec.cuh"
 #include "tensor/cuda_check.h"
 
@@ -29,10 +31,9 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kSlotsPerLaunch = 48;
-constexpr int64_t kChunk = 4096;             // elements per block: 256 threads x 4 float4 x 4
-constexpr int64_t kMaxGrid = int64_t(1) << 24;  // larger launches loop over blockIdx.x
+constexpr int64_t kChunk = 4096;  // elements per block: 256 threads x 4 float4 x 4
 
-struct AdamWTable {
+struct AdamWTable {  // a multi_tensor.cuh table
   AdamWSlot slot[kSlotsPerLaunch];
   int64_t block_start[kSlotsPerLaunch + 1];  // block_start[count] = blocks of the launch
   const float* skip;  // () or nullptr
@@ -58,22 +59,17 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(const __grid_constant__
   if (table.skip != nullptr && *table.skip != 0.0f) return;  // the whole grid leaves
   const int64_t blocks = table.block_start[table.count];
   for (int64_t b = blockIdx.x; b < blocks; b += gridDim.x) {  // uniform over the block
-    // The last slot that starts at or before block b (empty slots never reach the table).
-    int lo = 0, hi = table.count - 1;
-    while (lo < hi) {
-      const int mid = (lo + hi + 1) / 2;
-      if (table.block_start[mid] <= b) lo = mid;
-      else hi = mid - 1;
-    }
-    const AdamWSlot& slot = table.slot[lo];
-    const int64_t begin = (b - table.block_start[lo]) * kChunk;
-    const int64_t end = begin + kChunk < slot.n ? begin + kChunk : slot.n;
+    const int s = detail::slot_of_block(table, b);
+    const AdamWSlot& slot = table.slot[s];
+    const auto [begin, end] = detail::chunk_of_block(table, s, b, kChunk);
     float* const param = slot.param;
     const float* const grad = slot.grad;
     float* const m = slot.exp_avg;
     float* const v = slot.exp_avg_sq;
+    __nv_bfloat16* const pb = reinterpret_cast<__nv_bfloat16*>(slot.param_bf16);  // (n) or null
     const bool vec = ((reinterpret_cast<uintptr_t>(param) | reinterpret_cast<uintptr_t>(grad) |
-                       reinterpret_cast<uintptr_t>(m) | reinterpret_cast<uintptr_t>(v)) & 15u) == 0;
+                       reinterpret_cast<uintptr_t>(m) | reinterpret_cast<uintptr_t>(v)) & 15u) == 0 &&
+                     (reinterpret_cast<uintptr_t>(pb) & 7u) == 0;  // 4 bf16: one 8-byte store
     int64_t i = begin + threadIdx.x;  // first scalar element of this thread
     if (vec) {  // begin is a multiple of 4 (kChunk is), so every float4 here is aligned
       const int64_t end4 = begin + (end - begin) / 4 * 4;
@@ -87,6 +83,12 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(const __grid_constant__
         detail::store4(param + j, p4);
         detail::store4(m + j, m4);
         detail::store4(v + j, v4);
+        if (pb != nullptr) {
+          alignas(8) __nv_bfloat16 h[4] = {
+              detail::from_float<__nv_bfloat16>(p4.x), detail::from_float<__nv_bfloat16>(p4.y),
+              detail::from_float<__nv_bfloat16>(p4.z), detail::from_float<__nv_bfloat16>(p4.w)};
+          *reinterpret_cast<uint2*>(pb + j) = *reinterpret_cast<const uint2*>(h);
+        }
       }
       i = end4 + threadIdx.x;
     }
@@ -96,15 +98,9 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(const __grid_constant__
       param[i] = pk;
       m[i] = mk;
       v[i] = vk;
+      if (pb != nullptr) pb[i] = detail::from_float<__nv_bfloat16>(pk);
     }
   }
-}
-
-void launch_table(const AdamWTable& table, cudaStream_t stream) {
-  const int64_t blocks = table.block_start[table.count];
-  launch<adamw_kernel>(static_cast<unsigned>(std::min(blocks, kMaxGrid)), kThreads, 0, stream,
-                       table);
-  CNX_CUDA_LAUNCH_CHECK();
 }
 
 }  // namespace
@@ -114,17 +110,10 @@ void adamw_step(const AdamWSlot* slots, int64_t count, AdamWScalars s, const flo
   AdamWTable table{};
   table.s = s;
   table.skip = skip;
-  for (int64_t k = 0; k < count; ++k) {
-    if (slots[k].n <= 0) continue;
-    table.slot[table.count] = slots[k];
-    table.block_start[table.count + 1] =
-        table.block_start[table.count] + (slots[k].n + kChunk - 1) / kChunk;
-    if (++table.count == kSlotsPerLaunch) {
-      launch_table(table, stream);  // the parameters are copied at the launch: the table is reused
-      table.count = 0;
-    }
-  }
-  if (table.count > 0) launch_table(table, stream);
+  detail::for_each_table(table, slots, count, kChunk, [&](const AdamWTable& t) {
+    launch<adamw_kernel>(detail::grid_for(t), kThreads, 0, stream, t);
+    CNX_CUDA_LAUNCH_CHECK();
+  });
 }
 
 }  // namespace cnx::cuda

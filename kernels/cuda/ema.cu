@@ -1,16 +1,15 @@
 // CUDA multi-tensor EMA update (see kernels/ema.h for the update and the contract).
 //
-// Launch layout, as kernels/cuda/adamw.cu: the slots go to the kernel by value in a
-// __grid_constant__ table, up to 96 per launch (~3.1 KB of kernel parameters, under the
-// classic 4 KB limit), with a prefix table of block offsets; block b of a launch updates chunk
-// b - block_start[s] (4096 elements) of the slot s with block_start[s] <= b < block_start[s + 1].
-// ConvNeXt-T's 182 tensors take 2 launches. The skip flag is read by every block before it
+// Launch layout: kernels/cuda/multi_tensor.cuh, up to 96 slots per launch (~3.1 KB of kernel
+// parameters, under the classic 4 KB limit), 4096 elements a block. ConvNeXt-T's 182 tensors
+// take 2 launches. The skip flag is read by every block before it
 // touches memory: a skipped step costs the launches and nothing else.
 #include <cuda_runtime.h>
 
 #include <algorithm>
 
 #include "kernels/cuda/launch.cuh"
+#include "kernels/cuda/multi_tensor.cuh"
 #include "kernels/cuda/vec.cuh"
 #include "kernels/ema.h"
 #include "tensor/cuda_check.h"
@@ -21,10 +20,9 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kSlotsPerLaunch = 96;
-constexpr int64_t kChunk = 4096;                // elements per block: 256 threads x 4 float4 x 4
-constexpr int64_t kMaxGrid = int64_t(1) << 24;  // larger launches loop over blockIdx.x
+constexpr int64_t kChunk = 4096;  // elements per block: 256 threads x 4 float4 x 4
 
-struct EmaTable {
+struct EmaTable {  // a multi_tensor.cuh table
   EmaSlot slot[kSlotsPerLaunch];
   int64_t block_start[kSlotsPerLaunch + 1];  // block_start[count] = blocks of the launch
   const float* skip;                         // () or nullptr
@@ -43,16 +41,9 @@ __global__ void __launch_bounds__(kThreads) ema_kernel(const __grid_constant__ E
   const float d = table.decay, omd = table.one_minus_decay;
   const int64_t blocks = table.block_start[table.count];
   for (int64_t b = blockIdx.x; b < blocks; b += gridDim.x) {  // uniform over the block
-    // The last slot that starts at or before block b (empty slots never reach the table).
-    int lo = 0, hi = table.count - 1;
-    while (lo < hi) {
-      const int mid = (lo + hi + 1) / 2;
-      if (table.block_start[mid] <= b) lo = mid;
-      else hi = mid - 1;
-    }
-    const EmaSlot& slot = table.slot[lo];
-    const int64_t begin = (b - table.block_start[lo]) * kChunk;
-    const int64_t end = begin + kChunk < slot.n ? begin + kChunk : slot.n;
+    const int s = detail::slot_of_block(table, b);
+    const EmaSlot& slot = table.slot[s];
+    const auto [begin, end] = detail::chunk_of_block(table, s, b, kChunk);
     float* const e = slot.ema;
     const float* const p = slot.param;
     int64_t i = begin + threadIdx.x;  // first scalar element of this thread
@@ -73,12 +64,6 @@ __global__ void __launch_bounds__(kThreads) ema_kernel(const __grid_constant__ E
   }
 }
 
-void launch_table(const EmaTable& table, cudaStream_t stream) {
-  const int64_t blocks = table.block_start[table.count];
-  launch<ema_kernel>(static_cast<unsigned>(std::min(blocks, kMaxGrid)), kThreads, 0, stream, table);
-  CNX_CUDA_LAUNCH_CHECK();
-}
-
 }  // namespace
 
 void ema_update(const EmaSlot* slots, int64_t count, float decay, float one_minus_decay,
@@ -87,17 +72,10 @@ void ema_update(const EmaSlot* slots, int64_t count, float decay, float one_minu
   table.skip = skip;
   table.decay = decay;
   table.one_minus_decay = one_minus_decay;
-  for (int64_t k = 0; k < count; ++k) {
-    if (slots[k].n <= 0) continue;
-    table.slot[table.count] = slots[k];
-    table.block_start[table.count + 1] =
-        table.block_start[table.count] + (slots[k].n + kChunk - 1) / kChunk;
-    if (++table.count == kSlotsPerLaunch) {
-      launch_table(table, stream);  // the parameters are copied at the launch: the table is reused
-      table.count = 0;
-    }
-  }
-  if (table.count > 0) launch_table(table, stream);
+  detail::for_each_table(table, slots, count, kChunk, [&](const EmaTable& t) {
+    launch<ema_kernel>(detail::grid_for(t), kThreads, 0, stream, t);
+    CNX_CUDA_LAUNCH_CHECK();
+  });
 }
 
 }  // namespace cnx::cuda

@@ -1,12 +1,9 @@
 // CUDA gradient norm, clip decision and clip scaling, multi-tensor (see kernels/grad_norm.h for
 // the math and the contract).
 //
-// Launch layout, as kernels/cuda/adamw.cu: the slots travel to the kernel by value in a
-// __grid_constant__ table (up to 128 per launch, ~3 KB of kernel parameters, under the classic
-// 4 KB limit), with a prefix table of block offsets: every slot is cut into fixed chunks, and
-// block b of a launch works on chunk b - block_start[s] of the slot s with
-// block_start[s] <= b < block_start[s + 1] (a binary search in the parameter block, uniform over
-// the block). ConvNeXt-T's 182 gradients take 2 launches of each kernel.
+// Launch layout: kernels/cuda/multi_tensor.cuh (up to 128 slots per launch, ~3 KB of kernel
+// parameters, under the classic 4 KB limit). ConvNeXt-T's 182 gradients take 2 launches of each
+// kernel.
 //
 // The norm takes three steps, none of which reads anything back to the host:
 //   1. grad_sumsq_kernel: block b sums the squares of its chunk (kGradNormChunk elements) in
@@ -28,6 +25,7 @@
 #include <cmath>
 
 #include "kernels/cuda/launch.cuh"
+#include "kernels/cuda/multi_tensor.cuh"
 #include "kernels/cuda/reduce.cuh"
 #include "kernels/cuda/vec.cuh"
 #include "kernels/grad_norm.h"
@@ -40,28 +38,15 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kFinishThreads = 1024;
 constexpr int kSlotsPerLaunch = 128;
-constexpr int64_t kScaleChunk = 4096;           // elements per block of the scale: 256 x 16
-constexpr int64_t kMaxGrid = int64_t(1) << 24;  // larger launches loop over blockIdx.x
+constexpr int64_t kScaleChunk = 4096;  // elements per block of the scale: 256 x 16
 
-struct GradTable {
+struct GradTable {  // a multi_tensor.cuh table
   GradSlot slot[kSlotsPerLaunch];
   int64_t block_start[kSlotsPerLaunch + 1];  // block_start[count] = blocks of the launch
   int64_t partial_base;                      // the sum of squares: first partial of the launch
   int count;
 };
 static_assert(sizeof(GradTable) <= 4096, "kernel parameters must stay under 4 KB");
-
-// The slot that block b works on: the last one that starts at or before b (slots without
-// elements never reach the table, so the starts strictly increase).
-__device__ __forceinline__ int slot_of_block(const GradTable& table, int64_t b) {
-  int lo = 0, hi = table.count - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) / 2;
-    if (table.block_start[mid] <= b) lo = mid;
-    else hi = mid - 1;
-  }
-  return lo;
-}
 
 // isfinite for an f32, spelled so that both builds compile it (the emulator's host headers keep
 // isfinite in std::): false for +-inf, and for NaN, which fails every comparison.
@@ -79,11 +64,9 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ double scratch[32];
   const int64_t blocks = table.block_start[table.count];
   for (int64_t b = blockIdx.x; b < blocks; b += gridDim.x) {  // uniform over the block
-    const int s = slot_of_block(table, b);
+    const int s = detail::slot_of_block(table, b);
     const float* const g = table.slot[s].grad;
-    const int64_t begin = (b - table.block_start[s]) * kGradNormChunk;
-    const int64_t end = begin + kGradNormChunk < table.slot[s].n ? begin + kGradNormChunk
-                                                                 : table.slot[s].n;
+    const auto [begin, end] = detail::chunk_of_block(table, s, b, kGradNormChunk);
     double acc = 0;
     int64_t i = begin + threadIdx.x;  // first scalar element of this thread
     if ((reinterpret_cast<uintptr_t>(g) & 15u) == 0) {  // begin is a multiple of 4: aligned
@@ -135,10 +118,9 @@ __global__ void __launch_bounds__(kThreads)
   if (status[2] != 0.0f || coef == 1.0f) return;  // skipped or not clipped: the whole grid leaves
   const int64_t blocks = table.block_start[table.count];
   for (int64_t b = blockIdx.x; b < blocks; b += gridDim.x) {
-    const int s = slot_of_block(table, b);
+    const int s = detail::slot_of_block(table, b);
     float* const g = table.slot[s].grad;
-    const int64_t begin = (b - table.block_start[s]) * kScaleChunk;
-    const int64_t end = begin + kScaleChunk < table.slot[s].n ? begin + kScaleChunk : table.slot[s].n;
+    const auto [begin, end] = detail::chunk_of_block(table, s, b, kScaleChunk);
     int64_t i = begin + threadIdx.x;
     if ((reinterpret_cast<uintptr_t>(g) & 15u) == 0) {
       const int64_t end4 = begin + (end - begin) / 4 * 4;
@@ -156,28 +138,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Calls launch(table) for each full table of the non-empty slots, `chunk` elements a block.
-template <class Launch>
-void for_each_table(const GradSlot* slots, int64_t count, int64_t chunk, Launch&& launch_table) {
-  GradTable table{};
-  for (int64_t k = 0; k < count; ++k) {
-    if (slots[k].n <= 0) continue;
-    table.slot[table.count] = slots[k];
-    table.block_start[table.count + 1] =
-        table.block_start[table.count] + (slots[k].n + chunk - 1) / chunk;
-    if (++table.count == kSlotsPerLaunch) {
-      launch_table(table);  // the parameters are copied at the launch: the table is reused
-      table.partial_base += table.block_start[table.count];
-      table.count = 0;
-    }
-  }
-  if (table.count > 0) launch_table(table);
-}
-
-unsigned grid_for(const GradTable& table) {
-  return static_cast<unsigned>(std::min(table.block_start[table.count], kMaxGrid));
-}
-
 }  // namespace
 
 int64_t grad_norm_workspace_size(const GradSlot* slots, int64_t count) {
@@ -190,12 +150,13 @@ int64_t grad_norm_workspace_size(const GradSlot* slots, int64_t count) {
 void grad_norm_status(float* status, double* sum_squares, double* workspace, const GradSlot* slots,
                       int64_t count, bool clip, float max_norm, const float* loss,
                       cudaStream_t stream) {
-  int64_t partials = 0;
-  for_each_table(slots, count, kGradNormChunk, [&](const GradTable& table) {
-    launch<grad_sumsq_kernel>(grid_for(table), kThreads, 0, stream, workspace, table);
+  GradTable table{};  // partial_base 0: the first launch's partials come first
+  detail::for_each_table(table, slots, count, kGradNormChunk, [&](GradTable& t) {
+    launch<grad_sumsq_kernel>(detail::grid_for(t), kThreads, 0, stream, workspace, t);
     CNX_CUDA_LAUNCH_CHECK();
-    partials = table.partial_base + table.block_start[table.count];
+    t.partial_base += t.block_start[t.count];  // the next launch's partials follow these
   });
+  const int64_t partials = table.partial_base;
   launch<grad_norm_finish_kernel>(1, kFinishThreads, 0, stream, status, sum_squares,
                                   static_cast<const double*>(workspace), partials, clip ? 1 : 0,
                                   max_norm, loss);
@@ -203,8 +164,9 @@ void grad_norm_status(float* status, double* sum_squares, double* workspace, con
 }
 
 void grad_scale(const GradSlot* slots, int64_t count, const float* status, cudaStream_t stream) {
-  for_each_table(slots, count, kScaleChunk, [&](const GradTable& table) {
-    launch<grad_scale_kernel>(grid_for(table), kThreads, 0, stream, status, table);
+  GradTable table{};
+  detail::for_each_table(table, slots, count, kScaleChunk, [&](const GradTable& t) {
+    launch<grad_scale_kernel>(detail::grid_for(t), kThreads, 0, stream, status, t);
     CNX_CUDA_LAUNCH_CHECK();
   });
 }

@@ -91,6 +91,21 @@ AdamW::AdamW(const std::vector<Parameter>& params, const AdamWOptions& options,
     v_.push_back(Tensor::zeros(p.value.shape(), DType::f32, device_));
   }
   param_steps_.assign(params_.size(), 0);
+  bf16_.resize(params_.size());
+}
+
+void AdamW::keep_bf16_copies(const std::vector<size_t>& which) {
+  for (size_t i : which)
+    CNX_CHECK(i < params_.size(), "AdamW.keep_bf16_copies: parameter index ", i, " but there are ",
+              params_.size(), " parameters");
+  for (size_t i : which)
+    if (!bf16_[i].defined()) bf16_[i] = params_[i].value.detach().to(DType::bf16);
+}
+
+void AdamW::refresh_bf16_copies() {
+  // In place: a caller that kept a handle to a copy sees the new values.
+  for (size_t i = 0; i < params_.size(); ++i)
+    if (bf16_[i].defined()) bf16_[i].copy_from(params_[i].value.detach().to(DType::bf16));
 }
 
 void AdamW::step(double lr, double weight_decay, const StepStatus* status) {
@@ -132,13 +147,15 @@ void AdamW::step(double lr, double weight_decay, const StepStatus* status) {
     if (device_.is_cuda()) {
       slots.push_back({params_[i].value.data<float>(), grads[i]->data<float>(), m_[i].data<float>(),
                        v_[i].data<float>(), params_[i].value.numel(), neg_step_size,
-                       bias_correction2_sqrt, decay ? decay_mul : 1.0f});
+                       bias_correction2_sqrt, decay ? decay_mul : 1.0f,
+                       bf16_[i].defined() ? bf16_[i].data<bf16>() : nullptr});
       continue;
     }
     float* p = params_[i].value.data<float>();      // (numel)
     float* m = m_[i].data<float>();                 // (numel)
     float* v = v_[i].data<float>();                 // (numel)
     const float* g = grads[i]->data<float>();       // (numel)
+    bf16* pb = bf16_[i].defined() ? bf16_[i].data<bf16>() : nullptr;  // (numel) or null
     const int64_t n = params_[i].value.numel();
 #pragma omp parallel for schedule(static) if (n >= kParallelMin)
     for (int64_t k = 0; k < n; ++k) {
@@ -148,9 +165,11 @@ void AdamW::step(double lr, double weight_decay, const StepStatus* status) {
       const float mk = m[k] * b1 + one_minus_b1 * gk;       // exp_avg.mul_(b1).add_(g, alpha=1-b1)
       const float vk = v[k] * b2 + one_minus_b2 * gk * gk;  // exp_avg_sq.mul_(b2).addcmul_(g, g, 1-b2)
       const float denom = std::sqrt(vk) / bias_correction2_sqrt + eps;
-      p[k] = pk + neg_step_size * mk / denom;               // param.addcdiv_(m, denom, -step_size)
+      const float pn = pk + neg_step_size * mk / denom;     // param.addcdiv_(m, denom, -step_size)
+      p[k] = pn;
       m[k] = mk;
       v[k] = vk;
+      if (pb) pb[k] = bf16(pn);  // the cast op's rounding (tensor/dtype.h), in the same pass
     }
   }
   if (device_.is_cuda()) {
@@ -221,6 +240,9 @@ void AdamW::load_state_dict(const NamedTensors& tensors) {
   step_count_ = step_count;
   last_counted_.clear();
   can_uncount_ = false;  // the counts of the last step are not this state's
+  // The values are unchanged here, but a resume loads the model's state just before this one:
+  // refreshing covers that order without the caller knowing about the copies.
+  refresh_bf16_copies();
 }
 
 // ---- gradient-norm clipping --------------------------------------------------------------------

@@ -31,6 +31,17 @@
 // every parameter and moment unchanged when the status says skip, decided on the device without
 // the host reading it. The host cannot know at the call whether the step happened, so it counts
 // the step either way; uncount_step() takes that count back once the host has read the status.
+//
+// bf16 copies (mixed precision): keep_bf16_copies() makes the optimiser keep a bf16 copy of
+// chosen parameters (the GEMM weights a bf16 forward reads: ConvNeXt::bf16_gemm_weights()),
+// rewritten by every step() in the same pass as the update (on CUDA in the AdamW kernel, on the
+// CPU in its loop), so that the forward reads the copy instead of casting the fp32 weight again
+// (a 4-byte read and a 2-byte write per weight element per forward saved; the step pays 2 bytes).
+// The copy is always bitwise the cast op's bf16(value), round to nearest even, as long as
+// nothing but step() writes the values; whoever else writes them must call
+// refresh_bf16_copies() before the next forward: after ConvNeXt::load_state_dict (a resume, a
+// fine-tune start), after any in-place write of a parameter. AdamW::load_state_dict refreshes
+// them itself (it does not change the values, but a resume loads the model first).
 #pragma once
 
 #include <cstdint>
@@ -96,6 +107,20 @@ class AdamW {
   const Tensor& exp_avg(size_t i) const { return m_.at(i); }
   const Tensor& exp_avg_sq(size_t i) const { return v_.at(i); }
 
+  // ---- bf16 copies (see the top of the file) ---------------------------------------------------
+  // Keeps a bf16 copy of parameters `which` (indices into parameters(); repeats and indices
+  // already kept are fine), made now by casting the values. Throws cnx::Error for an index out
+  // of range.
+  void keep_bf16_copies(const std::vector<size_t>& which);
+  // Rewrites every kept copy as the cast of its parameter's current value. Call it after
+  // anything but step() wrote the parameters (the top of the file says who).
+  void refresh_bf16_copies();
+  // One entry per parameter, in parameter order: the bf16 copy (same shape and device as the
+  // value) or an undefined tensor where none is kept. Pass it to ConvNeXt::forward. The tensors
+  // keep their storage for the optimiser's lifetime (step() and refresh write them in place).
+  const std::vector<Tensor>& bf16_copies() const { return bf16_; }
+  const Tensor& bf16_copy(size_t i) const { return bf16_.at(i); }
+
   // ---- checkpoints -----------------------------------------------------------------------------
   // The state as named CPU tensors in the official layouts (like the parameters at every file
   // boundary), in this order:
@@ -117,6 +142,7 @@ class AdamW {
   AdamWOptions options_;
   std::vector<double> lr_scales_;
   std::vector<Tensor> m_, v_;  // internal layout, f32
+  std::vector<Tensor> bf16_;   // bf16(value) or undefined, per parameter
   std::vector<int64_t> param_steps_;
   int64_t step_count_ = 0;
   // The parameters the last step() counted (those with a gradient), for uncount_step(); valid
