@@ -173,11 +173,13 @@ struct TraceRecord {
   std::string types;                   // GEMMs: "A*B->D", e.g. "bf16*bf16->f32", "+tf32" when rounded
   std::string epilogue;                // GEMMs: "DEFAULT", "BIAS" or "BGRADB"
   uint64_t flops = 0;                  // GEMMs: 2mnk (the epilogue's few adds are not counted)
-  // Device-memory traffic, the figure a cost model wants: for a kernel the pages it touched (below;
-  // 0 when the trace does not measure traffic); for a GEMM the exact extents of its operands (A,
-  // B, C when beta != 0 and the bias are read, D and a bias gradient written: what a GEMM must
-  // move at least); for a copy its size on the device side(s) (HtoD writes n, DtoH reads n, DtoD
-  // both); for a memset n written.
+  // Device-memory traffic, the figure a cost model wants. A kernel: the bytes of the live
+  // allocations inside the pages it touched (0 when the trace does not measure traffic), which is
+  // exact for each allocation it touches whole once allocations do not share pages
+  // (set_page_aligned_allocations), and page-granular for one touched in part. A GEMM: the exact
+  // extents of its operands (A, B, C when beta != 0 and a BIAS vector read; D and a BGRADB vector
+  // written: what it must move at least). A copy: its size on the device side(s) (HtoD writes n,
+  // DtoH reads n, DtoD both). A memset: n written.
   uint64_t bytes_read = 0, bytes_written = 0;
   // What the page-fault measurement saw for this item, whatever its kind (0 without it): pages
   // first read (and perhaps written later), and pages written, times the page size. A page read
@@ -185,6 +187,12 @@ struct TraceRecord {
   // overcounts tensors much smaller than a page and those that share one with their neighbours.
   uint64_t page_bytes_read = 0, page_bytes_written = 0;
 };
+
+// From now on, cudaMalloc starts every allocation on a page of its own (instead of 256-byte
+// alignment), so that no page holds two allocations and a traced kernel's traffic is exact per
+// allocation (TraceRecord::bytes_read). Costs up to a page per allocation. Set it before the
+// allocations to be measured are made (the cost model sets it first thing).
+void set_page_aligned_allocations(bool on);
 
 // Whether start_trace(true) can measure traffic in this build: it watches device memory through
 // page protections and its own SIGSEGV handler, which AddressSanitizer's handler excludes, so not

@@ -144,6 +144,21 @@ class Arena {
   size_t used() const { return used_; }
   char* base() const { return base_; }
   size_t mapped() const { return mapped_; }  // [base, base + mapped) is what the window opens
+  // From now on, every allocation starts on a page of its own (set_page_aligned_allocations).
+  void set_page_aligned(bool on) { page_aligned_ = on; }
+
+  // The bytes of live allocations inside [from, to) (byte offsets): what a touched page holds.
+  size_t allocated_bytes_in(size_t from, size_t to) const {
+    size_t sum = 0;
+    auto it = live_.upper_bound(from);
+    if (it != live_.begin()) --it;
+    for (; it != live_.end() && it->first < to; ++it) {
+      const size_t a = std::max(from, it->first), b = std::min(to, it->first + it->second.bytes);
+      if (b > a) sum += b - a;
+    }
+    return sum;
+  }
+
   // For the traffic measurement (TrafficWatch): a window that opens no page. It counts as open
   // (a nested open() changes nothing), and the pages keep their protection, PROT_NONE when no
   // window was open; the watch opens pages one by one as they are touched and closes them again.
@@ -176,12 +191,15 @@ class Arena {
 
   // nullptr when no free range is large enough.
   void* allocate(size_t bytes) {
-    const size_t slot = round_up(std::max<size_t>(bytes, 1), kAlign) + kGap;
+    const size_t align = page_aligned_ ? page_size() : kAlign;
+    const size_t slot = round_up(round_up(std::max<size_t>(bytes, 1), kAlign) + kGap, align);
     for (auto it = free_.begin(); it != free_.end(); ++it) {
-      if (it->second < slot) continue;
-      const size_t off = it->first, len = it->second;
+      const size_t start = it->first, len = it->second;
+      const size_t off = round_up(start, align), lead = off - start;  // lead: 0 unless page-aligned
+      if (len < lead + slot) continue;
       free_.erase(it);
-      if (len > slot) free_[off + slot] = len - slot;
+      if (lead > 0) free_[start] = lead;
+      if (len > lead + slot) free_[off + slot] = len - lead - slot;
       live_[off] = {bytes, slot};
       used_ += bytes;
       grow_to(off + slot);
@@ -248,6 +266,10 @@ class Arena {
     size_t bytes, slot;
   };
   static size_t round_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
+  static size_t page_size() {
+    static const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    return page;
+  }
   size_t offset(const void* p) const { return static_cast<size_t>(static_cast<const char*>(p) - base_); }
   void protect(size_t from, size_t to, int prot) {
     if (mprotect(base_ + from, to - from, prot) != 0) {
@@ -269,6 +291,7 @@ class Arena {
   size_t mapped_ = 0;  // [0, mapped_) is what the window opens
   size_t used_ = 0;
   int open_ = 0;
+  bool page_aligned_ = false;
   std::map<size_t, size_t> free_;  // offset -> length
   std::map<size_t, Live> live_;    // offset -> sizes
 };
@@ -429,10 +452,17 @@ class TrafficWatch {
     Traffic& t = g_traffic;
     t.active = 0;
     std::atomic_signal_fence(std::memory_order_seq_cst);
-    uint64_t read = 0, written = 0;
+    uint64_t read = 0, written = 0, read_bytes = 0, written_bytes = 0;
     for (const uint32_t p : t.touched) {
-      read += (t.state[p] & Traffic::kRead) != 0;
-      written += (t.state[p] & Traffic::kWritten) != 0;
+      const uint64_t held = dev_.arena.allocated_bytes_in(p * t.page, (p + size_t{1}) * t.page);
+      if (t.state[p] & Traffic::kRead) {
+        ++read;
+        read_bytes += held;
+      }
+      if (t.state[p] & Traffic::kWritten) {
+        ++written;
+        written_bytes += held;
+      }
       t.state[p] = 0;
     }
     if (nested_) {
@@ -452,8 +482,8 @@ class TrafficWatch {
     record_->page_bytes_read = read * t.page;
     record_->page_bytes_written = written * t.page;
     if (record_->kind == TraceKind::kKernel) {  // the only figure a kernel has
-      record_->bytes_read = record_->page_bytes_read;
-      record_->bytes_written = record_->page_bytes_written;
+      record_->bytes_read = read_bytes;
+      record_->bytes_written = written_bytes;
     }
     record_ = nullptr;
   }
@@ -770,6 +800,12 @@ void reset_host_sync_counts() {
   Device& dev = device();
   std::lock_guard<std::recursive_mutex> lock(dev.mutex);
   dev.syncs = HostSyncCounts{};
+}
+
+void set_page_aligned_allocations(bool on) {
+  Device& dev = device();
+  std::lock_guard<std::recursive_mutex> lock(dev.mutex);
+  dev.arena.set_page_aligned(on);
 }
 
 bool trace_traffic_available() {
