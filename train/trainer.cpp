@@ -607,6 +607,9 @@ void TrainingRun::build_model() {
   const std::vector<double> lr_scales =
       layer_decay_lr_scales(model_->config(), model_->parameters(), cfg_.layer_decay);
   opt_ = std::make_unique<AdamW>(model_->parameters(), AdamWOptions{}, lr_scales);
+  // Mixed precision: AdamW keeps the GEMM weights' bf16 copies, written by its update kernel, so
+  // the forward does not cast them every step (a resume's load_state_dict refreshes them).
+  if (activations_ == DType::bf16) opt_->keep_bf16_copies(model_->bf16_gemm_weights());
   if (cfg_.model_ema) ema_ = std::make_unique<ModelEma>(model_->parameters(), cfg_.model_ema_decay);
   drop_gen_ = std::make_unique<Generator>(cfg_.seed ^ kDropPathStream);
 }
@@ -792,7 +795,8 @@ bool TrainingRun::train_epoch(int64_t epoch, int64_t first_batch) {
       current_lr_ = lr_schedule_[static_cast<size_t>(std::min(step_, total_steps_ - 1))];
       step_loss_ = Tensor();
     }
-    Tensor logits = model_->forward(batch_images(b, device_), /*training=*/true, *drop_gen_, activations_);
+    Tensor logits = model_->forward(batch_images(b, device_), /*training=*/true, *drop_gen_, activations_,
+                                    &opt_->bf16_copies());
     // Mixup/CutMix: soft targets (smoothing folded in), as main.py's SoftTargetCrossEntropy.
     Tensor loss = b.targets.defined() ? soft_cross_entropy(logits, b.targets.to(device_))
                                       : cross_entropy(logits, b.labels.to(device_), cfg_.smoothing);
