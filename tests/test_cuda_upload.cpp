@@ -30,7 +30,7 @@ TEST(Readback, CpuTensorsAreCopiedAtOnce) {
   test::expect_error([] { Readback().wait(); }, {"Readback::wait", "nothing was read back"});
 }
 
-TEST(Readback, DeviceValueIsTheOneAtTheTimeOfTheCall) {
+TEST(CudaReadback, DeviceValueIsTheOneAtTheTimeOfTheCall) {
 #if CNX_TEST_CUDA
   CNX_SKIP_WITHOUT_DEVICE();
   const Device dev = Device::cuda(0);

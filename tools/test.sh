@@ -48,9 +48,11 @@ fi
 # The tests that need a CUDA device (and the emulator's own): every one of them has Cuda,
 # Emulator or Cublas in its name. The binaries that hold them, and the CLI that test_cli runs.
 GPU_TESTS='Cuda|Emulat|Cublas'
-GPU_TARGETS=(convnext test_cuda_backend test_cuda_ops test_cuda_dwconv test_bf16_ops test_bf16_gemm
-             test_bf16_layernorm test_bf16_dwconv test_scaled_residual test_batch_finish test_amp
-             test_cli test_safetensors test_tensor test_emulator test_emulator_cublas)
+# Every tests/test_cuda_*.cpp, and the other files that hold such tests.
+GPU_TARGETS=(convnext $(cd tests && ls test_cuda_*.cpp | sed 's/\.cpp$//')
+             test_bf16_ops test_bf16_gemm test_bf16_layernorm test_bf16_dwconv test_bf16_weights
+             test_scaled_residual test_batch_finish test_amp test_cli test_safetensors test_tensor
+             test_emulator test_emulator_cublas)
 
 emulator_suite() {  # build dir, extra cmake flags...
   local dir=$1
