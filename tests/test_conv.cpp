@@ -341,9 +341,11 @@ TEST(Patchify, ChainIntoDwconvGradients) {
 }
 
 TEST(Patchify, F32BackwardMatchesF64) {
-  check_f32_backward_matches_f64("patchify k2", patchify_conv, {2, 9, 7, 3}, {5, 2, 2, 3}, {5}, 51,
+  // The op with its three tensor arguments (its optional bf16 weight left out).
+  const test::Op3 op3 = [](const Tensor& x, const Tensor& w, const Tensor& b) { return patchify_conv(x, w, b); };
+  check_f32_backward_matches_f64("patchify k2", op3, {2, 9, 7, 3}, {5, 2, 2, 3}, {5}, 51,
                                  /*check_grad_shapes=*/false);
-  check_f32_backward_matches_f64("patchify k4", patchify_conv, {1, 8, 12, 3}, {6, 4, 4, 3}, {6}, 52,
+  check_f32_backward_matches_f64("patchify k4", op3, {1, 8, 12, 3}, {6, 4, 4, 3}, {6}, 52,
                                  /*check_grad_shapes=*/false);
 }
 

@@ -212,8 +212,10 @@ TEST(Linear, GradientsMatchFiniteDifferences) {
 }
 
 TEST(Linear, F32BackwardMatchesF64) {
-  check_f32_backward_matches_f64("linear", linear, {2, 3, 5, 7}, {9, 7}, {9}, 41);
-  check_f32_backward_matches_f64("linear", linear, {17, 48}, {33, 48}, {33}, 42);
+  // The op with its three tensor arguments (its optional bf16 weight left out).
+  const test::Op3 op3 = [](const Tensor& x, const Tensor& w, const Tensor& b) { return linear(x, w, b); };
+  check_f32_backward_matches_f64("linear", op3, {2, 3, 5, 7}, {9, 7}, {9}, 41);
+  check_f32_backward_matches_f64("linear", op3, {17, 48}, {33, 48}, {33}, 42);
 }
 
 TEST(Linear, OnlyRequestedGradients) {
