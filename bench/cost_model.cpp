@@ -174,6 +174,8 @@ class Trainer {
     model_ = std::make_unique<ConvNeXt>(cfg, init);
     model_->to(device_);
     opt_ = std::make_unique<AdamW>(model_->parameters());
+    // Mixed precision: AdamW keeps the GEMM weights' bf16 copies, which the forward reads.
+    if (activations == DType::bf16) opt_->keep_bf16_copies(model_->bf16_gemm_weights());
     if (o.ema) ema_ = std::make_unique<ModelEma>(model_->parameters(), 0.9999);
   }
 
@@ -207,7 +209,8 @@ class Trainer {
     emu::reset_host_sync_counts();
     const auto t0 = std::chrono::steady_clock::now();
     // ---- train_epoch's micro-batch (update_freq 1) ----
-    Tensor logits = model_->forward(batch_images(b, device_), /*training=*/true, drop_gen_, activations_);
+    Tensor logits = model_->forward(batch_images(b, device_), /*training=*/true, drop_gen_, activations_,
+                                    &opt_->bf16_copies());
     Tensor loss = cross_entropy(logits, b.labels.to(device_), o_.smoothing);
     loss.backward();
     Tensor step_loss;
