@@ -72,4 +72,20 @@ inline void same_kind(const char* op, std::pair<const char*, const Tensor&> ref,
   }
 }
 
+// The weight operand of a GEMM op (linear, patchify_conv) in x's dtype: the fp32 parameter
+// itself, or, for a bf16 x, its bf16 copy, detached (no tape: the gradient goes to the fp32
+// weight directly, as fp32). A precomputed copy (the optimiser's, kept equal to the cast, see
+// AdamW::keep_bf16_copies) saves the cast; it is only a cheaper way to the same operand, and is
+// checked to be one: bf16, weight's shape and device.
+inline Tensor gemm_weight_operand(const char* op, const Tensor& x, const Tensor& weight,
+                                  const Tensor& weight_bf16) {
+  if (x.dtype() != DType::bf16) return weight;
+  if (!weight_bf16.defined()) return weight.detach().to(DType::bf16);
+  CNX_CHECK(weight_bf16.dtype() == DType::bf16 && weight_bf16.shape() == weight.shape() &&
+                weight_bf16.device() == weight.device(),
+            op, ": weight_bf16 ", weight_bf16.str(), " must be the bf16 copy of weight ",
+            weight.str(), " (bf16, same shape and device)");
+  return weight_bf16.detach();
+}
+
 }  // namespace cnx::check

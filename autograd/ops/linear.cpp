@@ -41,19 +41,8 @@ class Linear final : public Function {
     for (size_t i = 0; i + 1 < out_dims.size(); ++i) M *= out_dims[i];
     out_dims.back() = N;
     Tensor out = Tensor::empty(Shape(out_dims), x.dtype(), x.device());
-    // The weight operand in x's dtype: the parameter itself, or its bf16 copy (no tape: the
-    // gradient goes to the fp32 weight directly, as fp32). A precomputed copy (the optimiser's,
-    // kept equal to the cast) saves this cast; it is only a cheaper way to the same operand.
-    const bool use_copy = x.dtype() == DType::bf16 && weight_bf16.defined();
-    if (use_copy) {
-      CNX_CHECK(weight_bf16.dtype() == DType::bf16 && weight_bf16.shape() == weight.shape() &&
-                    weight_bf16.device() == weight.device(),
-                op, ": weight_bf16 ", weight_bf16.str(), " must be the bf16 copy of weight ",
-                weight.str(), " (bf16, same shape and device)");
-    }
-    Tensor w = weight;
-    if (use_copy) w = weight_bf16.detach();
-    else if (x.dtype() == DType::bf16) w = weight.detach().to(DType::bf16);
+    // The weight operand in x's dtype: the parameter, its bf16 cast, or the optimiser's copy.
+    const Tensor w = check::gemm_weight_operand(op, x, weight, weight_bf16);
     dispatch_with_bf16(op, x, [&](auto tag) {
       using T = decltype(tag);
       using P = param_t<T>;
