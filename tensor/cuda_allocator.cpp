@@ -38,6 +38,10 @@ CachingAllocator::CachingAllocator(Backend backend, std::string name)
 CachingAllocator::~CachingAllocator() {
   std::lock_guard<std::mutex> lock(mutex_);
   try {
+    // Pools still alive (their graphs leaked) hold segments too: give them to the general cache
+    // so that they are released with it.
+    capturing_ = nullptr;
+    while (!pools_.empty()) release_pool_locked(pools_.begin()->second.get());
     release_cached_locked();
   } catch (const std::exception& e) {
     std::fprintf(stderr, "cnx: caching allocator for %s: releasing the cache failed: %s\n",
@@ -64,7 +68,9 @@ void* CachingAllocator::allocate_locked(int64_t nbytes) {
   const bool small = size <= kSmallMax;
   ++stats_.allocations;
 
-  Block* b = small ? take_small(size) : take_large(size);
+  // During a capture, only the capturing pool's blocks may be handed out (see the header).
+  FreeLists& lists = free_lists(capturing_);
+  Block* b = small ? take_small(lists, size) : take_large(lists, size);
   if (b) {
     ++stats_.cache_hits;
   } else {
@@ -73,16 +79,19 @@ void* CachingAllocator::allocate_locked(int64_t nbytes) {
     const int64_t segment = small ? size : round_up(size, kLargeSegmentRound);
     b = new_segment(segment, small);
     if (!b && segment > size) b = new_segment(size, small);
-    if (!b) {  // out of memory: give the cache back to the driver and try once more
+    // Out of memory: give the cache back to the driver and try once more. Not during a capture:
+    // that synchronises the device and calls cudaFree, both of which break the capture.
+    if (!b && !capturing_) {
       ++stats_.oom_retries;
       release_cached_locked();
       b = new_segment(segment, small);
       if (!b && segment > size) b = new_segment(size, small);
     }
     if (!b) fail_oom(nbytes, size);
+    b->pool = capturing_;  // a segment made during capture is the pool's for good
     if (!small) {  // split the new segment as take_large would have
-      large_free_.insert(b);
-      b = take_large(size);
+      lists.large.insert(b);
+      b = take_large(lists, size);
     }
   }
   b->allocated = true;
@@ -92,33 +101,34 @@ void* CachingAllocator::allocate_locked(int64_t nbytes) {
   return reinterpret_cast<void*>(b->addr);
 }
 
-CachingAllocator::Block* CachingAllocator::take_small(int64_t size) {
-  auto it = small_free_.find(size);
-  if (it == small_free_.end() || it->second.empty()) return nullptr;
+CachingAllocator::Block* CachingAllocator::take_small(FreeLists& lists, int64_t size) {
+  auto it = lists.small.find(size);
+  if (it == lists.small.end() || it->second.empty()) return nullptr;
   Block* b = it->second.back();  // LIFO: the most recently freed block is likely still in L2
   it->second.pop_back();
   return b;
 }
 
-CachingAllocator::Block* CachingAllocator::take_large(int64_t size) {
+CachingAllocator::Block* CachingAllocator::take_large(FreeLists& lists, int64_t size) {
   Block key;
   key.size = size;
   key.addr = 0;
-  auto it = large_free_.lower_bound(&key);  // best fit: smallest size >= size, lowest address
-  if (it == large_free_.end()) return nullptr;
+  auto it = lists.large.lower_bound(&key);  // best fit: smallest size >= size, lowest address
+  if (it == lists.large.end()) return nullptr;
   Block* b = *it;
-  large_free_.erase(it);
+  lists.large.erase(it);
   // Split when the rest is big enough to serve another large request.
   if (b->size - size > kSmallMax) {
     auto rest = std::make_unique<Block>();
     rest->addr = b->addr + static_cast<uintptr_t>(size);
     rest->size = b->size - size;
+    rest->pool = b->pool;
     rest->prev = b;
     rest->next = b->next;
     if (b->next) b->next->prev = rest.get();
     b->next = rest.get();
     b->size = size;
-    large_free_.insert(rest.get());
+    lists.large.insert(rest.get());
     Block* raw = rest.get();
     owned_.emplace(raw, std::move(rest));
   }
@@ -141,6 +151,12 @@ CachingAllocator::Block* CachingAllocator::new_segment(int64_t segment_size, boo
 
 [[noreturn]] void CachingAllocator::fail_oom(int64_t requested, int64_t size) const {
   const int64_t cached = stats_.reserved_bytes - stats_.allocated_bytes;
+  if (capturing_)
+    fail("CUDA out of memory on ", name_, ": cannot allocate ", format_bytes(size),
+         " (a request of ", requested, " bytes) during CUDA graph capture, where the cache cannot "
+         "be returned to the driver; the allocator holds ", format_bytes(stats_.reserved_bytes),
+         ", ", format_bytes(stats_.allocated_bytes), " in live tensors. Run the step uncaptured "
+         "first, or use a smaller batch size.");
   fail("CUDA out of memory on ", name_, ": cannot allocate ", format_bytes(size), " (a request of ",
        requested, " bytes) even after returning the cache to the driver; the allocator holds ",
        format_bytes(stats_.reserved_bytes), ": ", format_bytes(stats_.allocated_bytes),
@@ -167,48 +183,125 @@ void CachingAllocator::deallocate(void* ptr) noexcept {
 void CachingAllocator::free_block_locked(Block* b) {
   b->allocated = false;
   stats_.allocated_bytes -= b->size;
-  if (b->small) {
-    small_free_[b->size].push_back(b);
+  // A block that is not the capturing pool's may have been used by kernels of this capture, so
+  // whatever reuses it would be overwritten at each replay: hold it until the pool is released.
+  // (A block of another pool would only go back to that pool, which captures no more; holding it
+  // too keeps the rule simple.)
+  if (capturing_ && b->pool != capturing_) {
+    b->held = true;
+    capturing_->held.push_back(b);
     return;
   }
-  // Merge with free neighbours. A neighbour leaves the free set before its size changes (the
-  // set is ordered by size).
-  if (Block* p = b->prev; p && !p->allocated) {
-    large_free_.erase(p);
+  insert_free_locked(b);
+}
+
+void CachingAllocator::insert_free_locked(Block* b) {
+  FreeLists& lists = free_lists(b->pool);
+  if (b->small) {
+    lists.small[b->size].push_back(b);
+    return;
+  }
+  // Merge with free neighbours (never with held ones: they are in no free list). A neighbour
+  // leaves the free set before its size changes (the set is ordered by size).
+  if (Block* p = b->prev; p && !p->allocated && !p->held) {
+    lists.large.erase(p);
     p->size += b->size;
     p->next = b->next;
     if (b->next) b->next->prev = p;
     owned_.erase(b);
     b = p;
   }
-  if (Block* n = b->next; n && !n->allocated) {
-    large_free_.erase(n);
+  if (Block* n = b->next; n && !n->allocated && !n->held) {
+    lists.large.erase(n);
     b->size += n->size;
     b->next = n->next;
     if (n->next) n->next->prev = b;
     owned_.erase(n);
   }
-  large_free_.insert(b);
+  lists.large.insert(b);
+}
+
+// ---- graph pools -------------------------------------------------------------------------------
+
+int64_t CachingAllocator::create_pool() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const int64_t id = next_pool_id_++;
+  pools_.emplace(id, std::make_unique<Pool>());
+  return id;
+}
+
+void CachingAllocator::begin_pool(int64_t id) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  CNX_CHECK(!capturing_, "CachingAllocator(", name_, "): begin_pool(", id,
+            ") while another pool is capturing (one capture at a time per device)");
+  auto it = pools_.find(id);
+  CNX_CHECK(it != pools_.end(), "CachingAllocator(", name_, "): begin_pool(", id,
+            "): no such pool (released, or never created)");
+  capturing_ = it->second.get();
+}
+
+void CachingAllocator::end_pool() noexcept {
+  std::lock_guard<std::mutex> lock(mutex_);
+  capturing_ = nullptr;
+}
+
+void CachingAllocator::release_pool(int64_t id) noexcept {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = pools_.find(id);
+  if (it == pools_.end()) return;
+  if (capturing_ == it->second.get()) {
+    std::fprintf(stderr, "cnx: caching allocator for %s: pool %lld released while capturing; "
+                 "the capture's allocations are no longer private\n", name_.c_str(),
+                 static_cast<long long>(id));
+    capturing_ = nullptr;
+  }
+  release_pool_locked(it->second.get());
+}
+
+void CachingAllocator::release_pool_locked(Pool* pool) {
+  // Every block of the pool's segments becomes a general one: live blocks return to the general
+  // cache when freed, free ones move over now. Segments are wholly the pool's, so none of them
+  // can merge with a general neighbour.
+  for (auto& [raw, block] : owned_)
+    if (raw->pool == pool) raw->pool = nullptr;
+  for (auto& [size, list] : pool->free.small)
+    general_.small[size].insert(general_.small[size].end(), list.begin(), list.end());
+  general_.large.insert(pool->free.large.begin(), pool->free.large.end());
+  // The blocks it held back: now that no replay can touch them, they are ordinary free blocks
+  // (of another pool, when they came from one that is still alive).
+  for (Block* b : pool->held) {
+    b->held = false;
+    insert_free_locked(b);
+  }
+  for (auto it = pools_.begin(); it != pools_.end(); ++it)
+    if (it->second.get() == pool) {
+      pools_.erase(it);
+      break;
+    }
 }
 
 void CachingAllocator::empty_cache() {
   std::lock_guard<std::mutex> lock(mutex_);
+  CNX_CHECK(!capturing_, "CachingAllocator(", name_,
+            "): empty_cache() during CUDA graph capture (it synchronises the device and calls "
+            "cudaFree, which break the capture)");
   release_cached_locked();
 }
 
 void CachingAllocator::release_cached_locked() {
-  // Whole free segments only: a small free block is one; a large one is when it has no
-  // neighbours (its segment is not split, or every piece has merged back).
+  // Whole free segments of the general cache only (a graph pool's segments stay while its graph
+  // may replay): a small free block is one; a large one is when it has no neighbours (its
+  // segment is not split, or every piece has merged back).
   std::vector<Block*> release;
-  for (auto& [size, list] : small_free_) release.insert(release.end(), list.begin(), list.end());
-  for (Block* b : large_free_)
+  for (auto& [size, list] : general_.small) release.insert(release.end(), list.begin(), list.end());
+  for (Block* b : general_.large)
     if (!b->prev && !b->next) release.push_back(b);
   if (release.empty()) return;
   // A cached block may still be read or written by queued kernels: wait for the device first.
   if (backend_.synchronize) backend_.synchronize();
-  small_free_.clear();
+  general_.small.clear();
   for (Block* b : release) {
-    if (!b->small) large_free_.erase(b);
+    if (!b->small) general_.large.erase(b);
     backend_.free(reinterpret_cast<void*>(b->addr));
     stats_.reserved_bytes -= b->size;
     ++stats_.device_frees;

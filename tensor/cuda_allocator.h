@@ -5,7 +5,8 @@
 // and cost far more than a kernel).
 //
 // This file is the bookkeeping only, plain C++ over an injectable Backend (raw alloc/free), so
-// that the policy is unit-tested on the CPU with a fake backend (tests/test_cuda_backend.cpp).
+// that the policy is unit-tested on the CPU with a fake backend (tests/test_cuda_backend.cpp;
+// the graph pools in tests/test_allocator_pool.cpp).
 // tensor/cuda_memory.cu gives each device one CachingAllocator over cudaMalloc/cudaFree.
 //
 // Policy (PyTorch's CUDACachingAllocator, much simplified):
@@ -29,9 +30,32 @@
 // uses the block next is ordered after whatever used it before. Code that uses another stream
 // must synchronise it before freeing tensors it used.
 //
-// CUDA graphs: capture is legal only once the cache is warm (no cudaMalloc happens inside a
-// captured region): run the step once or twice uncaptured first. empty_cache() must not be
-// called while capturing.
+// CUDA graphs: a captured graph bakes in the address of every buffer its kernels touch, and
+// replays later reading and writing those addresses. So, as PyTorch's graph-private memory
+// pools do, the memory a capture allocates comes from a pool private to that graph
+// (create_pool, begin_pool / end_pool around the capture, release_pool when the graph is
+// destroyed; GraphPool and CapturePoolScope below do this by RAII):
+//  - While a pool captures, every allocate() is served from that pool's own free blocks or a
+//    new segment that belongs to the pool; blocks of the general cache are never handed out.
+//  - A pool block freed (during the capture or after it) goes back to the pool only: a later
+//    allocation of the same capture may reuse it, which is as safe as reuse is eagerly (the
+//    graph replays its kernels in capture order on one stream), but no ordinary allocation
+//    and no other graph gets it while the pool lives, because the graph may still write it.
+//  - A general block freed during a capture may have been read or written by captured kernels,
+//    so it is held back (by nobody reusable) until the pool is released.
+//  - release_pool (the graph is gone) turns every block of the pool, free or still allocated,
+//    into ordinary cache blocks. Pool segments are never returned to the backend while the
+//    pool lives: empty_cache() skips them and throws while a pool captures (it would
+//    synchronise, which is illegal during capture).
+// A new segment during capture calls backend alloc (cudaMalloc). The CUDA runtime docs
+// (cudaThreadExchangeStreamCaptureMode) say cudaMalloc "is not enqueued asynchronously to a
+// stream, and is not observed by stream capture", which is why the default (global) capture
+// mode forbids it; under cudaStreamCaptureModeRelaxed the call is permitted, and it is safe
+// here because the graph needs the memory once, at capture time, and the pool keeps it until
+// the graph is destroyed. The out-of-memory retry (empty_cache and try again) is skipped during
+// capture: it would synchronise and cudaFree. Warming the cache up before capturing is still
+// good practice. Only one pool captures at a time per allocator (the library has one stream
+// per device); every thread's allocations go to it meanwhile.
 //
 // Thread-safe (one mutex): tensors may be freed on any thread.
 #pragma once
@@ -95,6 +119,19 @@ class CachingAllocator {
   // Releases every cached segment that holds no allocated block to the backend.
   void empty_cache();
 
+  // ---- graph-private pools (see "CUDA graphs" above) ----
+  // A new, empty pool; its id is never reused.
+  int64_t create_pool();
+  // From here until end_pool(), allocations come from pool `id`. Throws when another pool is
+  // capturing or the id is unknown.
+  void begin_pool(int64_t id);
+  // Ends the current capture (nothing when none is active). Never throws.
+  void end_pool() noexcept;
+  // The graph that used pool `id` is gone: its blocks become ordinary cache blocks, and the
+  // general blocks it held back are returned to the cache. Unknown ids are ignored. Never
+  // throws (called from destructors); when the pool is still capturing, the capture is ended.
+  void release_pool(int64_t id) noexcept;
+
   AllocatorStats stats() const;
   // peak_allocated_bytes = allocated_bytes now.
   void reset_peak();
@@ -104,11 +141,16 @@ class CachingAllocator {
  private:
   // A contiguous range of one segment. Large blocks of a segment form a doubly linked list in
   // address order (prev/next), so a freed block can merge with its free neighbours.
+  struct Pool;
   struct Block {
     uintptr_t addr = 0;
     int64_t size = 0;
     bool allocated = false;
     bool small = false;
+    // Freed, but held back by a capturing pool (a general block freed during capture): in no
+    // free list, and never merged with its neighbours until the pool is released.
+    bool held = false;
+    Pool* pool = nullptr;   // the graph pool its segment belongs to; nullptr: the general cache
     Block* prev = nullptr;  // neighbours in the same segment (large blocks only)
     Block* next = nullptr;
   };
@@ -117,23 +159,85 @@ class CachingAllocator {
       return a->size != b->size ? a->size < b->size : a->addr < b->addr;
     }
   };
+  // The free blocks of the general cache, or of one pool. A whole segment belongs to one of
+  // them, so a block only ever merges with neighbours of the same free lists.
+  struct FreeLists {
+    std::map<int64_t, std::vector<Block*>> small;  // rounded size -> free blocks (LIFO)
+    std::set<Block*, BySizeThenAddr> large;
+  };
+  struct Pool {
+    FreeLists free;
+    std::vector<Block*> held;  // general blocks freed during this pool's capture
+  };
 
+  FreeLists& free_lists(Pool* pool) { return pool ? pool->free : general_; }
   void* allocate_locked(int64_t size);
-  Block* take_small(int64_t size);
-  Block* take_large(int64_t size);
+  Block* take_small(FreeLists& lists, int64_t size);
+  Block* take_large(FreeLists& lists, int64_t size);
   Block* new_segment(int64_t segment_size, bool small);  // nullptr when out of memory
   void free_block_locked(Block* b);
+  void insert_free_locked(Block* b);  // into its free lists, merging with free neighbours
+  void release_pool_locked(Pool* pool);
   void release_cached_locked();
   [[noreturn]] void fail_oom(int64_t requested, int64_t size) const;
 
   Backend backend_;
   std::string name_;
   mutable std::mutex mutex_;
-  std::map<int64_t, std::vector<Block*>> small_free_;  // rounded size -> free blocks (LIFO)
-  std::set<Block*, BySizeThenAddr> large_free_;
+  FreeLists general_;                                   // the ordinary cache
+  std::map<int64_t, std::unique_ptr<Pool>> pools_;      // live graph pools by id
+  Pool* capturing_ = nullptr;                           // the pool allocations go to now
+  int64_t next_pool_id_ = 1;
   std::unordered_map<uintptr_t, Block*> allocated_;    // address -> block handed out
   std::unordered_map<Block*, std::unique_ptr<Block>> owned_;  // every live Block
   AllocatorStats stats_;
+};
+
+// A graph's private pool, as an RAII handle: keep it beside the graph and destroy it with (or
+// after) the graph; the destructor returns the pool's blocks to the ordinary cache. Move-only.
+// The allocator must outlive it (the per-device allocators of cuda_memory.cu are never
+// destroyed).
+class GraphPool {
+ public:
+  explicit GraphPool(CachingAllocator& allocator)
+      : allocator_(&allocator), id_(allocator.create_pool()) {}
+  ~GraphPool() {
+    if (allocator_) allocator_->release_pool(id_);
+  }
+  GraphPool(GraphPool&& o) noexcept : allocator_(o.allocator_), id_(o.id_) { o.allocator_ = nullptr; }
+  GraphPool& operator=(GraphPool&& o) noexcept {
+    if (this != &o) {
+      if (allocator_) allocator_->release_pool(id_);
+      allocator_ = o.allocator_;
+      id_ = o.id_;
+      o.allocator_ = nullptr;
+    }
+    return *this;
+  }
+  GraphPool(const GraphPool&) = delete;
+  GraphPool& operator=(const GraphPool&) = delete;
+
+  CachingAllocator& allocator() const { return *allocator_; }
+  int64_t id() const { return id_; }
+
+ private:
+  CachingAllocator* allocator_;
+  int64_t id_;
+};
+
+// Allocations go to `pool` for the lifetime of the scope: open it right after
+// cudaStreamBeginCapture and close it right after cudaStreamEndCapture. Not movable.
+class CapturePoolScope {
+ public:
+  explicit CapturePoolScope(GraphPool& pool) : allocator_(&pool.allocator()) {
+    allocator_->begin_pool(pool.id());
+  }
+  ~CapturePoolScope() { allocator_->end_pool(); }
+  CapturePoolScope(const CapturePoolScope&) = delete;
+  CapturePoolScope& operator=(const CapturePoolScope&) = delete;
+
+ private:
+  CachingAllocator* allocator_;
 };
 
 }  // namespace cnx
