@@ -24,6 +24,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -1418,6 +1419,322 @@ TEST_F(EmulatorInstrumentation, WithoutTrafficTheTraceStillRecordsLaunchesAndASa
   launch<copy_floats_kernel>(dim3(4), dim3(256), 0, nullptr, in.get(), out.get(), 1024);
   ASSERT_TRUE(cnx::emu::start_trace(false));
   EXPECT_TRUE(cnx::emu::stop_trace().empty());
+}
+
+// ================================ 12. stream capture and graphs ================================
+// cudaStreamBeginCapture .. cudaStreamEndCapture records the work queued on a stream into a graph
+// instead of running it; cudaGraphLaunch queues a copy of that work, with the parameters it was
+// captured with, on the stream it is launched on. What a training step captured into a graph
+// needs: replays bitwise equal to the launches made directly, and the calls CUDA forbids in a
+// capture refused as CUDA refuses them.
+
+class EmulatorGraphs : public EmulatorFixture {
+ protected:
+  void TearDown() override {
+    (void)cnx::emu::stop_trace();  // a failed assertion must not leave a trace running
+    EmulatorFixture::TearDown();  // also ends a capture a failed assertion left open
+  }
+};
+
+__global__ void affine_floats_kernel(const float* in, float* out, int n, float a, float b) {
+  const int i = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
+  if (i < n) out[i] = in[i] * a + b;
+}
+
+// Buffers of the captured sequence: x in; y, z scratch; w, v out; h pinned out.
+struct GraphBuffers {
+  static constexpr int n = 1000;
+  DeviceArray<float> x{n}, y{n}, z{n}, w{n}, v{n};
+  PinnedArray<float> h{n};
+};
+
+// Kernels, a memset, a device-to-device copy and a copy to pinned memory, each reading what the
+// one before wrote, so that running them in any other order, or with other parameters, changes
+// v and h: z = 0; y = 2x + 1; z += y; y = 3z - 0.25; z += y; w = z; v = w; h = v.
+void queue_sequence(GraphBuffers& b, cudaStream_t s) {
+  const int n = GraphBuffers::n;
+  const dim3 grid((n + 127) / 128), block(128);
+  ASSERT_EQ(cudaMemsetAsync(b.z.get(), 0, b.z.bytes(), s), cudaSuccess);
+  launch<affine_floats_kernel>(grid, block, 0, s, b.x.get(), b.y.get(), n, 2.0f, 1.0f);
+  launch<accumulate_floats_kernel>(grid, block, 0, s, b.y.get(), b.z.get(), n);
+  launch<affine_floats_kernel>(grid, block, 0, s, b.z.get(), b.y.get(), n, 3.0f, -0.25f);
+  launch<accumulate_floats_kernel>(grid, block, 0, s, b.y.get(), b.z.get(), n);
+  launch<copy_floats_kernel>(grid, block, 0, s, b.z.get(), b.w.get(), n);
+  ASSERT_EQ(cudaGetLastError(), cudaSuccess);
+  ASSERT_EQ(cudaMemcpyAsync(b.v.get(), b.w.get(), b.v.bytes(), cudaMemcpyDeviceToDevice, s), cudaSuccess);
+  ASSERT_EQ(cudaMemcpyAsync(b.h.get(), b.v.get(), b.v.bytes(), cudaMemcpyDeviceToHost, s), cudaSuccess);
+}
+
+std::vector<float> graph_input(int k) {
+  std::vector<float> in(GraphBuffers::n);
+  for (int i = 0; i < GraphBuffers::n; ++i) in[static_cast<size_t>(i)] = 0.37f * static_cast<float>(i - 400) / (k + 1.5f) + k;
+  return in;
+}
+
+bool bitwise_equal(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+TEST_F(EmulatorGraphs, ACapturedSequenceRunsOnlyWhenLaunchedAndReplaysBitwiseAsTheDirectLaunches) {
+  Stream s;
+  GraphBuffers b;
+  const int n = GraphBuffers::n;
+  // The references: the same sequence launched directly, on three inputs.
+  std::vector<std::vector<float>> want;
+  for (int k = 0; k < 3; ++k) {
+    const std::vector<float> in = graph_input(k);
+    ASSERT_EQ(cudaMemcpyAsync(b.x.get(), in.data(), b.x.bytes(), cudaMemcpyHostToDevice, s), cudaSuccess);
+    queue_sequence(b, s);
+    ASSERT_EQ(cudaStreamSynchronize(s), cudaSuccess);
+    want.push_back(b.v.download());
+    EXPECT_TRUE(bitwise_equal(b.h.copy(), want.back()));
+  }
+  ASSERT_FALSE(bitwise_equal(want[0], want[1]));
+  ASSERT_FALSE(bitwise_equal(want[1], want[2]));
+
+  // Capture it: nothing runs, not even when the stream or the device is synchronised afterwards.
+  b.v.fill_bytes(0xFF);
+  for (int i = 0; i < n; ++i) b.h[static_cast<size_t>(i)] = -1.0f;
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusActive;
+  ASSERT_EQ(cudaStreamIsCapturing(s, &status), cudaSuccess);
+  EXPECT_EQ(status, cudaStreamCaptureStatusNone);
+  ASSERT_EQ(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal), cudaSuccess);
+  queue_sequence(b, s);
+  ASSERT_EQ(cudaStreamIsCapturing(s, &status), cudaSuccess);
+  EXPECT_EQ(status, cudaStreamCaptureStatusActive);
+  unsigned long long id = 0;
+  ASSERT_EQ(cudaStreamGetCaptureInfo(s, &status, &id), cudaSuccess);
+  EXPECT_EQ(status, cudaStreamCaptureStatusActive);
+  EXPECT_NE(id, 0u);
+  cudaGraph_t graph = nullptr;
+  ASSERT_EQ(cudaStreamEndCapture(s, &graph), cudaSuccess);
+  ASSERT_NE(graph, nullptr);
+  ASSERT_EQ(cudaStreamIsCapturing(s, &status), cudaSuccess);
+  EXPECT_EQ(status, cudaStreamCaptureStatusNone);
+  cudaGraphExec_t exec = nullptr;
+  ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+  ASSERT_EQ(cudaStreamSynchronize(s), cudaSuccess);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  std::vector<float> nan_bytes(n);
+  std::memset(nan_bytes.data(), 0xFF, nan_bytes.size() * sizeof(float));
+  EXPECT_TRUE(bitwise_equal(b.v.download(), nan_bytes)) << "captured work ran before the graph was launched";
+  EXPECT_EQ(b.h.copy(), std::vector<float>(n, -1.0f)) << "a captured copy ran before the graph was launched";
+
+  // Replay it three times, the input changed in place in between by a copy queued outside the
+  // capture, on the same stream.
+  for (int k = 0; k < 3; ++k) {
+    const std::vector<float> in = graph_input(k);
+    ASSERT_EQ(cudaMemcpyAsync(b.x.get(), in.data(), b.x.bytes(), cudaMemcpyHostToDevice, s), cudaSuccess);
+    ASSERT_EQ(cudaGraphLaunch(exec, s), cudaSuccess);
+    ASSERT_EQ(cudaStreamSynchronize(s), cudaSuccess);
+    EXPECT_TRUE(bitwise_equal(b.v.download(), want[static_cast<size_t>(k)])) << "replay " << k;
+    EXPECT_TRUE(bitwise_equal(b.h.copy(), want[static_cast<size_t>(k)])) << "replay " << k << " (pinned copy)";
+  }
+  // Destroying the graph does not touch its executable graph; a launch queued before the
+  // executable graph is destroyed still runs.
+  ASSERT_EQ(cudaGraphDestroy(graph), cudaSuccess);
+  const std::vector<float> in = graph_input(1);
+  ASSERT_EQ(cudaMemcpyAsync(b.x.get(), in.data(), b.x.bytes(), cudaMemcpyHostToDevice, s), cudaSuccess);
+  ASSERT_EQ(cudaGraphLaunch(exec, s), cudaSuccess);
+  ASSERT_EQ(cudaGraphExecDestroy(exec), cudaSuccess);
+  EXPECT_TRUE(bitwise_equal(b.v.download(), want[1]));
+  EXPECT_EQ(cudaGraphExecDestroy(exec), cudaErrorInvalidValue);
+  (void)cudaGetLastError();
+}
+
+TEST_F(EmulatorGraphs, CallsThatSynchroniseOrAreUnsafeInACaptureAreRefusedAndInvalidateIt) {
+  Stream s, other;
+  DeviceArray<int> d(kN);
+  d.fill_bytes(0);
+  std::vector<int> pageable(kN, 7);
+  cudaEvent_t event = nullptr;
+  ASSERT_EQ(cudaEventCreate(&event), cudaSuccess);
+  void* extra = nullptr;
+  struct Case {
+    std::string name;
+    std::function<cudaError_t()> call;
+    cudaError_t code;
+  };
+  const std::vector<Case> cases = {
+      {"cudaStreamSynchronize", [&] { return cudaStreamSynchronize(s); }, cudaErrorStreamCaptureUnsupported},
+      {"cudaStreamQuery", [&] { return cudaStreamQuery(s); }, cudaErrorStreamCaptureUnsupported},
+      {"cudaDeviceSynchronize", [&] { return cudaDeviceSynchronize(); }, cudaErrorStreamCaptureUnsupported},
+      {"cudaMemcpy", [&] { return cudaMemcpy(pageable.data(), d.get(), d.bytes(), cudaMemcpyDeviceToHost); },
+       cudaErrorStreamCaptureUnsupported},
+      {"cudaMemset", [&] { return cudaMemset(d.get(), 0, d.bytes()); }, cudaErrorStreamCaptureUnsupported},
+      {"cudaMalloc", [&] { return cudaMalloc(&extra, 64); }, cudaErrorStreamCaptureUnsupported},
+      {"cudaMemcpyAsync to pageable memory",
+       [&] { return cudaMemcpyAsync(pageable.data(), d.get(), d.bytes(), cudaMemcpyDeviceToHost, s); },
+       cudaErrorStreamCaptureUnsupported},
+      {"cudaMemcpyAsync from pageable memory",
+       [&] { return cudaMemcpyAsync(d.get(), pageable.data(), d.bytes(), cudaMemcpyHostToDevice, s); },
+       cudaErrorStreamCaptureUnsupported},
+      {"cudaEventSynchronize of an event recorded in the capture",
+       [&] {
+         EXPECT_EQ(cudaEventRecord(event, s), cudaSuccess);
+         return cudaEventSynchronize(event);
+       },
+       cudaErrorCapturedEvent},
+      {"cudaEventQuery of an event recorded in the capture",
+       [&] {
+         EXPECT_EQ(cudaEventRecord(event, s), cudaSuccess);
+         return cudaEventQuery(event);
+       },
+       cudaErrorCapturedEvent},
+      {"cudaStreamWaitEvent on another stream (cross-stream capture, not emulated)",
+       [&] {
+         EXPECT_EQ(cudaEventRecord(event, s), cudaSuccess);
+         return cudaStreamWaitEvent(other, event, 0);
+       },
+       cudaErrorStreamCaptureUnsupported},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    ASSERT_EQ(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal), cudaSuccess);
+    launch<fill_kernel>(kGridN, kBlockN, 0, s, d.get(), kN, 1);
+    ASSERT_EQ(cudaGetLastError(), cudaSuccess);
+    EXPECT_EQ(c.call(), c.code);
+    EXPECT_EQ(cudaGetLastError(), c.code);
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    ASSERT_EQ(cudaStreamIsCapturing(s, &status), cudaSuccess);
+    EXPECT_EQ(status, cudaStreamCaptureStatusInvalidated);
+    // Work queued into the invalidated capture is refused too; the end of the capture says so.
+    launch<fill_kernel>(kGridN, kBlockN, 0, s, d.get(), kN, 2);
+    EXPECT_EQ(cudaGetLastError(), cudaErrorStreamCaptureInvalidated);
+    EXPECT_EQ(cudaMemsetAsync(d.get(), 1, d.bytes(), s), cudaErrorStreamCaptureInvalidated);
+    (void)cudaGetLastError();
+    cudaGraph_t graph = reinterpret_cast<cudaGraph_t>(&status);
+    EXPECT_EQ(cudaStreamEndCapture(s, &graph), cudaErrorStreamCaptureInvalidated);
+    EXPECT_EQ(graph, nullptr);
+    (void)cudaGetLastError();
+    // Nothing ran, and the context is fine (a refused call is not a device fault).
+    EXPECT_EQ(d.download(), std::vector<int>(kN, 0));
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    ASSERT_EQ(cudaStreamIsCapturing(s, &status), cudaSuccess);
+    EXPECT_EQ(status, cudaStreamCaptureStatusNone);
+  }
+  // The relaxed mode allows the potentially unsafe calls; a synchronisation is refused in any mode.
+  ASSERT_EQ(cudaStreamBeginCapture(s, cudaStreamCaptureModeRelaxed), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(&extra, 64), cudaSuccess);
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  ASSERT_EQ(cudaStreamIsCapturing(s, &status), cudaSuccess);
+  EXPECT_EQ(status, cudaStreamCaptureStatusActive);
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaErrorStreamCaptureUnsupported);
+  cudaGraph_t graph = nullptr;
+  EXPECT_EQ(cudaStreamEndCapture(s, &graph), cudaErrorStreamCaptureInvalidated);
+  ASSERT_EQ(cudaFree(extra), cudaSuccess);
+  // Misuse of the capture calls themselves.
+  EXPECT_EQ(cudaStreamBeginCapture(nullptr, cudaStreamCaptureModeGlobal), cudaErrorStreamCaptureUnsupported);
+  EXPECT_EQ(cudaStreamEndCapture(s, &graph), cudaErrorIllegalState);
+  ASSERT_EQ(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal), cudaSuccess);
+  EXPECT_EQ(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal), cudaErrorIllegalState);
+  ASSERT_EQ(cudaStreamEndCapture(s, &graph), cudaSuccess);  // an empty capture is a graph
+  ASSERT_EQ(cudaGraphDestroy(graph), cudaSuccess);
+  (void)cudaGetLastError();
+  // An event recorded outside any capture is an ordinary event again once recorded outside one.
+  ASSERT_EQ(cudaEventRecord(event, other), cudaSuccess);
+  EXPECT_EQ(cudaEventSynchronize(event), cudaSuccess);
+  EXPECT_EQ(cudaEventDestroy(event), cudaSuccess);
+}
+
+TEST_F(EmulatorGraphs, AGraphLaunchedOnAnotherStreamOrdersAfterThatStreamsEarlierWork) {
+  // Non-blocking streams: no implicit ordering through the legacy default stream hides where the
+  // graph's work was queued.
+  cudaStream_t a = nullptr, b = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&a, cudaStreamNonBlocking), cudaSuccess);
+  ASSERT_EQ(cudaStreamCreateWithFlags(&b, cudaStreamNonBlocking), cudaSuccess);
+  DeviceArray<int> in(kN), out(kN);
+  in.upload(iota_from(0));
+  out.fill_bytes(0);
+  ASSERT_EQ(cudaStreamBeginCapture(a, cudaStreamCaptureModeGlobal), cudaSuccess);
+  launch<scale_kernel>(kGridN, kBlockN, 0, a, in.get(), out.get(), kN, 2);
+  cudaGraph_t graph = nullptr;
+  ASSERT_EQ(cudaStreamEndCapture(a, &graph), cudaSuccess);
+  cudaGraphExec_t exec = nullptr;
+  ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+
+  // b: a fill of `in` (queued, not run), then the graph. The graph's kernel must read the fill.
+  launch<fill_kernel>(kGridN, kBlockN, 0, b, in.get(), kN, 100);
+  ASSERT_EQ(cudaGraphLaunch(exec, b), cudaSuccess);
+  ASSERT_EQ(cudaStreamSynchronize(a), cudaSuccess);  // the graph is b's work, not a's
+  PinnedArray<int> h(kN);
+  for (int i = 0; i < kN; ++i) h[static_cast<size_t>(i)] = -1;
+  ASSERT_EQ(cudaMemcpyAsync(h.get(), out.get(), kN * sizeof(int), cudaMemcpyDeviceToHost, b), cudaSuccess);
+  EXPECT_EQ(h.copy(), std::vector<int>(kN, -1));
+  ASSERT_EQ(cudaStreamSynchronize(b), cudaSuccess);
+  std::vector<int> want = iota_from(100);
+  for (int& x : want) x *= 2;
+  EXPECT_EQ(h.copy(), want);
+  ASSERT_EQ(cudaGraphExecDestroy(exec), cudaSuccess);
+  ASSERT_EQ(cudaGraphDestroy(graph), cudaSuccess);
+  ASSERT_EQ(cudaStreamDestroy(a), cudaSuccess);
+  ASSERT_EQ(cudaStreamDestroy(b), cudaSuccess);
+}
+
+TEST_F(EmulatorGraphs, ACapturedGemmReplaysWithItsCapturedScalarsAndATraceSeesEachReplay) {
+  constexpr int m = 48, n = 20, k = 12;
+  Stream s;
+  DeviceArray<float> a(m * k), b(k * n), c(m * n), d(m * n);
+  b.upload(std::vector<float>(k * n, 0.5f));
+  cublasHandle_t handle;
+  ASSERT_EQ(cublasCreate(&handle), CUBLAS_STATUS_SUCCESS);
+  ASSERT_EQ(cublasSetStream(handle, s), CUBLAS_STATUS_SUCCESS);
+  const auto input = [&](int r) {
+    std::vector<float> v(m * k);
+    for (int i = 0; i < m * k; ++i) v[static_cast<size_t>(i)] = 0.125f * static_cast<float>((i * 7 + r * 3) % 23) - 1.0f;
+    return v;
+  };
+  // C = 1.5 A B, then D = C: the scalars are read at the call, as cuBLAS reads host scalars.
+  const auto queue = [&] {
+    float alpha = 1.5f, beta = 0.0f;
+    ASSERT_EQ(cublasSgemm(handle, CUBLAS_OP_N, CUBLAS_OP_N, m, n, k, &alpha, a.get(), m, b.get(), k, &beta, c.get(), m),
+              CUBLAS_STATUS_SUCCESS);
+    alpha = 100.0f;  // too late for the call above (and for its replays)
+    launch<copy_floats_kernel>(dim3((m * n + 127) / 128), dim3(128), 0, s, c.get(), d.get(), m * n);
+    ASSERT_EQ(cudaGetLastError(), cudaSuccess);
+  };
+  std::vector<std::vector<float>> want;
+  for (int r = 0; r < 2; ++r) {
+    const std::vector<float> in = input(r);
+    ASSERT_EQ(cudaMemcpyAsync(a.get(), in.data(), a.bytes(), cudaMemcpyHostToDevice, s), cudaSuccess);
+    queue();
+    ASSERT_EQ(cudaStreamSynchronize(s), cudaSuccess);
+    want.push_back(d.download());
+  }
+  ASSERT_FALSE(bitwise_equal(want[0], want[1]));
+
+  d.fill_bytes(0);
+  ASSERT_EQ(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal), cudaSuccess);
+  queue();
+  cudaGraph_t graph = nullptr;
+  ASSERT_EQ(cudaStreamEndCapture(s, &graph), cudaSuccess);
+  cudaGraphExec_t exec = nullptr;
+  ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+  EXPECT_EQ(d.download(), std::vector<float>(m * n, 0.0f)) << "the captured GEMM ran before the graph was launched";
+  ASSERT_TRUE(cnx::emu::start_trace(false));
+  for (int r = 0; r < 2; ++r) {
+    const std::vector<float> in = input(r);
+    ASSERT_EQ(cudaMemcpyAsync(a.get(), in.data(), a.bytes(), cudaMemcpyHostToDevice, s), cudaSuccess);
+    ASSERT_EQ(cudaGraphLaunch(exec, s), cudaSuccess);
+    ASSERT_EQ(cudaStreamSynchronize(s), cudaSuccess);
+    EXPECT_TRUE(bitwise_equal(d.download(), want[static_cast<size_t>(r)])) << "replay " << r;
+  }
+  const std::vector<cnx::emu::TraceRecord> trace = cnx::emu::stop_trace();
+  // Each replay: the input copy (outside the graph), the GEMM and the kernel (from the graph),
+  // the download (cudaMemcpy).
+  ASSERT_EQ(trace.size(), 8u);
+  for (size_t r = 0; r < 2; ++r) {
+    EXPECT_EQ(trace[4 * r].name, "cudaMemcpyAsync HtoD");
+    EXPECT_EQ(trace[4 * r + 1].kind, cnx::emu::TraceKind::kGemm);
+    EXPECT_EQ(trace[4 * r + 1].name, "cublasSgemm");
+    EXPECT_EQ(trace[4 * r + 1].flops, 2u * m * n * k);
+    EXPECT_EQ(trace[4 * r + 2].kind, cnx::emu::TraceKind::kKernel);
+    EXPECT_TRUE(contains(trace[4 * r + 2].name, "copy_floats_kernel")) << trace[4 * r + 2].name;
+    EXPECT_EQ(trace[4 * r + 3].name, "cudaMemcpyAsync DtoH");
+  }
+  ASSERT_EQ(cublasDestroy(handle), CUBLAS_STATUS_SUCCESS);
+  ASSERT_EQ(cudaGraphExecDestroy(exec), cudaSuccess);
+  ASSERT_EQ(cudaGraphDestroy(graph), cudaSuccess);
 }
 
 // ================================ sanitizers ================================

@@ -10,6 +10,9 @@
 //    only then, so a host read of pinned memory before synchronising sees stale data.
 //    cudaEventQuery / cudaStreamQuery let the device advance by one item per call, so a host that
 //    polls makes progress and also sees "not ready".
+//  - Stream capture: a capturing stream records what is queued on it into a graph instead of
+//    running it (push); cudaGraphLaunch queues copies of the recorded items. Calls CUDA forbids
+//    in a capture are refused and invalidate it (README.md: capture across streams is not modelled).
 //  - Errors: a bad launch configuration or argument is reported by the call (and by
 //    cudaGetLastError), as for real; a fault inside device work (emulator.h, DeviceFault) becomes
 //    the sticky error that every later call returns, and cudaGetErrorString gives its details.
@@ -35,6 +38,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <thread>
 #include <unordered_map>
 #include <vector>
 
@@ -59,14 +63,41 @@ struct QueuedWork {
   bool touches_memory = true;
 };
 
+// One item of a captured graph: a QueuedWork as it was captured, queued again (a copy) at each
+// cudaGraphLaunch. `note` is what a running trace records of each replay.
+struct GraphNode {
+  std::string what;
+  std::function<void()> work;
+  std::optional<cnx::emu::TraceRecord> note;
+  bool touches_memory = true;
+};
+
 // The opaque handle types of the runtime API, defined here.
+struct CUgraph_st {
+  std::vector<GraphNode> nodes;  // in capture order (a capture on one stream is a chain)
+};
+struct CUgraphExec_st {
+  std::vector<GraphNode> nodes;  // the graph's, copied at instantiation
+  uint64_t launches = 0;
+};
+// A stream capture in progress (cudaStreamBeginCapture .. cudaStreamEndCapture).
+struct StreamCapture {
+  std::unique_ptr<CUgraph_st> graph;
+  cudaStreamCaptureMode mode = cudaStreamCaptureModeGlobal;
+  std::thread::id thread;  // the thread that began it (thread-local mode)
+  uint64_t id = 0;
+  bool invalidated = false;
+  std::string why;  // what invalidated it
+};
 struct CUstream_st {
   std::deque<QueuedWork> queue;
   uint64_t enqueued = 0, executed = 0;  // items so far
   bool blocking = true;  // synchronises with the legacy default stream (not cudaStreamNonBlocking)
   bool destroyed = false;
+  std::optional<StreamCapture> capture;  // set while the stream captures
 };
 struct CUevent_st {
+  uint64_t capture_id = 0;  // the capture it was last recorded in (0: an ordinary record)
   uint64_t recorded = 0;   // records so far
   uint64_t completed = 0;  // the newest record the device has passed
   cudaStream_t stream = nullptr;
@@ -321,6 +352,13 @@ struct Device {
   bool tracing = false;
   bool measure_traffic = false;
   std::vector<TraceRecord> records;
+  // Stream capture: the streams capturing now, the next capture id, the graphs and executable
+  // graphs the program holds.
+  int captures = 0;
+  uint64_t next_capture_id = 1;
+  std::map<CUgraph_st*, std::unique_ptr<CUgraph_st>> graphs;
+  std::map<CUgraphExec_st*, std::unique_ptr<CUgraphExec_st>> graph_execs;
+  uint64_t graph_launches = 0;
 };
 
 Device* g_device = nullptr;  // for the signal handler
@@ -589,12 +627,10 @@ void drain_all(Device& dev) {
 // waits for the work already queued on every blocking stream, and work on a blocking stream
 // waits for the work already queued on it (CUDA Runtime API, "stream synchronization behavior").
 void push_raw(CUstream_st* s, std::string what, std::function<void()> work,
-              std::unique_ptr<TraceRecord> note = nullptr) {
-  s->queue.push_back(QueuedWork{std::move(what), std::move(work), std::move(note)});
+              std::unique_ptr<TraceRecord> note = nullptr, bool touches_memory = true) {
+  s->queue.push_back(QueuedWork{std::move(what), std::move(work), std::move(note), touches_memory});
   ++s->enqueued;
 }
-// The item just queued on `s` is bookkeeping: it touches no device memory itself.
-void mark_bookkeeping(CUstream_st* s) { s->queue.back().touches_memory = false; }
 void wait_for(Device& dev, CUstream_st* s, CUstream_st* other) {
   if (other == s || other->executed == other->enqueued) return;
   const uint64_t target = other->enqueued;
@@ -602,19 +638,30 @@ void wait_for(Device& dev, CUstream_st* s, CUstream_st* other) {
     const DrainWindow window(dev);
     while (other->executed < target && step(dev, other)) {
     }
-  });
-  mark_bookkeeping(s);
+  }, nullptr, /*touches_memory=*/false);
 }
 // `note`: what a running trace records of the item (nullptr: nothing; see trace_note).
+// `touches_memory`: false for bookkeeping (an event record, a wait), which runs without opening
+// device memory. On a capturing stream the item is recorded into the capture's graph instead
+// (nothing runs; no implicit waits: a graph launch adds those of the stream it is launched on),
+// and dropped when the capture was invalidated (the caller reports that).
 void push(Device& dev, CUstream_st* s, std::string what, std::function<void()> work,
-          std::unique_ptr<TraceRecord> note = nullptr) {
+          std::unique_ptr<TraceRecord> note = nullptr, bool touches_memory = true) {
+  if (s->capture) {
+    if (s->capture->invalidated) return;
+    std::optional<TraceRecord> kept;
+    if (note) kept = std::move(*note);
+    s->capture->graph->nodes.push_back(GraphNode{std::move(what), std::move(work), std::move(kept), touches_memory});
+    return;
+  }
+  if (!dev.tracing) note = nullptr;  // made for a capture elsewhere (trace_note)
   if (s == &dev.legacy_stream) {
     for (auto& b : dev.streams)
       if (b->blocking && !b->destroyed) wait_for(dev, s, b.get());
   } else if (s->blocking) {
     wait_for(dev, s, &dev.legacy_stream);
   }
-  push_raw(s, std::move(what), std::move(work), std::move(note));
+  push_raw(s, std::move(what), std::move(work), std::move(note), touches_memory);
 }
 
 // A record for an item about to be queued, or nullptr when no trace is on (the ordinary run pays
@@ -622,7 +669,8 @@ void push(Device& dev, CUstream_st* s, std::string what, std::function<void()> w
 // every item that runs during a trace was queued during it and carries its note.
 std::unique_ptr<TraceRecord> trace_note(const Device& dev, TraceKind kind, std::string name,
                                         uint64_t bytes_read = 0, uint64_t bytes_written = 0) {
-  if (!dev.tracing) return nullptr;
+  // A capture keeps the note for the trace of its replays.
+  if (!dev.tracing && dev.captures == 0) return nullptr;
   auto note = std::make_unique<TraceRecord>();
   note->kind = kind;
   note->name = std::move(name);
@@ -645,6 +693,72 @@ bool is_pinned(const Device& dev, const void* p, size_t bytes) {
   if (it == dev.pinned.begin()) return false;
   --it;
   return c >= it->first && c + bytes <= it->first + it->second;
+}
+
+// ---- stream capture ------------------------------------------------------------------------------
+// What the CUDA Programming Guide ("Stream capture", "Prohibited and unhandled operations",
+// "Invalidation") says: synchronising with or querying a capturing stream, and the potentially
+// unsafe calls (cudaMalloc, cudaMemcpy, ...) in the global and thread-local modes, fail with
+// cudaErrorStreamCaptureUnsupported and invalidate the capture; work queued into an invalidated
+// capture fails with cudaErrorStreamCaptureInvalidated, and so does cudaStreamEndCapture.
+
+void invalidate(StreamCapture& c, const std::string& why) {
+  if (c.invalidated) return;
+  c.invalidated = true;
+  c.why = why;
+}
+
+// A call that is illegal while `s` captures (a synchronisation or query of it, a copy with
+// pageable memory on it): refused, and the capture is invalidated.
+cudaError_t refuse_in_capture(CUstream_st* s, const std::string& call) {
+  invalidate(*s->capture, call);
+  return error(cudaErrorStreamCaptureUnsupported,
+               call + ": not permitted on a capturing stream (the capture is now invalidated)");
+}
+
+// Work about to be queued on `s`: refused when its capture was invalidated.
+cudaError_t capture_gate(CUstream_st* s, const std::string& call) {
+  if (s->capture && s->capture->invalidated)
+    return error(cudaErrorStreamCaptureInvalidated,
+                 call + ": the stream's capture was invalidated by " + s->capture->why);
+  return cudaSuccess;
+}
+
+// A potentially unsafe call (cudaMalloc, cudaFree, cudaMemcpy, cudaMemset, cudaHostAlloc,
+// cudaFreeHost) while a capture in global mode, or one in thread-local mode begun by this thread,
+// is in progress: refused, and those captures are invalidated. Relaxed captures allow it.
+// `any_mode`: a call that synchronises with every stream (cudaDeviceSynchronize), refused
+// whatever the mode.
+cudaError_t refuse_unsafe(Device& dev, const std::string& call, bool any_mode = false) {
+  if (dev.captures == 0) return cudaSuccess;
+  bool refused = false;
+  for (CUstream_st* s : all_streams(dev)) {
+    if (!s->capture) continue;
+    StreamCapture& c = *s->capture;
+    if (any_mode || c.mode == cudaStreamCaptureModeGlobal ||
+        (c.mode == cudaStreamCaptureModeThreadLocal && c.thread == std::this_thread::get_id())) {
+      invalidate(c, call);
+      refused = true;
+    }
+  }
+  if (!refused) return cudaSuccess;
+  return error(cudaErrorStreamCaptureUnsupported,
+               call + ": not permitted while a stream captures" +
+                   (any_mode ? "" : " in global or thread-local mode") + " (the capture is now invalidated)");
+}
+
+// The capturing stream whose capture has this id, or nullptr.
+CUstream_st* capture_with_id(Device& dev, uint64_t id) {
+  for (CUstream_st* s : all_streams(dev))
+    if (s->capture && s->capture->id == id) return s;
+  return nullptr;
+}
+
+// An event last recorded inside a capture: it has no completion to wait for or query
+// (cudaErrorCapturedEvent); a capture still in progress is invalidated.
+cudaError_t refuse_captured_event(Device& dev, cudaEvent_t event, const std::string& call) {
+  if (CUstream_st* s = capture_with_id(dev, event->capture_id)) invalidate(*s->capture, call);
+  return error(cudaErrorCapturedEvent, call + ": the event was last recorded in a stream capture");
 }
 
 // ---- the race check --------------------------------------------------------------------------------
@@ -868,6 +982,7 @@ void launch_kernel(const KernelInfo* kernel, dim3 grid, dim3 block, size_t smem_
                     ? " without cudaFuncSetAttribute(cudaFuncAttributeMaxDynamicSharedMemorySize)"
                     : " by its cudaFuncSetAttribute"));
   if (check_stream(dev, stream, "launch of " + kernel->name) != cudaSuccess) return;
+  if (capture_gate(stream_of(stream), "launch of " + kernel->name) != cudaSuccess) return;
   count_launch(kernel);
   auto launch = std::make_shared<Launch>(Launch{kernel, grid, block, smem_bytes, std::move(body), std::move(written)});
   auto note = trace_note(dev, TraceKind::kKernel, kernel->name);
@@ -905,6 +1020,8 @@ void reset_after_fault_for_testing() {
   dev.sticky = cudaSuccess;
   dev.sticky_message.clear();
   drop_queued_work(dev);
+  for (CUstream_st* s : all_streams(dev)) s->capture.reset();
+  dev.captures = 0;
   t_last_error = cudaSuccess;
 }
 
@@ -958,6 +1075,11 @@ const char* error_name(cudaError_t e) {
     case cudaErrorIllegalAddress: return "cudaErrorIllegalAddress";
     case cudaErrorInvalidDevicePointer: return "cudaErrorInvalidDevicePointer";
     case cudaErrorNotSupported: return "cudaErrorNotSupported";
+    case cudaErrorIllegalState: return "cudaErrorIllegalState";
+    case cudaErrorStreamCaptureUnsupported: return "cudaErrorStreamCaptureUnsupported";
+    case cudaErrorStreamCaptureInvalidated: return "cudaErrorStreamCaptureInvalidated";
+    case cudaErrorCapturedEvent: return "cudaErrorCapturedEvent";
+    case cudaErrorStreamCaptureWrongThread: return "cudaErrorStreamCaptureWrongThread";
     default: return "cudaErrorUnknown";
   }
 }
@@ -976,6 +1098,11 @@ const char* error_text(cudaError_t e) {
     case cudaErrorIllegalAddress: return "an illegal memory access was encountered";
     case cudaErrorInvalidDevicePointer: return "invalid device pointer";
     case cudaErrorNotSupported: return "operation not supported";
+    case cudaErrorIllegalState: return "the resource is not in a valid state to perform the requested operation";
+    case cudaErrorStreamCaptureUnsupported: return "operation not permitted when stream is capturing";
+    case cudaErrorStreamCaptureInvalidated: return "operation failed due to a previous error during capture";
+    case cudaErrorCapturedEvent: return "operation not permitted on an event last recorded in a capturing stream";
+    case cudaErrorStreamCaptureWrongThread: return "attempt to terminate a thread-local capture sequence from another thread";
     default: return "unknown error";
   }
 }
@@ -990,12 +1117,14 @@ cudaError_t check_event(cudaEvent_t e) {
 cudaError_t copy_async(Device& dev, void* dst, const void* src, size_t n, cudaMemcpyKind kind,
                        cudaStream_t stream, bool& blocked) {
   if (cudaError_t e = check_stream(dev, stream, "cudaMemcpyAsync")) return e;
-  if (n == 0) return cudaSuccess;
   CUstream_st* s = stream_of(stream);
+  if (cudaError_t e = capture_gate(s, "cudaMemcpyAsync")) return e;
+  if (n == 0) return cudaSuccess;
   switch (kind) {
     case cudaMemcpyHostToDevice: {
       if (cudaError_t e = check_device_range(dst, n, "cudaMemcpyAsync HtoD", "destination")) return e;
       if (cudaError_t e = check_host_range(src, n, "cudaMemcpyAsync HtoD", "source")) return e;
+      if (s->capture && !is_pinned(dev, src, n)) return refuse_in_capture(s, "cudaMemcpyAsync HtoD from pageable memory");
       if (is_pinned(dev, src, n)) {
         // A DMA from page-locked memory: reads the source when it runs.
         push(dev, s, "cudaMemcpyAsync HtoD", [=] { std::memcpy(dst, src, n); },
@@ -1012,6 +1141,7 @@ cudaError_t copy_async(Device& dev, void* dst, const void* src, size_t n, cudaMe
     case cudaMemcpyDeviceToHost: {
       if (cudaError_t e = check_device_range(src, n, "cudaMemcpyAsync DtoH", "source")) return e;
       if (cudaError_t e = check_host_range(dst, n, "cudaMemcpyAsync DtoH", "destination")) return e;
+      if (s->capture && !is_pinned(dev, dst, n)) return refuse_in_capture(s, "cudaMemcpyAsync DtoH to pageable memory");
       push(dev, s, "cudaMemcpyAsync DtoH", [=] { std::memcpy(dst, src, n); },
            trace_note(dev, TraceKind::kCopy, "cudaMemcpyAsync DtoH", n, 0));
       // To pageable memory the call returns only once the copy is done.
@@ -1133,6 +1263,7 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int d) {
 
 cudaError_t cudaDeviceSynchronize(void) {
   CNX_EMU_ENTER();
+  if (cudaError_t e = refuse_unsafe(dev, "cudaDeviceSynchronize", /*any_mode=*/true)) return e;
   ++dev.syncs.device_syncs;
   drain_all(dev);
   return dev.sticky;
@@ -1177,6 +1308,7 @@ cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(int* blocks, 
 cudaError_t cudaMalloc(void** ptr, size_t bytes) {
   CNX_EMU_ENTER();
   *ptr = nullptr;
+  if (cudaError_t e = refuse_unsafe(dev, "cudaMalloc")) return e;
   if (bytes == 0) return cudaSuccess;
   void* p = dev.arena.allocate(bytes);
   if (!p) {
@@ -1192,6 +1324,7 @@ cudaError_t cudaMalloc(void** ptr, size_t bytes) {
 cudaError_t cudaFree(void* ptr) {
   CNX_EMU_ENTER();
   if (!ptr) return cudaSuccess;
+  if (cudaError_t e = refuse_unsafe(dev, "cudaFree")) return e;
   ++dev.syncs.frees;
   drain_all(dev);  // cudaFree synchronises the device
   if (dev.sticky != cudaSuccess) return dev.sticky;
@@ -1203,6 +1336,7 @@ cudaError_t cudaFree(void* ptr) {
 
 cudaError_t cudaHostAlloc(void** ptr, size_t bytes, unsigned int) {
   CNX_EMU_ENTER();
+  if (cudaError_t e = refuse_unsafe(dev, "cudaHostAlloc")) return e;
   void* p = nullptr;
   if (posix_memalign(&p, 4096, std::max<size_t>(bytes, 1)) != 0) return error(cudaErrorMemoryAllocation, "cudaHostAlloc");
   dev.pinned[static_cast<char*>(p)] = bytes;
@@ -1215,6 +1349,7 @@ cudaError_t cudaMallocHost(void** ptr, size_t bytes) { return cudaHostAlloc(ptr,
 cudaError_t cudaFreeHost(void* ptr) {
   CNX_EMU_ENTER();
   if (!ptr) return cudaSuccess;
+  if (cudaError_t e = refuse_unsafe(dev, "cudaFreeHost")) return e;
   ++dev.syncs.frees;
   drain_all(dev);  // work still queued may read or write it
   const auto it = dev.pinned.find(static_cast<char*>(ptr));
@@ -1252,6 +1387,7 @@ cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t n, cudaMemcpyKind
 
 cudaError_t cudaMemcpy(void* dst, const void* src, size_t n, cudaMemcpyKind kind) {
   CNX_EMU_ENTER();
+  if (cudaError_t e = refuse_unsafe(dev, "cudaMemcpy")) return e;
   ++dev.syncs.blocking_copies;  // once, whether or not copy_async waited too
   drain_all(dev);
   bool blocked = false;
@@ -1269,6 +1405,7 @@ cudaError_t cudaMemcpyPeerAsync(void* dst, int dst_device, const void* src, int 
 cudaError_t cudaMemsetAsync(void* dst, int value, size_t n, cudaStream_t stream) {
   CNX_EMU_ENTER();
   if (cudaError_t e = check_stream(dev, stream, __func__)) return e;
+  if (cudaError_t e = capture_gate(stream_of(stream), "cudaMemsetAsync")) return e;
   if (cudaError_t e = check_device_range(dst, n, "cudaMemsetAsync", "destination")) return e;
   if (n == 0) return cudaSuccess;
   push(dev, stream_of(stream), "cudaMemsetAsync", [=] { std::memset(dst, value, n); },
@@ -1278,6 +1415,7 @@ cudaError_t cudaMemsetAsync(void* dst, int value, size_t n, cudaStream_t stream)
 
 cudaError_t cudaMemset(void* dst, int value, size_t n) {
   CNX_EMU_ENTER();
+  if (cudaError_t e = refuse_unsafe(dev, "cudaMemset")) return e;
   ++dev.syncs.blocking_copies;
   if (cudaError_t e = cudaMemsetAsync(dst, value, n, nullptr)) return e;
   drain_all(dev);
@@ -1300,6 +1438,7 @@ cudaError_t cudaStreamDestroy(cudaStream_t stream) {
   CNX_EMU_ENTER();
   if (!stream) return error(cudaErrorInvalidResourceHandle, "cudaStreamDestroy: the default stream");
   if (cudaError_t e = check_stream(dev, stream, __func__)) return e;
+  if (stream->capture) return refuse_in_capture(stream, "cudaStreamDestroy");
   drain(dev, stream);  // work already queued still completes
   stream->destroyed = true;
   return cudaSuccess;
@@ -1308,6 +1447,7 @@ cudaError_t cudaStreamDestroy(cudaStream_t stream) {
 cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
   CNX_EMU_ENTER();
   if (cudaError_t e = check_stream(dev, stream, __func__)) return e;
+  if (stream_of(stream)->capture) return refuse_in_capture(stream_of(stream), "cudaStreamSynchronize");
   ++dev.syncs.stream_syncs;
   drain(dev, stream_of(stream));
   return dev.sticky;
@@ -1316,6 +1456,7 @@ cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
 cudaError_t cudaStreamQuery(cudaStream_t stream) {
   CNX_EMU_ENTER();
   if (cudaError_t e = check_stream(dev, stream, __func__)) return e;
+  if (stream_of(stream)->capture) return refuse_in_capture(stream_of(stream), "cudaStreamQuery");
   ++dev.syncs.queries;
   CUstream_st* s = stream_of(stream);
   step(dev, s);
@@ -1347,20 +1488,28 @@ cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
   CNX_EMU_ENTER();
   if (cudaError_t e = check_event(event)) return e;
   if (cudaError_t e = check_stream(dev, stream, __func__)) return e;
+  if (CUstream_st* s = stream_of(stream); s->capture) {
+    // Inside a capture a record marks a point of the capture (no graph node, nothing runs);
+    // only a wait on the same capturing stream may use it (README: cross-stream capture).
+    if (cudaError_t e = capture_gate(s, __func__)) return e;
+    event->capture_id = s->capture->id;
+    return cudaSuccess;
+  }
+  event->capture_id = 0;
   const uint64_t generation = ++event->recorded;
   event->stream = stream_of(stream);
   std::shared_ptr<CUevent_st> keep = dev.events[event];
   push(dev, stream_of(stream), "cudaEventRecord", [keep, generation] {
     keep->completed = std::max(keep->completed, generation);
     keep->when = std::chrono::steady_clock::now();
-  });
-  mark_bookkeeping(stream_of(stream));
+  }, nullptr, /*touches_memory=*/false);
   return cudaSuccess;
 }
 
 cudaError_t cudaEventQuery(cudaEvent_t event) {
   CNX_EMU_ENTER();
   if (cudaError_t e = check_event(event)) return e;
+  if (event->capture_id) return refuse_captured_event(dev, event, __func__);
   ++dev.syncs.queries;
   if (event->completed == event->recorded) return cudaSuccess;
   step(dev, event->stream);  // the device advances by one item per poll
@@ -1371,6 +1520,7 @@ cudaError_t cudaEventQuery(cudaEvent_t event) {
 cudaError_t cudaEventSynchronize(cudaEvent_t event) {
   CNX_EMU_ENTER();
   if (cudaError_t e = check_event(event)) return e;
+  if (event->capture_id) return refuse_captured_event(dev, event, __func__);
   ++dev.syncs.event_syncs;
   const DrainWindow window(dev);
   while (event->completed != event->recorded && step(dev, event->stream)) {
@@ -1382,6 +1532,8 @@ cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_t end) 
   CNX_EMU_ENTER();
   if (cudaError_t e = check_event(start)) return e;
   if (cudaError_t e = check_event(end)) return e;
+  if (start->capture_id) return refuse_captured_event(dev, start, __func__);
+  if (end->capture_id) return refuse_captured_event(dev, end, __func__);
   if (!start->timing || !end->timing) return error(cudaErrorInvalidResourceHandle, "cudaEventElapsedTime: an event without timing");
   if (start->completed != start->recorded || end->completed != end->recorded || !start->recorded || !end->recorded)
     return cudaErrorNotReady;
@@ -1393,17 +1545,144 @@ cudaError_t cudaStreamWaitEvent(cudaStream_t stream, cudaEvent_t event, unsigned
   CNX_EMU_ENTER();
   if (cudaError_t e = check_event(event)) return e;
   if (cudaError_t e = check_stream(dev, stream, __func__)) return e;
+  CUstream_st* waiter = stream_of(stream);
+  if (cudaError_t e = capture_gate(waiter, __func__)) return e;
+  if (event->capture_id) {
+    // A record inside a capture: waiting on it from the same capturing stream orders nothing new
+    // (a capture on one stream is a chain); from another stream it would fork the capture onto
+    // that stream, which the emulator does not model (README.md).
+    if (waiter->capture && waiter->capture->id == event->capture_id) return cudaSuccess;
+    if (CUstream_st* s = capture_with_id(dev, event->capture_id)) invalidate(*s->capture, __func__);
+    if (waiter->capture) invalidate(*waiter->capture, __func__);
+    return error(cudaErrorStreamCaptureUnsupported,
+                 "cudaStreamWaitEvent: the event was recorded in a stream capture; capture across streams "
+                 "(fork and join through events) is not emulated");
+  }
   const uint64_t generation = event->recorded;
   CUstream_st* other = event->stream;
   if (generation == 0 || !other) return cudaSuccess;  // nothing recorded: no wait
+  if (waiter->capture) {
+    invalidate(*waiter->capture, __func__);
+    return error(cudaErrorStreamCaptureUnsupported,
+                 "cudaStreamWaitEvent: a capturing stream waiting on an event recorded outside the capture "
+                 "is not emulated (the capture is now invalidated)");
+  }
   std::shared_ptr<CUevent_st> keep = dev.events[event];
-  push(dev, stream_of(stream), "cudaStreamWaitEvent", [keep, generation, other] {
+  push(dev, waiter, "cudaStreamWaitEvent", [keep, generation, other] {
     Device& d = device();
     const DrainWindow window(d);
     while (keep->completed < generation && step(d, other)) {
     }
-  });
-  mark_bookkeeping(stream_of(stream));
+  }, nullptr, /*touches_memory=*/false);
+  return cudaSuccess;
+}
+
+// ---- stream capture and graphs -------------------------------------------------------------------
+
+cudaError_t cudaStreamBeginCapture(cudaStream_t stream, cudaStreamCaptureMode mode) {
+  CNX_EMU_ENTER();
+  if (cudaError_t e = check_stream(dev, stream, __func__)) return e;
+  if (!stream) return error(cudaErrorStreamCaptureUnsupported, "cudaStreamBeginCapture: the legacy default stream cannot capture");
+  if (mode != cudaStreamCaptureModeGlobal && mode != cudaStreamCaptureModeThreadLocal &&
+      mode != cudaStreamCaptureModeRelaxed)
+    return error(cudaErrorInvalidValue, "cudaStreamBeginCapture: not a capture mode");
+  if (stream->capture) return error(cudaErrorIllegalState, "cudaStreamBeginCapture: the stream is already capturing");
+  StreamCapture c;
+  c.graph = std::make_unique<CUgraph_st>();
+  c.mode = mode;
+  c.thread = std::this_thread::get_id();
+  c.id = dev.next_capture_id++;
+  stream->capture = std::move(c);
+  ++dev.captures;
+  return cudaSuccess;
+}
+
+cudaError_t cudaStreamEndCapture(cudaStream_t stream, cudaGraph_t* graph) {
+  CNX_EMU_ENTER();
+  if (cudaError_t e = check_stream(dev, stream, __func__)) return e;
+  *graph = nullptr;
+  if (!stream || !stream->capture) return error(cudaErrorIllegalState, "cudaStreamEndCapture: the stream is not capturing");
+  if (stream->capture->mode != cudaStreamCaptureModeRelaxed && stream->capture->thread != std::this_thread::get_id())
+    return error(cudaErrorStreamCaptureWrongThread, "cudaStreamEndCapture: not the thread that began the capture");
+  StreamCapture c = std::move(*stream->capture);
+  stream->capture.reset();
+  --dev.captures;
+  if (c.invalidated)
+    return error(cudaErrorStreamCaptureInvalidated, "cudaStreamEndCapture: the capture was invalidated by " + c.why);
+  CUgraph_st* g = c.graph.get();
+  dev.graphs[g] = std::move(c.graph);
+  *graph = g;
+  return cudaSuccess;
+}
+
+cudaError_t cudaStreamIsCapturing(cudaStream_t stream, cudaStreamCaptureStatus* status) {
+  CNX_EMU_ENTER();
+  if (cudaError_t e = check_stream(dev, stream, __func__)) return e;
+  const CUstream_st* s = stream_of(stream);
+  *status = !s->capture                ? cudaStreamCaptureStatusNone
+            : s->capture->invalidated ? cudaStreamCaptureStatusInvalidated
+                                      : cudaStreamCaptureStatusActive;
+  return cudaSuccess;
+}
+
+// The status, the capture's id and graph; no dependency set (node handles are not emulated):
+// *dependencies_out and *edgeData_out are nullptr and *numDependencies_out 0.
+cudaError_t cudaStreamGetCaptureInfo(cudaStream_t stream, cudaStreamCaptureStatus* status, unsigned long long* id,
+                                     cudaGraph_t* graph, const cudaGraphNode_t** dependencies,
+                                     const cudaGraphEdgeData** edge_data, size_t* num_dependencies) {
+  if (cudaError_t e = cudaStreamIsCapturing(stream, status)) return e;
+  Device& dev = device();
+  std::lock_guard<std::recursive_mutex> lock(dev.mutex);
+  const CUstream_st* s = stream_of(stream);
+  if (id && s->capture) *id = s->capture->id;
+  if (graph) *graph = s->capture ? s->capture->graph.get() : nullptr;
+  if (dependencies) *dependencies = nullptr;
+  if (edge_data) *edge_data = nullptr;
+  if (num_dependencies) *num_dependencies = 0;
+  return cudaSuccess;
+}
+
+cudaError_t cudaGraphInstantiate(cudaGraphExec_t* exec, cudaGraph_t graph, unsigned long long flags) {
+  CNX_EMU_ENTER();
+  *exec = nullptr;
+  if (!dev.graphs.count(graph)) return error(cudaErrorInvalidValue, "cudaGraphInstantiate: not a live graph");
+  if (flags != 0) return error(cudaErrorInvalidValue, "cudaGraphInstantiate: only flags 0 are emulated");
+  auto e = std::make_unique<CUgraphExec_st>();
+  e->nodes = graph->nodes;  // an executable graph is a snapshot: later changes to the graph do not reach it
+  *exec = e.get();
+  dev.graph_execs[e.get()] = std::move(e);
+  return cudaSuccess;
+}
+
+// Queues a copy of every node on `stream`, in capture order, after the stream's earlier work (and
+// the implicit waits of the legacy default stream, as any work queued there). Kernels replay the
+// parameters they were captured with. On a capturing stream the nodes join that capture.
+cudaError_t cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t stream) {
+  CNX_EMU_ENTER();
+  if (!dev.graph_execs.count(exec)) return error(cudaErrorInvalidResourceHandle, "cudaGraphLaunch: not a live executable graph");
+  if (cudaError_t e = check_stream(dev, stream, __func__)) return e;
+  CUstream_st* s = stream_of(stream);
+  if (cudaError_t e = capture_gate(s, __func__)) return e;
+  for (const GraphNode& node : exec->nodes) {
+    std::unique_ptr<TraceRecord> note;
+    if (node.note && (dev.tracing || dev.captures > 0)) note = std::make_unique<TraceRecord>(*node.note);
+    push(dev, s, node.what, node.work, std::move(note), node.touches_memory);
+  }
+  ++exec->launches;
+  ++dev.graph_launches;
+  return cudaSuccess;
+}
+
+// Launches already queued keep their own copies of the nodes and still run.
+cudaError_t cudaGraphExecDestroy(cudaGraphExec_t exec) {
+  CNX_EMU_ENTER();
+  if (!dev.graph_execs.erase(exec)) return error(cudaErrorInvalidValue, "cudaGraphExecDestroy: not a live executable graph");
+  return cudaSuccess;
+}
+
+cudaError_t cudaGraphDestroy(cudaGraph_t graph) {
+  CNX_EMU_ENTER();
+  if (!dev.graphs.erase(graph)) return error(cudaErrorInvalidValue, "cudaGraphDestroy: not a live graph");
   return cudaSuccess;
 }
 
