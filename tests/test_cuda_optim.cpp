@@ -560,7 +560,10 @@ TEST(CudaOptim, AWholeStepOf182TensorsIsAHandfulOfLaunchesWithoutWaiting) {
   cuda::synchronize(kGpu);
   EXPECT_EQ(*pinned, 7.0f);  // the marker works: it lands once the host waits
   CNX_CUDA_CHECK(cudaFreeHost(pinned));
-  EXPECT_EQ(marker, -1.0f) << "the optimiser step made the host wait for the device";
+  // Without the caching allocator (CNX_CUDA_NO_CACHING=1, the sanitizer suite) every free of
+  // the step's scratch is a cudaFree, which synchronises the device by definition.
+  if (!cuda::caching_disabled())
+    EXPECT_EQ(marker, -1.0f) << "the optimiser step made the host wait for the device";
 
   std::printf("182 tensors: clip %llu launches, AdamW %llu, EMA %llu; allocations %lld, %lld, %lld\n",
               static_cast<unsigned long long>(delta(l0, l1)),
