@@ -29,10 +29,38 @@ Tensor dwconv(const Tensor& x, const Tensor& weight, const Tensor& bias);
 Tensor dwconv_layer_norm(const Tensor& x, const Tensor& dw_weight, const Tensor& dw_bias,
                          const Tensor& ln_weight, const Tensor& ln_bias, double eps = 1e-6);
 
+// Dense 2-D convolution (the roadmap's ResNet convs), NHWC, zero padding, the same stride and
+// padding in both directions, `groups` dividing Ci and Co (1: dense, 32: ResNeXt, Ci: depthwise).
+// x (N, H, W, Ci), weight (Co, kh, kw, Ci / groups), bias (Co) or undefined
+// -> (N, Ho, Wo, Co) with Ho = (H + 2 padding - kh) / stride + 1 (floored), likewise Wo.
+// The weight layout is the official (Co, Ci / groups, kh, kw) with the channels last, as
+// patchify_conv's (ParamLayout::patchify converts it). kernels/conv2d.h has the math.
+Tensor conv2d(const Tensor& x, const Tensor& weight, const Tensor& bias, int64_t stride,
+              int64_t padding, int64_t groups = 1);
+
+// Max pooling, k x k window, stride s, padding p: padded cells never win (they count as -inf),
+// as in PyTorch. x (N, H, W, C) -> (N, Ho, Wo, C), Ho = (H + 2 padding - k) / stride + 1. The
+// gradient goes to the first maximum of each window in row-major window order (PyTorch's
+// choice); NaN propagates. ResNet's stem: max_pool2d(x, 3, 2, 1).
+Tensor max_pool2d(const Tensor& x, int64_t kernel, int64_t stride, int64_t padding);
+
 // ---- normalisation and pointwise layers ------------------------------------------------------
 // LayerNorm over the last dimension: (x - mean) / sqrt(var + eps) * weight + bias, with the
 // biased variance. x (..., C), weight (C), bias (C). ConvNeXt uses eps = 1e-6.
 Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps = 1e-6);
+
+// BatchNorm over the channels of x (..., C) (NHWC: statistics over N, H and W):
+// (x - mean) / sqrt(var + eps) * weight + bias, with weight, bias, running_mean and running_var
+// (C) in the parameters' dtype (f32 for bf16 x, like LayerNorm's).
+// training: mean and the biased variance of this batch; running_mean and running_var are
+//   updated in place, not recorded: r = (1 - momentum) r + momentum s, with the unbiased
+//   variance (count / (count - 1)) for running_var, as PyTorch. Needs more than one value per
+//   channel (throws otherwise, as PyTorch does).
+// eval: the running statistics; nothing is updated.
+// The caller (the model) keeps num_batches_tracked. PyTorch's defaults: eps 1e-5, momentum 0.1.
+Tensor batch_norm(const Tensor& x, const Tensor& weight, const Tensor& bias,
+                  const Tensor& running_mean, const Tensor& running_var, bool training,
+                  double momentum = 0.1, double eps = 1e-5);
 
 // x W^T + b over the last dimension: x (..., K), weight (N, K), bias (N) or undefined
 // -> (..., N). The pointwise 1x1 convs of a block and the classifier head.
@@ -43,6 +71,9 @@ Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, dou
 // x is not bf16.
 Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias,
               const Tensor& weight_bf16 = Tensor());
+
+// ReLU: max(x, 0), gradient 0 at x <= 0 (PyTorch's). Any shape.
+Tensor relu(const Tensor& x);
 
 // GELU, exact erf form: x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2)). Any shape.
 Tensor gelu(const Tensor& x);
