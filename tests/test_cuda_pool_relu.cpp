@@ -50,6 +50,16 @@ constexpr int64_t kGuard = 8;  // sentinel elements after every device buffer
 
 void device_sync() { CNX_CUDA_CHECK(cudaDeviceSynchronize()); }
 
+// Returns the caching allocator's blocks to the device at the end of a test with large buffers:
+// the emulated device opens all allocated memory for every piece of queued work, so a large
+// cached pool would slow every later test of the same process (ctest runs each alone anyway).
+struct ReleaseCacheAtEnd {
+  ~ReleaseCacheAtEnd() {
+    device_sync();
+    cuda::empty_cache(kDev);
+  }
+};
+
 // ---- element types -----------------------------------------------------------------------------
 // The raw bits of an element, for bitwise comparisons and readable failure messages.
 uint32_t bits_of(float v) { return std::bit_cast<uint32_t>(v); }
@@ -87,17 +97,16 @@ template <class T> class DevBuf {
   }
   T* p() { return t_.data<T>() + off_; }
   std::vector<T> all() const { return t_.to(Device::cpu()).template to_vector<T>(); }
-  std::vector<T> get() const {
-    const std::vector<T> a = all();
-    return std::vector<T>(a.begin() + off_, a.begin() + off_ + n_);
-  }
-  void expect_guards(const std::string& what) const {
+  // The n data elements, after EXPECTing the guards before and after them intact (one copy
+  // back from the device for both).
+  std::vector<T> checked(const std::string& what) const {
     const std::vector<T> a = all();
     int64_t changed = 0;
     for (int64_t i = 0; i < off_; ++i) changed += bits_of(a[i]) != bits_of(sentinel<T>());
     for (int64_t i = off_ + n_; i < off_ + n_ + kGuard; ++i)
       changed += bits_of(a[i]) != bits_of(sentinel<T>());
     EXPECT_EQ(changed, 0) << what << ": " << changed << " guard elements were written";
+    return std::vector<T>(a.begin() + off_, a.begin() + off_ + n_);
   }
 
  private:
@@ -156,17 +165,15 @@ template <class T> void check_relu(int64_t n, int64_t off, Kind kind, uint64_t s
   cuda::relu_forward<T>(out.p(), dx_in.p(), n, nullptr);
   cuda::relu_backward<T>(din.p(), ddy.p(), out.p(), n, nullptr);
   device_sync();
-  expect_bitwise(what + " forward", out.get(), y);
-  expect_bitwise(what + " backward", din.get(), dx);
-  out.expect_guards(what + " forward");
-  din.expect_guards(what + " backward");
+  expect_bitwise(what + " forward", out.checked(what + " forward"), y);
+  expect_bitwise(what + " backward", din.checked(what + " backward"), dx);
 
   // In place: out = in, din = dout.
   cuda::relu_forward<T>(dx_in.p(), dx_in.p(), n, nullptr);
   cuda::relu_backward<T>(ddy.p(), ddy.p(), dx_in.p(), n, nullptr);
   device_sync();
-  expect_bitwise(what + " forward in place", dx_in.get(), y);
-  expect_bitwise(what + " backward in place", ddy.get(), dx);
+  expect_bitwise(what + " forward in place", dx_in.checked(what + " in place"), y);
+  expect_bitwise(what + " backward in place", ddy.checked(what + " in place"), dx);
 }
 
 // ================================ max_pool2d ================================
@@ -203,10 +210,8 @@ DevicePool<T> run_device_pool(const Pool& q, const std::vector<T>& x, const std:
   cuda::maxpool2d_backward<T>(din.p(), dout.p(), argmax.p(), q.N, q.H, q.W, q.C, q.k, q.s, q.p,
                               nullptr);
   device_sync();
-  out.expect_guards(what + " out");
-  argmax.expect_guards(what + " argmax");
-  din.expect_guards(what + " din");
-  return {out.get(), din.get(), argmax.get()};
+  return {out.checked(what + " out"), din.checked(what + " din"),
+          argmax.checked(what + " argmax")};
 }
 
 template <class T> void check_pool(const Pool& q, int64_t off, Kind kind, uint64_t seed) {
@@ -272,6 +277,7 @@ TEST(CudaPoolRelu, ReluMatchesCpuBitwise) {
 TEST(CudaPoolRelu, ReluLoopsOverLongArrays) {
 #if CNX_TEST_CUDA
   CNX_SKIP_WITHOUT_DEVICE();
+  const ReleaseCacheAtEnd release;
   const int64_t n = (int64_t{1} << 21) + 5;
   check_relu<float>(n, 0, Kind::specials, 50);
   check_relu<bf16>(n, 0, Kind::specials, 51);
@@ -305,6 +311,7 @@ TEST(CudaPoolRelu, MaxPoolMatchesCpuBitwiseOnSmallShapes) {
 TEST(CudaPoolRelu, MaxPoolMatchesCpuBitwiseOnTheResNetStem) {
 #if CNX_TEST_CUDA
   CNX_SKIP_WITHOUT_DEVICE();
+  const ReleaseCacheAtEnd release;
   const Pool stem{2, 112, 112, 64, 3, 2, 1};
   check_pool<float>(stem, 0, Kind::specials, 200);
   check_pool<bf16>(stem, 0, Kind::ties, 201);
@@ -319,6 +326,7 @@ TEST(CudaPoolRelu, MaxPoolMatchesCpuBitwiseOnTheResNetStem) {
 TEST(CudaPoolRelu, MaxPoolLoopsOverLargeShapes) {
 #if CNX_TEST_CUDA
   CNX_SKIP_WITHOUT_DEVICE();
+  const ReleaseCacheAtEnd release;
   check_pool<float>({3, 57, 59, 31, 2, 1, 1}, 0, Kind::ties, 300);   // scalar: 321k, 313k units
   check_pool<float>({2, 99, 101, 64, 3, 1, 1}, 0, Kind::normal, 301);  // f32x4: 320k units
 #else
@@ -339,8 +347,7 @@ TEST(CudaPoolRelu, MaxPoolWithoutArgmax) {
     cuda::maxpool2d_forward<float>(out.p(), nullptr, in.p(), q.N, q.H, q.W, q.C, q.k, q.s, q.p,
                                    nullptr);
     device_sync();
-    expect_bitwise("no argmax", out.get(), y);
-    out.expect_guards("no argmax");
+    expect_bitwise("no argmax", out.checked("no argmax"), y);
   }
 #else
   CNX_SKIP_BUILT_WITHOUT_CUDA();
