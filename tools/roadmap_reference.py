@@ -423,6 +423,30 @@ def self_check(verbose=True):
     report("step 11 state_dict == convnext_reference convnext_tiny", same)
     report("step 11 parameters", count_params(m11) == 28_589_128, f"{count_params(m11):,}")
 
+    # Step 10's block with layer scale is the official ConvNeXt block (dwconv -> LN -> 1x1 ->
+    # GELU -> 1x1 -> gamma -> + x) written with convs: same output with the weights mapped.
+    cfg10 = dict(STEPS["roadmap_10_layer_norm"][2], layer_scale_init_value=1e-6,
+                 drop_path_rate=0.0)
+    blk, off = RoadmapBlock(cfg10, 24, 24, 1, 0.0).double(), cnx_ref.Block(24).double()
+    _perturb(off, gen)
+    with torch.no_grad():
+        off.gamma.uniform_(0.5, 1.5, generator=gen)
+        off.norm.weight.normal_(1.0, 0.2, generator=gen)
+        off.norm.bias.normal_(0.0, 0.2, generator=gen)
+        blk.gamma.copy_(off.gamma)
+        blk.conv1.weight.copy_(off.dwconv.weight)
+        blk.conv1.bias.copy_(off.dwconv.bias)
+        blk.ln1.weight.copy_(off.norm.weight)
+        blk.ln1.bias.copy_(off.norm.bias)
+        blk.conv2.weight.copy_(off.pwconv1.weight[:, :, None, None])
+        blk.conv2.bias.copy_(off.pwconv1.bias)
+        blk.conv3.weight.copy_(off.pwconv2.weight[:, :, None, None])
+        blk.conv3.bias.copy_(off.pwconv2.bias)
+        x = torch.randn(2, 24, 9, 11, generator=gen, dtype=torch.float64)
+        d = _max_rel(blk(x), off(x))
+    report("step 10 block (+ layer scale) == the official ConvNeXt block, float64", d < 1e-12,
+           f"max|diff|/max|out| {d:.3g}")
+
     macs00, macs11 = count_macs(mine, 224), count_macs(m11, 224)
     report("ResNet-50 MACs ~4.1 G", abs(macs00 / 1e9 - 4.1) < 0.05, f"{macs00:,}")
     report("ConvNeXt-T MACs ~4.47 G", abs(macs11 / 1e9 - 4.47) < 0.02, f"{macs11:,}")
