@@ -2,11 +2,14 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <initializer_list>
 #include <map>
 #include <set>
+
+#include <nlohmann/json.hpp>
 
 #include "autograd/function.h"
 #include "autograd/ops.h"
@@ -16,6 +19,8 @@ namespace cnx {
 
 namespace {
 constexpr double kLayerNormEps = 1e-6;
+constexpr double kBatchNormEps = 1e-5;      // PyTorch's BatchNorm2d defaults
+constexpr double kBatchNormMomentum = 0.1;
 
 // Whether a block on CUDA runs its depthwise conv and LayerNorm as one fused op
 // (dwconv_layer_norm: one kernel, y stays in shared memory). On unless the environment sets
@@ -61,6 +66,37 @@ void ConvNeXtConfig::validate() const {
             drop_path_rate);
   CNX_CHECK(layer_scale_init_value >= 0, what, "layer_scale_init_value must be >= 0, got ",
             layer_scale_init_value);
+  CNX_CHECK(kernel >= 3 && kernel <= 11 && kernel % 2 == 1, what,
+            "kernel must be 3, 5, 7, 9 or 11, got ", kernel);
+  CNX_CHECK(groups == 0 || groups == 1, what, "groups must be 0 (depthwise) or 1 (dense), got ",
+            groups);
+  CNX_CHECK(stem_width >= 0, what, "stem_width must be >= 0 (0: dims[0]), got ", stem_width);
+  if (!resnet_style()) {
+    // Separate downsampling layers are ConvNeXt's: its stem, block and norms come with them.
+    const bool convnext_block = stem == StemKind::patchify && block == BlockKind::inverted &&
+                                spatial == SpatialPosition::top && groups == 0 &&
+                                act == ActKind::gelu && !all_acts && norm == NormKind::layer &&
+                                !all_norms && (stem_width == 0 || stem_width == dims[0]);
+    CNX_CHECK(convnext_block, what,
+              "separate downsampling layers come with ConvNeXt's stem and block (patchify stem, "
+              "inverted block, depthwise conv on top, one GELU, one LayerNorm): use downsampling "
+              "in_block for the other combinations");
+  } else {
+    CNX_CHECK(!isotropic, what, "an isotropic model has no downsampling to put in its blocks");
+    CNX_CHECK(depths.size() >= 1, what, "needs at least one stage");
+    for (int64_t d : dims)
+      CNX_CHECK(block == BlockKind::inverted || d % 4 == 0, what,
+                "a bottleneck block's hidden width is dims / 4: dims must be multiples of 4, got ",
+                join(dims));
+    // (A spatial conv on top of the block is depthwise whatever groups says; acts one keeps
+    // the activation after conv2, norms one the norm after conv1, wherever the spatial conv is.)
+    // The blocks are built one by one below, so bound their number before counting.
+    int64_t blocks = 0;
+    for (int64_t d : depths) blocks += d;
+    CNX_CHECK(blocks <= 10000, what, blocks, " blocks: a ResNet-style model takes at most 10000");
+    for (int64_t d : dims)
+      CNX_CHECK(d <= (int64_t{1} << 20), what, "dims must be at most 2^20, got ", join(dims));
+  }
   // Before anything is allocated: a typo like --depths 1,1,1,100000000 must not grow memory
   // until the machine gives up.
   const int64_t n = num_parameters();
@@ -89,6 +125,8 @@ class CheckedCount {
 }  // namespace
 
 int64_t ConvNeXtConfig::num_parameters() const {
+  // A ResNet-style model is counted from its structure (validate() bounds its size first).
+  if (resnet_style()) return ConvNeXt(*this, ConvNeXt::ShapesOnly{}).num_parameters();
   // The parameters the constructor adds, in the same order (see there for the shapes).
   CheckedCount n;
   const size_t S = dims.size();
@@ -109,7 +147,7 @@ int64_t ConvNeXtConfig::num_parameters() const {
     const int64_t C = dims[i];
     CheckedCount block;
     if (layer_scale_init_value > 0) block.add({C});  // gamma
-    block.add({C, 7, 7});                            // dwconv
+    block.add({C, kernel, kernel});                  // dwconv
     block.add({C});
     block.add({2, C});                               // LayerNorm
     block.add({4, C, C});                            // pwconv1
@@ -127,6 +165,57 @@ int64_t ConvNeXtConfig::num_parameters() const {
 
 int64_t ConvNeXtConfig::downsampling() const {
   return isotropic ? 16 : int64_t{4} << (dims.size() - 1);
+}
+
+// ---- the knobs as words ----------------------------------------------------------------------
+
+namespace {
+template <class E, size_t N>
+const char* knob_name(E v, const std::array<std::pair<E, const char*>, N>& table) {
+  for (const auto& [e, word] : table)
+    if (e == v) return word;
+  return "?";
+}
+template <class E, size_t N>
+void knob_parse(const std::string& word, E& v, const char* what,
+                const std::array<std::pair<E, const char*>, N>& table) {
+  std::string known;
+  for (const auto& [e, w] : table) {
+    if (word == w) {
+      v = e;
+      return;
+    }
+    known += (known.empty() ? "" : ", ") + std::string(w);
+  }
+  fail("unknown ", what, " '", word, "' (known: ", known, ")");
+}
+constexpr std::array<std::pair<StemKind, const char*>, 2> kStems{
+    {{StemKind::patchify, "patchify"}, {StemKind::resnet, "resnet"}}};
+constexpr std::array<std::pair<BlockKind, const char*>, 2> kBlocks{
+    {{BlockKind::inverted, "inverted"}, {BlockKind::bottleneck, "bottleneck"}}};
+constexpr std::array<std::pair<SpatialPosition, const char*>, 2> kSpatial{
+    {{SpatialPosition::top, "top"}, {SpatialPosition::middle, "middle"}}};
+constexpr std::array<std::pair<ActKind, const char*>, 2> kActs{
+    {{ActKind::gelu, "gelu"}, {ActKind::relu, "relu"}}};
+constexpr std::array<std::pair<NormKind, const char*>, 2> kNorms{
+    {{NormKind::layer, "layer"}, {NormKind::batch, "batch"}}};
+constexpr std::array<std::pair<Downsampling, const char*>, 2> kDownsampling{
+    {{Downsampling::separate, "separate"}, {Downsampling::in_block, "in_block"}}};
+}  // namespace
+
+const char* name_of(StemKind v) { return knob_name(v, kStems); }
+const char* name_of(BlockKind v) { return knob_name(v, kBlocks); }
+const char* name_of(SpatialPosition v) { return knob_name(v, kSpatial); }
+const char* name_of(ActKind v) { return knob_name(v, kActs); }
+const char* name_of(NormKind v) { return knob_name(v, kNorms); }
+const char* name_of(Downsampling v) { return knob_name(v, kDownsampling); }
+void parse_knob(const std::string& w, StemKind& v) { knob_parse(w, v, "stem", kStems); }
+void parse_knob(const std::string& w, BlockKind& v) { knob_parse(w, v, "block", kBlocks); }
+void parse_knob(const std::string& w, SpatialPosition& v) { knob_parse(w, v, "spatial", kSpatial); }
+void parse_knob(const std::string& w, ActKind& v) { knob_parse(w, v, "act", kActs); }
+void parse_knob(const std::string& w, NormKind& v) { knob_parse(w, v, "norm", kNorms); }
+void parse_knob(const std::string& w, Downsampling& v) {
+  knob_parse(w, v, "downsampling", kDownsampling);
 }
 
 namespace {
@@ -171,6 +260,171 @@ const std::map<std::string, ConvNeXtConfig>& registry() {
 }
 }  // namespace
 
+// ---- configurations as JSON ------------------------------------------------------------------
+
+std::string config_to_json(const ConvNeXtConfig& c) {
+  nlohmann::ordered_json j;
+  j["name"] = c.name;
+  j["in_chans"] = c.in_chans;
+  j["num_classes"] = c.num_classes;
+  j["depths"] = c.depths;
+  j["dims"] = c.dims;
+  j["isotropic"] = c.isotropic;
+  j["stem"] = name_of(c.stem);
+  j["stem_width"] = c.stem_width;
+  j["block"] = name_of(c.block);
+  j["spatial"] = name_of(c.spatial);
+  j["groups"] = c.groups;
+  j["kernel"] = c.kernel;
+  j["act"] = name_of(c.act);
+  j["acts"] = c.all_acts ? "all" : "one";
+  j["norm"] = name_of(c.norm);
+  j["norms"] = c.all_norms ? "all" : "one";
+  j["downsampling"] = name_of(c.downsample_mode);
+  j["layer_scale_init_value"] = c.layer_scale_init_value;
+  j["drop_path_rate"] = c.drop_path_rate;
+  j["head_init_scale"] = c.head_init_scale;
+  return j.dump();
+}
+
+ConvNeXtConfig config_from_json(const std::string& text) {
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(text);
+  } catch (const std::exception& e) {
+    fail("model configuration: not JSON (", e.what(), ")");
+  }
+  CNX_CHECK(j.is_object(), "model configuration: expected a JSON object");
+  ConvNeXtConfig c;
+  auto all_or_one = [](const std::string& key, const std::string& word) {
+    CNX_CHECK(word == "all" || word == "one", "model configuration: ", key,
+              " must be \"all\" or \"one\", got \"", word, "\"");
+    return word == "all";
+  };
+  for (const auto& [key, v] : j.items()) {
+    try {
+      if (key == "name") c.name = v.get<std::string>();
+      else if (key == "in_chans") c.in_chans = v.get<int64_t>();
+      else if (key == "num_classes") c.num_classes = v.get<int64_t>();
+      else if (key == "depths") c.depths = v.get<std::vector<int64_t>>();
+      else if (key == "dims") c.dims = v.get<std::vector<int64_t>>();
+      else if (key == "isotropic") c.isotropic = v.get<bool>();
+      else if (key == "stem") parse_knob(v.get<std::string>(), c.stem);
+      else if (key == "stem_width") c.stem_width = v.get<int64_t>();
+      else if (key == "block") parse_knob(v.get<std::string>(), c.block);
+      else if (key == "spatial") parse_knob(v.get<std::string>(), c.spatial);
+      else if (key == "groups") c.groups = v.get<int64_t>();
+      else if (key == "kernel") c.kernel = v.get<int64_t>();
+      else if (key == "act") parse_knob(v.get<std::string>(), c.act);
+      else if (key == "acts") c.all_acts = all_or_one(key, v.get<std::string>());
+      else if (key == "norm") parse_knob(v.get<std::string>(), c.norm);
+      else if (key == "norms") c.all_norms = all_or_one(key, v.get<std::string>());
+      else if (key == "downsampling") parse_knob(v.get<std::string>(), c.downsample_mode);
+      else if (key == "layer_scale_init_value") c.layer_scale_init_value = v.get<double>();
+      else if (key == "drop_path_rate") c.drop_path_rate = v.get<double>();
+      else if (key == "head_init_scale") c.head_init_scale = v.get<double>();
+      else if (key == "case" || key == "description" || key == "paper_top1") continue;
+      else fail("model configuration: unknown key \"", key, "\"");
+    } catch (const nlohmann::json::exception& e) {
+      fail("model configuration: ", key, " has the wrong type (", e.what(), ")");
+    }
+  }
+  return c;
+}
+
+// ---- the roadmap (paper section 3; seeds 000 and 001 give the top-1 of each step) ----------
+
+namespace {
+// Each step is the step before with one change.
+std::vector<ConvNeXtConfig> roadmap_steps() {
+  std::vector<ConvNeXtConfig> steps;
+  ConvNeXtConfig c;
+  c.depths = {3, 4, 6, 3};
+  c.dims = {256, 512, 1024, 2048};
+  c.stem = StemKind::resnet;
+  c.stem_width = 64;
+  c.block = BlockKind::bottleneck;
+  c.spatial = SpatialPosition::middle;
+  c.groups = 1;
+  c.kernel = 3;
+  c.act = ActKind::relu;
+  c.all_acts = true;
+  c.norm = NormKind::batch;
+  c.all_norms = true;
+  c.downsample_mode = Downsampling::in_block;
+  c.layer_scale_init_value = 0;
+  auto step = [&](const char* name, const char* description, std::optional<double> top1) {
+    c.name = name;
+    c.description = description;
+    c.paper_top1 = top1;
+    steps.push_back(c);
+  };
+  step("roadmap_00_resnet50", "ResNet-50 (torchvision's), trained with the modern recipe", 78.8);
+  c.depths = {3, 3, 9, 3};
+  step("roadmap_01_stage_ratio", "stage compute ratio 3:4:6:3 -> 3:3:9:3 (Swin-T's 1:1:3:1)",
+       79.4);
+  c.stem = StemKind::patchify;
+  step("roadmap_02_patchify_stem", "stem: 7x7/2 conv + max pool -> 4x4/4 patchify conv", 79.5);
+  c.groups = 0;
+  c.dims = {384, 768, 1536, 3072};
+  c.stem_width = 96;
+  step("roadmap_03_resnextify", "ResNeXt-ify: depthwise 3x3 conv, width 64 -> 96", 80.5);
+  c.block = BlockKind::inverted;
+  c.dims = {96, 192, 384, 768};
+  step("roadmap_04_inverted_bottleneck", "inverted bottleneck: 96 -> 384 -> 96 (MLP ratio 4)",
+       80.6);
+  c.spatial = SpatialPosition::top;
+  step("roadmap_05_move_up_dwconv", "depthwise conv moved to the top of the block", 79.9);
+  c.kernel = 5;
+  step("roadmap_06_kernel5", "kernel size 3 -> 5 (a variant of step 6)", std::nullopt);
+  c.kernel = 7;
+  step("roadmap_06_kernel7", "kernel size 3 -> 7", 80.6);
+  c.kernel = 9;
+  step("roadmap_06_kernel9", "kernel size 3 -> 9 (a variant of step 6)", std::nullopt);
+  c.kernel = 11;
+  step("roadmap_06_kernel11", "kernel size 3 -> 11 (a variant of step 6)", std::nullopt);
+  c.kernel = 7;
+  c.act = ActKind::gelu;
+  step("roadmap_07_gelu", "ReLU -> GELU", 80.6);
+  c.all_acts = false;
+  step("roadmap_08_fewer_activations", "one activation per block, between the 1x1 convs", 81.3);
+  c.all_norms = false;
+  step("roadmap_09_fewer_norms", "one norm per block, after the depthwise conv", 81.4);
+  c.norm = NormKind::layer;
+  step("roadmap_10_layer_norm", "BatchNorm -> LayerNorm", 81.5);
+  ConvNeXtConfig t;  // ConvNeXt's defaults: the design space's end
+  t.depths = {3, 3, 9, 3};
+  t.dims = {96, 192, 384, 768};
+  t.name = "roadmap_11_convnext_tiny";
+  t.description =
+      "separate downsampling layers (LN + 2x2/2 conv), LN after the stem and the pool, layer "
+      "scale: ConvNeXt-T";
+  t.paper_top1 = 82.0;
+  steps.push_back(t);
+  return steps;
+}
+
+const std::vector<ConvNeXtConfig>& roadmap() {
+  static const std::vector<ConvNeXtConfig> steps = roadmap_steps();
+  return steps;
+}
+}  // namespace
+
+const std::vector<std::string>& roadmap_step_names() {
+  static const std::vector<std::string> names = [] {
+    std::vector<std::string> v;
+    for (const ConvNeXtConfig& c : roadmap()) v.push_back(c.name);
+    return v;
+  }();
+  return names;
+}
+
+std::vector<std::string> all_model_names() {
+  std::vector<std::string> v = convnext_model_names();
+  v.insert(v.end(), roadmap_step_names().begin(), roadmap_step_names().end());
+  return v;
+}
+
 const std::vector<std::string>& convnext_model_names() {
   static const std::vector<std::string> names = [] {
     std::vector<std::string> v;
@@ -182,12 +436,12 @@ const std::vector<std::string>& convnext_model_names() {
 
 ConvNeXtConfig convnext_config(const std::string& name) {
   auto it = registry().find(name);
-  if (it == registry().end()) {
-    std::string known;
-    for (const std::string& n : convnext_model_names()) known += (known.empty() ? "" : ", ") + n;
-    fail("unknown model '", name, "' (known: ", known, ")");
-  }
-  return it->second;
+  if (it != registry().end()) return it->second;
+  for (const ConvNeXtConfig& c : roadmap())
+    if (c.name == name) return c;
+  std::string known;
+  for (const std::string& n : all_model_names()) known += (known.empty() ? "" : ", ") + n;
+  fail("unknown model '", name, "' (known: ", known, ")");
 }
 
 // ---- layouts ---------------------------------------------------------------------------------
@@ -224,6 +478,10 @@ Tensor permute4(const Tensor& in, const std::array<int, 4>& perm) {
 Tensor to_official_layout(const Tensor& internal, ParamLayout layout) {
   switch (layout) {
     case ParamLayout::plain: return internal.to(Device::cpu()).clone();
+    case ParamLayout::pointwise: {  // (Co, Ci) -> (Co, Ci, 1, 1): the same bytes
+      CNX_CHECK(internal.rank() == 2, "pointwise weight: expected (Co, Ci), got ", internal.str());
+      return internal.to(Device::cpu()).clone().view({internal.dim(0), internal.dim(1), 1, 1});
+    }
     case ParamLayout::patchify: return permute4(internal, {0, 3, 1, 2});  // (Co,k,k,Ci)->(Co,Ci,k,k)
     case ParamLayout::depthwise: {  // (k, k, C) -> (C, 1, k, k)
       CNX_CHECK(internal.rank() == 3, "depthwise weight: expected (k, k, C), got ", internal.str());
@@ -237,6 +495,11 @@ Tensor to_official_layout(const Tensor& internal, ParamLayout layout) {
 Tensor from_official_layout(const Tensor& official, ParamLayout layout) {
   switch (layout) {
     case ParamLayout::plain: return official.to(Device::cpu()).clone();
+    case ParamLayout::pointwise: {  // (Co, Ci, 1, 1) -> (Co, Ci)
+      CNX_CHECK(official.rank() == 4 && official.dim(2) == 1 && official.dim(3) == 1,
+                "pointwise weight: expected (Co, Ci, 1, 1), got ", official.str());
+      return official.to(Device::cpu()).clone().view({official.dim(0), official.dim(1)});
+    }
     case ParamLayout::patchify: return permute4(official, {0, 2, 3, 1});  // (Co,Ci,k,k)->(Co,k,k,Ci)
     case ParamLayout::depthwise: {  // (C, 1, k, k) -> (k, k, C)
       CNX_CHECK(official.rank() == 4 && official.dim(1) == 1,
@@ -255,10 +518,6 @@ Tensor nchw_to_nhwc(const Tensor& images) {
 
 // ---- construction and initialisation ---------------------------------------------------------
 
-namespace {
-enum class Init { trunc_normal, zeros, ones, layer_scale };
-}
-
 int64_t ConvNeXt::add_param(const std::string& name, const Shape& official_shape,
                             ParamLayout layout, bool decay) {
   Parameter prm;
@@ -267,19 +526,34 @@ int64_t ConvNeXt::add_param(const std::string& name, const Shape& official_shape
   prm.layout = layout;
   prm.decay = decay;
   params_.push_back(std::move(prm));
+  entries_.push_back({Entry::Kind::parameter, params_.size() - 1});
   return static_cast<int64_t>(params_.size()) - 1;
 }
 
-ConvNeXt::ConvNeXt(const ConvNeXtConfig& config, Generator& init) : config_(config) {
-  config_.validate();
+ConvNeXt::ConvNeXt(const ConvNeXtConfig& config, Generator& init) : ConvNeXt(config, &init) {}
+
+ConvNeXt::ConvNeXt(const ConvNeXtConfig& config, ShapesOnly) : ConvNeXt(config, nullptr) {}
+
+ConvNeXt::ConvNeXt(const ConvNeXtConfig& config, Generator* init) : config_(config) {
+  shapes_only_ = init == nullptr;
+  // validate() counts a ResNet-style model by building its shapes, so only a real build checks.
+  if (!shapes_only_) config_.validate();
+  std::vector<Init> inits;  // how each parameter starts, by index
+  if (config_.resnet_style()) build_resnet_style(inits);
+  else build_convnext(inits);
+  if (!shapes_only_) init_values(inits, *init);
+}
+
+// The official ConvNeXt (and isotropic ConvNeXt), parameters in the official order.
+void ConvNeXt::build_convnext(std::vector<Init>& inits) {
   const auto& dims = config_.dims;
+  const int64_t K = config_.kernel;
   const int64_t total_blocks = [&] {
     int64_t t = 0;
     for (int64_t d : config_.depths) t += d;
     return t;
   }();
 
-  std::vector<Init> inits;  // how each parameter starts, by index
   auto add = [&](const std::string& name, const Shape& shape, ParamLayout layout, Init how) {
     // The official weight-decay rule: no decay for 1-D tensors (norms, gamma) and biases.
     const bool decay = shape.rank() > 1 && !name.ends_with(".bias");
@@ -289,6 +563,9 @@ ConvNeXt::ConvNeXt(const ConvNeXtConfig& config, Generator& init) : config_(conf
   auto conv = [&](const std::string& prefix, int64_t ci, int64_t co, int64_t k, Downsample& d) {
     d.conv_w = add(prefix + ".weight", {co, ci, k, k}, ParamLayout::patchify, Init::trunc_normal);
     d.conv_b = add(prefix + ".bias", {co}, ParamLayout::plain, Init::zeros);
+    d.ci = ci;
+    d.co = co;
+    d.k = k;
   };
   auto norm = [&](const std::string& prefix, int64_t c, int64_t& w, int64_t& b) {
     w = add(prefix + ".weight", {c}, ParamLayout::plain, Init::ones);
@@ -320,7 +597,7 @@ ConvNeXt::ConvNeXt(const ConvNeXtConfig& config, Generator& init) : config_(conf
       const std::string prefix = config_.isotropic
                                      ? "blocks." + std::to_string(j)
                                      : "stages." + std::to_string(i) + "." + std::to_string(j);
-      Block b{};
+      Block b;
       b.drop_prob = total_blocks > 1 ? config_.drop_path_rate * static_cast<double>(block_index) /
                                            static_cast<double>(total_blocks - 1)
                                      : 0.0;
@@ -328,13 +605,18 @@ ConvNeXt::ConvNeXt(const ConvNeXtConfig& config, Generator& init) : config_(conf
       b.gamma = config_.layer_scale_init_value > 0
                     ? add(prefix + ".gamma", {C}, ParamLayout::plain, Init::layer_scale)
                     : -1;
-      b.dw_w = add(prefix + ".dwconv.weight", {C, 1, 7, 7}, ParamLayout::depthwise, Init::trunc_normal);
-      b.dw_b = add(prefix + ".dwconv.bias", {C}, ParamLayout::plain, Init::zeros);
-      norm(prefix + ".norm", C, b.ln_w, b.ln_b);
-      b.pw1_w = add(prefix + ".pwconv1.weight", {4 * C, C}, ParamLayout::plain, Init::trunc_normal);
-      b.pw1_b = add(prefix + ".pwconv1.bias", {4 * C}, ParamLayout::plain, Init::zeros);
-      b.pw2_w = add(prefix + ".pwconv2.weight", {C, 4 * C}, ParamLayout::plain, Init::trunc_normal);
-      b.pw2_b = add(prefix + ".pwconv2.bias", {C}, ParamLayout::plain, Init::zeros);
+      b.c1 = {Conv::Op::dwconv, -1, -1, C, C, K, 1, K / 2, C};
+      b.c1.w = add(prefix + ".dwconv.weight", {C, 1, K, K}, ParamLayout::depthwise, Init::trunc_normal);
+      b.c1.b = add(prefix + ".dwconv.bias", {C}, ParamLayout::plain, Init::zeros);
+      b.n1.kind = NormKind::layer;
+      norm(prefix + ".norm", C, b.n1.w, b.n1.b);
+      b.c2 = {Conv::Op::linear, -1, -1, C, 4 * C, 1, 1, 0, 1};
+      b.c2.w = add(prefix + ".pwconv1.weight", {4 * C, C}, ParamLayout::plain, Init::trunc_normal);
+      b.c2.b = add(prefix + ".pwconv1.bias", {4 * C}, ParamLayout::plain, Init::zeros);
+      b.act2 = true;
+      b.c3 = {Conv::Op::linear, -1, -1, 4 * C, C, 1, 1, 0, 1};
+      b.c3.w = add(prefix + ".pwconv2.weight", {C, 4 * C}, ParamLayout::plain, Init::trunc_normal);
+      b.c3.b = add(prefix + ".pwconv2.bias", {C}, ParamLayout::plain, Init::zeros);
       stages_[i].push_back(b);
     }
   }
@@ -342,25 +624,170 @@ ConvNeXt::ConvNeXt(const ConvNeXtConfig& config, Generator& init) : config_(conf
   norm("norm", dims.back(), norm_w_, norm_b_);
   head_w_ = add("head.weight", {config_.num_classes, dims.back()}, ParamLayout::plain, Init::trunc_normal);
   head_b_ = add("head.bias", {config_.num_classes}, ParamLayout::plain, Init::zeros);
+}
 
-  // Values, drawn in parameter order in the official layout, then converted.
+// A ResNet of torchvision's layout and names with the roadmap's knobs (the header's picture).
+void ConvNeXt::build_resnet_style(std::vector<Init>& inits) {
+  const ConvNeXtConfig& c = config_;
+  const int64_t total_blocks = [&] {
+    int64_t t = 0;
+    for (int64_t d : c.depths) t += d;
+    return t;
+  }();
+  const bool bn = c.norm == NormKind::batch;
+
+  auto add = [&](const std::string& name, const Shape& shape, ParamLayout layout, Init how) {
+    const bool decay = shape.rank() > 1 && !name.ends_with(".bias");
+    inits.push_back(how);
+    return add_param(name, shape, layout, decay);
+  };
+  // A conv of `ci` -> `co` channels; its bias only when no BatchNorm follows (`then_bn`).
+  auto conv = [&](const std::string& prefix, int64_t ci, int64_t co, int64_t k, int64_t stride,
+                  int64_t groups, bool then_bn) {
+    Conv cv;
+    cv.ci = ci;
+    cv.co = co;
+    cv.k = k;
+    cv.stride = stride;
+    cv.pad = (k == stride) ? 0 : k / 2;  // a patchify conv has none, the others keep the size
+    cv.groups = groups;
+    const bool depthwise = groups == ci && groups == co && groups > 1;
+    if (k == 1 && stride == 1 && groups == 1) {
+      cv.op = Conv::Op::linear;
+      cv.w = add(prefix + ".weight", {co, ci, 1, 1}, ParamLayout::pointwise, Init::kaiming_fan_out);
+    } else if (depthwise && stride == 1 && k % 2 == 1) {
+      cv.op = Conv::Op::dwconv;
+      cv.w = add(prefix + ".weight", {co, 1, k, k}, ParamLayout::depthwise, Init::kaiming_fan_out);
+    } else {
+      cv.op = (k == stride && groups == 1) ? Conv::Op::patchify : Conv::Op::conv2d;
+      cv.w = add(prefix + ".weight", {co, ci / groups, k, k}, ParamLayout::patchify,
+                 Init::kaiming_fan_out);
+    }
+    if (!then_bn) cv.b = add(prefix + ".bias", {co}, ParamLayout::plain, Init::zeros);
+    return cv;
+  };
+  // A norm module called `prefix` ("layer1.0.bn1"): BatchNorm's weight, bias, running_mean,
+  // running_var, num_batches_tracked in PyTorch's order, or LayerNorm's weight and bias.
+  auto norm = [&](const std::string& prefix, int64_t ch) {
+    Norm n;
+    n.kind = c.norm;
+    n.w = add(prefix + ".weight", {ch}, ParamLayout::plain, Init::ones);
+    n.b = add(prefix + ".bias", {ch}, ParamLayout::plain, Init::zeros);
+    if (bn) {
+      BatchNormState st;
+      st.name = prefix;
+      buffers_.push_back({prefix + ".running_mean", Tensor()});
+      st.running_mean = buffers_.size() - 1;
+      entries_.push_back({Entry::Kind::buffer, st.running_mean});
+      buffers_.push_back({prefix + ".running_var", Tensor()});
+      st.running_var = buffers_.size() - 1;
+      entries_.push_back({Entry::Kind::buffer, st.running_var});
+      bn_.push_back(st);
+      bn_batches_.push_back(0);
+      n.bn = static_cast<int64_t>(bn_.size()) - 1;
+      entries_.push_back({Entry::Kind::batches, bn_.size() - 1});
+    }
+    return n;
+  };
+  const std::string norm_word = bn ? "bn" : "ln";
+
+  // Stem: conv1 -> bn1 (ln1) -> act [-> maxpool].
+  const int64_t stem_ch = c.stem_channels();
+  if (c.stem == StemKind::resnet) {
+    stem_.conv = conv("conv1", c.in_chans, stem_ch, 7, 2, 1, bn);
+    stem_.maxpool = true;
+  } else {
+    stem_.conv = conv("conv1", c.in_chans, stem_ch, 4, 4, 1, bn);
+  }
+  stem_.norm = norm(norm_word + "1", stem_ch);
+  stem_.act = true;
+
+  const size_t S = c.dims.size();
+  stages_.resize(S);
+  int64_t block_index = 0;
+  int64_t in = stem_ch;
+  for (size_t i = 0; i < S; ++i) {
+    const int64_t out = c.dims[i], hidden = c.hidden_width(out);
+    for (int64_t j = 0; j < c.depths[i]; ++j, ++block_index) {
+      const std::string prefix = "layer" + std::to_string(i + 1) + "." + std::to_string(j);
+      const int64_t stride = (i > 0 && j == 0) ? 2 : 1;
+      Block b;
+      b.drop_prob = total_blocks > 1 ? c.drop_path_rate * static_cast<double>(block_index) /
+                                           static_cast<double>(total_blocks - 1)
+                                     : 0.0;
+      b.gamma = c.layer_scale_init_value > 0
+                    ? add(prefix + ".gamma", {out}, ParamLayout::plain, Init::layer_scale)
+                    : -1;
+      const bool n2 = c.all_norms, n3 = c.all_norms;  // norm1 always
+      const int64_t K = c.kernel;
+      if (c.spatial == SpatialPosition::middle) {
+        b.c1 = conv(prefix + ".conv1", in, hidden, 1, 1, 1, bn);
+        b.n1 = norm(prefix + "." + norm_word + "1", hidden);
+        b.c2 = conv(prefix + ".conv2", hidden, hidden, K, stride, c.groups == 0 ? hidden : 1,
+                    bn && n2);
+        if (n2) b.n2 = norm(prefix + "." + norm_word + "2", hidden);
+      } else {
+        b.c1 = conv(prefix + ".conv1", in, in, K, stride, in, bn);
+        b.n1 = norm(prefix + "." + norm_word + "1", in);
+        b.c2 = conv(prefix + ".conv2", in, hidden, 1, 1, 1, bn && n2);
+        if (n2) b.n2 = norm(prefix + "." + norm_word + "2", hidden);
+      }
+      b.c3 = conv(prefix + ".conv3", hidden, out, 1, 1, 1, bn && n3);
+      if (n3) b.n3 = norm(prefix + "." + norm_word + "3", out);
+      b.act1 = c.all_acts;
+      b.act2 = true;
+      b.act_out = c.all_acts;
+      if (stride != 1 || in != out) {
+        b.projection = true;
+        b.proj = conv(prefix + ".downsample.0", in, out, 1, stride, 1, bn);
+        b.proj_norm = norm(prefix + ".downsample.1", out);
+      }
+      stages_[i].push_back(b);
+      in = out;
+    }
+  }
+  head_w_ = add("fc.weight", {c.num_classes, in}, ParamLayout::plain, Init::linear_uniform);
+  head_b_ = add("fc.bias", {c.num_classes}, ParamLayout::plain, Init::linear_uniform);
+}
+
+// Values, drawn in parameter order in the official layout, then converted; BatchNorm buffers
+// start at mean 0, variance 1.
+void ConvNeXt::init_values(const std::vector<Init>& inits, Generator& init) {
   for (size_t i = 0; i < params_.size(); ++i) {
     Parameter& prm = params_[i];
+    const Shape& shape = prm.official_shape;
     Tensor official;
     switch (inits[i]) {
       case Init::trunc_normal: {
-        official = Tensor::empty(prm.official_shape);
+        official = Tensor::empty(shape);
         float* v = official.data<float>();
         // timm's trunc_normal_(std=.02) truncates at absolute +-2, i.e. +-100 std.
         for (int64_t e = 0; e < official.numel(); ++e)
           v[e] = static_cast<float>(init.trunc_normal(0.0, kInitStd, -2.0, 2.0));
         break;
       }
-      case Init::zeros: official = Tensor::zeros(prm.official_shape); break;
-      case Init::ones: official = Tensor::ones(prm.official_shape); break;
-      case Init::layer_scale:
-        official = Tensor::full(prm.official_shape, config_.layer_scale_init_value);
+      case Init::kaiming_fan_out: {  // torchvision's kaiming_normal_(mode="fan_out", relu)
+        official = Tensor::empty(shape);
+        const double fan_out = static_cast<double>(shape[0] * shape[2] * shape[3]);
+        const double std = std::sqrt(2.0 / fan_out);
+        float* v = official.data<float>();
+        for (int64_t e = 0; e < official.numel(); ++e) v[e] = static_cast<float>(std * init.normal());
         break;
+      }
+      case Init::linear_uniform: {  // nn.Linear's default: U(-1/sqrt(in), 1/sqrt(in))
+        // (Only the head uses it: its weight's in features are the fan-in, also for the bias.)
+        official = Tensor::empty(shape);
+        const double fan_in =
+            static_cast<double>(params_[static_cast<size_t>(head_w_)].official_shape[1]);
+        const double bound = 1.0 / std::sqrt(fan_in);
+        float* v = official.data<float>();
+        for (int64_t e = 0; e < official.numel(); ++e)
+          v[e] = static_cast<float>(init.uniform(-bound, bound));
+        break;
+      }
+      case Init::zeros: official = Tensor::zeros(shape); break;
+      case Init::ones: official = Tensor::ones(shape); break;
+      case Init::layer_scale: official = Tensor::full(shape, config_.layer_scale_init_value); break;
     }
     if (static_cast<int64_t>(i) == head_w_ || static_cast<int64_t>(i) == head_b_) {
       float* v = official.data<float>();
@@ -369,6 +796,13 @@ ConvNeXt::ConvNeXt(const ConvNeXtConfig& config, Generator& init) : config_(conf
     }
     prm.value = from_official_layout(official, prm.layout).set_requires_grad(true);
   }
+  for (size_t i = 0; i < bn_.size(); ++i) {
+    // The channel count is the norm weight's, which precedes the buffers in entries_.
+    const std::string weight_name = bn_[i].name + ".weight";
+    const int64_t C = parameter(weight_name).official_shape[0];
+    buffers_[bn_[i].running_mean].value = Tensor::zeros(Shape{C});
+    buffers_[bn_[i].running_var].value = Tensor::ones(Shape{C});
+  }
 }
 
 // ---- device ----------------------------------------------------------------------------------
@@ -376,50 +810,135 @@ ConvNeXt::ConvNeXt(const ConvNeXtConfig& config, Generator& init) : config_(conf
 void ConvNeXt::to(Device device) {
   // Copy everything first, assign after: a failure (no such device, out of memory) leaves the
   // model as it was.
-  std::vector<Tensor> moved(params_.size());
+  std::vector<Tensor> moved(params_.size()), moved_buffers(buffers_.size());
   for (size_t i = 0; i < params_.size(); ++i)
     if (params_[i].value.device() != device) moved[i] = params_[i].value.detach().to(device);
+  for (size_t i = 0; i < buffers_.size(); ++i)
+    if (buffers_[i].value.device() != device) moved_buffers[i] = buffers_[i].value.to(device);
   for (size_t i = 0; i < params_.size(); ++i)
     if (moved[i].defined()) params_[i].value = moved[i].set_requires_grad(true);
+  for (size_t i = 0; i < buffers_.size(); ++i)
+    if (moved_buffers[i].defined()) buffers_[i].value = moved_buffers[i];
 }
 
 Device ConvNeXt::device() const { return params_.empty() ? Device::cpu() : params_.front().value.device(); }
 
+void ConvNeXt::copy_buffers_from(const ConvNeXt& other) {
+  CNX_CHECK(other.buffers_.size() == buffers_.size() && other.bn_.size() == bn_.size(), "model ",
+            config_.name, ": copy_buffers_from a model with other buffers (", other.config_.name, ")");
+  NoGradGuard no_grad;
+  for (size_t i = 0; i < buffers_.size(); ++i) buffers_[i].value.copy_from(other.buffers_[i].value);
+  bn_batches_ = other.bn_batches_;
+}
+
 // ---- forward ---------------------------------------------------------------------------------
+
+Tensor ConvNeXt::conv_forward(const Conv& c, const Tensor& x,
+                              const std::vector<Tensor>* bf16_weights) const {
+  const Tensor bias = c.b >= 0 ? p(c.b) : Tensor();
+  switch (c.op) {
+    case Conv::Op::linear: return linear(x, p(c.w), bias, bf16_of(bf16_weights, c.w));
+    case Conv::Op::dwconv: return dwconv(x, p(c.w), bias);
+    case Conv::Op::patchify: return patchify_conv(x, p(c.w), bias, bf16_of(bf16_weights, c.w));
+    case Conv::Op::conv2d: return conv2d(x, p(c.w), bias, c.stride, c.pad, c.groups);
+  }
+  return {};
+}
+
+Tensor ConvNeXt::norm_forward(const Norm& n, const Tensor& x, bool training) const {
+  if (n.kind == NormKind::layer) return layer_norm(x, p(n.w), p(n.b), kLayerNormEps);
+  const BatchNormState& st = bn_[static_cast<size_t>(n.bn)];
+  Tensor out = batch_norm(x, p(n.w), p(n.b), buffers_[st.running_mean].value,
+                          buffers_[st.running_var].value, training, kBatchNormMomentum,
+                          kBatchNormEps);
+  if (training) ++bn_batches_[static_cast<size_t>(n.bn)];
+  return out;
+}
+
+Tensor ConvNeXt::act_forward(const Tensor& x) const {
+  return config_.act == ActKind::gelu ? gelu(x) : relu(x);
+}
 
 Tensor ConvNeXt::block_forward(const Block& b, const Tensor& x, bool training,
                                Generator& drop_gen, const std::vector<Tensor>* bf16_weights) const {
-  Tensor h = x.device().is_cuda() && fuse_dwconv_layer_norm()
-                 ? dwconv_layer_norm(x, p(b.dw_w), p(b.dw_b), p(b.ln_w), p(b.ln_b),
-                                     kLayerNormEps)                 // (N, H, W, C)
-                 : layer_norm(dwconv(x, p(b.dw_w), p(b.dw_b)), p(b.ln_w), p(b.ln_b),
-                              kLayerNormEps);
-  h = gelu(linear(h, p(b.pw1_w), p(b.pw1_b), bf16_of(bf16_weights, b.pw1_w)));  // (N, H, W, 4C)
-  h = linear(h, p(b.pw2_w), p(b.pw2_b), bf16_of(bf16_weights, b.pw2_w));        // (N, H, W, C)
-  // x + drop_path(layer_scale(h)) in one pass; the drop-path draw is drop_path()'s (the same
-  // samples, from the same generator state, as the unfused ops).
+  Tensor h;  // the residual branch
+  if (b.c1.op == Conv::Op::dwconv && b.n1.present() && b.n1.kind == NormKind::layer &&
+      b.c1.k == 7 && x.device().is_cuda() && fuse_dwconv_layer_norm()) {
+    const Tensor bias = b.c1.b >= 0 ? p(b.c1.b) : Tensor();
+    h = dwconv_layer_norm(x, p(b.c1.w), bias, p(b.n1.w), p(b.n1.b), kLayerNormEps);
+  } else {
+    h = conv_forward(b.c1, x, bf16_weights);
+    if (b.n1.present()) h = norm_forward(b.n1, h, training);
+  }
+  if (b.act1) h = act_forward(h);
+  h = conv_forward(b.c2, h, bf16_weights);  // ConvNeXt: (N, H, W, 4C)
+  if (b.n2.present()) h = norm_forward(b.n2, h, training);
+  if (b.act2) h = act_forward(h);
+  h = conv_forward(b.c3, h, bf16_weights);  // (N, H', W', C_out)
+  if (b.n3.present()) h = norm_forward(b.n3, h, training);
+  const Tensor shortcut =
+      b.projection ? norm_forward(b.proj_norm, conv_forward(b.proj, x, bf16_weights), training) : x;
+  // shortcut + drop_path(layer_scale(h)) in one pass; the drop-path draw is drop_path()'s (the
+  // same samples, from the same generator state, as the unfused ops).
   const Tensor gamma = b.gamma >= 0 ? p(b.gamma) : Tensor();
   const Tensor scale = training && b.drop_prob > 0
                            ? drop_path_scale(x.dim(0), b.drop_prob, drop_gen,
                                              param_dtype(h.dtype()), h.device())
                            : Tensor();
-  return scaled_residual(x, h, gamma, scale);
+  Tensor out = scaled_residual(shortcut, h, gamma, scale);
+  return b.act_out ? act_forward(out) : out;
+}
+
+int64_t ConvNeXt::min_input_size() const {
+  if (!config_.resnet_style()) return config_.downsampling();
+  return config_.stem == StemKind::resnet ? 1 : 4;
 }
 
 void ConvNeXt::check_input_size(int64_t H, int64_t W) const {
-  const int64_t s = config_.downsampling();
+  const int64_t s = min_input_size();
   CNX_CHECK(H >= s && W >= s, "model ", config_.name, ": input ", H, "x", W,
             " is too small for this model: the smallest is ", s, "x", s, " (it downsamples by ",
-            s, ")");
+            config_.downsampling(), ")");
+}
+
+namespace {
+int64_t conv_out(int64_t size, int64_t k, int64_t stride, int64_t pad) {
+  return (size + 2 * pad - k) / stride + 1;
+}
+}  // namespace
+
+// BatchNorm in training needs two values per channel; the last stage's map is the smallest.
+void ConvNeXt::check_batch_norm_batch(int64_t N, int64_t H, int64_t W) const {
+  if (bn_.empty() || N > 1) return;
+  int64_t h = conv_out(H, stem_.conv.k, stem_.conv.stride, stem_.conv.pad);
+  int64_t w = conv_out(W, stem_.conv.k, stem_.conv.stride, stem_.conv.pad);
+  if (stem_.maxpool) h = conv_out(h, 3, 2, 1), w = conv_out(w, 3, 2, 1);
+  for (const auto& stage : stages_)
+    for (const Block& b : stage) {
+      const Conv& spatial = b.c1.k > 1 ? b.c1 : b.c2;
+      h = conv_out(h, spatial.k, spatial.stride, spatial.pad);
+      w = conv_out(w, spatial.k, spatial.stride, spatial.pad);
+    }
+  CNX_CHECK(h * w > 1, "model ", config_.name, ": BatchNorm in training mode needs more than one ",
+            "value per channel, and a batch of 1 image of ", H, "x", W, " reaches a ", h, "x", w,
+            " map in the last stage: train with a batch of at least 2 (per micro-batch) or "
+            "larger images");
 }
 
 std::vector<size_t> ConvNeXt::bf16_gemm_weights() const {
   std::vector<size_t> out;
+  auto gemm = [&](const Conv& c) {
+    if (c.w >= 0 && (c.op == Conv::Op::linear || c.op == Conv::Op::patchify))
+      out.push_back(static_cast<size_t>(c.w));
+  };
+  if (config_.resnet_style()) gemm(stem_.conv);
   for (size_t i = 0; i < stages_.size(); ++i) {
-    out.push_back(static_cast<size_t>(downsample_[i].conv_w));
+    if (!config_.resnet_style()) out.push_back(static_cast<size_t>(downsample_[i].conv_w));
     for (const Block& b : stages_[i]) {
-      out.push_back(static_cast<size_t>(b.pw1_w));
-      out.push_back(static_cast<size_t>(b.pw2_w));
+      gemm(b.c1);
+      gemm(b.c2);
+      gemm(b.c3);
+      if (b.projection) gemm(b.proj);
     }
   }
   return out;
@@ -427,9 +946,11 @@ std::vector<size_t> ConvNeXt::bf16_gemm_weights() const {
 
 Tensor ConvNeXt::forward(const Tensor& images, bool training, Generator& drop_gen,
                          DType activations, const std::vector<Tensor>* bf16_weights) const {
+  CNX_CHECK(!shapes_only_, "model ", config_.name, ": built with ShapesOnly, it has no values");
   CNX_CHECK(images.rank() == 4 && images.dim(3) == config_.in_chans, "model ", config_.name,
             ": images ", images.str(), " must be (N, H, W, ", config_.in_chans, ")");
   check_input_size(images.dim(1), images.dim(2));
+  if (training) check_batch_norm_batch(images.dim(0), images.dim(1), images.dim(2));
   CNX_CHECK(images.device() == device(), "model ", config_.name, ": images ", images.str(),
             " are not on the model's device ", device().str(), " (move them with .to())");
   const DType params = p(head_w_).dtype();
@@ -442,6 +963,15 @@ Tensor ConvNeXt::forward(const Tensor& images, bool training, Generator& drop_ge
             " parameters (pass AdamW::bf16_copies() of an optimiser made on parameters())");
   if (activations != DType::bf16) bf16_weights = nullptr;  // no GEMM reads a bf16 weight then
   Tensor x = cast(images, activations);
+  if (config_.resnet_style()) {
+    x = norm_forward(stem_.norm, conv_forward(stem_.conv, x, bf16_weights), training);
+    if (stem_.act) x = act_forward(x);
+    if (stem_.maxpool) x = max_pool2d(x, 3, 2, 1);
+    for (const auto& stage : stages_)
+      for (const Block& b : stage) x = block_forward(b, x, training, drop_gen, bf16_weights);
+    x = global_avg_pool(cast(x, params));  // (N, C), in the parameters' precision from here on
+    return linear(x, p(head_w_), p(head_b_));  // (N, num_classes)
+  }
   for (size_t i = 0; i < stages_.size(); ++i) {
     const Downsample& d = downsample_[i];
     if (d.norm_first) x = layer_norm(x, p(d.ln_w), p(d.ln_b), kLayerNormEps);
@@ -454,6 +984,43 @@ Tensor ConvNeXt::forward(const Tensor& images, bool training, Generator& drop_ge
   return linear(x, p(head_w_), p(head_b_));  // (N, num_classes)
 }
 
+// ---- multiply-adds ---------------------------------------------------------------------------
+
+int64_t ConvNeXt::macs(int64_t H, int64_t W) const {
+  int64_t total = 0;
+  // One conv on an h x w map: its output pixels x Co x (Ci / groups) x k x k; h, w updated.
+  auto conv = [&](int64_t& h, int64_t& w, int64_t ci, int64_t co, int64_t k, int64_t stride,
+                  int64_t pad, int64_t groups) {
+    h = conv_out(h, k, stride, pad);
+    w = conv_out(w, k, stride, pad);
+    total += h * w * co * (ci / groups) * k * k;
+  };
+  auto run = [&](int64_t& h, int64_t& w, const Conv& c) {
+    conv(h, w, c.ci, c.co, c.k, c.stride, c.pad, c.groups);
+  };
+  int64_t h = H, w = W;
+  if (config_.resnet_style()) {
+    run(h, w, stem_.conv);
+    if (stem_.maxpool) h = conv_out(h, 3, 2, 1), w = conv_out(w, 3, 2, 1);
+  }
+  for (size_t i = 0; i < stages_.size(); ++i) {
+    if (!config_.resnet_style()) {
+      const Downsample& d = downsample_[i];
+      conv(h, w, d.ci, d.co, d.k, d.k, 0, 1);
+    }
+    for (const Block& b : stages_[i]) {
+      int64_t sh = h, sw = w;  // the shortcut's
+      run(h, w, b.c1);
+      run(h, w, b.c2);
+      run(h, w, b.c3);
+      if (b.projection) run(sh, sw, b.proj);
+    }
+  }
+  const Shape& head = params_[static_cast<size_t>(head_w_)].official_shape;
+  total += head[0] * head[1];
+  return total;
+}
+
 // ---- parameters and state dicts --------------------------------------------------------------
 
 const Parameter& ConvNeXt::parameter(const std::string& name) const {
@@ -464,7 +1031,7 @@ const Parameter& ConvNeXt::parameter(const std::string& name) const {
 
 int64_t ConvNeXt::num_parameters() const {
   int64_t n = 0;
-  for (const Parameter& prm : params_) n += prm.value.numel();
+  for (const Parameter& prm : params_) n += prm.official_shape.numel();  // also ShapesOnly
   return n;
 }
 
@@ -477,20 +1044,87 @@ std::vector<double> ConvNeXt::drop_path_rates() const {
 
 NamedTensors ConvNeXt::state_dict() const {
   NamedTensors out;
-  for (const Parameter& prm : params_)
-    out.emplace_back(prm.name, to_official_layout(prm.value, prm.layout));
+  for (const Entry& e : entries_) {
+    switch (e.kind) {
+      case Entry::Kind::parameter: {
+        const Parameter& prm = params_[e.index];
+        out.emplace_back(prm.name, to_official_layout(prm.value, prm.layout));
+        break;
+      }
+      case Entry::Kind::buffer:
+        out.emplace_back(buffers_[e.index].name, buffers_[e.index].value.to(Device::cpu()).clone());
+        break;
+      case Entry::Kind::batches: {
+        Tensor n = Tensor::empty(Shape{}, DType::i64);
+        *n.data<int64_t>() = bn_batches_[e.index];
+        out.emplace_back(bn_[e.index].name + ".num_batches_tracked", n);
+        break;
+      }
+    }
+  }
+  return out;
+}
+
+std::vector<std::pair<std::string, Shape>> ConvNeXt::state_dict_shapes() const {
+  std::vector<std::pair<std::string, Shape>> out;
+  for (const Entry& e : entries_) {
+    switch (e.kind) {
+      case Entry::Kind::parameter:
+        out.emplace_back(params_[e.index].name, params_[e.index].official_shape);
+        break;
+      case Entry::Kind::buffer: {
+        // A running statistic has its norm's channels: the weight's shape.
+        const std::string& name = buffers_[e.index].name;
+        out.emplace_back(name, parameter(name.substr(0, name.rfind('.')) + ".weight").official_shape);
+        break;
+      }
+      case Entry::Kind::batches:
+        out.emplace_back(bn_[e.index].name + ".num_batches_tracked", Shape{});
+        break;
+    }
+  }
   return out;
 }
 
 void ConvNeXt::load_state_dict(const NamedTensors& tensors) {
   StateDictMatcher match(tensors);
-  std::vector<const Tensor*> found;
-  for (const Parameter& prm : params_) found.push_back(match.floating(prm.name, prm.official_shape));
+  std::vector<const Tensor*> found, found_buffers;
+  std::vector<int64_t> batches(bn_.size(), 0);
+  // Looked up in state_dict() order, so that "missing" lists the names in the model's order.
+  found.resize(params_.size());
+  found_buffers.resize(buffers_.size());
+  for (const Entry& e : entries_) {
+    switch (e.kind) {
+      case Entry::Kind::parameter:
+        found[e.index] = match.floating(params_[e.index].name, params_[e.index].official_shape);
+        break;
+      case Entry::Kind::buffer: {
+        const std::string& name = buffers_[e.index].name;
+        // A running statistic has its norm's channels: the weight's shape.
+        const std::string module = name.substr(0, name.rfind('.'));
+        found_buffers[e.index] = match.floating(name, parameter(module + ".weight").official_shape);
+        break;
+      }
+      case Entry::Kind::batches: {
+        const std::string name = bn_[e.index].name + ".num_batches_tracked";
+        if (const Tensor* t = match.find(name)) {
+          if ((t->dtype() != DType::i64 && t->dtype() != DType::i32) || t->numel() != 1)
+            match.note("not an integer scalar", name + " " + t->str());
+          else
+            batches[e.index] = t->dtype() == DType::i64 ? *t->to(Device::cpu()).data<int64_t>()
+                                                        : *t->to(Device::cpu()).data<int32_t>();
+        }
+        break;
+      }
+    }
+  }
   if (!match.ok()) {
     const std::string head = "load_state_dict: weights do not fit model " + config_.name + ":";
     const std::vector<std::string> missing = match.missing(), unexpected = match.unexpected();
     std::set<std::string> expected;
     for (const Parameter& prm : params_) expected.insert(prm.name);
+    for (const Buffer& b : buffers_) expected.insert(b.name);
+    for (const BatchNormState& st : bn_) expected.insert(st.name + ".num_batches_tracked");
     const std::string foreign = foreign_naming_hint(unexpected, expected, missing.size());
     if (!foreign.empty()) fail(head, " ", foreign);
     // Weights with and without layer scale differ only by the blocks' gamma tensors.
@@ -511,11 +1145,15 @@ void ConvNeXt::load_state_dict(const NamedTensors& tensors) {
   }
 
   // Everything fits: convert first, assign after, so a failure leaves the model unchanged.
-  std::vector<Tensor> values;
+  std::vector<Tensor> values, buffer_values;
   for (size_t i = 0; i < params_.size(); ++i)
     values.push_back(from_official_layout(found[i]->to(DType::f32), params_[i].layout));
+  for (size_t i = 0; i < buffers_.size(); ++i)
+    buffer_values.push_back(found_buffers[i]->to(Device::cpu()).to(DType::f32));
   NoGradGuard no_grad;
   for (size_t i = 0; i < params_.size(); ++i) params_[i].value.copy_from(values[i]);
+  for (size_t i = 0; i < buffers_.size(); ++i) buffers_[i].value.copy_from(buffer_values[i]);
+  bn_batches_ = batches;
 }
 
 NamedTensors ConvNeXt::gradients() const {

@@ -994,6 +994,7 @@ TEST(CudaOps, ColumnSumsSplitRowsAcrossBlocks) {
 // patchify: the gather (space-to-depth) and scatter (depth-to-space) move values exactly
 // =============================================================================================
 
+#if CNX_TEST_CUDA
 // cuda::patchify_forward / backward with the identity as weight (Co = k k Ci, no bias), so that
 // out is the patch matrix P itself and the patch gradient dP is dout itself: small integers,
 // exact in fp32, TF32 and bf16, pass through the GEMMs unchanged, and the result must equal
@@ -1053,6 +1054,7 @@ void check_patchify_exact(DType dt, int64_t N, int64_t H, int64_t W, int64_t Ci,
   expect_bitwise("out (the patch matrix)", host(out), want_out);
   expect_bitwise("din (the scattered dout)", host(din), want_din);
 }
+#endif  // CNX_TEST_CUDA
 
 TEST(CudaOps, PatchifyGatherAndScatterMoveValuesExactly) {
 #if CNX_TEST_CUDA

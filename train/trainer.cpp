@@ -59,7 +59,10 @@ ConvNeXtConfig TrainConfig::model_config(int64_t num_classes, int64_t in_chans) 
   c.num_classes = num_classes;
   c.in_chans = in_chans;
   c.drop_path_rate = drop_path;
-  c.layer_scale_init_value = layer_scale_init_value;  // as main.py: the flag decides, for any model
+  // As main.py: the flag decides, for any model; left at -1, a roadmap step keeps its own value
+  // (so that step 0 is ResNet-50 without gamma tensors) and the others take the default.
+  if (layer_scale_init_value >= 0) c.layer_scale_init_value = layer_scale_init_value;
+  else if (model.rfind("roadmap_", 0) != 0) c.layer_scale_init_value = kDefaultLayerScale;
   c.head_init_scale = head_init_scale;
   return c;
 }
@@ -89,7 +92,9 @@ void TrainConfig::validate() const {
   CNX_CHECK(layer_decay > 0 && layer_decay <= 1, "--layer_decay must be in (0, 1], got ", layer_decay);
   CNX_CHECK(smoothing >= 0 && smoothing < 1, "--smoothing must be in [0, 1), got ", smoothing);
   CNX_CHECK(drop_path >= 0 && drop_path < 1, "--drop_path must be in [0, 1), got ", drop_path);
-  non_negative("--layer_scale_init_value", layer_scale_init_value);
+  CNX_CHECK(layer_scale_init_value >= 0 || layer_scale_init_value == -1,
+            "--layer_scale_init_value must be >= 0 (or -1: the model's own), got ",
+            layer_scale_init_value);
   CNX_CHECK(model_ema_decay > 0 && model_ema_decay < 1, "--model_ema_decay must be in (0, 1), got ",
             model_ema_decay);
   positive("--save_ckpt_freq", static_cast<double>(save_ckpt_freq));
@@ -912,6 +917,7 @@ bool TrainingRun::end_epoch(int64_t epoch) {
       ema_model_->to(device_);
     }
     ema_->copy_to(ema_model_->parameters());
+    ema_model_->copy_buffers_from(*model_);  // BatchNorm statistics: the live model's
     const EvalResult ee = evaluate_loaded(*ema_model_, *test_set_.loader, activations_);
     if (ee.interrupted) {
       std::printf("\n");

@@ -29,7 +29,11 @@ struct TrainConfig {
   std::vector<int64_t> depths{2, 2, 2, 2};
   std::vector<int64_t> dims{32, 64, 128, 256};
   double drop_path = 0.0;
-  double layer_scale_init_value = 0.1;   // main.py: 1e-6 (for deep models trained 300 epochs)
+  // main.py: 1e-6 (for deep models trained 300 epochs). -1: the model's own (kDefaultLayerScale
+  // for the ConvNeXt family and custom models, a roadmap step's own value: 0 for the ResNet-style
+  // steps 0 to 10, 1e-6 for step 11).
+  double layer_scale_init_value = -1;
+  static constexpr double kDefaultLayerScale = 0.1;
   double head_init_scale = 1.0;
   // ---- data ----
   std::string data_set = "fashion_mnist";  // fashion_mnist | cifar10 | cifar100 | image_folder

@@ -20,6 +20,7 @@ Command train_command(CLI::App& app);
 Command eval_command(CLI::App& app);
 Command predict_command(CLI::App& app);
 Command make_folder_command(CLI::App& app);
+Command models_command(CLI::App& app);
 
 // Registers --model NAME and the --depths/--dims pair (each pair needs the other, both exclude
 // --model) on `sub`, bound to the three strings.

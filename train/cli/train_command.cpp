@@ -219,7 +219,7 @@ Command train_command(CLI::App& app) {
     sub->add_option(name, field, help)->capture_default_str();
   };
   opt("--drop_path", c.drop_path, "Drop path rate (linear over the blocks)");
-  opt("--layer_scale_init_value", c.layer_scale_init_value, "Layer scale init (0: no layer scale)");
+  opt("--layer_scale_init_value", c.layer_scale_init_value, "Layer scale init (0: no layer scale; -1: 0.1, or a roadmap step's own)");
   opt("--head_init_scale", c.head_init_scale, "Scale of the head's initial weights");
   opt("--data_set", c.data_set, "fashion_mnist, cifar10, cifar100 or image_folder");
   opt("--data_path", c.data_path, "Dataset folder (default for fashion_mnist: Debian's; image_folder: the root of train/ and val/)");

@@ -467,6 +467,10 @@ std::vector<double> layer_decay_lr_scales(const ConvNeXtConfig& config,
                                           double layer_decay) {
   CNX_CHECK(std::isfinite(layer_decay) && layer_decay > 0,
             "layer decay: the decay must be finite and > 0, got ", layer_decay);
+  // The rule maps ConvNeXt's names to layers; a ResNet-style roadmap step has torchvision's.
+  CNX_CHECK(layer_decay == 1.0 || !config.resnet_style(), "--layer_decay ", layer_decay,
+            ": layer-wise decay is defined for ConvNeXt's parameter names; model ", config.name,
+            " (a ResNet-style roadmap step) takes only --layer_decay 1");
   std::vector<double> scales;
   const int num_layers = layer_decay_num_layers(config);
   for (const Parameter& p : params) {
