@@ -46,6 +46,20 @@ __device__ __forceinline__ int64_t first_row() {
 }
 __device__ __forceinline__ int64_t row_step() { return static_cast<int64_t>(gridDim.y) * kTileY; }
 
+// Pixel r of an (N, rows_h, cols_w) grid as (n, y, x), in 32-bit arithmetic (a 64-bit division
+// is a ~70-instruction routine on the GPU, and these run once per element): the launchers check
+// that every pixel count fits (check_fits_32_bits).
+struct Pixel {
+  int64_t n, y, x;
+};
+__device__ __forceinline__ Pixel split_pixel(int64_t r, int64_t rows_h, int64_t cols_w) {
+  const uint32_t ru = static_cast<uint32_t>(r), cw = static_cast<uint32_t>(cols_w),
+                 rh = static_cast<uint32_t>(rows_h);
+  const uint32_t t = ru / cw, n = t / rh;
+  return {static_cast<int64_t>(n), static_cast<int64_t>(t - n * rh),
+          static_cast<int64_t>(ru - t * cw)};
+}
+
 // The output index i whose window row p covers input row h (i * stride - padding + p == h), or
 // -1 when there is none in [0, Ho).
 __device__ __forceinline__ int64_t source_index(int64_t h, int64_t p, int64_t stride,
@@ -76,7 +90,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t c = kk % s.Ci, pq = kk / s.Ci, q = pq % s.kw, p = pq / s.kw;
   const int64_t Ho = s.Ho(), Wo = s.Wo(), rows = s.rows();
   for (int64_t r = first_row(); r < rows; r += row_step()) {
-    const int64_t j = r % Wo, t = r / Wo, i = t % Ho, n = t / Ho;
+    const Pixel px = split_pixel(r, Ho, Wo);
+    const int64_t n = px.n, i = px.y, j = px.x;
     const int64_t h = i * s.stride - s.padding + p, w = j * s.stride - s.padding + q;
     const bool inside = h >= 0 && h < s.H && w >= 0 && w < s.W;
     col[r * K + kk] = inside ? in[((n * s.H + h) * s.W + w) * s.Ci + c] : from_float<T>(0.0f);
@@ -92,7 +107,8 @@ __global__ void __launch_bounds__(kThreads)
   if (c >= s.Ci) return;
   const int64_t K = s.window(), Ho = s.Ho(), Wo = s.Wo(), pixels = s.N * s.H * s.W;
   for (int64_t x = first_row(); x < pixels; x += row_step()) {
-    const int64_t w = x % s.W, t = x / s.W, h = t % s.H, n = t / s.H;
+    const Pixel px = split_pixel(x, s.H, s.W);
+    const int64_t n = px.n, h = px.y, w = px.x;
     float acc = 0.0f;
     for (int64_t p = 0; p < s.kh; ++p) {
       const int64_t i = source_index(h, p, s.stride, s.padding, Ho);
@@ -123,7 +139,8 @@ __global__ void __launch_bounds__(kThreads)
   const T* w_o = weight + o * s.window();
   const float b = bias_value<T>(bias, o);
   for (int64_t r = first_row(); r < rows; r += row_step()) {
-    const int64_t j = r % Wo, t = r / Wo, i = t % Ho, n = t / Ho;
+    const Pixel px = split_pixel(r, Ho, Wo);
+    const int64_t n = px.n, i = px.y, j = px.x;
     float acc = b;
     for (int64_t p = 0; p < s.kh; ++p) {
       const int64_t h = i * s.stride - s.padding + p;
@@ -151,7 +168,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t Cig = s.Cig(), Cog = s.Cog(), g = ch / Cig, c = ch % Cig;
   const int64_t Ho = s.Ho(), Wo = s.Wo(), pixels = s.N * s.H * s.W;
   for (int64_t x = first_row(); x < pixels; x += row_step()) {
-    const int64_t w = x % s.W, t = x / s.W, h = t % s.H, n = t / s.H;
+    const Pixel px = split_pixel(x, s.H, s.W);
+    const int64_t n = px.n, h = px.y, w = px.x;
     float acc = 0.0f;
     for (int64_t p = 0; p < s.kh; ++p) {
       const int64_t i = source_index(h, p, s.stride, s.padding, Ho);
@@ -222,6 +240,13 @@ DType dtype_of() {
   return std::is_same_v<T, float> ? DType::f32 : DType::bf16;
 }
 
+// The kernels split pixel indices in 32 bits (split_pixel): every pixel count must fit.
+void check_fits_32_bits(const Conv2dShape& s) {
+  constexpr int64_t kMax = int64_t{1} << 31;
+  CNX_CHECK(s.rows() < kMax && s.N * s.H * s.W < kMax, "conv2d (CUDA): N ", s.N, " x ", s.H, "x",
+            s.W, " -> ", s.Ho(), "x", s.Wo(), " has 2^31 pixels or more (the kernels index pixels in 32 bits)");
+}
+
 template <class T>
 void im2col(T* col, const T* in, const Conv2dShape& s, cudaStream_t stream) {
   if (s.rows() == 0 || s.window() == 0) return;
@@ -235,6 +260,7 @@ template <class T>
 void forward(T* out, const T* in, const T* weight, const float* bias, const Conv2dShape& s,
              float* workspace, cudaStream_t stream) {
   if (s.out_numel() == 0) return;
+  check_fits_32_bits(s);
   if (s.groups == 1) {
     if (s.is_pointwise()) return linear_forward(out, in, weight, bias, s.rows(), s.Ci, s.Co, stream);
     T* col = reinterpret_cast<T*>(workspace);
@@ -250,6 +276,7 @@ void forward(T* out, const T* in, const T* weight, const float* bias, const Conv
 template <class T>
 void backward(T* din, float* dweight, float* dbias, const T* dout, const T* in, const T* weight,
               const Conv2dShape& s, float* workspace, cudaStream_t stream) {
+  check_fits_32_bits(s);
   if (s.groups == 1) {
     if (s.is_pointwise())
       return linear_backward(din, dweight, dbias, dout, in, weight, s.rows(), s.Ci, s.Co, stream);
