@@ -58,6 +58,8 @@ Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, dou
 //   channel (throws otherwise, as PyTorch does).
 // eval: the running statistics; nothing is updated.
 // The caller (the model) keeps num_batches_tracked. PyTorch's defaults: eps 1e-5, momentum 0.1.
+// x has rank >= 2 ((N, C) works too); the running stats must be defined, in either mode.
+// kernels/batchnorm.h has the math and what forward saves.
 Tensor batch_norm(const Tensor& x, const Tensor& weight, const Tensor& bias,
                   const Tensor& running_mean, const Tensor& running_var, bool training,
                   double momentum = 0.1, double eps = 1e-5);
