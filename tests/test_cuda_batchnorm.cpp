@@ -331,7 +331,8 @@ void check_backward(const Problem& p, bool training, uint64_t seed, Wanted wt = 
   const bool b16 = std::is_same_v<T, bf16>;
   if (wt.din) expect_near(what + ": din", values(g.din), values(c.din), mag_din, kTol, b16);
   else expect_untouched(what + ": din", g.din);
-  if (wt.dweight) expect_near(what + ": dweight", values(g.dweight), values(c.dweight), mag_dw, kTol);
+  if (wt.dweight)
+    expect_near(what + ": dweight", values(g.dweight), values(c.dweight), mag_dw, kTol);
   else expect_untouched(what + ": dweight", g.dweight);
   if (wt.dbias) expect_near(what + ": dbias", values(g.dbias), values(c.dbias), mag_db, kTol);
   else expect_untouched(what + ": dbias", g.dbias);
