@@ -140,11 +140,6 @@ Tensor workspace_for(const Problem& p) {
 }
 float* fp(Tensor& t) { return t.data<float>(); }
 const float* fp(const Tensor& t) { return t.data<float>(); }
-std::vector<double> col(const std::vector<double>& v, int64_t M, int64_t C, int64_t c) {
-  std::vector<double> r(static_cast<size_t>(M));
-  for (int64_t i = 0; i < M; ++i) r[i] = v[i * C + c];
-  return r;
-}
 
 // ---- forward ---------------------------------------------------------------------------------
 
