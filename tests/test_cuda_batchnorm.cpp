@@ -6,7 +6,7 @@
 // to stream nullptr between two cudaDeviceSynchronize calls (device_sync). Device outputs are
 // pre-filled with NaN (an output never written fails), or, for the gradients nobody asked for,
 // with a sentinel that must survive; inputs no requested output needs are passed as null.
-// Shapes (M rows = N*H*W, C channels): odd C (1, 3, 7, 100), C = 64 and 256, M from 2 to 3000
+// Shapes (M rows = N*H*W, C channels): odd C (1, 3, 7, 100), C = 64, 256, 2048, M from 2 to 3000
 // (M > 2048 makes the column sums use both of their passes), N = 1 images (M = H*W), in
 // training and eval mode; the running statistics after a training forward; every subset of the
 // requested gradients in both modes; bitwise determinism over repeated runs; empty and
@@ -69,8 +69,10 @@ struct Problem {
 };
 
 // The sweep: odd and even channel counts, tiny to > 2048 rows (two column-sum passes).
-const Problem kProblems[] = {{2, 3},   {3, 7},    {5, 1},    {17, 100},  {64, 64},  {100, 3},
-                             {257, 7}, {49, 256}, {300, 256}, {1000, 64}, {3000, 100}, {2100, 7}};
+// {98, 2048}: ResNet-50's last stage at batch 2 (7x7x2048), 64 column tiles.
+const Problem kProblems[] = {{2, 3},    {3, 7},     {5, 1},      {17, 100},  {64, 64},
+                             {100, 3},  {257, 7},   {49, 256},   {300, 256}, {1000, 64},
+                             {3000, 100}, {2100, 7}, {98, 2048}};
 
 template <class T> DType dtype_of() { return std::is_same_v<T, bf16> ? DType::bf16 : DType::f32; }
 template <class T> const char* tname() { return std::is_same_v<T, bf16> ? "bf16" : "f32"; }

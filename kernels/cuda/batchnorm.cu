@@ -28,7 +28,7 @@
 // P rows of each column in a fixed order (reduce.cuh). No atomics: the result depends on M and
 // C only, bitwise, whatever the schedule.
 //
-// Forward, training (4 launches + 1 or 2 of the column sums; x read twice, out written once):
+// Forward, training (3 kernels and 1 or 2 column-sum passes; x read twice, out written once):
 //   1. stats partials: sum (x - s) and sum (x - s)^2 per channel, s_c = x[0, c] (a shift by a
 //      sample of the channel: the one-pass variance sum d^2 / M - (sum d / M)^2 then cancels
 //      little, see kernels/batchnorm.h);
