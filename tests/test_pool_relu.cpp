@@ -452,6 +452,7 @@ TEST(MaxPool2d, RejectsBadArguments) {
   expect_error([&] { max_pool2d(Tensor::zeros(Shape{1, 5, 7, 3}, DType::i32), 3, 2, 1); },
                {"max_pool2d", "i32[1, 5, 7, 3]"});
   expect_error([&] { max_pool2d(x, 100000, 1, 0); }, {"max_pool2d", "kernel size 100000"});
+  expect_error([&] { max_pool2d(x, 3, int64_t{1} << 31, 1); }, {"max_pool2d", "stride 2147483648"});
   // With the largest legal padding every input of at least 1 x 1 is big enough.
   EXPECT_EQ(max_pool2d(Tensor::zeros(Shape{1, 1, 1, 2}), 5, 1, 2).shape(), (Shape{1, 1, 1, 2}));
   EXPECT_EQ(max_pool2d(Tensor::zeros(Shape{1, 1, 2, 2}), 4, 3, 2).shape(), (Shape{1, 1, 1, 2}));
