@@ -11,12 +11,13 @@
 // over them, 256 threads a block, one wave of resident blocks (detail::wave_grid). The thread
 // walks its window's cells inside the image in row-major order keeping, per channel, the best
 // element (raw, compared in fp32) and its cell, and stores that element (bit for bit the CPU's)
-// and the argmax. Consecutive threads take consecutive channel units of one pixel, so every load is
-// coalesced along C.
+// and the argmax. Consecutive threads take consecutive channel units of one pixel, so every
+// load is coalesced along C.
 // Backward: a gather, one thread per input unit (n, h, w, V channels): it visits the outputs
-// whose windows hold (h, w) (at most ceil(k / s)^2 of them), in increasing (oh, ow) order, and
-// adds the dout of those whose argmax names (h, w) in fp32; one store per element, no atomics,
-// deterministic, and bitwise the CPU's scatter (the same additions in the same order).
+// whose windows hold (h, w) (at most ceil(k / s)^2 of them; their range from 32-bit divisions),
+// in increasing (oh, ow) order, and adds the dout of those whose argmax names (h, w) in fp32;
+// one store per element, no atomics, deterministic, and bitwise the CPU's scatter (the same
+// additions in the same order).
 // V = 4 floats or 8 bf16 (16-byte loads and stores, int32 argmax in 16-byte pieces) when
 // C % V == 0 and every pointer is 16-byte aligned, else V = 1. The unit -> (n, row, col, c)
 // decomposition is three detail::DivWalks (no 64-bit division per step).
