@@ -41,7 +41,11 @@ Tensor conv2d(const Tensor& x, const Tensor& weight, const Tensor& bias, int64_t
 // Max pooling, k x k window, stride s, padding p: padded cells never win (they count as -inf),
 // as in PyTorch. x (N, H, W, C) -> (N, Ho, Wo, C), Ho = (H + 2 padding - k) / stride + 1. The
 // gradient goes to the first maximum of each window in row-major window order (PyTorch's
-// choice); NaN propagates. ResNet's stem: max_pool2d(x, 3, 2, 1).
+// choice); NaN propagates (a window with a NaN outputs NaN; its gradient goes to the last NaN,
+// PyTorch's `val > max || isnan(val)` rule). ResNet's stem: max_pool2d(x, 3, 2, 1).
+// f32, f64, bf16 (exact: the output is an element of x). Needs kernel >= 1, stride >= 1,
+// 0 <= padding <= kernel / 2 (PyTorch's rule) and an output of at least 1 x 1. Saves an int32
+// argmax per output (kernels/maxpool.h), not x.
 Tensor max_pool2d(const Tensor& x, int64_t kernel, int64_t stride, int64_t padding);
 
 // ---- normalisation and pointwise layers ------------------------------------------------------
@@ -58,6 +62,8 @@ Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, dou
 //   channel (throws otherwise, as PyTorch does).
 // eval: the running statistics; nothing is updated.
 // The caller (the model) keeps num_batches_tracked. PyTorch's defaults: eps 1e-5, momentum 0.1.
+// x has rank >= 2 ((N, C) works too); the running stats must be defined, in either mode.
+// kernels/batchnorm.h has the math and what forward saves.
 Tensor batch_norm(const Tensor& x, const Tensor& weight, const Tensor& bias,
                   const Tensor& running_mean, const Tensor& running_var, bool training,
                   double momentum = 0.1, double eps = 1e-5);
@@ -72,7 +78,8 @@ Tensor batch_norm(const Tensor& x, const Tensor& weight, const Tensor& bias,
 Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias,
               const Tensor& weight_bf16 = Tensor());
 
-// ReLU: max(x, 0), gradient 0 at x <= 0 (PyTorch's). Any shape.
+// ReLU: max(x, 0), gradient 0 at x <= 0 (PyTorch's). Any shape; f32, f64, bf16 (exact). NaN
+// gives NaN, and its gradient passes through (PyTorch's threshold_backward). Saves the output.
 Tensor relu(const Tensor& x);
 
 // GELU, exact erf form: x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2)). Any shape.

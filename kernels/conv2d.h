@@ -42,6 +42,16 @@
 #include "kernels/stream.h"
 #include "tensor/dtype.h"
 
+// Conv2dShape's arithmetic runs in the CUDA kernels too: __host__ __device__ under nvcc
+// (the same macro as tensor/philox.h's), nothing under g++.
+#ifndef CNX_HOST_DEVICE
+#if defined(__CUDACC__)
+#define CNX_HOST_DEVICE __host__ __device__
+#else
+#define CNX_HOST_DEVICE
+#endif
+#endif
+
 namespace cnx {
 
 // The sizes of one conv2d and the index arithmetic they imply.
@@ -49,20 +59,20 @@ struct Conv2dShape {
   int64_t N = 0, H = 0, W = 0, Ci = 0, Co = 0;
   int64_t kh = 1, kw = 1, stride = 1, padding = 0, groups = 1;
 
-  constexpr int64_t Ho() const { return (H + 2 * padding - kh) / stride + 1; }
-  constexpr int64_t Wo() const { return (W + 2 * padding - kw) / stride + 1; }
-  constexpr int64_t Cig() const { return Ci / groups; }
-  constexpr int64_t Cog() const { return Co / groups; }
+  CNX_HOST_DEVICE constexpr int64_t Ho() const { return (H + 2 * padding - kh) / stride + 1; }
+  CNX_HOST_DEVICE constexpr int64_t Wo() const { return (W + 2 * padding - kw) / stride + 1; }
+  CNX_HOST_DEVICE constexpr int64_t Cig() const { return Ci / groups; }
+  CNX_HOST_DEVICE constexpr int64_t Cog() const { return Co / groups; }
   // Rows and columns of the im2col matrix of a groups-1 conv: one row per output pixel, one
   // column per (p, q, c) of a window.
-  constexpr int64_t rows() const { return N * Ho() * Wo(); }
-  constexpr int64_t window() const { return kh * kw * Cig(); }
-  constexpr int64_t weight_numel() const { return Co * window(); }
-  constexpr int64_t in_numel() const { return N * H * W * Ci; }
-  constexpr int64_t out_numel() const { return rows() * Co; }
+  CNX_HOST_DEVICE constexpr int64_t rows() const { return N * Ho() * Wo(); }
+  CNX_HOST_DEVICE constexpr int64_t window() const { return kh * kw * Cig(); }
+  CNX_HOST_DEVICE constexpr int64_t weight_numel() const { return Co * window(); }
+  CNX_HOST_DEVICE constexpr int64_t in_numel() const { return N * H * W * Ci; }
+  CNX_HOST_DEVICE constexpr int64_t out_numel() const { return rows() * Co; }
   // A 1x1, stride-1, unpadded, ungrouped conv is a plain GEMM over the last dimension: the
   // image (N*H*W, Ci) is its own im2col matrix.
-  constexpr bool is_pointwise() const {
+  CNX_HOST_DEVICE constexpr bool is_pointwise() const {
     return kh == 1 && kw == 1 && stride == 1 && padding == 0 && groups == 1;
   }
 };

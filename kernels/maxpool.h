@@ -26,8 +26,9 @@
 // atomics and is deterministic.
 //
 // Preconditions (autograd/ops/max_pool2d.cpp checks them, the kernels assume them): k >= 1,
-// s >= 1, 0 <= p <= k / 2, H + 2p >= k and W + 2p >= k, H, W >= 1, k k < 2^31. Then every
-// window holds at least one cell of the image. N = 0 or C = 0: nothing to do.
+// s >= 1, 0 <= p <= k / 2, H + 2p >= k and W + 2p >= k, H, W >= 1, k k < 2^31, and (for the
+// CUDA gather's 32-bit window arithmetic) s, H + 2p, W + 2p < 2^31. Then every window holds at
+// least one cell of the image. N = 0 or C = 0: nothing to do.
 #pragma once
 
 #include <cstdint>

@@ -63,8 +63,8 @@ Ref reference(const std::vector<double>& x, const std::vector<double>& w,
     r.mean[c] = static_cast<double>(mu);
     r.var_biased[c] = static_cast<double>(var);
     for (int64_t i = 0; i < M; ++i)
-      r.out[i * C + c] =
-          static_cast<double>((x[i * C + c] - mu) / std::sqrt(var + (long double)eps) * w[c] + b[c]);
+      r.out[i * C + c] = static_cast<double>(
+          (x[i * C + c] - mu) / std::sqrt(var + static_cast<long double>(eps)) * w[c] + b[c]);
   }
   return r;
 }
@@ -208,7 +208,8 @@ TEST(BatchNorm, EvalBackwardUsesTheForwardsStatistics) {
   Tensor x = leaf(xs, gen), w = leaf({3}, gen), b = leaf({3}, gen);
   const Tensor r = make(xs, randv(xs.numel(), gen), DType::f64);
   auto grads = [&](bool disturb) {
-    Tensor rm = make({3}, {0.1, -0.2, 0.3}, DType::f64), rv = make({3}, {1.0, 2.0, 0.5}, DType::f64);
+    Tensor rm = make({3}, {0.1, -0.2, 0.3}, DType::f64);
+    Tensor rv = make({3}, {1.0, 2.0, 0.5}, DType::f64);
     x.set_grad(Tensor());
     w.set_grad(Tensor());
     const Tensor y = batch_norm(x, w, b, rm, rv, false);

@@ -116,7 +116,8 @@ template <class T> class DevBuf {
 
 // EXPECTs got and want bitwise equal; prints the first mismatches.
 template <class T>
-void expect_bitwise(const std::string& what, const std::vector<T>& got, const std::vector<T>& want) {
+void expect_bitwise(const std::string& what, const std::vector<T>& got,
+                    const std::vector<T>& want) {
   ASSERT_EQ(got.size(), want.size()) << what;
   int64_t bad = 0;
   for (size_t i = 0; i < got.size(); ++i)

@@ -313,14 +313,16 @@ TEST(MaxPool2d, TiesSendTheGradientToTheFirstMaximum) {
       // A tie between a later and an earlier cell of one window: the earlier (row-major) wins.
       const std::vector<double> x = {0, 5, 5, 1};  // 2x2, one window
       const Tensor g = grad_through([&](const Tensor& t) { return max_pool2d(t, 2, 1, 0); },
-                                    make(Shape{1, 2, 2, 1}, x, dt), Tensor::ones(Shape{1, 1, 1, 1}, dt));
+                                    make(Shape{1, 2, 2, 1}, x, dt),
+                                    Tensor::ones(Shape{1, 1, 1, 1}, dt));
       expect_same(tag("tie in one window", dt), values(g), {0, 1, 0, 0});
     }
     {
       // Overlapping windows that pick the same cell: its gradient is their sum.
       const std::vector<double> x = {9, 1, 2, 3, 4, 5, 6, 7, 8};  // 3x3, k 2, s 1, p 1
       const Tensor g = grad_through([&](const Tensor& t) { return max_pool2d(t, 2, 1, 1); },
-                                    make(Shape{1, 3, 3, 1}, x, dt), Tensor::ones(Shape{1, 4, 4, 1}, dt));
+                                    make(Shape{1, 3, 3, 1}, x, dt),
+                                    Tensor::ones(Shape{1, 4, 4, 1}, dt));
       // k 2, s 1, p 1 on 3x3: 4x4 outputs; the 9 at (0,0) is in windows (0,0), (0,1), (1,0),
       // (1,1) and wins all four; 8 at (2,2) wins (2,2), (2,3), (3,2), (3,3); and so on.
       const NaiveResult r = naive_pool({1, 3, 3, 1, 2, 1, 1}, x);
@@ -438,7 +440,8 @@ TEST(MaxPool2d, RejectsBadArguments) {
   expect_error([&] { max_pool2d(x, 0, 1, 0); }, {"max_pool2d", "kernel size 0", ">= 1"});
   expect_error([&] { max_pool2d(x, 3, 0, 1); }, {"max_pool2d", "stride 0", ">= 1"});
   expect_error([&] { max_pool2d(x, 3, -2, 1); }, {"max_pool2d", "stride -2"});
-  expect_error([&] { max_pool2d(x, 3, 2, 2); }, {"max_pool2d", "padding 2", "half the kernel size 3"});
+  expect_error([&] { max_pool2d(x, 3, 2, 2); },
+               {"max_pool2d", "padding 2", "half the kernel size 3"});
   expect_error([&] { max_pool2d(x, 2, 2, -1); }, {"max_pool2d", "padding -1"});
   expect_error([&] { max_pool2d(x, 1, 1, 1); }, {"max_pool2d", "padding 1"});
   expect_error([&] { max_pool2d(x, 6, 1, 0); },
@@ -452,6 +455,7 @@ TEST(MaxPool2d, RejectsBadArguments) {
   expect_error([&] { max_pool2d(Tensor::zeros(Shape{1, 5, 7, 3}, DType::i32), 3, 2, 1); },
                {"max_pool2d", "i32[1, 5, 7, 3]"});
   expect_error([&] { max_pool2d(x, 100000, 1, 0); }, {"max_pool2d", "kernel size 100000"});
+  expect_error([&] { max_pool2d(x, 3, int64_t{1} << 31, 1); }, {"max_pool2d", "stride 2147483648"});
   // With the largest legal padding every input of at least 1 x 1 is big enough.
   EXPECT_EQ(max_pool2d(Tensor::zeros(Shape{1, 1, 1, 2}), 5, 1, 2).shape(), (Shape{1, 1, 1, 2}));
   EXPECT_EQ(max_pool2d(Tensor::zeros(Shape{1, 1, 2, 2}), 4, 3, 2).shape(), (Shape{1, 1, 1, 2}));

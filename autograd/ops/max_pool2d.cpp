@@ -26,11 +26,16 @@ class MaxPool2d final : public Function {
     CNX_CHECK(k <= 46340, op, ": kernel size ", k,
               " is too large (the argmax within a k x k window is an int32)");
     CNX_CHECK(stride >= 1, op, ": stride ", stride, " must be >= 1 (x ", x.str(), ")");
+    // The CUDA gather works out the windows of an input cell in 32-bit arithmetic.
+    constexpr int64_t kTwoTo31 = int64_t{1} << 31;
+    CNX_CHECK(stride < kTwoTo31, op, ": stride ", stride, " must be below 2^31");
     CNX_CHECK(padding >= 0 && padding <= k / 2, op, ": padding ", padding,
               " must be between 0 and half the kernel size ", k, " (", k / 2, ")");
     CNX_CHECK(H >= 1 && W >= 1 && H + 2 * padding >= k && W + 2 * padding >= k, op, ": x ",
               x.str(), " is too small for kernel ", k, " with padding ", padding,
               ": the output would be empty");
+    CNX_CHECK(H + 2 * padding < kTwoTo31 && W + 2 * padding < kTwoTo31, op, ": x ", x.str(),
+              " is too large: H + 2 padding and W + 2 padding must be below 2^31");
     const int64_t Ho = maxpool2d_out_size(H, k, stride, padding);
     const int64_t Wo = maxpool2d_out_size(W, k, stride, padding);
     Tensor out = Tensor::empty(Shape{N, Ho, Wo, C}, x.dtype(), x.device());

@@ -37,8 +37,8 @@ void batchnorm_forward(T* out, param_t<T>* mean, param_t<T>* invstd, param_t<T>*
   std::vector<double> mu(static_cast<size_t>(C)), rs(static_cast<size_t>(C));
   if (training) {
     const double m = static_cast<double>(M);
-    const std::vector<double> sum =
-        channel_sums(M, C, [&](int64_t r, int64_t c) { return static_cast<double>(in[r * C + c]); });
+    const std::vector<double> sum = channel_sums(
+        M, C, [&](int64_t r, int64_t c) { return static_cast<double>(in[r * C + c]); });
     for (int64_t c = 0; c < C; ++c) mu[static_cast<size_t>(c)] = sum[static_cast<size_t>(c)] / m;
     const std::vector<double> sq = channel_sums(M, C, [&](int64_t r, int64_t c) {
       const double d = static_cast<double>(in[r * C + c]) - mu[static_cast<size_t>(c)];
@@ -65,8 +65,8 @@ void batchnorm_forward(T* out, param_t<T>* mean, param_t<T>* invstd, param_t<T>*
   for (int64_t r = 0; r < M; ++r)
     for (int64_t c = 0; c < C; ++c) {
       const size_t i = static_cast<size_t>(c);
-      out[r * C + c] =
-          static_cast<T>((static_cast<double>(in[r * C + c]) - mu[i]) * rs[i] * weight[c] + bias[c]);
+      const double xhat = (static_cast<double>(in[r * C + c]) - mu[i]) * rs[i];
+      out[r * C + c] = static_cast<T>(xhat * weight[c] + bias[c]);
     }
 }
 

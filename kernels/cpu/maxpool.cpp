@@ -58,7 +58,8 @@ void maxpool2d_forward(T* out, int32_t* argmax, const T* in, int64_t N, int64_t 
         const int64_t h = h0 + arg[c] / k, w = w0 + arg[c] % k;
         y[c] = in[((n * H + h) * W + w) * C + c];
       }
-      if (argmax) std::memcpy(argmax + ((n * Ho + oh) * Wo + ow) * C, arg.data(), C * sizeof(int32_t));
+      if (argmax)
+        std::memcpy(argmax + ((n * Ho + oh) * Wo + ow) * C, arg.data(), C * sizeof(int32_t));
     }
   }
 }

@@ -19,7 +19,8 @@
 // rows lane, lane + lanes, ... (lane = i / tile, lanes = 256 / tile). A warp so reads whole
 // runs of consecutive channels of a row (coalesced along C; for C < 32 several consecutive rows,
 // which are contiguous too), and each thread keeps its channel's parameters and statistics in
-// registers: no division per element, no per-element parameter loads.
+// registers: no division per element, no per-element parameter loads. Each thread issues the
+// loads of 4 of its rows before using them (walk_rows), for memory-level parallelism.
 //
 // Per-channel sums (the statistics; sum dout and sum dout xhat in backward) are two-stage and
 // deterministic: each thread sums its rows in order, the block adds its lanes in index order
@@ -27,7 +28,7 @@
 // P rows of each column in a fixed order (reduce.cuh). No atomics: the result depends on M and
 // C only, bitwise, whatever the schedule.
 //
-// Forward, training (4 launches + 1 or 2 of the column sums; x read twice, out written once):
+// Forward, training (3 kernels and 1 or 2 column-sum passes; x read twice, out written once):
 //   1. stats partials: sum (x - s) and sum (x - s)^2 per channel, s_c = x[0, c] (a shift by a
 //      sample of the channel: the one-pass variance sum d^2 / M - (sum d / M)^2 then cancels
 //      little, see kernels/batchnorm.h);
@@ -71,6 +72,26 @@ struct RowTile {
   }
 };
 
+// Calls use(r, load(r)) for the rows r = first, first + step, ... < end, in that order, kRows
+// rows at a time with the loads of a group issued before any of them is used: a thread so has
+// kRows loads in flight instead of one (a loop whose next load waits for the add of the last
+// would leave the memory system idle between them; with 8 resident blocks of 256 threads an SM
+// needs ~4 loads in flight per thread to cover the latency at full bandwidth). The order of the
+// uses, and so of every sum, is that of the plain loop.
+template <int kRows = 4, class Load, class Use>
+__device__ __forceinline__ void walk_rows(int64_t first, int64_t end, int64_t step, Load load,
+                                          Use use) {
+  int64_t r = first;
+  for (; r + (kRows - 1) * step < end; r += kRows * step) {
+    decltype(load(r)) v[kRows];
+#pragma unroll
+    for (int k = 0; k < kRows; ++k) v[k] = load(r + k * step);
+#pragma unroll
+    for (int k = 0; k < kRows; ++k) use(r + k * step, v[k]);
+  }
+  for (; r < end; r += step) use(r, load(r));
+}
+
 // Adds the per-thread values a and b of the lanes of one tile in lane order (0, 1, ...) and
 // writes the totals to out_a[c] and out_b[c] (each when non-null) for the threads of lane 0.
 // Every thread of the block must call it (it synchronises); lane_a, lane_b are
@@ -112,11 +133,13 @@ __global__ void __launch_bounds__(kThreads)
     float s = 0.0f, q = 0.0f;
     if (rt.lane < lanes && c < C) {
       const float shift = to_float(in[c]);
-      for (int64_t r = rt.r_begin + rt.lane; r < rt.r_end; r += lanes) {
-        const float d = to_float(in[r * C + c]) - shift;
-        s += d;
-        q += d * d;
-      }
+      walk_rows(rt.r_begin + rt.lane, rt.r_end, lanes,
+                [&](int64_t r) { return to_float(in[r * C + c]); },
+                [&](int64_t, float x) {
+                  const float d = x - shift;
+                  s += d;
+                  q += d * d;
+                });
     }
     add_lanes(s, q, lane_s, lane_q, rt, tile, lanes, c, C, part, part + C);
   }
@@ -168,8 +191,9 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t c = t * tile + rt.u_local;
     if (c >= C) continue;
     const float mu = mean[c], rs = invstd[c], w = weight[c], b = bias[c];
-    for (int64_t r = rt.r_begin + rt.lane; r < rt.r_end; r += lanes)
-      out[r * C + c] = from_float<T>((to_float(in[r * C + c]) - mu) * rs * w + b);
+    walk_rows(rt.r_begin + rt.lane, rt.r_end, lanes,
+              [&](int64_t r) { return to_float(in[r * C + c]); },
+              [&](int64_t r, float x) { out[r * C + c] = from_float<T>((x - mu) * rs * w + b); });
   }
 }
 
@@ -195,10 +219,19 @@ __global__ void __launch_bounds__(kThreads)
     float sdy = 0.0f, sdyx = 0.0f;
     if (rt.lane < lanes && c < C) {
       const float mu = want_dyx ? mean[c] : 0.0f, rs = want_dyx ? invstd[c] : 0.0f;
-      for (int64_t r = rt.r_begin + rt.lane; r < rt.r_end; r += lanes) {
-        const float dy = to_float(dout[r * C + c]);
-        sdy += dy;
-        if (want_dyx) sdyx += dy * ((to_float(in[r * C + c]) - mu) * rs);
+      if (want_dyx) {  // uniform over the grid
+        walk_rows(rt.r_begin + rt.lane, rt.r_end, lanes,
+                  [&](int64_t r) {
+                    return make_float2(to_float(dout[r * C + c]), to_float(in[r * C + c]));
+                  },
+                  [&](int64_t, float2 v) {
+                    sdy += v.x;
+                    sdyx += v.x * ((v.y - mu) * rs);
+                  });
+      } else {
+        walk_rows(rt.r_begin + rt.lane, rt.r_end, lanes,
+                  [&](int64_t r) { return to_float(dout[r * C + c]); },
+                  [&](int64_t, float dy) { sdy += dy; });
       }
     }
     add_lanes(sdy, sdyx, lane_a, lane_b, rt, tile, lanes, c, C, want_dy ? part : nullptr,
@@ -226,13 +259,18 @@ __global__ void __launch_bounds__(kThreads)
     const float rs = invstd[c], k = weight[c] * rs;
     if constexpr (kTraining) {
       const float mu = mean[c], mean_dy = sum_dy[c] / m, mean_dyx = sum_dyx[c] / m;
-      for (int64_t r = rt.r_begin + rt.lane; r < rt.r_end; r += lanes) {
-        const float xhat = (to_float(in[r * C + c]) - mu) * rs;
-        din[r * C + c] = from_float<T>(k * (to_float(dout[r * C + c]) - mean_dy - xhat * mean_dyx));
-      }
+      walk_rows(rt.r_begin + rt.lane, rt.r_end, lanes,
+                [&](int64_t r) {
+                    return make_float2(to_float(dout[r * C + c]), to_float(in[r * C + c]));
+                  },
+                [&](int64_t r, float2 v) {
+                  const float xhat = (v.y - mu) * rs;
+                  din[r * C + c] = from_float<T>(k * (v.x - mean_dy - xhat * mean_dyx));
+                });
     } else {
-      for (int64_t r = rt.r_begin + rt.lane; r < rt.r_end; r += lanes)
-        din[r * C + c] = from_float<T>(k * to_float(dout[r * C + c]));
+      walk_rows(rt.r_begin + rt.lane, rt.r_end, lanes,
+                [&](int64_t r) { return to_float(dout[r * C + c]); },
+                [&](int64_t r, float dy) { din[r * C + c] = from_float<T>(k * dy); });
     }
   }
 }

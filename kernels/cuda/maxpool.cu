@@ -10,13 +10,14 @@
 // Forward: one thread per output unit (n, oh, ow, V consecutive channels), a grid-stride loop
 // over them, 256 threads a block, one wave of resident blocks (detail::wave_grid). The thread
 // walks its window's cells inside the image in row-major order keeping, per channel, the best
-// value (fp32) and its raw element, and stores the raw element (bit for bit the CPU's) and the
-// argmax. Consecutive threads take consecutive channel units of one pixel, so every load is
-// coalesced along C.
+// element (raw, compared in fp32) and its cell, and stores that element (bit for bit the CPU's)
+// and the argmax. Consecutive threads take consecutive channel units of one pixel, so every
+// load is coalesced along C.
 // Backward: a gather, one thread per input unit (n, h, w, V channels): it visits the outputs
-// whose windows hold (h, w) (at most ceil(k / s)^2 of them), in increasing (oh, ow) order, and
-// adds the dout of those whose argmax names (h, w) in fp32; one store per element, no atomics,
-// deterministic, and bitwise the CPU's scatter (the same additions in the same order).
+// whose windows hold (h, w) (at most ceil(k / s)^2 of them; their range from 32-bit divisions),
+// in increasing (oh, ow) order, and adds the dout of those whose argmax names (h, w) in fp32;
+// one store per element, no atomics, deterministic, and bitwise the CPU's scatter (the same
+// additions in the same order).
 // V = 4 floats or 8 bf16 (16-byte loads and stores, int32 argmax in 16-byte pieces) when
 // C % V == 0 and every pointer is 16-byte aligned, else V = 1. The unit -> (n, row, col, c)
 // decomposition is three detail::DivWalks (no 64-bit division per step).
@@ -86,13 +87,13 @@ __global__ void __launch_bounds__(detail::kBlockThreads)
     const int64_t h0 = oh * g.stride - g.padding, w0 = ow * g.stride - g.padding;
     const int64_t hs = h0 > 0 ? h0 : 0, he = h0 + g.k < g.H ? h0 + g.k : g.H;
     const int64_t ws = w0 > 0 ? w0 : 0, we = w0 + g.k < g.W ? w0 + g.k : g.W;
-    float best[V];
+    // The best element so far, raw (compared in fp32: exact for bf16, and keeping no fp32 copy
+    // saves V registers), and its cell.
     Lanes<T, V> win;
     Indices<V> arg;
 #pragma unroll
     for (int j = 0; j < V; ++j) {
-      best[j] = -INFINITY;
-      win.v[j] = from_float<T>(best[j]);      // exact (a window of -infs outputs -inf)
+      win.v[j] = from_float<T>(-INFINITY);  // exact (a window of -infs outputs -inf)
       arg.v[j] = static_cast<int32_t>((hs - h0) * g.k + (ws - w0));
     }
     for (int64_t h = hs; h < he; ++h) {
@@ -103,8 +104,7 @@ __global__ void __launch_bounds__(detail::kBlockThreads)
 #pragma unroll
         for (int j = 0; j < V; ++j) {
           const float f = to_float(v.v[j]);
-          if (f > best[j] || f != f) {  // f != f: NaN (PyTorch's isnan), so NaN wins
-            best[j] = f;
+          if (f > to_float(win.v[j]) || f != f) {  // f != f: NaN (PyTorch's isnan) wins
             win.v[j] = v.v[j];
             arg.v[j] = cell;
           }
@@ -128,20 +128,22 @@ __global__ void __launch_bounds__(detail::kBlockThreads)
   UnitWalk at(first, stride, CV, g.H, g.W);
   for (int64_t i = first; i < units; i += stride, at.advance()) {
     const int64_t n = at.n(), h = at.row(), w = at.col(), c = at.unit() * V;
-    // Windows holding row h: oh s - p <= h <= oh s - p + k - 1, 0 <= oh < Ho.
-    const int64_t hp = h + g.padding, wp = w + g.padding;
-    const int64_t oh_lo = hp - g.k + 1 > 0 ? (hp - g.k + g.stride) / g.stride : 0;
-    const int64_t ow_lo = wp - g.k + 1 > 0 ? (wp - g.k + g.stride) / g.stride : 0;
-    const int64_t oh_hi = hp / g.stride < g.Ho - 1 ? hp / g.stride : g.Ho - 1;
-    const int64_t ow_hi = wp / g.stride < g.Wo - 1 ? wp / g.stride : g.Wo - 1;
+    // Windows holding row h: oh s - p <= h <= oh s - p + k - 1, 0 <= oh < Ho. In 32-bit
+    // unsigned arithmetic (H + 2p, W + 2p < 2^31, checked by the op): a 64-bit division is a
+    // long software routine on the GPU, four of them per element would dominate this kernel.
+    const auto hp = static_cast<uint32_t>(h + g.padding), wp = static_cast<uint32_t>(w + g.padding);
+    const auto k = static_cast<uint32_t>(g.k), s = static_cast<uint32_t>(g.stride);
+    const int64_t oh_lo = hp + 1 > k ? (hp + s - k) / s : 0;
+    const int64_t ow_lo = wp + 1 > k ? (wp + s - k) / s : 0;
+    const int64_t oh_hi = hp / s < g.Ho - 1 ? hp / s : g.Ho - 1;
+    const int64_t ow_hi = wp / s < g.Wo - 1 ? wp / s : g.Wo - 1;
     float acc[V];
 #pragma unroll
     for (int j = 0; j < V; ++j) acc[j] = 0.0f;
     for (int64_t oh = oh_lo; oh <= oh_hi; ++oh)
       for (int64_t ow = ow_lo; ow <= ow_hi; ++ow) {
         const int64_t o = ((n * g.Ho + oh) * g.Wo + ow) * g.C + c;
-        const auto cell =
-            static_cast<int32_t>((hp - oh * g.stride) * g.k + (wp - ow * g.stride));
+        const auto cell = static_cast<int32_t>((hp - oh * g.stride) * g.k + (wp - ow * g.stride));
         const Indices<V> a = *reinterpret_cast<const Indices<V>*>(argmax + o);
         const Lanes<T, V> d = *reinterpret_cast<const Lanes<T, V>*>(dout + o);
 #pragma unroll
