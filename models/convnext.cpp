@@ -167,6 +167,21 @@ int64_t ConvNeXtConfig::downsampling() const {
   return isotropic ? 16 : int64_t{4} << (dims.size() - 1);
 }
 
+ConvNeXtConfig ConvNeXtConfig::scaled(double width, double depth) const {
+  CNX_CHECK(width > 0 && width <= 4 && depth > 0 && depth <= 4, "model ", name,
+            ": width and depth multipliers must be in (0, 4], got ", width, " and ", depth);
+  ConvNeXtConfig c = *this;
+  if (width == 1 && depth == 1) return c;
+  auto w = [&](int64_t d) {
+    return std::max<int64_t>(8, 8 * std::llround(static_cast<double>(d) * width / 8));
+  };
+  for (int64_t& d : c.dims) d = w(d);
+  if (c.stem_width > 0) c.stem_width = w(c.stem_width);
+  for (int64_t& d : c.depths)
+    d = std::max<int64_t>(1, std::llround(static_cast<double>(d) * depth));
+  return c;
+}
+
 // ---- the knobs as words ----------------------------------------------------------------------
 
 namespace {

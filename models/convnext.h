@@ -91,6 +91,12 @@ struct ConvNeXtConfig {
   std::string description;
   std::optional<double> paper_top1;
 
+  // The same design with every width (dims, stem_width) times `width` and every depth times
+  // `depth`: widths rounded to a multiple of 8 (at least 8), depths to the nearest integer (at
+  // least 1). The roadmap's way to shrink every step alike for small images and CPUs. 1 and 1
+  // give the configuration unchanged. Throws unless both are in (0, 4].
+  ConvNeXtConfig scaled(double width, double depth) const;
+
   // ResNet-style (in-block downsampling): the roadmap's steps 0 to 10.
   bool resnet_style() const { return downsample_mode == Downsampling::in_block; }
   int64_t stem_channels() const { return stem_width > 0 ? stem_width : dims.at(0); }

@@ -3,10 +3,12 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <filesystem>
 #include <cmath>
 #include <set>
 #include <sstream>
 
+#include "autograd/function.h"
 #include "tests/testing.h"
 
 namespace cnx::test {
@@ -99,6 +101,59 @@ void expect_matches_golden(const GoldenCase& g, const GradsResult& r, const std:
   size_t golden_grads = 0;  // (roadmap fixtures also hold buffers and eval logits)
   for (const auto& [name, t] : g.expected.tensors) golden_grads += name.rfind("grad.", 0) == 0;
   EXPECT_EQ(checked, golden_grads) << what << ": every golden gradient compared";
+}
+
+std::vector<std::string> roadmap_golden_cases() {
+  std::vector<std::string> v;
+  for (const auto& e : std::filesystem::directory_iterator(std::string(CNX_TEST_DATA_DIR) + "/roadmap"))
+    if (e.is_directory()) v.push_back(e.path().filename().string());
+  std::sort(v.begin(), v.end());
+  return v;
+}
+
+GoldenCase load_roadmap_golden(const std::string& name) {
+  GoldenCase g;
+  g.name = name;
+  const std::string dir = std::string(CNX_TEST_DATA_DIR) + "/roadmap/" + name + "/";
+  g.expected = read_safetensors(dir + "expected.safetensors");
+  g.weights = read_safetensors(dir + "weights.safetensors");
+  g.batch = read_safetensors(dir + "batch.safetensors");
+  g.config = config_from_json(g.expected.metadata.at("config"));
+  g.config.name = name;
+  return g;
+}
+
+void expect_roadmap_case_matches(const GoldenCase& g, Device device, const std::string& what) {
+  Generator init(0);
+  ConvNeXt model(g.config, init);
+  model.load_state_dict(g.weights.tensors);
+  const GradsResult r =
+      compute_grads(model, g.batch.find("images"), g.batch.find("labels"), device);
+  expect_matches_golden(g, r, what);
+
+  // The buffers after the training forward: running statistics and counters.
+  size_t buffers = 0;
+  for (const auto& [name, t] : model.state_dict()) {
+    const Tensor want = g.expected.find("buffer." + name);
+    if (!want.defined()) continue;
+    ++buffers;
+    if (want.dtype() == DType::i64)
+      EXPECT_EQ(t.to_vector<int64_t>(), want.to_vector<int64_t>()) << what << " " << name;
+    else
+      expect_close(what + " " + name, values(t), values(want), 1e-5, 1e-5);
+  }
+  size_t golden_buffers = 0;
+  for (const auto& [name, t] : g.expected.tensors) golden_buffers += name.rfind("buffer.", 0) == 0;
+  EXPECT_EQ(buffers, golden_buffers) << what << ": every golden buffer compared";
+  EXPECT_EQ(buffers > 0, model.has_batch_norm()) << what;
+
+  // Eval mode with the updated running statistics.
+  NoGradGuard no_grad;
+  Generator unused(0);
+  const Tensor x = nchw_to_nhwc(g.batch.find("images")).to(device);
+  const Tensor eval_logits = model.forward(x, /*training=*/false, unused).to(Device::cpu());
+  const std::vector<double> want = values(g.expected.find("eval_logits"));
+  expect_close(what + " eval logits", values(eval_logits), want, 1e-4 * max_abs(want), 0);
 }
 
 }  // namespace cnx::test

@@ -33,4 +33,14 @@ GoldenCase load_golden(const std::string& golden_case);
 // every golden gradient compared. `what` prefixes the messages.
 void expect_matches_golden(const GoldenCase& g, const GradsResult& r, const std::string& what);
 
+// The roadmap's fixtures (tests/data/roadmap/<case>/, made by tools/make_roadmap_golden.py):
+// every case folder, sorted; one loaded (its config from the metadata's JSON).
+std::vector<std::string> roadmap_golden_cases();
+GoldenCase load_roadmap_golden(const std::string& name);
+// Builds the case's model, loads its weights (parameters and BatchNorm buffers), runs one
+// training-mode forward/backward on `device` and EXPECTs: expect_matches_golden, every buffer
+// after the update (1e-5), and the eval-mode logits with the updated statistics (1e-4 of the
+// largest). `what` prefixes the messages.
+void expect_roadmap_case_matches(const GoldenCase& g, Device device, const std::string& what);
+
 }  // namespace cnx::test

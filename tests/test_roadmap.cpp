@@ -45,14 +45,6 @@ const json& summary() {
   return s;
 }
 
-std::vector<std::string> golden_cases() {
-  std::vector<std::string> v;
-  for (const auto& e : std::filesystem::directory_iterator(roadmap_dir()))
-    if (e.is_directory()) v.push_back(e.path().filename().string());
-  std::sort(v.begin(), v.end());
-  return v;
-}
-
 // ---- the named steps: sizes, names, multiply-adds -------------------------------------------
 
 TEST(Roadmap, NamedStepsInOrder) {
@@ -149,55 +141,11 @@ TEST(Roadmap, TorchvisionResNet50StateDictLoadsAsIs) {
 
 class RoadmapGolden : public ::testing::TestWithParam<std::string> {};
 
-GoldenCase load_roadmap_case(const std::string& name) {
-  GoldenCase g;
-  g.name = name;
-  const std::string dir = roadmap_dir() + "/" + name + "/";
-  g.expected = read_safetensors(dir + "expected.safetensors");
-  g.weights = read_safetensors(dir + "weights.safetensors");
-  g.batch = read_safetensors(dir + "batch.safetensors");
-  g.config = config_from_json(g.expected.metadata.at("config"));
-  g.config.name = name;
-  return g;
-}
-
 TEST_P(RoadmapGolden, ForwardBackwardBuffersAndEvalMatchPyTorch) {
-  const GoldenCase g = load_roadmap_case(GetParam());
-  Generator init(0);
-  ConvNeXt model(g.config, init);
-  model.load_state_dict(g.weights.tensors);
-  const GradsResult r = compute_grads(model, g.batch.find("images"), g.batch.find("labels"));
-  expect_matches_golden(g, r, g.name);
-
-  // The buffers after the training forward: running statistics and counters.
-  size_t buffers = 0;
-  for (const auto& [name, t] : model.state_dict()) {
-    const Tensor want = g.expected.find("buffer." + name);
-    if (!want.defined()) continue;
-    ++buffers;
-    if (want.dtype() == DType::i64) {
-      EXPECT_EQ(t.to_vector<int64_t>(), want.to_vector<int64_t>()) << g.name << " " << name;
-    } else {
-      expect_close(g.name + " " + name, values(t), values(want), 1e-5, 1e-5);
-    }
-  }
-  size_t golden_buffers = 0;
-  for (const auto& [name, t] : g.expected.tensors) golden_buffers += name.rfind("buffer.", 0) == 0;
-  EXPECT_EQ(buffers, golden_buffers) << g.name << ": every golden buffer compared";
-  EXPECT_EQ(buffers > 0, model.has_batch_norm()) << g.name;
-
-  // Eval mode with the updated running statistics.
-  NoGradGuard no_grad;
-  Generator unused(0);
-  const Tensor x = nchw_to_nhwc(g.batch.find("images"));
-  const Tensor eval_logits = model.forward(x, /*training=*/false, unused);
-  const std::vector<double> want = values(g.expected.find("eval_logits"));
-  double scale = 0;
-  for (double v : want) scale = std::max(scale, std::abs(v));
-  expect_close(g.name + " eval logits", values(eval_logits), want, 1e-4 * scale, 0);
+  expect_roadmap_case_matches(load_roadmap_golden(GetParam()), Device::cpu(), GetParam());
 }
 
-INSTANTIATE_TEST_SUITE_P(Cases, RoadmapGolden, ::testing::ValuesIn(golden_cases()));
+INSTANTIATE_TEST_SUITE_P(Cases, RoadmapGolden, ::testing::ValuesIn(roadmap_golden_cases()));
 
 // ---- step 11 is ConvNeXt-T -------------------------------------------------------------------
 

@@ -56,6 +56,7 @@ ConvNeXtConfig TrainConfig::model_config(int64_t num_classes, int64_t in_chans) 
     c.depths = depths;
     c.dims = dims;
   }
+  c = c.scaled(width_mult, depth_mult);
   c.num_classes = num_classes;
   c.in_chans = in_chans;
   c.drop_path_rate = drop_path;
@@ -92,6 +93,8 @@ void TrainConfig::validate() const {
   CNX_CHECK(layer_decay > 0 && layer_decay <= 1, "--layer_decay must be in (0, 1], got ", layer_decay);
   CNX_CHECK(smoothing >= 0 && smoothing < 1, "--smoothing must be in [0, 1), got ", smoothing);
   CNX_CHECK(drop_path >= 0 && drop_path < 1, "--drop_path must be in [0, 1), got ", drop_path);
+  CNX_CHECK(width_mult > 0 && width_mult <= 4, "--width_mult must be in (0, 4], got ", width_mult);
+  CNX_CHECK(depth_mult > 0 && depth_mult <= 4, "--depth_mult must be in (0, 4], got ", depth_mult);
   CNX_CHECK(layer_scale_init_value >= 0 || layer_scale_init_value == -1,
             "--layer_scale_init_value must be >= 0 (or -1: the model's own), got ",
             layer_scale_init_value);
@@ -154,6 +157,7 @@ LoaderOptions TrainConfig::train_loader_options() const {
 std::string TrainConfig::to_json() const {
   json j = {{"model", model}, {"depths", depths}, {"dims", dims}, {"drop_path", drop_path},
             {"layer_scale_init_value", layer_scale_init_value}, {"head_init_scale", head_init_scale},
+            {"width_mult", width_mult}, {"depth_mult", depth_mult},
             {"data_set", data_set}, {"data_path", data_path}, {"augment", augment},
             {"num_workers", num_workers}, {"input_size", input_size}, {"crop_pct", crop_pct},
             {"aa", aa}, {"color_jitter", color_jitter}, {"reprob", reprob}, {"mixup", mixup},
@@ -207,6 +211,7 @@ TrainConfig TrainConfig::from_json(const std::string& text) {
   get("model", c.model); get("depths", c.depths); get("dims", c.dims);
   get("drop_path", c.drop_path); get("layer_scale_init_value", c.layer_scale_init_value);
   get("head_init_scale", c.head_init_scale); get("data_set", c.data_set);
+  get("width_mult", c.width_mult); get("depth_mult", c.depth_mult);
   get("data_path", c.data_path); get("augment", c.augment); get("num_workers", c.num_workers);
   get("input_size", c.input_size); get("crop_pct", c.crop_pct); get("aa", c.aa);
   get("color_jitter", c.color_jitter); get("reprob", c.reprob); get("mixup", c.mixup);
@@ -964,6 +969,10 @@ TrainResult TrainingRun::run() {
   open_data();
   if (stop_requested(0, 0, false)) return result_;
   build_model();
+  result_.image_height = train_set_.loader->image_height();
+  result_.image_width = train_set_.loader->image_width();
+  result_.num_parameters = model_->num_parameters();
+  result_.macs_per_image = model_->macs(result_.image_height, result_.image_width);
   if (stop_requested(0, 0, false)) return result_;
 
   std::string resume_path = cfg_.resume;

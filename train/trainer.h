@@ -35,6 +35,9 @@ struct TrainConfig {
   double layer_scale_init_value = -1;
   static constexpr double kDefaultLayerScale = 0.1;
   double head_init_scale = 1.0;
+  // Every width and depth of the model times these (ConvNeXtConfig::scaled): the roadmap's
+  // way to shrink each step alike for small images and CPUs.
+  double width_mult = 1.0, depth_mult = 1.0;
   // ---- data ----
   std::string data_set = "fashion_mnist";  // fashion_mnist | cifar10 | cifar100 | image_folder
   std::string data_path;                   // "" = the dataset's default location; image_folder:
@@ -125,6 +128,9 @@ struct TrainResult {
   bool interrupted = false;    // stopped by a signal; a recovery checkpoint was written
                                // (if training had begun and there is an --output_dir)
   int64_t nonfinite_skipped = 0;  // optimiser steps skipped for a non-finite loss or gradient
+  int64_t image_height = 0, image_width = 0;  // of the training batches
+  int64_t num_parameters = 0;                 // of the model trained
+  int64_t macs_per_image = 0;                 // its multiply-adds at that size (ConvNeXt::macs)
 };
 
 // The peak learning rate of a run, and how it was obtained (printed at start):

@@ -3,6 +3,7 @@
 //   eval     Acc@1, Acc@5 and loss of trained weights on a test split
 //   predict  top-5 classes of image files
 //   grads    one forward/backward pass, for parity checks against PyTorch (grads_command.cpp)
+//   roadmap  the paper's roadmap trained step by step (train/roadmap.h)
 //   models   the named models (ConvNeXt family, the paper's roadmap) with parameters, GFLOPs
 //
 // Errors: one line on stderr, "convnext <subcommand>: <what is wrong>", and exit status 1
@@ -30,7 +31,8 @@ int main(int argc, char** argv) {
   app.set_help_all_flag("--help-all", "Show the help of every subcommand");
   std::vector<cnx::Command> commands = {cnx::train_command(app), cnx::eval_command(app),
                                         cnx::predict_command(app), cnx::grads_command(app),
-                                        cnx::make_folder_command(app), cnx::models_command(app)};
+                                        cnx::make_folder_command(app), cnx::models_command(app),
+                                        cnx::roadmap_command(app)};
 
   try {
     app.parse(argc, argv);

@@ -18,6 +18,15 @@
 
 namespace cnx {
 
+// A seed: decimal digits only, at most 2^64 - 1.
+uint64_t parse_seed(const std::string& text) {
+  uint64_t v = 0;
+  const auto r = std::from_chars(text.data(), text.data() + text.size(), v);
+  CNX_CHECK(!text.empty() && r.ec == std::errc() && r.ptr == text.data() + text.size(),
+            "--seed must be an integer from 0 to 18446744073709551615, got '", text, "'");
+  return v;
+}
+
 namespace {
 
 // --model NAME, or --depths/--dims: shared by train, eval and predict.
@@ -42,14 +51,6 @@ struct TrainFlags {
   std::string seed_text = "0";  // parsed here: CLI11 would wrap -1 and 2^64 into a uint64
 };
 
-// A seed: decimal digits only, at most 2^64 - 1.
-uint64_t parse_seed(const std::string& text) {
-  uint64_t v = 0;
-  const auto r = std::from_chars(text.data(), text.data() + text.size(), v);
-  CNX_CHECK(!text.empty() && r.ec == std::errc() && r.ptr == text.data() + text.size(),
-            "--seed must be an integer from 0 to 18446744073709551615, got '", text, "'");
-  return v;
-}
 
 int run_train(TrainFlags& f) {
   f.model.apply(f.cfg);
@@ -210,17 +211,17 @@ void add_use_flags(CLI::App* sub, UseFlags& f) {
 
 }  // namespace
 
-Command train_command(CLI::App& app) {
-  auto f = std::make_shared<TrainFlags>();
-  TrainConfig& c = f->cfg;
-  CLI::App* sub = app.add_subcommand("train", "Train a ConvNeXt (defaults: a small model on Fashion-MNIST)");
-  f->model.add(sub);
+// Every flag of a training recipe (all of train's but --model, --depths and --dims), bound to
+// `c`; --seed to `seed_text` (parse_seed reads it). Shared by train and roadmap.
+void add_recipe_flags(CLI::App* sub, TrainConfig& c, std::string& seed_text) {
   auto opt = [&](const char* name, auto& field, const char* help) {
     sub->add_option(name, field, help)->capture_default_str();
   };
   opt("--drop_path", c.drop_path, "Drop path rate (linear over the blocks)");
   opt("--layer_scale_init_value", c.layer_scale_init_value, "Layer scale init (0: no layer scale; -1: 0.1, or a roadmap step's own)");
   opt("--head_init_scale", c.head_init_scale, "Scale of the head's initial weights");
+  opt("--width_mult", c.width_mult, "Every width of the model times this (multiples of 8; the roadmap's shrinking)");
+  opt("--depth_mult", c.depth_mult, "Every stage depth of the model times this (at least 1 block)");
   opt("--data_set", c.data_set, "fashion_mnist, cifar10, cifar100 or image_folder");
   opt("--data_path", c.data_path, "Dataset folder (default for fashion_mnist: Debian's; image_folder: the root of train/ and val/)");
   opt("--augment", c.augment, "In-memory sets: random crop + flip (+ --reprob, --mixup, --cutmix) on the training images");
@@ -250,7 +251,7 @@ Command train_command(CLI::App& app) {
   opt("--model_ema", c.model_ema, "Keep an EMA of the weights");
   opt("--model_ema_decay", c.model_ema_decay, "EMA decay");
   opt("--model_ema_eval", c.model_ema_eval, "Evaluate the EMA every epoch too");
-  sub->add_option("--seed", f->seed_text, "Seed of every random draw (0 to 2^64-1)")->default_str("0");
+  sub->add_option("--seed", seed_text, "Seed of every random draw (0 to 2^64-1)")->default_str("0");
   opt("--output_dir", c.output_dir, "Checkpoints, metrics.jsonl and config.json go here");
   opt("--resume", c.resume, "Continue from this checkpoint");
   opt("--auto_resume", c.auto_resume, "Continue from the newest checkpoint in --output_dir");
@@ -265,6 +266,13 @@ Command train_command(CLI::App& app) {
   opt("--progress_bar", c.progress_bar, "A live progress line on a terminal");
   opt("--skip_nonfinite", c.skip_nonfinite,
       "Optimiser steps with a non-finite loss or gradient skipped in a row before the run stops (0: stop at the first)");
+}
+
+Command train_command(CLI::App& app) {
+  auto f = std::make_shared<TrainFlags>();
+  CLI::App* sub = app.add_subcommand("train", "Train a ConvNeXt (defaults: a small model on Fashion-MNIST)");
+  f->model.add(sub);
+  add_recipe_flags(sub, f->cfg, f->seed_text);
   return {sub, [f] { return run_train(*f); }};
 }
 
