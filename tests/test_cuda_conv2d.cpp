@@ -14,7 +14,8 @@
 // which take the three paths: pointwise (a plain GEMM), im2col + GEMM, and the direct grouped
 // kernels. Also: every subset of requested gradients, bf16 against the CPU's bf16 reference, the
 // autograd op on device tensors, bitwise run-to-run determinism (with enough output pixels that
-// the grouped parameter gradients take both passes of the column sums), and empty sizes.
+// the grouped parameter gradients take both passes of the column sums), empty sizes, and more
+// pixels than one grid's y dimension covers (the kernels' row loops).
 //
 // Every test skips, saying why, when the library was built without CUDA or no device is
 // visible; this file compiles either way.
@@ -420,6 +421,28 @@ TEST(CudaConv2d, EmptySizes) {
                         ptr<float>(ws), cuda::current_stream());
   device_sync();
   for (float v : din.to(Device::cpu()).to_vector<float>()) ASSERT_EQ(v, 0.f) << "din with Co = 0";
+#else
+  CNX_SKIP_BUILT_WITHOUT_CUDA();
+#endif
+}
+
+// ================================ long grids ================================
+// More output (and input) pixels than one grid's y can hold (65535 blocks x 8 rows = 524280):
+// the 2-D kernels loop over rows. One row of pixels keeps it cheap on the emulator: the direct
+// grouped kernels (1x1, groups 2) and the im2col + GEMM path (1x1 stride 2, so not pointwise).
+TEST(CudaConv2d, GroupedMatchesCpuWhenRowsExceedOneGrid) {
+#if CNX_TEST_CUDA
+  CNX_SKIP_WITHOUT_DEVICE();
+  check({1, 1, 530000, 2, 2, 1, 1, 1, 0, 2}, 700, DType::f32);
+#else
+  CNX_SKIP_BUILT_WITHOUT_CUDA();
+#endif
+}
+
+TEST(CudaConv2d, Im2colMatchesCpuWhenRowsExceedOneGrid) {
+#if CNX_TEST_CUDA
+  CNX_SKIP_WITHOUT_DEVICE();
+  check({1, 1, 1060001, 1, 1, 1, 1, 2, 0, 1}, 701, DType::f32);
 #else
   CNX_SKIP_BUILT_WITHOUT_CUDA();
 #endif
