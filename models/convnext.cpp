@@ -145,17 +145,17 @@ int64_t ConvNeXtConfig::num_parameters() const {
   }
   for (size_t i = 0; i < S; ++i) {
     const int64_t C = dims[i];
-    CheckedCount block;
-    if (layer_scale_init_value > 0) block.add({C});  // gamma
-    block.add({C, kernel, kernel});                  // dwconv
-    block.add({C});
-    block.add({2, C});                               // LayerNorm
-    block.add({4, C, C});                            // pwconv1
-    block.add({4, C});
-    block.add({C, 4, C});                            // pwconv2
-    block.add({C});
-    if (block.value() < 0) return -1;
-    n.add({depths[i], block.value()});
+    CheckedCount per_block;
+    if (layer_scale_init_value > 0) per_block.add({C});  // gamma
+    per_block.add({C, kernel, kernel});                  // dwconv
+    per_block.add({C});
+    per_block.add({2, C});                               // LayerNorm
+    per_block.add({4, C, C});                            // pwconv1
+    per_block.add({4, C});
+    per_block.add({C, 4, C});                            // pwconv2
+    per_block.add({C});
+    if (per_block.value() < 0) return -1;
+    n.add({depths[i], per_block.value()});
   }
   n.add({2, dims.back()});              // final LayerNorm
   n.add({num_classes, dims.back()});    // head
