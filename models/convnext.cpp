@@ -559,15 +559,23 @@ ConvNeXt::ConvNeXt(const ConvNeXtConfig& config, Generator* init) : config_(conf
   if (!shapes_only_) init_values(inits, *init);
 }
 
+namespace {
+int64_t count_blocks(const ConvNeXtConfig& c) {
+  int64_t t = 0;
+  for (int64_t d : c.depths) t += d;
+  return t;
+}
+// Block `index` of `total`: linspace(0, rate, total), as torch.linspace.
+double drop_path_rate_of(double rate, int64_t index, int64_t total) {
+  return total > 1 ? rate * static_cast<double>(index) / static_cast<double>(total - 1) : 0.0;
+}
+}  // namespace
+
 // The official ConvNeXt (and isotropic ConvNeXt), parameters in the official order.
 void ConvNeXt::build_convnext(std::vector<Init>& inits) {
   const auto& dims = config_.dims;
   const int64_t K = config_.kernel;
-  const int64_t total_blocks = [&] {
-    int64_t t = 0;
-    for (int64_t d : config_.depths) t += d;
-    return t;
-  }();
+  const int64_t total_blocks = count_blocks(config_);
 
   auto add = [&](const std::string& name, const Shape& shape, ParamLayout layout, Init how) {
     // The official weight-decay rule: no decay for 1-D tensors (norms, gamma) and biases.
@@ -603,7 +611,7 @@ void ConvNeXt::build_convnext(std::vector<Init>& inits) {
     }
   }
 
-  // Blocks. Drop path rates: linspace(0, drop_path_rate, total_blocks), as torch.linspace.
+  // Blocks, with drop path rates rising linearly over all of them.
   stages_.resize(S);
   int64_t block_index = 0;
   for (size_t i = 0; i < S; ++i) {
@@ -613,9 +621,7 @@ void ConvNeXt::build_convnext(std::vector<Init>& inits) {
                                      ? "blocks." + std::to_string(j)
                                      : "stages." + std::to_string(i) + "." + std::to_string(j);
       Block b;
-      b.drop_prob = total_blocks > 1 ? config_.drop_path_rate * static_cast<double>(block_index) /
-                                           static_cast<double>(total_blocks - 1)
-                                     : 0.0;
+      b.drop_prob = drop_path_rate_of(config_.drop_path_rate, block_index, total_blocks);
       // The block's own parameter (gamma) comes before its submodules' in a state_dict.
       b.gamma = config_.layer_scale_init_value > 0
                     ? add(prefix + ".gamma", {C}, ParamLayout::plain, Init::layer_scale)
@@ -644,11 +650,7 @@ void ConvNeXt::build_convnext(std::vector<Init>& inits) {
 // A ResNet of torchvision's layout and names with the roadmap's knobs (the header's picture).
 void ConvNeXt::build_resnet_style(std::vector<Init>& inits) {
   const ConvNeXtConfig& c = config_;
-  const int64_t total_blocks = [&] {
-    int64_t t = 0;
-    for (int64_t d : c.depths) t += d;
-    return t;
-  }();
+  const int64_t total_blocks = count_blocks(c);
   const bool bn = c.norm == NormKind::batch;
 
   auto add = [&](const std::string& name, const Shape& shape, ParamLayout layout, Init how) {
@@ -727,9 +729,7 @@ void ConvNeXt::build_resnet_style(std::vector<Init>& inits) {
       const std::string prefix = "layer" + std::to_string(i + 1) + "." + std::to_string(j);
       const int64_t stride = (i > 0 && j == 0) ? 2 : 1;
       Block b;
-      b.drop_prob = total_blocks > 1 ? c.drop_path_rate * static_cast<double>(block_index) /
-                                           static_cast<double>(total_blocks - 1)
-                                     : 0.0;
+      b.drop_prob = drop_path_rate_of(c.drop_path_rate, block_index, total_blocks);
       b.gamma = c.layer_scale_init_value > 0
                     ? add(prefix + ".gamma", {out}, ParamLayout::plain, Init::layer_scale)
                     : -1;
