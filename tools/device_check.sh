@@ -57,11 +57,13 @@ run_build() {
 }
 
 # The test binaries that hold GPU tests.
+# Every tests/test_cuda_*.cpp (conv2d, BatchNorm, ReLU/max pool and the roadmap's models
+# included), and the files that hold Cuda/Bf16/Amp tests besides.
 gpu_test_binaries() {
   local t
-  for t in test_cuda_dwconv test_cuda_ops test_cuda_backend test_cuda_upload test_cuda_optim \
-           test_cuda_gemm_paths test_cuda_fusions test_bf16_ops test_bf16_dwconv test_bf16_gemm \
-           test_bf16_layernorm test_scaled_residual test_amp test_batch_finish; do
+  for t in $(cd tests && ls test_cuda_*.cpp | sed 's/\.cpp$//') test_bf16_ops test_bf16_dwconv \
+           test_bf16_gemm test_bf16_layernorm test_bf16_weights test_scaled_residual test_amp \
+           test_batch_finish; do
     [ -f tests/$t.cpp ] && echo $t
   done
 }
