@@ -162,3 +162,47 @@ void conv2d_backward(bf16* din, float* dweight, float* dbias, const bf16* dout, 
                      cudaStream_t stream);
 
 }  // namespace cnx::cuda
+
+// =============================================================================================
+// CUDA through cuDNN, fp32 and bf16 (kernels/cuda/conv2d_cudnn.cu; optional at build time)
+// =============================================================================================
+// The same operation, shapes, dtypes and pointer contracts as the cnx::cuda launchers above,
+// computed by cuDNN (NHWC tensors, our weight as cuDNN's NHWC filter, the group count; only
+// algorithms cuDNN reports deterministic; TF32 for f32 only when cuda::allow_tf32() is on).
+// Present only in a real nvcc build that found cuDNN (CMake: CNX_WITH_CUDNN, CNX_CUDNN_ROOT);
+// never in the emulator build (cuDNN is not emulated). Differences from the launchers above:
+// the bias is added after the convolution (for bf16, out is rounded twice: the convolution's
+// result, then with the bias), and for bf16 dweight comes from cuDNN's bf16 filter gradient
+// (rounded once to bf16, then widened to fp32).
+//
+// Use: ask the workspace size first; -1 means "not on this path" (built without cuDNN, the
+// switch off, an empty or too large shape, or no deterministic algorithm): then call the
+// launchers above. Otherwise pass a workspace of that many floats (256-byte aligned; may be
+// null when 0) to the matching call, on the current device's library stream, with the same
+// dtype, shape, requested gradients and cuda::allow_tf32() as the query.
+namespace cnx::cuda {
+
+// Whether this build has the cuDNN path at all.
+bool conv2d_cudnn_compiled();
+// Whether conv2d on the GPU goes through cuDNN now: compiled in and the switch on. The switch
+// starts from the environment variable CNX_CONV_CUDNN, read once (unset or anything but "0":
+// on); set_conv2d_cudnn_enabled overrides it (tests compare both paths).
+bool conv2d_uses_cudnn();
+void set_conv2d_cudnn_enabled(bool on);
+
+int64_t conv2d_cudnn_forward_workspace_floats(DType dtype, const Conv2dShape& s);
+int64_t conv2d_cudnn_backward_workspace_floats(DType dtype, const Conv2dShape& s, bool want_din,
+                                               bool want_dweight, bool want_dbias);
+
+void conv2d_cudnn_forward(float* out, const float* in, const float* weight, const float* bias,
+                          const Conv2dShape& s, float* workspace, cudaStream_t stream);
+void conv2d_cudnn_forward(bf16* out, const bf16* in, const bf16* weight, const float* bias,
+                          const Conv2dShape& s, float* workspace, cudaStream_t stream);
+void conv2d_cudnn_backward(float* din, float* dweight, float* dbias, const float* dout,
+                           const float* in, const float* weight, const Conv2dShape& s,
+                           float* workspace, cudaStream_t stream);
+void conv2d_cudnn_backward(bf16* din, float* dweight, float* dbias, const bf16* dout,
+                           const bf16* in, const bf16* weight, const Conv2dShape& s,
+                           float* workspace, cudaStream_t stream);
+
+}  // namespace cnx::cuda

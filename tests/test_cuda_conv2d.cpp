@@ -17,6 +17,13 @@
 // the grouped parameter gradients take both passes of the column sums), empty sizes, and more
 // pixels than one grid's y dimension covers (the kernels' row loops).
 //
+// Which path: cuda_forward / cuda_backward below route as autograd's conv2d does: through cuDNN
+// (kernels/cuda/conv2d_cudnn.cu) when the build has it, its switch is on and it takes the shape
+// (its workspace query is not -1), else the launchers of kernels/cuda/conv2d.cu; so these tests
+// check whichever path is active (CNX_CONV_CUDNN=0 picks ours). CudnnAndOwnKernelsMatchCpu runs
+// the main sweep on both; the long-grid tests are about our kernels' row loops and force ours.
+// The emulator build never has cuDNN.
+//
 // Every test skips, saying why, when the library was built without CUDA or no device is
 // visible; this file compiles either way.
 #include <gtest/gtest.h>
@@ -24,6 +31,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <limits>
 #include <sstream>
@@ -129,14 +137,47 @@ void device_sync() { CNX_CUDA_CHECK(cudaDeviceSynchronize()); }
 
 Tensor workspace(int64_t floats) { return Tensor::empty(Shape{std::max<int64_t>(floats, 1)}, DType::f32, kDev); }
 
+// ---- the cuDNN switch -------------------------------------------------------------------------
+// Sets cuda::conv2d_uses_cudnn's switch for a scope, and restores it.
+class CudnnSwitch {
+ public:
+  explicit CudnnSwitch(bool on) : was_(cuda::conv2d_uses_cudnn()) {
+    cuda::set_conv2d_cudnn_enabled(on);
+  }
+  ~CudnnSwitch() { cuda::set_conv2d_cudnn_enabled(was_); }
+  CudnnSwitch(const CudnnSwitch&) = delete;
+  CudnnSwitch& operator=(const CudnnSwitch&) = delete;
+
+ private:
+  bool was_;
+};
+
+// Whether cuda_forward / cuda_backward take the cuDNN path for this problem now.
+bool cudnn_takes(const Cfg& c, DType dt) {
+  return cuda::conv2d_cudnn_forward_workspace_floats(dt, c.shape()) >= 0;
+}
+
 // ---- running the CUDA launchers --------------------------------------------------------------
 Tensor cuda_forward(const Cfg& c, const HostData& h, DType dt) {
   const Conv2dShape s = c.shape();
   const Tensor x = h.x.to(dt).to(kDev), w = h.w.to(dt).to(kDev), b = h.b.to(kDev);
   Tensor out = device_full(c.out_shape(), kNaN, dt);
+  const float* bp = c.bias ? ptr<float>(b) : nullptr;
+  const int64_t cudnn_ws = cuda::conv2d_cudnn_forward_workspace_floats(dt, s);
+  if (cudnn_ws >= 0) {
+    Tensor ws = workspace(cudnn_ws);
+    device_sync();
+    if (dt == DType::f32)
+      cuda::conv2d_cudnn_forward(ptr<float>(out), ptr<float>(x), ptr<float>(w), bp, s,
+                                 ptr<float>(ws), cuda::current_stream());
+    else
+      cuda::conv2d_cudnn_forward(ptr<bf16>(out), ptr<bf16>(x), ptr<bf16>(w), bp, s,
+                                 ptr<float>(ws), cuda::current_stream());
+    device_sync();
+    return out.to(Device::cpu());
+  }
   Tensor ws = workspace(cuda::conv2d_forward_workspace_floats(dt, s));
   device_sync();
-  const float* bp = c.bias ? ptr<float>(b) : nullptr;
   if (dt == DType::f32)
     cuda::conv2d_forward(ptr<float>(out), ptr<float>(x), ptr<float>(w), bp, s, ptr<float>(ws),
                          cuda::current_stream());
@@ -167,10 +208,28 @@ Grads cuda_backward(const Cfg& c, const HostData& h, DType dt, Wanted want) {
   const double fill = all ? kNaN : kSentinel;
   Tensor din = device_full(c.x_shape(), fill, dt), dw = device_full(c.w_shape(), fill),
          db = device_full(Shape{c.Co}, fill);
-  Tensor ws = workspace(cuda::conv2d_backward_workspace_floats(dt, s, want.din, want.dweight, want.dbias));
-  device_sync();
   float* dwp = want.dweight ? ptr<float>(dw) : nullptr;
   float* dbp = want.dbias ? ptr<float>(db) : nullptr;
+  const int64_t cudnn_ws =
+      cuda::conv2d_cudnn_backward_workspace_floats(dt, s, want.din, want.dweight, want.dbias);
+  if (cudnn_ws >= 0) {
+    Tensor ws = workspace(cudnn_ws);
+    device_sync();
+    if (dt == DType::f32)
+      cuda::conv2d_cudnn_backward(want.din ? ptr<float>(din) : nullptr, dwp, dbp, ptr<float>(dy),
+                                  want.dweight ? ptr<float>(x) : nullptr,
+                                  want.din ? ptr<float>(w) : nullptr, s, ptr<float>(ws),
+                                  cuda::current_stream());
+    else
+      cuda::conv2d_cudnn_backward(want.din ? ptr<bf16>(din) : nullptr, dwp, dbp, ptr<bf16>(dy),
+                                  want.dweight ? ptr<bf16>(x) : nullptr,
+                                  want.din ? ptr<bf16>(w) : nullptr, s, ptr<float>(ws),
+                                  cuda::current_stream());
+    device_sync();
+    return {din.to(Device::cpu()), dw.to(Device::cpu()), db.to(Device::cpu())};
+  }
+  Tensor ws = workspace(cuda::conv2d_backward_workspace_floats(dt, s, want.din, want.dweight, want.dbias));
+  device_sync();
   if (dt == DType::f32)
     cuda::conv2d_backward(want.din ? ptr<float>(din) : nullptr, dwp, dbp, ptr<float>(dy),
                           want.dweight ? ptr<float>(x) : nullptr,
@@ -220,6 +279,10 @@ void expect_untouched(const std::string& what, const Tensor& t) {
 // din of a groups-1 conv is rounded twice on the GPU (the column gradient, a bf16 GEMM output,
 // then the col2im sum), hence 2 * 2^-8. dweight and dbias are fp32 from the same bf16 operands:
 // f32 rounding only.
+// On the cuDNN path (bf16 only; f32 keeps the f32 bounds, FFT and Winograd being excluded there)
+// two roundings are the path's own, not a loosened check: out is rounded twice (cuDNN's bf16
+// result, then with the bias added), hence 2 * 2^-8; dweight is cuDNN's bf16 filter gradient
+// widened to fp32, hence one bf16 rounding, 2^-8.
 void check(const Cfg& c, uint64_t seed, DType dt, Wanted want = {}) {
   const std::string what = c.str() + (dt == DType::bf16 ? " bf16" : " f32") + " " + want.str();
   SCOPED_TRACE(what);
@@ -231,12 +294,13 @@ void check(const Cfg& c, uint64_t seed, DType dt, Wanted want = {}) {
   const Ref ref = cpu_reference(c, x, w, h.b, dy, dt);
   const Ref mag = cpu_reference(c, abs_of(x), abs_of(w), abs_of(h.b), abs_of(dy), DType::f32);
   const double bf = dt == DType::bf16 ? std::ldexp(1.0, -8) : 0.0;
+  const bool via_cudnn = cudnn_takes(c, dt);
   const int64_t terms_fwd = s.window() + 1, terms_din = s.kh * s.kw * s.Cog(), terms_dw = s.rows();
   const bool all = want.din && want.dweight && want.dbias;
   if (all) {
     const Tensor out = cuda_forward(c, h, dt);
     expect_close_mag(what + ": out", values(out), values(ref.out), values(mag.out),
-                     tol_for_terms(terms_fwd) + bf);
+                     tol_for_terms(terms_fwd) + (via_cudnn ? 2 : 1) * bf);
   }
   const Grads g = cuda_backward(c, h, dt, want);
   if (want.din)
@@ -246,7 +310,7 @@ void check(const Cfg& c, uint64_t seed, DType dt, Wanted want = {}) {
     expect_untouched(what + ": din", g.din);
   if (want.dweight)
     expect_close_mag(what + ": dweight", values(g.dweight), values(ref.dweight),
-                     values(mag.dweight), tol_for_terms(terms_dw));
+                     values(mag.dweight), tol_for_terms(terms_dw) + (via_cudnn ? bf : 0.0));
   else
     expect_untouched(what + ": dweight", g.dweight);
   if (want.dbias)
@@ -433,6 +497,7 @@ TEST(CudaConv2d, EmptySizes) {
 TEST(CudaConv2d, GroupedMatchesCpuWhenRowsExceedOneGrid) {
 #if CNX_TEST_CUDA
   CNX_SKIP_WITHOUT_DEVICE();
+  const CudnnSwitch ours(false);  // our kernels' row loops are the point
   check({1, 1, 530000, 2, 2, 1, 1, 1, 0, 2}, 700, DType::f32);
 #else
   CNX_SKIP_BUILT_WITHOUT_CUDA();
@@ -442,7 +507,53 @@ TEST(CudaConv2d, GroupedMatchesCpuWhenRowsExceedOneGrid) {
 TEST(CudaConv2d, Im2colMatchesCpuWhenRowsExceedOneGrid) {
 #if CNX_TEST_CUDA
   CNX_SKIP_WITHOUT_DEVICE();
+  const CudnnSwitch ours(false);  // our kernels' row loops are the point
   check({1, 1, 1060001, 1, 1, 1, 1, 2, 0, 1}, 701, DType::f32);
+#else
+  CNX_SKIP_BUILT_WITHOUT_CUDA();
+#endif
+}
+
+// ================================ cuDNN and our kernels ================================
+// When the build has cuDNN: the main sweep (every tiny and ResNet shape in f32, the bf16 shapes
+// of Bf16MatchesCpuBf16, some gradient subsets) with the cuDNN path on, then with it off (our
+// kernels), each against the CPU reference; with it on, cuDNN must take the dense and grouped
+// shapes (it offers no deterministic algorithm for a shape only in odd cases: then that shape
+// falls back, which is allowed, but not for every shape). Without cuDNN in the build, skips.
+TEST(CudaConv2d, CudnnAndOwnKernelsMatchCpu) {
+#if CNX_TEST_CUDA
+  if (!cuda::conv2d_cudnn_compiled())
+    GTEST_SKIP() << "built without cuDNN (CNX_HAVE_CUDNN undefined: the emulator build, "
+                    "CNX_WITH_CUDNN=OFF or cuDNN not found): only our kernels exist";
+  CNX_SKIP_WITHOUT_DEVICE();
+  for (bool on : {true, false}) {
+    SCOPED_TRACE(on ? "cuDNN on" : "cuDNN off");
+    const CudnnSwitch sw(on);
+    ASSERT_EQ(cuda::conv2d_uses_cudnn(), on);
+    int taken = 0, total = 0;
+    uint64_t seed = 800;
+    for (const Cfg& c : all_problems()) {
+      taken += cudnn_takes(c, DType::f32) ? 1 : 0;
+      ++total;
+      check(c, seed++, DType::f32);
+    }
+    const Cfg bf_cfgs[] = {kTiny[0], kTiny[1], kTiny[2], kTiny[4], kTiny[6], kTiny[9],
+                           kResNet[0], kResNet[3], kResNet[5], kResNet[6]};
+    for (const Cfg& c : bf_cfgs) {
+      taken += cudnn_takes(c, DType::bf16) ? 1 : 0;
+      ++total;
+      check(c, seed++, DType::bf16);
+    }
+    for (int mask = 0; mask < 8; ++mask) {
+      check(kTiny[1], seed++, DType::f32, Wanted{(mask & 1) != 0, (mask & 2) != 0, (mask & 4) != 0});
+      check(kTiny[0], seed++, DType::bf16, Wanted{(mask & 1) != 0, (mask & 2) != 0, (mask & 4) != 0});
+    }
+    std::printf("[ info ] cuDNN %s: cuDNN took %d of %d shapes\n", on ? "on" : "off", taken, total);
+    if (on)
+      EXPECT_GT(taken, total / 2) << "cuDNN took only " << taken << " of " << total << " shapes";
+    else
+      EXPECT_EQ(taken, 0) << "switched off, yet the cuDNN path answered";
+  }
 #else
   CNX_SKIP_BUILT_WITHOUT_CUDA();
 #endif

@@ -3,6 +3,9 @@
 // Saves x (for dweight) and the weight operand (for dx), each only when needed.
 // CPU f32 with groups == 1 takes the im2col + OpenBLAS path when cnx::blas::enabled(); f64,
 // bf16 and grouped convs take the reference loops.
+// CUDA: through cuDNN when the build has it and the switch allows it (cuda::conv2d_uses_cudnn(),
+// env CNX_CONV_CUDNN=0 turns it off) and cuDNN takes the shape (its workspace query is not -1);
+// otherwise the im2col + cuBLASLt and direct grouped kernels of kernels/cuda/conv2d.cu.
 // Mixed precision, as patchify_conv and linear: with a bf16 x, weight and bias stay fp32
 // parameters; the weight operand is a bf16 copy rounded once here in forward and saved for dx
 // in the weight's place; out and dx are bf16, dweight and dbias fp32.
@@ -66,6 +69,12 @@ class Conv2d final : public Function {
       cpu::conv2d_forward<T>(out.data<T>(), x.data<T>(), w.data<T>(), ptr_or_null<P>(bias), s);
     }, [&](auto tag, auto stream) {
       using T = decltype(tag);
+      const int64_t cudnn_ws = cuda::conv2d_cudnn_forward_workspace_floats(x.dtype(), s);
+      if (cudnn_ws >= 0) {
+        Tensor ws = cuda_workspace(cudnn_ws, x.device());
+        return cuda::conv2d_cudnn_forward(out.data<T>(), x.data<T>(), w.data<T>(),
+                                          ptr_or_null<float>(bias), s, ws.data<float>(), stream);
+      }
       Tensor ws = cuda_workspace(cuda::conv2d_forward_workspace_floats(x.dtype(), s), x.device());
       cuda::conv2d_forward(out.data<T>(), x.data<T>(), w.data<T>(), ptr_or_null<float>(bias), s,
                            ws.data<float>(), stream);
@@ -102,6 +111,15 @@ class Conv2d final : public Function {
                               grad_out.data<T>(), ptr_or_null<T>(x_), ptr_or_null<T>(weight_), s);
     }, [&](auto tag, auto stream) {
       using T = decltype(tag);
+      const int64_t cudnn_ws = cuda::conv2d_cudnn_backward_workspace_floats(
+          dt, s, dx.defined(), dw.defined(), db.defined());
+      if (cudnn_ws >= 0) {
+        Tensor ws = cuda_workspace(cudnn_ws, dev);
+        return cuda::conv2d_cudnn_backward(ptr_or_null<T>(dx), ptr_or_null<float>(dw),
+                                           ptr_or_null<float>(db), grad_out.data<T>(),
+                                           ptr_or_null<T>(x_), ptr_or_null<T>(weight_), s,
+                                           ws.data<float>(), stream);
+      }
       Tensor ws = cuda_workspace(
           cuda::conv2d_backward_workspace_floats(dt, s, dx.defined(), dw.defined(), db.defined()),
           dev);
