@@ -68,15 +68,17 @@ void ConvNeXtConfig::validate() const {
             layer_scale_init_value);
   CNX_CHECK(kernel >= 3 && kernel <= 11 && kernel % 2 == 1, what,
             "kernel must be 3, 5, 7, 9 or 11, got ", kernel);
-  CNX_CHECK(groups == 0 || groups == 1, what, "groups must be 0 (depthwise) or 1 (dense), got ",
-            groups);
+  CNX_CHECK(groups >= 0, what, "groups must be 0 (depthwise) or positive, got ", groups);
+  CNX_CHECK(expansion >= 0 && expansion <= 64, what,
+            "expansion must be 0 (the block's own) or in (0, 64], got ", expansion);
   CNX_CHECK(stem_width >= 0, what, "stem_width must be >= 0 (0: dims[0]), got ", stem_width);
   if (!resnet_style()) {
     // Separate downsampling layers are ConvNeXt's: its stem, block and norms come with them.
     const bool convnext_block = stem == StemKind::patchify && block == BlockKind::inverted &&
                                 spatial == SpatialPosition::top && groups == 0 &&
                                 act == ActKind::gelu && !all_acts && norm == NormKind::layer &&
-                                !all_norms && (stem_width == 0 || stem_width == dims[0]);
+                                !all_norms && (stem_width == 0 || stem_width == dims[0]) &&
+                                (expansion == 0 || expansion == 4);
     CNX_CHECK(convnext_block, what,
               "separate downsampling layers come with ConvNeXt's stem and block (patchify stem, "
               "inverted block, depthwise conv on top, one GELU, one LayerNorm): use downsampling "
@@ -84,10 +86,18 @@ void ConvNeXtConfig::validate() const {
   } else {
     CNX_CHECK(!isotropic, what, "an isotropic model has no downsampling to put in its blocks");
     CNX_CHECK(depths.size() >= 1, what, "needs at least one stage");
-    for (int64_t d : dims)
-      CNX_CHECK(block == BlockKind::inverted || d % 4 == 0, what,
+    for (int64_t d : dims) {
+      CNX_CHECK(expansion > 0 || block == BlockKind::inverted || d % 4 == 0, what,
                 "a bottleneck block's hidden width is dims / 4: dims must be multiples of 4, got ",
                 join(dims));
+      const double h = static_cast<double>(d) * expansion;
+      CNX_CHECK(expansion == 0 || (h >= 1 && std::abs(h - std::round(h)) < 1e-9), what,
+                "expansion ", expansion, " times dims ", join(dims),
+                " must give whole hidden widths of at least 1");
+      CNX_CHECK(spatial == SpatialPosition::top || groups <= 1 || hidden_width(d) % groups == 0,
+                what, "groups ", groups, " must divide every hidden width (dims ", join(dims),
+                ", hidden ", hidden_width(d), ")");
+    }
     // (A spatial conv on top of the block is depthwise whatever groups says; acts one keeps
     // the activation after conv2, norms one the norm after conv1, wherever the spatial conv is.)
     // The blocks are built one by one below, so bound their number before counting.
@@ -290,6 +300,7 @@ std::string config_to_json(const ConvNeXtConfig& c) {
   j["block"] = name_of(c.block);
   j["spatial"] = name_of(c.spatial);
   j["groups"] = c.groups;
+  j["expansion"] = c.expansion;
   j["kernel"] = c.kernel;
   j["act"] = name_of(c.act);
   j["acts"] = c.all_acts ? "all" : "one";
@@ -329,6 +340,7 @@ ConvNeXtConfig config_from_json(const std::string& text) {
       else if (key == "block") parse_knob(v.get<std::string>(), c.block);
       else if (key == "spatial") parse_knob(v.get<std::string>(), c.spatial);
       else if (key == "groups") c.groups = v.get<int64_t>();
+      else if (key == "expansion") c.expansion = v.get<double>();
       else if (key == "kernel") c.kernel = v.get<int64_t>();
       else if (key == "act") parse_knob(v.get<std::string>(), c.act);
       else if (key == "acts") c.all_acts = all_or_one(key, v.get<std::string>());
@@ -738,7 +750,7 @@ void ConvNeXt::build_resnet_style(std::vector<Init>& inits) {
       if (c.spatial == SpatialPosition::middle) {
         b.c1 = conv(prefix + ".conv1", in, hidden, 1, 1, 1, bn);
         b.n1 = norm(prefix + "." + norm_word + "1", hidden);
-        b.c2 = conv(prefix + ".conv2", hidden, hidden, K, stride, c.groups == 0 ? hidden : 1,
+        b.c2 = conv(prefix + ".conv2", hidden, hidden, K, stride, c.groups == 0 ? hidden : c.groups,
                     bn && n2);
         if (n2) b.n2 = norm(prefix + "." + norm_word + "2", hidden);
       } else {

@@ -78,8 +78,11 @@ struct ConvNeXtConfig {
   int64_t stem_width = 0;  // the stem's output channels; 0: dims[0]
   BlockKind block = BlockKind::inverted;
   SpatialPosition spatial = SpatialPosition::top;
-  int64_t groups = 0;      // of a middle spatial conv: 0 depthwise (groups = channels), or 1
-                           // dense; a spatial conv on top is always depthwise
+  int64_t groups = 0;      // of a middle spatial conv: 0 depthwise (groups = channels), 1
+                           // dense, or g groups (ResNeXt: 32); a spatial conv on top is always
+                           // depthwise
+  double expansion = 0;    // hidden width / dims; 0: the block's own (1/4 bottleneck, 4
+                           // inverted). ResNeXt-50 32x4d: bottleneck, groups 32, expansion 0.5
   int64_t kernel = 7;      // the spatial conv's size: 3, 5, 7, 9 or 11 (padding kernel / 2)
   ActKind act = ActKind::gelu;
   bool all_acts = false;   // acts "all" (ResNet: after conv1, conv2 and the add) or "one"
@@ -102,6 +105,7 @@ struct ConvNeXtConfig {
   int64_t stem_channels() const { return stem_width > 0 ? stem_width : dims.at(0); }
   // The hidden width of a block of output width `dim`.
   int64_t hidden_width(int64_t dim) const {
+    if (expansion > 0) return static_cast<int64_t>(static_cast<double>(dim) * expansion + 0.5);
     return block == BlockKind::inverted ? 4 * dim : dim / 4;
   }
 
@@ -139,8 +143,8 @@ const std::vector<std::string>& roadmap_step_names();
 std::vector<std::string> all_model_names();
 
 // The configuration as a JSON object with the keys of tools/roadmap_reference.py's config dicts
-// (name, in_chans, num_classes, depths, dims, stem, stem_width, block, spatial, groups, kernel,
-// act, acts ("all" | "one"), norm, norms, downsampling, layer_scale_init_value,
+// (name, in_chans, num_classes, depths, dims, stem, stem_width, block, spatial, groups,
+// expansion, kernel, act, acts ("all" | "one"), norm, norms, downsampling, layer_scale_init_value,
 // drop_path_rate, isotropic, head_init_scale), and back: keys left out keep ConvNeXt's
 // defaults; an unknown key or word throws naming it ("case", "description" and "paper_top1"
 // are accepted and ignored). The result is not validated (ConvNeXtConfig::validate()).

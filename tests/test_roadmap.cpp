@@ -137,6 +137,26 @@ TEST(Roadmap, TorchvisionResNet50StateDictLoadsAsIs) {
   }
 }
 
+// The knobs reach ResNeXt too: ResNet-50 with 32 groups in the 3x3 convs and hidden width
+// dims / 2 is torchvision's resnext50_32x4d (25,028,904 parameters, 4.23 GFLOPs there).
+TEST(Roadmap, GroupsAndExpansionGiveResNeXt50) {
+  ConvNeXtConfig c = convnext_config("roadmap_00_resnet50");
+  c.name = "resnext50_32x4d";
+  c.groups = 32;
+  c.expansion = 0.5;
+  EXPECT_NO_THROW(c.validate());
+  const ConvNeXt m(c, ConvNeXt::ShapesOnly{});
+  EXPECT_EQ(m.num_parameters(), 25028904);
+  EXPECT_NEAR(m.macs(224, 224) / 1e9, 4.23, 0.01);
+  // The grouped conv's weight: (128, 128 / 32, 3, 3) in stage 1's first block.
+  EXPECT_EQ(m.parameter("layer1.0.conv2.weight").official_shape, Shape({128, 4, 3, 3}));
+  c.groups = 48;  // does not divide 128
+  expect_error([&] { c.validate(); }, {"groups 48 must divide every hidden width"});
+  c.groups = 32;
+  c.expansion = 0.3;  // 256 * 0.3 is not whole
+  expect_error([&] { c.validate(); }, {"must give whole hidden widths"});
+}
+
 // ---- golden forward and backward -------------------------------------------------------------
 
 class RoadmapGolden : public ::testing::TestWithParam<std::string> {};
@@ -233,8 +253,12 @@ TEST(Roadmap, ResNetInitialisationIsTorchvisions) {
   EXPECT_GE(lo, -1 / std::sqrt(2048.0));
   EXPECT_GT(hi, 0.9 / std::sqrt(2048.0));
   for (const auto& [name, t] : m.state_dict()) {
-    if (name.ends_with("running_var")) EXPECT_EQ(values(t), std::vector<double>(t.numel(), 1.0)) << name;
-    if (name.ends_with("running_mean")) EXPECT_EQ(values(t), std::vector<double>(t.numel(), 0.0)) << name;
+    if (name.ends_with("running_var")) {
+      EXPECT_EQ(values(t), std::vector<double>(t.numel(), 1.0)) << name;
+    }
+    if (name.ends_with("running_mean")) {
+      EXPECT_EQ(values(t), std::vector<double>(t.numel(), 0.0)) << name;
+    }
   }
   // No conv bias in a BatchNorm network; no gamma without layer scale.
   for (const Parameter& p : m.parameters()) {

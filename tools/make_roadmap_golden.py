@@ -87,6 +87,9 @@ The cases (images 32x32, batch 3, drop path 0; stage maps 8, 4, 2, 1 for both st
   extra_bottleneck_top_kernel5  not a roadmap step: step 02 (bottleneck, BatchNorm, ReLU, acts
                                 and norms all) with spatial "top": a depthwise 5x5 on the block
                                 input (strided), then 1x1 down to dims/4, 1x1 up.
+  extra_resnext_groups4_expansion05  not a roadmap step: ResNeXt's block (step 00 with 4 groups
+                                in the 3x3 conv and hidden width dims / 2, as ResNeXt-50 32x4d's
+                                32 groups and expansion 0.5): a grouped, strided conv2d.
   extra_inverted_middle_dense   not a roadmap step: step 08 (inverted, GELU, acts one, BatchNorm
                                 everywhere) with spatial "middle", groups 1: a DENSE 3x3 on the
                                 4x-wide hidden layer (16 channels); dims 4,4,4,4, stem 8
@@ -153,6 +156,8 @@ CASES = [
     case("extra_inverted_middle_dense", "roadmap_08_fewer_activations", 117, 5,
          spatial="middle", groups=1, kernel=3, dims=[4, 4, 4, 4], stem_width=8,
          depths=(1, 1, 1, 1)),
+    case("extra_resnext_groups4_expansion05", "roadmap_00_resnet50", 118, 7, groups=4,
+         expansion=0.5, dims=[16, 24, 32, 48], stem_width=8, depths=(2, 1, 1, 1)),
 ]
 
 

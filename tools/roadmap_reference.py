@@ -13,6 +13,7 @@ The design space (the config dict; the C++ ConvNeXtConfig has the same field nam
   block "bottleneck" (hidden = dims[i] / 4) | "inverted" (hidden = 4 dims[i]),
   spatial "middle" (1x1, kxk, 1x1) | "top" (kxk depthwise, 1x1, 1x1),
   groups 1 (dense spatial conv) | 0 (depthwise) (any other positive value: that many groups),
+  expansion (optional): hidden width / block width instead of the block's own 1/4 or 4,
   kernel (odd; padding kernel // 2), act "relu" | "gelu" (exact erf), acts "all" | "one",
   norm "batch" (BatchNorm2d eps 1e-5 momentum 0.1) | "layer" (over channels, eps 1e-6),
   norms "all" | "one", downsampling "in_block" | "separate" (= the official ConvNeXt),
@@ -149,14 +150,17 @@ class RoadmapBlock(nn.Module):
 
     def __init__(self, cfg, cin, cout, stride, drop_prob):
         super().__init__()
-        if cfg["block"] == "bottleneck":
+        if cfg["block"] not in ("bottleneck", "inverted"):
+            raise ValueError(f"block {cfg['block']!r}")
+        if cfg.get("expansion", 0) > 0:
+            # An explicit hidden width / block width (ResNeXt-50 32x4d: 0.5 with 32 groups).
+            hidden = round(cout * cfg["expansion"])
+        elif cfg["block"] == "bottleneck":
             if cout % 4:
                 raise ValueError(f"bottleneck width {cout} is not a multiple of 4")
             hidden = cout // 4
-        elif cfg["block"] == "inverted":
-            hidden = 4 * cout
         else:
-            raise ValueError(f"block {cfg['block']!r}")
+            hidden = 4 * cout
         k = cfg["kernel"]
         if k % 2 != 1:
             raise ValueError(f"kernel {k} is not odd")
