@@ -46,6 +46,18 @@ std::string join(const std::vector<int64_t>& v) {
 }
 }  // namespace
 
+namespace {
+int64_t count_blocks(const ConvNeXtConfig& c) {
+  int64_t t = 0;
+  for (int64_t d : c.depths) t += d;
+  return t;
+}
+// Block `index` of `total`: linspace(0, rate, total), as torch.linspace.
+double drop_path_rate_of(double rate, int64_t index, int64_t total) {
+  return total > 1 ? rate * static_cast<double>(index) / static_cast<double>(total - 1) : 0.0;
+}
+}  // namespace
+
 // ---- configurations ----------------------------------------------------------------------------
 
 void ConvNeXtConfig::validate() const {
@@ -85,7 +97,6 @@ void ConvNeXtConfig::validate() const {
               "in_block for the other combinations");
   } else {
     CNX_CHECK(!isotropic, what, "an isotropic model has no downsampling to put in its blocks");
-    CNX_CHECK(depths.size() >= 1, what, "needs at least one stage");
     for (int64_t d : dims) {
       CNX_CHECK(expansion > 0 || block == BlockKind::inverted || d % 4 == 0, what,
                 "a bottleneck block's hidden width is dims / 4: dims must be multiples of 4, got ",
@@ -101,8 +112,7 @@ void ConvNeXtConfig::validate() const {
     // (A spatial conv on top of the block is depthwise whatever groups says; acts one keeps
     // the activation after conv2, norms one the norm after conv1, wherever the spatial conv is.)
     // The blocks are built one by one below, so bound their number before counting.
-    int64_t blocks = 0;
-    for (int64_t d : depths) blocks += d;
+    const int64_t blocks = count_blocks(*this);
     CNX_CHECK(blocks <= 10000, what, blocks, " blocks: a ResNet-style model takes at most 10000");
     for (int64_t d : dims)
       CNX_CHECK(d <= (int64_t{1} << 20), what, "dims must be at most 2^20, got ", join(dims));
@@ -546,13 +556,15 @@ Tensor nchw_to_nhwc(const Tensor& images) {
 // ---- construction and initialisation ---------------------------------------------------------
 
 int64_t ConvNeXt::add_param(const std::string& name, const Shape& official_shape,
-                            ParamLayout layout, bool decay) {
+                            ParamLayout layout, Init how, std::vector<Init>& inits) {
   Parameter prm;
   prm.name = name;
   prm.official_shape = official_shape;
   prm.layout = layout;
-  prm.decay = decay;
+  // The official weight-decay rule: no decay for 1-D tensors (norms, gamma) and biases.
+  prm.decay = official_shape.rank() > 1 && !name.ends_with(".bias");
   params_.push_back(std::move(prm));
+  inits.push_back(how);
   entries_.push_back({Entry::Kind::parameter, params_.size() - 1});
   return static_cast<int64_t>(params_.size()) - 1;
 }
@@ -571,17 +583,6 @@ ConvNeXt::ConvNeXt(const ConvNeXtConfig& config, Generator* init) : config_(conf
   if (!shapes_only_) init_values(inits, *init);
 }
 
-namespace {
-int64_t count_blocks(const ConvNeXtConfig& c) {
-  int64_t t = 0;
-  for (int64_t d : c.depths) t += d;
-  return t;
-}
-// Block `index` of `total`: linspace(0, rate, total), as torch.linspace.
-double drop_path_rate_of(double rate, int64_t index, int64_t total) {
-  return total > 1 ? rate * static_cast<double>(index) / static_cast<double>(total - 1) : 0.0;
-}
-}  // namespace
 
 // The official ConvNeXt (and isotropic ConvNeXt), parameters in the official order.
 void ConvNeXt::build_convnext(std::vector<Init>& inits) {
@@ -590,10 +591,7 @@ void ConvNeXt::build_convnext(std::vector<Init>& inits) {
   const int64_t total_blocks = count_blocks(config_);
 
   auto add = [&](const std::string& name, const Shape& shape, ParamLayout layout, Init how) {
-    // The official weight-decay rule: no decay for 1-D tensors (norms, gamma) and biases.
-    const bool decay = shape.rank() > 1 && !name.ends_with(".bias");
-    inits.push_back(how);
-    return add_param(name, shape, layout, decay);
+    return add_param(name, shape, layout, how, inits);
   };
   auto conv = [&](const std::string& prefix, int64_t ci, int64_t co, int64_t k, Downsample& d) {
     d.conv_w = add(prefix + ".weight", {co, ci, k, k}, ParamLayout::patchify, Init::trunc_normal);
@@ -666,9 +664,7 @@ void ConvNeXt::build_resnet_style(std::vector<Init>& inits) {
   const bool bn = c.norm == NormKind::batch;
 
   auto add = [&](const std::string& name, const Shape& shape, ParamLayout layout, Init how) {
-    const bool decay = shape.rank() > 1 && !name.ends_with(".bias");
-    inits.push_back(how);
-    return add_param(name, shape, layout, decay);
+    return add_param(name, shape, layout, how, inits);
   };
   // A conv of `ci` -> `co` channels; its bias only when no BatchNorm follows (`then_bn`).
   auto conv = [&](const std::string& prefix, int64_t ci, int64_t co, int64_t k, int64_t stride,
@@ -823,12 +819,10 @@ void ConvNeXt::init_values(const std::vector<Init>& inits, Generator& init) {
     }
     prm.value = from_official_layout(official, prm.layout).set_requires_grad(true);
   }
-  for (size_t i = 0; i < bn_.size(); ++i) {
-    // The channel count is the norm weight's, which precedes the buffers in entries_.
-    const std::string weight_name = bn_[i].name + ".weight";
-    const int64_t C = parameter(weight_name).official_shape[0];
-    buffers_[bn_[i].running_mean].value = Tensor::zeros(Shape{C});
-    buffers_[bn_[i].running_var].value = Tensor::ones(Shape{C});
+  for (const BatchNormState& st : bn_) {
+    const Shape channels = entry_of({Entry::Kind::buffer, st.running_mean}).second;
+    buffers_[st.running_mean].value = Tensor::zeros(channels);
+    buffers_[st.running_var].value = Tensor::ones(channels);
   }
 }
 
@@ -937,15 +931,8 @@ int64_t conv_out(int64_t size, int64_t k, int64_t stride, int64_t pad) {
 // BatchNorm in training needs two values per channel; the last stage's map is the smallest.
 void ConvNeXt::check_batch_norm_batch(int64_t N, int64_t H, int64_t W) const {
   if (bn_.empty() || N > 1) return;
-  int64_t h = conv_out(H, stem_.conv.k, stem_.conv.stride, stem_.conv.pad);
-  int64_t w = conv_out(W, stem_.conv.k, stem_.conv.stride, stem_.conv.pad);
-  if (stem_.maxpool) h = conv_out(h, 3, 2, 1), w = conv_out(w, 3, 2, 1);
-  for (const auto& stage : stages_)
-    for (const Block& b : stage) {
-      const Conv& spatial = b.c1.k > 1 ? b.c1 : b.c2;
-      h = conv_out(h, spatial.k, spatial.stride, spatial.pad);
-      w = conv_out(w, spatial.k, spatial.stride, spatial.pad);
-    }
+  const ConvWalk last = walk_convs(H, W);
+  const int64_t h = last.h, w = last.w;
   CNX_CHECK(h * w > 1, "model ", config_.name, ": BatchNorm in training mode needs more than one ",
             "value per channel, and a batch of 1 image of ", H, "x", W, " reaches a ", h, "x", w,
             " map in the last stage: train with a batch of at least 2 (per micro-batch) or "
@@ -1013,39 +1000,41 @@ Tensor ConvNeXt::forward(const Tensor& images, bool training, Generator& drop_ge
 
 // ---- multiply-adds ---------------------------------------------------------------------------
 
-int64_t ConvNeXt::macs(int64_t H, int64_t W) const {
-  int64_t total = 0;
+ConvNeXt::ConvWalk ConvNeXt::walk_convs(int64_t H, int64_t W) const {
+  ConvWalk r{0, H, W};
   // One conv on an h x w map: its output pixels x Co x (Ci / groups) x k x k; h, w updated.
   auto conv = [&](int64_t& h, int64_t& w, int64_t ci, int64_t co, int64_t k, int64_t stride,
                   int64_t pad, int64_t groups) {
     h = conv_out(h, k, stride, pad);
     w = conv_out(w, k, stride, pad);
-    total += h * w * co * (ci / groups) * k * k;
+    r.macs += h * w * co * (ci / groups) * k * k;
   };
   auto run = [&](int64_t& h, int64_t& w, const Conv& c) {
     conv(h, w, c.ci, c.co, c.k, c.stride, c.pad, c.groups);
   };
-  int64_t h = H, w = W;
   if (config_.resnet_style()) {
-    run(h, w, stem_.conv);
-    if (stem_.maxpool) h = conv_out(h, 3, 2, 1), w = conv_out(w, 3, 2, 1);
+    run(r.h, r.w, stem_.conv);
+    if (stem_.maxpool) r.h = conv_out(r.h, 3, 2, 1), r.w = conv_out(r.w, 3, 2, 1);
   }
   for (size_t i = 0; i < stages_.size(); ++i) {
     if (!config_.resnet_style()) {
       const Downsample& d = downsample_[i];
-      conv(h, w, d.ci, d.co, d.k, d.k, 0, 1);
+      conv(r.h, r.w, d.ci, d.co, d.k, d.k, 0, 1);
     }
     for (const Block& b : stages_[i]) {
-      int64_t sh = h, sw = w;  // the shortcut's
-      run(h, w, b.c1);
-      run(h, w, b.c2);
-      run(h, w, b.c3);
+      int64_t sh = r.h, sw = r.w;  // the shortcut's
+      run(r.h, r.w, b.c1);
+      run(r.h, r.w, b.c2);
+      run(r.h, r.w, b.c3);
       if (b.projection) run(sh, sw, b.proj);
     }
   }
+  return r;
+}
+
+int64_t ConvNeXt::macs(int64_t H, int64_t W) const {
   const Shape& head = params_[static_cast<size_t>(head_w_)].official_shape;
-  total += head[0] * head[1];
-  return total;
+  return walk_convs(H, W).macs + head[0] * head[1];
 }
 
 // ---- parameters and state dicts --------------------------------------------------------------
@@ -1069,22 +1058,36 @@ std::vector<double> ConvNeXt::drop_path_rates() const {
   return rates;
 }
 
+std::pair<std::string, Shape> ConvNeXt::entry_of(const Entry& e) const {
+  switch (e.kind) {
+    case Entry::Kind::parameter: return {params_[e.index].name, params_[e.index].official_shape};
+    case Entry::Kind::buffer: {
+      // A running statistic ("<module>.running_mean") has its norm's channels: the weight's shape.
+      const std::string& name = buffers_[e.index].name;
+      return {name, parameter(name.substr(0, name.rfind('.')) + ".weight").official_shape};
+    }
+    case Entry::Kind::batches: return {bn_[e.index].name + ".num_batches_tracked", Shape{}};
+  }
+  return {};
+}
+
 NamedTensors ConvNeXt::state_dict() const {
   NamedTensors out;
   for (const Entry& e : entries_) {
+    std::string name = entry_of(e).first;
     switch (e.kind) {
       case Entry::Kind::parameter: {
         const Parameter& prm = params_[e.index];
-        out.emplace_back(prm.name, to_official_layout(prm.value, prm.layout));
+        out.emplace_back(std::move(name), to_official_layout(prm.value, prm.layout));
         break;
       }
       case Entry::Kind::buffer:
-        out.emplace_back(buffers_[e.index].name, buffers_[e.index].value.to(Device::cpu()).clone());
+        out.emplace_back(std::move(name), buffers_[e.index].value.to(Device::cpu()).clone());
         break;
       case Entry::Kind::batches: {
         Tensor n = Tensor::empty(Shape{}, DType::i64);
         *n.data<int64_t>() = bn_batches_[e.index];
-        out.emplace_back(bn_[e.index].name + ".num_batches_tracked", n);
+        out.emplace_back(std::move(name), n);
         break;
       }
     }
@@ -1094,22 +1097,7 @@ NamedTensors ConvNeXt::state_dict() const {
 
 std::vector<std::pair<std::string, Shape>> ConvNeXt::state_dict_shapes() const {
   std::vector<std::pair<std::string, Shape>> out;
-  for (const Entry& e : entries_) {
-    switch (e.kind) {
-      case Entry::Kind::parameter:
-        out.emplace_back(params_[e.index].name, params_[e.index].official_shape);
-        break;
-      case Entry::Kind::buffer: {
-        // A running statistic has its norm's channels: the weight's shape.
-        const std::string& name = buffers_[e.index].name;
-        out.emplace_back(name, parameter(name.substr(0, name.rfind('.')) + ".weight").official_shape);
-        break;
-      }
-      case Entry::Kind::batches:
-        out.emplace_back(bn_[e.index].name + ".num_batches_tracked", Shape{});
-        break;
-    }
-  }
+  for (const Entry& e : entries_) out.push_back(entry_of(e));
   return out;
 }
 
@@ -1121,19 +1109,11 @@ void ConvNeXt::load_state_dict(const NamedTensors& tensors) {
   found.resize(params_.size());
   found_buffers.resize(buffers_.size());
   for (const Entry& e : entries_) {
+    const auto [name, shape] = entry_of(e);
     switch (e.kind) {
-      case Entry::Kind::parameter:
-        found[e.index] = match.floating(params_[e.index].name, params_[e.index].official_shape);
-        break;
-      case Entry::Kind::buffer: {
-        const std::string& name = buffers_[e.index].name;
-        // A running statistic has its norm's channels: the weight's shape.
-        const std::string module = name.substr(0, name.rfind('.'));
-        found_buffers[e.index] = match.floating(name, parameter(module + ".weight").official_shape);
-        break;
-      }
-      case Entry::Kind::batches: {
-        const std::string name = bn_[e.index].name + ".num_batches_tracked";
+      case Entry::Kind::parameter: found[e.index] = match.floating(name, shape); break;
+      case Entry::Kind::buffer: found_buffers[e.index] = match.floating(name, shape); break;
+      case Entry::Kind::batches:
         if (const Tensor* t = match.find(name)) {
           if ((t->dtype() != DType::i64 && t->dtype() != DType::i32) || t->numel() != 1)
             match.note("not an integer scalar", name + " " + t->str());
@@ -1142,16 +1122,13 @@ void ConvNeXt::load_state_dict(const NamedTensors& tensors) {
                                                         : *t->to(Device::cpu()).data<int32_t>();
         }
         break;
-      }
     }
   }
   if (!match.ok()) {
     const std::string head = "load_state_dict: weights do not fit model " + config_.name + ":";
     const std::vector<std::string> missing = match.missing(), unexpected = match.unexpected();
     std::set<std::string> expected;
-    for (const Parameter& prm : params_) expected.insert(prm.name);
-    for (const Buffer& b : buffers_) expected.insert(b.name);
-    for (const BatchNormState& st : bn_) expected.insert(st.name + ".num_batches_tracked");
+    for (const Entry& e : entries_) expected.insert(entry_of(e).first);
     const std::string foreign = foreign_naming_hint(unexpected, expected, missing.size());
     if (!foreign.empty()) fail(head, " ", foreign);
     // Weights with and without layer scale differ only by the blocks' gamma tensors.

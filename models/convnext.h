@@ -353,14 +353,22 @@ class ConvNeXt {
   void build_convnext(std::vector<Init>& inits);
   void build_resnet_style(std::vector<Init>& inits);
   void init_values(const std::vector<Init>& inits, Generator& init);
+  // Registers a parameter (its value comes later, from init_values) and how it starts.
   int64_t add_param(const std::string& name, const Shape& official_shape, ParamLayout layout,
-                    bool decay);
+                    Init how, std::vector<Init>& inits);
   Tensor block_forward(const Block& b, const Tensor& x, bool training, Generator& drop_gen,
                        const std::vector<Tensor>* bf16_weights) const;
   Tensor conv_forward(const Conv& c, const Tensor& x, const std::vector<Tensor>* bf16_weights) const;
   Tensor norm_forward(const Norm& n, const Tensor& x, bool training) const;
   Tensor act_forward(const Tensor& x) const;
   void check_batch_norm_batch(int64_t N, int64_t H, int64_t W) const;
+  // An H x W image through the convolutions: their multiply-adds, and the last stage's map size.
+  struct ConvWalk {
+    int64_t macs = 0, h = 0, w = 0;
+  };
+  ConvWalk walk_convs(int64_t H, int64_t W) const;
+  // The official name and shape of a state_dict() entry.
+  std::pair<std::string, Shape> entry_of(const Entry& e) const;
   const Tensor& p(int64_t index) const { return params_[static_cast<size_t>(index)].value; }
   // The bf16 copy of parameter `index` from forward's bf16_weights, or an undefined tensor.
   static Tensor bf16_of(const std::vector<Tensor>* bf16_weights, int64_t index) {
