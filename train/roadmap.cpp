@@ -25,22 +25,10 @@ constexpr const char* kRoadmapFormat = "cnx-roadmap-1";
 
 // ---- files -------------------------------------------------------------------------------------
 
-// Writes `text` to path + ".tmp", then renames it over `path`: a kill leaves the old file or the
-// new one, never half of one.
+// Every file is written atomically (path + ".tmp", then renamed): a kill leaves the old file or
+// the new one, never half of one.
 void write_atomic(const fs::path& path, const std::string& text) {
-  const fs::path tmp = path.string() + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    out << text;
-    out.flush();
-    CNX_CHECK(out.good(), tmp.string(), ": cannot write it");
-  }
-  std::error_code ec;
-  fs::rename(tmp, path, ec);
-  if (ec) {
-    fs::remove(tmp, ec);
-    fail(path.string(), ": cannot write it (rename failed)");
-  }
+  plot::write_file_atomically(path.string(), text);
 }
 
 json read_json(const fs::path& path) {
@@ -144,15 +132,6 @@ double elapsed_before(const fs::path& dir) {
   return read_json(p).value("seconds", 0.0);
 }
 
-// Whether the step's metrics.jsonl holds the evaluation of its last epoch (a run resumed after
-// its last epoch trains nothing and reports no epochs of its own).
-bool finished_by_metrics(const fs::path& dir, int64_t epochs) {
-  RoadmapStepResult r;
-  if (!fs::exists(dir / "metrics.jsonl")) return false;
-  read_metrics(dir, r);
-  return r.epochs == epochs;
-}
-
 std::string fixed(double v, int digits) {
   char buf[64];
   std::snprintf(buf, sizeof buf, "%.*f", digits, v);
@@ -198,17 +177,17 @@ std::optional<RoadmapStepResult> train_step(const RoadmapOptions& o, const std::
   const double seconds =
       elapsed_before(dir) + std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   write_atomic(dir / "roadmap_time.json", json({{"seconds", seconds}}).dump() + "\n");
-  // A signal, or --max_steps before the last epoch: the step is not finished.
-  if (t.interrupted || !finished_by_metrics(dir, cfg.epochs))
-    return std::nullopt;
+  if (t.interrupted) return std::nullopt;
+  // The last epoch's evaluation is in metrics.jsonl unless --max_steps stopped the step before
+  // (a run resumed after its last epoch trains nothing and reports no epochs of its own).
+  if (!fs::exists(dir / "metrics.jsonl")) return std::nullopt;
+  read_metrics(dir, r);
+  if (r.epochs != cfg.epochs) return std::nullopt;
 
   r.parameters = t.num_parameters;
   r.image_size = t.image_height;
   r.gflops = static_cast<double>(t.macs_per_image) / 1e9;
   r.wall_s = seconds;
-  read_metrics(dir, r);
-  CNX_CHECK(r.epochs == cfg.epochs, step, ": trained ", r.epochs, " of ", cfg.epochs,
-            " epochs by its metrics.jsonl; its folder ", dir.string(), " is inconsistent");
   return r;
 }
 
