@@ -14,6 +14,9 @@
 
 #include <gtest/gtest.h>
 
+#include <cmath>
+#include <cstdint>
+
 #include "tensor/cuda_memory.h"
 
 #if defined(CNX_CUDA) && CNX_CUDA
@@ -36,3 +39,24 @@
 #endif
 #define CNX_SKIP_BUILT_WITHOUT_CUDA() \
   GTEST_SKIP() << "built without CUDA (CNX_CUDA undefined): the CUDA kernels do not exist"
+
+namespace cnx::test {
+
+// The tolerance of a GPU result against the CPU reference, per unit of mag = sum |term| (the
+// reference run on the absolute values of the inputs), for a result that is a sum of `terms`
+// f32 products. The two sides add them in different orders (the GPU with fused multiply-adds
+// and, for the parameter gradients, per thread, then per block, then across blocks), so they
+// differ by rounding only. f32 rounds each operation with relative error <= u = 2^-24, so each
+// side's error is at most about terms * u * mag: 2 * terms * u (both sides) is the rigorous
+// bound for short sums. For long sums (parameter gradients add N*H*W terms) the rounding errors
+// are independent and grow like sqrt(terms); 2 * 16 * sqrt(terms) * u (continuous with the
+// first rule at 256 terms) leaves a wide margin there while still catching a missing row of
+// pixels or a missing tile. Measured against mag, not |want|, results that cancel to near zero
+// are not asked for more precision than their terms carry.
+inline double tol_for_terms(int64_t terms) {
+  const double u = std::ldexp(1.0, -24);
+  const double n = static_cast<double>(terms);
+  return 2.0 * u * (n <= 256 ? n : 16.0 * std::sqrt(n));
+}
+
+}  // namespace cnx::test

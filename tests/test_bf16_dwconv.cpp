@@ -353,10 +353,6 @@ constexpr float kSentinel = 1024.0f;  // exact in bf16
 // neighbours, so bf16 outputs may differ by one bf16 ulp (<= 2^-7 |value|) on top:
 //     bf16 outputs   |gpu - cpu| <= 2^-7 |cpu| + 2 tol_for_terms(terms) mag
 //     fp32 outputs   |gpu - cpu| <= tol_for_terms(terms) mag
-double tol_for_terms(int64_t terms) {
-  const double n = static_cast<double>(terms);
-  return 2.0 * kU32 * (n <= 256 ? n : 16.0 * std::sqrt(n));
-}
 
 std::vector<double> gpu_bf16_bound(const std::vector<double>& cpu, const std::vector<double>& mag,
                                    int64_t terms) {

@@ -55,15 +55,9 @@ using namespace cnx;
 using namespace cnx::test;
 
 // ---- tolerances ------------------------------------------------------------------------------
-// As in tests/test_cuda_dwconv.cpp: each result is a sum of `terms` products, added in another
-// order on each side, so they differ by f32 rounding only: 2 terms u mag for short sums (the
-// rigorous bound), 2 * 16 sqrt(terms) u mag for long ones (the parameter gradients), with mag
-// the reference run on |inputs|.
-double tol_for_terms(int64_t terms) {
-  const double u = std::ldexp(1.0, -24);
-  const double n = static_cast<double>(terms);
-  return 2.0 * u * (n <= 256 ? n : 16.0 * std::sqrt(n));
-}
+// tol_for_terms (tests/cuda_testing.h), as in tests/test_cuda_dwconv.cpp: each result is a sum
+// of `terms` products, added in another order on each side, with mag the reference run on
+// |inputs|.
 
 // ---- problems --------------------------------------------------------------------------------
 struct Cfg {

@@ -42,23 +42,8 @@ using namespace cnx;
 using namespace cnx::test;
 
 // ---- tolerances ------------------------------------------------------------------------------
-// Each result is a sum of `terms` products (plus the bias). The GPU and the CPU add them in
-// different orders (the GPU with fused multiply-adds and, for the parameter gradients, per
-// thread, then per block, then across blocks), so they differ by rounding only. f32 rounds each
-// operation with relative error <= u = 2^-24, so each side's error is at most about
-// terms * u * mag, where mag = sum |term| (computed here by running the CPU reference on the
-// absolute values of the inputs): we allow 2 * terms * u * mag (both sides) for short sums,
-// which is the rigorous bound. For long sums (the parameter gradients add N*H*W terms) the
-// rounding errors are independent and grow like sqrt(terms); 2 * 16 * sqrt(terms) * u * mag
-// (continuous with the first rule at 256 terms) leaves a wide margin there while still
-// catching a missing row of pixels or a missing tile. Errors are measured against mag, not
-// |want|, so results that cancel to near zero are not asked for more precision than their
-// terms carry.
-double tol_for_terms(int64_t terms) {
-  const double u = std::ldexp(1.0, -24);
-  const double n = static_cast<double>(terms);
-  return 2.0 * u * (n <= 256 ? n : 16.0 * std::sqrt(n));
-}
+// tol_for_terms (tests/cuda_testing.h): f32 sums of `terms` products in another order, measured
+// against mag, the reference run on |inputs|.
 
 // ---- problems and data -----------------------------------------------------------------------
 struct Problem {
