@@ -32,3 +32,14 @@ bool cuda_sync_after_launch();
     CNX_CUDA_CHECK(cudaGetLastError());                                          \
     if (::cnx::cuda_sync_after_launch()) CNX_CUDA_CHECK(cudaDeviceSynchronize()); \
   } while (0)
+
+// Every cuDNN call (conv2d's cuDNN path, the dwconv baselines of bench/) goes through this:
+// throws a cnx::Error naming the failed call, its status, the file and the line. Expand it
+// only where <cudnn.h> is included.
+#define CNX_CUDNN_CHECK(expr)                                                              \
+  do {                                                                                     \
+    const cudnnStatus_t cnx_st_ = (expr);                                                  \
+    if (cnx_st_ != CUDNN_STATUS_SUCCESS)                                                   \
+      ::cnx::fail("cuDNN error: ", cudnnGetErrorString(cnx_st_), " (", static_cast<int>(cnx_st_), \
+                  ") in ", #expr, " at ", __FILE__, ":", __LINE__);                        \
+  } while (0)

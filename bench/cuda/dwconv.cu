@@ -52,15 +52,6 @@
 #include "tensor/cuda_check.h"
 #include "tensor/error.h"
 
-// Throws a cnx::Error naming the failed cuDNN call, its status, the file and the line.
-#define CNX_CUDNN_CHECK(expr)                                                              \
-  do {                                                                                     \
-    const cudnnStatus_t cnx_st_ = (expr);                                                  \
-    if (cnx_st_ != CUDNN_STATUS_SUCCESS)                                                   \
-      ::cnx::fail("cuDNN error: ", cudnnGetErrorString(cnx_st_), " (", static_cast<int>(cnx_st_), \
-                  ") in ", #expr, " at ", __FILE__, ":", __LINE__);                        \
-  } while (0)
-
 namespace cnx::bench {
 namespace {
 
