@@ -880,8 +880,8 @@ Tensor ConvNeXt::act_forward(const Tensor& x) const {
   return config_.act == ActKind::gelu ? gelu(x) : relu(x);
 }
 
-Tensor ConvNeXt::block_forward(const Block& b, const Tensor& x, bool training,
-                               Generator& drop_gen, const std::vector<Tensor>* bf16_weights) const {
+Tensor ConvNeXt::block_forward(const Block& b, const Tensor& x, bool training, Generator& drop_gen,
+                               const std::vector<Tensor>* bf16_weights, const Tensor& drop_scale) const {
   Tensor h;  // the residual branch
   if (b.c1.op == Conv::Op::dwconv && b.n1.present() && b.n1.kind == NormKind::layer &&
       b.c1.k == 7 && x.device().is_cuda() && fuse_dwconv_layer_norm()) {
@@ -902,10 +902,11 @@ Tensor ConvNeXt::block_forward(const Block& b, const Tensor& x, bool training,
   // shortcut + drop_path(layer_scale(h)) in one pass; the drop-path draw is drop_path()'s (the
   // same samples, from the same generator state, as the unfused ops).
   const Tensor gamma = b.gamma >= 0 ? p(b.gamma) : Tensor();
-  const Tensor scale = training && b.drop_prob > 0
-                           ? drop_path_scale(x.dim(0), b.drop_prob, drop_gen,
-                                             param_dtype(h.dtype()), h.device())
-                           : Tensor();
+  Tensor scale;
+  if (training && b.drop_prob > 0)
+    scale = drop_scale.defined() ? drop_scale
+                                 : drop_path_scale(x.dim(0), b.drop_prob, drop_gen, param_dtype(h.dtype()),
+                                                   h.device());
   Tensor out = scaled_residual(shortcut, h, gamma, scale);
   return b.act_out ? act_forward(out) : out;
 }
@@ -958,8 +959,43 @@ std::vector<size_t> ConvNeXt::bf16_gemm_weights() const {
   return out;
 }
 
+int64_t ConvNeXt::drop_path_blocks() const {
+  int64_t n = 0;
+  for (const auto& stage : stages_)
+    for (const Block& b : stage) n += b.drop_prob > 0;
+  return n;
+}
+
+Tensor ConvNeXt::draw_drop_scales(int64_t N, Generator& drop_gen, DType activations) const {
+  const DType dtype = param_dtype(activations);
+  Tensor out = Tensor::empty(Shape{drop_path_blocks(), N}, dtype, Device::cpu());
+  const int64_t row_bytes = N * dtype_size(dtype);
+  int64_t k = 0;
+  for (const auto& stage : stages_)
+    for (const Block& b : stage) {
+      if (b.drop_prob <= 0) continue;  // as block_forward: such a block draws nothing
+      const Tensor row = drop_path_scale(N, b.drop_prob, drop_gen, dtype, Device::cpu());
+      std::memcpy(static_cast<char*>(out.raw_data()) + k++ * row_bytes, row.raw_data(),
+                  static_cast<size_t>(row_bytes));
+    }
+  return out;
+}
+
+namespace {
+// Row r of a 2-D tensor, (cols): a view into its storage (no copy, no autograd history).
+Tensor row_view(const Tensor& t, int64_t r) {
+  auto impl = std::make_shared<TensorImpl>();
+  impl->storage = t.impl()->storage;
+  impl->offset = t.impl()->offset + r * t.dim(1) * dtype_size(t.dtype());
+  impl->shape = Shape{t.dim(1)};
+  impl->dtype = t.dtype();
+  return Tensor(std::move(impl));
+}
+}  // namespace
+
 Tensor ConvNeXt::forward(const Tensor& images, bool training, Generator& drop_gen,
-                         DType activations, const std::vector<Tensor>* bf16_weights) const {
+                         DType activations, const std::vector<Tensor>* bf16_weights,
+                         const Tensor* drop_scales) const {
   CNX_CHECK(!shapes_only_, "model ", config_.name, ": built with ShapesOnly, it has no values");
   CNX_CHECK(images.rank() == 4 && images.dim(3) == config_.in_chans, "model ", config_.name,
             ": images ", images.str(), " must be (N, H, W, ", config_.in_chans, ")");
@@ -976,13 +1012,25 @@ Tensor ConvNeXt::forward(const Tensor& images, bool training, Generator& drop_ge
             ": ", bf16_weights ? bf16_weights->size() : 0, " bf16 weights for ", params_.size(),
             " parameters (pass AdamW::bf16_copies() of an optimiser made on parameters())");
   if (activations != DType::bf16) bf16_weights = nullptr;  // no GEMM reads a bf16 weight then
+  if (drop_scales) {
+    const Shape want{drop_path_blocks(), images.dim(0)};
+    CNX_CHECK(training && drop_scales->shape() == want && drop_scales->dtype() == param_dtype(activations) &&
+                  drop_scales->device() == device(),
+              "model ", config_.name, ": drop_scales ", drop_scales->str(), " must be ", want.str(), " ",
+              dtype_name(param_dtype(activations)), " on ", device().str(), " (draw_drop_scales), for training");
+  }
+  // The block's pre-drawn multipliers, or undefined (block_forward draws them).
+  int64_t drawing_block = 0;
+  auto scale_of = [&](const Block& b) {
+    return drop_scales && b.drop_prob > 0 ? row_view(*drop_scales, drawing_block++) : Tensor();
+  };
   Tensor x = cast(images, activations);
   if (config_.resnet_style()) {
     x = norm_forward(stem_.norm, conv_forward(stem_.conv, x, bf16_weights), training);
     if (stem_.act) x = act_forward(x);
     if (stem_.maxpool) x = max_pool2d(x, 3, 2, 1);
     for (const auto& stage : stages_)
-      for (const Block& b : stage) x = block_forward(b, x, training, drop_gen, bf16_weights);
+      for (const Block& b : stage) x = block_forward(b, x, training, drop_gen, bf16_weights, scale_of(b));
     x = global_avg_pool(cast(x, params));  // (N, C), in the parameters' precision from here on
     return linear(x, p(head_w_), p(head_b_));  // (N, num_classes)
   }
@@ -991,7 +1039,7 @@ Tensor ConvNeXt::forward(const Tensor& images, bool training, Generator& drop_ge
     if (d.norm_first) x = layer_norm(x, p(d.ln_w), p(d.ln_b), kLayerNormEps);
     x = patchify_conv(x, p(d.conv_w), p(d.conv_b), bf16_of(bf16_weights, d.conv_w));
     if (!d.norm_first && d.ln_w >= 0) x = layer_norm(x, p(d.ln_w), p(d.ln_b), kLayerNormEps);
-    for (const Block& b : stages_[i]) x = block_forward(b, x, training, drop_gen, bf16_weights);
+    for (const Block& b : stages_[i]) x = block_forward(b, x, training, drop_gen, bf16_weights, scale_of(b));
   }
   x = global_avg_pool(cast(x, params));  // (N, C), in the parameters' precision from here on
   x = layer_norm(x, p(norm_w_), p(norm_b_), kLayerNormEps);

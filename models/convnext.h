@@ -248,9 +248,24 @@ class ConvNeXt {
   // their fp32 weights on every forward; the results are bitwise the same as without them, as
   // long as the copies are current (train/optim/adamw.h says who refreshes them). Ignored for
   // f32 activations.
+  //
+  // `drop_scales` (optional, training only): the drop-path multipliers drawn ahead of the
+  // forward by draw_drop_scales() and moved to the model's device, (drop_path_blocks(), N) in
+  // param_dtype(activations). The forward then reads them instead of drawing from drop_gen,
+  // which it leaves untouched. A captured training step (CUDA graphs) needs this: its kernels
+  // read the multipliers from a buffer the trainer refills before each replay.
   Tensor forward(const Tensor& images, bool training, Generator& drop_gen,
                  DType activations = DType::f32,
-                 const std::vector<Tensor>* bf16_weights = nullptr) const;
+                 const std::vector<Tensor>* bf16_weights = nullptr,
+                 const Tensor* drop_scales = nullptr) const;
+  // The blocks whose drop-path rate is above 0: those that draw multipliers in training.
+  int64_t drop_path_blocks() const;
+  // The multipliers a training forward of N images would draw from drop_gen, drawn now, in the
+  // same order and from the same generator states: row k is the k-th drawing block's (N), in
+  // forward order; a CPU tensor (drop_path_blocks(), N) of param_dtype(activations). A forward
+  // given them (drop_scales) is bitwise the forward that draws them itself, and drop_gen ends
+  // where that forward would leave it.
+  Tensor draw_drop_scales(int64_t N, Generator& drop_gen, DType activations) const;
   // The indices (into parameters()) of the weights that a bf16 forward casts to bf16: the
   // patchify convs' and the linear (1x1) layers' of the blocks. (Not the head's: it runs in
   // fp32; not those of the general convs, conv2d, which cast their own.)
@@ -356,8 +371,10 @@ class ConvNeXt {
   // Registers a parameter (its value comes later, from init_values) and how it starts.
   int64_t add_param(const std::string& name, const Shape& official_shape, ParamLayout layout,
                     Init how, std::vector<Init>& inits);
+  // `drop_scale`: this block's pre-drawn multipliers (N), or undefined to draw them from
+  // drop_gen (when training and the block's rate is above 0).
   Tensor block_forward(const Block& b, const Tensor& x, bool training, Generator& drop_gen,
-                       const std::vector<Tensor>* bf16_weights) const;
+                       const std::vector<Tensor>* bf16_weights, const Tensor& drop_scale) const;
   Tensor conv_forward(const Conv& c, const Tensor& x, const std::vector<Tensor>* bf16_weights) const;
   Tensor norm_forward(const Norm& n, const Tensor& x, bool training) const;
   Tensor act_forward(const Tensor& x) const;

@@ -259,6 +259,49 @@ TEST(ConvNeXtModel, DropPathOnlyInTraining) {
   EXPECT_NE(m.forward(x, true, d3).to_vector<float>(), t1);
 }
 
+// draw_drop_scales draws what a training forward would, in its order: a forward given them is
+// bitwise the forward that draws, gradients included, and the generator ends in the same place.
+// (A captured CUDA training step reads its multipliers this way: train/trainer.cpp.)
+TEST(ConvNeXtModel, PreDrawnDropScalesEqualTheForwardsOwnDraws) {
+  ConvNeXtConfig c = convnext_config("convnext_atto");
+  c.num_classes = 4;
+  c.drop_path_rate = 0.5;
+  c.layer_scale_init_value = 1.0;
+  Generator g(0);
+  ConvNeXt m(c, g);
+  // atto's depths 2,2,6,2: the first block's rate is 0, so it draws nothing.
+  EXPECT_EQ(m.drop_path_blocks(), 11);
+  const Tensor x = Tensor::randn({5, 32, 32, 3}, g);
+  auto run = [&](Generator& d, const Tensor* scales) {
+    m.zero_grad();
+    const Tensor logits = m.forward(x, true, d, DType::f32, nullptr, scales);
+    sum(mul(logits, logits)).backward();
+    std::vector<float> out = logits.to_vector<float>();
+    for (const Parameter& p : m.parameters()) {
+      const std::vector<float> gv = p.value.grad().to_vector<float>();
+      out.insert(out.end(), gv.begin(), gv.end());
+    }
+    return out;
+  };
+  Generator drawing(11), ahead(11);
+  const std::vector<float> drawn = run(drawing, nullptr);
+  const Tensor scales = m.draw_drop_scales(5, ahead, DType::f32);
+  ASSERT_EQ(scales.shape(), Shape({11, 5}));
+  EXPECT_EQ(ahead.offset(), drawing.offset());
+  const std::vector<float> sv = scales.to_vector<float>();
+  EXPECT_TRUE(std::count(sv.begin(), sv.end(), 0.0f) > 0 && std::count(sv.begin(), sv.end(), 2.0f) > 0);
+  Generator untouched(99);
+  EXPECT_EQ(run(untouched, &scales), drawn);
+  EXPECT_EQ(untouched.offset(), 0u);  // the forward read the scales, it drew nothing
+  // Another draw gives another result (the scales are really used).
+  const Tensor other = m.draw_drop_scales(5, ahead, DType::f32);
+  EXPECT_NE(run(untouched, &other), drawn);
+  // Wrong shapes and evaluation mode are refused.
+  const Tensor short_scales = Tensor::ones({10, 5});
+  expect_error([&] { m.forward(x, true, untouched, DType::f32, nullptr, &short_scales); }, {"drop_scales", "[11, 5]"});
+  expect_error([&] { m.forward(x, false, untouched, DType::f32, nullptr, &scales); }, {"drop_scales", "for training"});
+}
+
 // ---- parity with PyTorch -----------------------------------------------------------------------
 
 class Golden : public ::testing::TestWithParam<std::string> {};
