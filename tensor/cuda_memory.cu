@@ -1,11 +1,14 @@
 // CUDA runtime services for the tensor core (built only with nvcc; see cuda_memory.h): one
-// caching allocator per device over cudaMalloc/cudaFree, and copies and fills on the device's
-// stream.
+// caching allocator per device over cudaMalloc/cudaFree (or, with CNX_CUDA_NO_CACHING=1, plain
+// cudaMalloc/cudaFree and the small registry that keeps CUDA graphs' memory private), and copies
+// and fills on the device's stream.
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <set>
+#include <unordered_map>
 #include <vector>
 
 #include "tensor/cuda_check.h"
@@ -93,6 +96,107 @@ CachingAllocator& allocator(int device) {
   return *a;
 }
 
+// CNX_CUDA_NO_CACHING=1's counterpart of the caching allocator's graph pools (see GraphMemory in
+// cuda_memory.h): which addresses a capture allocated, and which cudaFree calls wait for pools to
+// be released. An address freed during pool B's capture that pool A's capture allocated waits for
+// both (the caching allocator holds such a block back for B, then returns it to A). One per
+// device, made on first use, never destroyed (as the allocators). Thread-safe.
+class UncachedGraphPools {
+ public:
+  explicit UncachedGraphPools(int device) : device_(device) {}
+
+  int64_t create() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const int64_t id = next_id_++;
+    live_.insert(id);
+    return id;
+  }
+
+  void begin(int64_t id) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    CNX_CHECK(capturing_ == 0, "cuda:", device_, ": a CUDA graph capture began while graph pool ",
+              capturing_, " was capturing (one capture at a time per device)");
+    CNX_CHECK(live_.count(id), "cuda:", device_, ": graph pool ", id, " does not exist");
+    capturing_ = id;
+  }
+
+  void end() noexcept {
+    std::lock_guard<std::mutex> lock(mutex_);
+    capturing_ = 0;
+  }
+
+  // A cudaMalloc'd address: during a capture it belongs to the capturing pool.
+  void note_alloc(void* p) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (capturing_ != 0) owner_.emplace(p, capturing_);
+  }
+
+  // Frees p now (cudaFree), or once the pools that may still use it are released: the live pool
+  // whose capture allocated it, and the pool capturing now.
+  void free_or_defer(void* p) noexcept {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      std::set<int64_t> holders;
+      if (auto it = owner_.find(p); it != owner_.end()) {
+        holders.insert(it->second);
+        owner_.erase(it);
+      }
+      if (capturing_ != 0) holders.insert(capturing_);
+      if (!holders.empty()) {
+        waiting_.emplace(p, std::move(holders));
+        return;
+      }
+    }
+    device_free(device_, p);
+  }
+
+  // The pool's graph is gone: the addresses it allocated that are still in use become ordinary
+  // ones, and those that waited for it alone are cudaFree'd (or, when another capture is on now,
+  // wait for that one instead: no cudaFree during a capture). Unknown ids are ignored.
+  void release(int64_t id) noexcept {
+    std::vector<void*> frees;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (!live_.erase(id)) return;
+      if (capturing_ == id) capturing_ = 0;
+      std::erase_if(owner_, [id](const auto& entry) { return entry.second == id; });
+      for (auto it = waiting_.begin(); it != waiting_.end();) {
+        std::set<int64_t>& holders = it->second;
+        holders.erase(id);
+        if (holders.empty() && capturing_ != 0) holders.insert(capturing_);
+        if (holders.empty()) {
+          frees.push_back(it->first);
+          it = waiting_.erase(it);
+        } else {
+          ++it;
+        }
+      }
+    }
+    for (void* p : frees) device_free(device_, p);
+  }
+
+ private:
+  const int device_;
+  std::mutex mutex_;
+  int64_t next_id_ = 1;
+  int64_t capturing_ = 0;                                 // the pool capturing now; 0: none
+  std::set<int64_t> live_;                                // pools not yet released
+  std::unordered_map<void*, int64_t> owner_;              // in use, allocated in a live pool's capture
+  std::unordered_map<void*, std::set<int64_t>> waiting_;  // freed; cudaFree once these are released
+};
+
+UncachedGraphPools& uncached_pools(int device) {
+  const int count = cuda_device_count();
+  CNX_CHECK(device >= 0 && device < count, "cuda:", device, ": no such CUDA device (", count,
+            " visible)");
+  std::lock_guard<std::mutex> lock(g_allocators_mutex);
+  static auto* table = new std::vector<std::unique_ptr<UncachedGraphPools>>();
+  if (table->size() <= static_cast<size_t>(device)) table->resize(static_cast<size_t>(device) + 1);
+  auto& pools = (*table)[static_cast<size_t>(device)];
+  if (!pools) pools = std::make_unique<UncachedGraphPools>(device);
+  return *pools;
+}
+
 }  // namespace
 
 namespace cuda {
@@ -111,6 +215,12 @@ void* cuda_malloc(int64_t nbytes, Device device) {
     void* p = device_alloc(device.index, nbytes);
     CNX_CHECK(p != nullptr, "CUDA out of memory: cudaMalloc of ", nbytes, " bytes on ", device.str(),
               " failed (CNX_CUDA_NO_CACHING=1)");
+    try {
+      uncached_pools(device.index).note_alloc(p);
+    } catch (...) {
+      device_free(device.index, p);
+      throw;
+    }
     return p;
   }
   return allocator(device.index).allocate(nbytes);
@@ -118,14 +228,11 @@ void* cuda_malloc(int64_t nbytes, Device device) {
 
 void cuda_free(void* ptr, Device device) noexcept {
   if (!ptr) return;
-  if (cuda::caching_disabled()) {
-    device_free(device.index, ptr);
-    return;
-  }
-  // A non-null pointer came from cuda_malloc on this device, so its allocator exists and
-  // allocator() cannot throw here.
+  // A non-null pointer came from cuda_malloc on this device, so its allocator (or registry)
+  // exists and cannot throw here.
   try {
-    allocator(device.index).deallocate(ptr);
+    if (cuda::caching_disabled()) uncached_pools(device.index).free_or_defer(ptr);
+    else allocator(device.index).deallocate(ptr);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "cnx: cuda_free: %s\n", e.what());
   }
@@ -173,6 +280,11 @@ void cuda_zero(void* dst, Device device, int64_t nbytes) {
 
 namespace cuda {
 
+CachingAllocator& device_allocator(Device device) {
+  CNX_CHECK(device.is_cuda(), "device_allocator: ", device.str(), " is not a CUDA device");
+  return allocator(device.index);
+}
+
 AllocatorStats memory_stats(Device device) {
   CNX_CHECK(device.is_cuda(), "memory_stats: ", device.str(), " is not a CUDA device");
   return allocator(device.index).stats();
@@ -186,6 +298,33 @@ void reset_peak_memory_stats(Device device) {
 void empty_cache(Device device) {
   CNX_CHECK(device.is_cuda(), "empty_cache: ", device.str(), " is not a CUDA device");
   allocator(device.index).empty_cache();  // synchronises the device before releasing
+}
+
+// ---- GraphMemory: the allocator's graph pools, or the no-caching registry -----------------------
+
+GraphMemory::GraphMemory(Device device) : device_(device) {
+  CNX_CHECK(device.is_cuda(), "GraphMemory: ", device.str(), " is not a CUDA device");
+  id_ = caching_disabled() ? uncached_pools(device.index).create() : allocator(device.index).create_pool();
+}
+
+void GraphMemory::begin_capture() {
+  CNX_CHECK(id_ != 0, "GraphMemory::begin_capture: no pool (moved from, or default-constructed)");
+  if (caching_disabled()) uncached_pools(device_.index).begin(id_);
+  else allocator(device_.index).begin_pool(id_);
+}
+
+// The device's allocator (or registry) exists once a pool was made on it: no throw below.
+void GraphMemory::end_capture() noexcept {
+  if (id_ == 0) return;
+  if (caching_disabled()) uncached_pools(device_.index).end();
+  else allocator(device_.index).end_pool();
+}
+
+void GraphMemory::release() noexcept {
+  if (id_ == 0) return;
+  if (caching_disabled()) uncached_pools(device_.index).release(id_);
+  else allocator(device_.index).release_pool(id_);
+  id_ = 0;
 }
 
 }  // namespace cuda

@@ -3,6 +3,7 @@
 #include <cstdlib>
 
 #include "tensor/cuda_context.h"
+#include "tensor/cuda_graph.h"
 #include "tensor/cuda_memory.h"
 #include "tensor/error.h"
 
@@ -33,6 +34,7 @@ void cuda_copy(void*, Device, const void*, Device, int64_t) { no_cuda("cuda_copy
 void cuda_zero(void*, Device, int64_t) { no_cuda("cuda_zero"); }
 
 namespace cuda {
+CachingAllocator& device_allocator(Device) { no_cuda("device_allocator"); }
 AllocatorStats memory_stats(Device) { no_cuda("memory_stats"); }
 void reset_peak_memory_stats(Device) { no_cuda("reset_peak_memory_stats"); }
 void empty_cache(Device) { no_cuda("empty_cache"); }
@@ -46,8 +48,17 @@ DeviceGuard::DeviceGuard(Device device) {
 }
 DeviceGuard::~DeviceGuard() = default;
 bool allow_tf32() { return false; }
-bool caching_disabled() { return false; }
 void set_allow_tf32(bool) {}
+bool caching_disabled() { return false; }
+// GraphMemory and Graph: none can be made, so there is nothing to end, release or destroy.
+GraphMemory::GraphMemory(Device) { no_cuda("GraphMemory"); }
+void GraphMemory::begin_capture() { no_cuda("GraphMemory::begin_capture"); }
+void GraphMemory::end_capture() noexcept {}
+void GraphMemory::release() noexcept {}
+Graph Graph::capture(Device, const std::function<void()>&) { no_cuda("cuda::Graph::capture"); }
+void Graph::replay() const { no_cuda("cuda::Graph::replay"); }
+void Graph::destroy() noexcept {}
+bool is_capturing(Device) { no_cuda("cuda::is_capturing"); }
 }  // namespace cuda
 #endif
 
