@@ -18,6 +18,15 @@
 // written in the same pass, so that a bf16 forward can read a copy that is always the cast of
 // the fp32 master weight without casting it again (train/optim/adamw.h, AdamW::keep_bf16_copies).
 //
+// Where the per-step scalars come from. neg_step_size, bias_correction2_sqrt and decay_mul change
+// every step (lr, weight decay and the step count go into them). They either travel inline in
+// the slot, or, when the slot's `scalars` is not null, the kernel reads them from device memory
+// there: three floats in the order {neg_step_size, bias_correction2_sqrt, decay_mul}, read when
+// the kernel runs, not when it is launched. The second way is for CUDA graphs: a captured launch
+// replays with the parameters it had at capture, so the slots (pointers and all) stay frozen,
+// while the scalars are rewritten in that device memory before each replay
+// (AdamW::prepare_step). The arithmetic is the same either way, bitwise.
+//
 // The four f32 pointers are device pointers to f32 tensors of n elements, param_bf16 to a bf16
 // tensor of n elements; none of a slot's may overlap another. Layouts are irrelevant
 // (elementwise).
@@ -31,7 +40,7 @@
 namespace cnx::cuda {
 
 // One parameter's slice of a multi-tensor AdamW step; the scalars are precomputed on the
-// host exactly as train/optim/adamw.cpp computes them (see AdamW::step).
+// host exactly as train/optim/adamw.cpp computes them (see AdamW::prepare_step).
 struct AdamWSlot {
   float* param;             // (n) updated in place
   const float* grad;        // (n)
@@ -42,6 +51,9 @@ struct AdamWSlot {
   float bias_correction2_sqrt;  // sqrt(1 - beta2^t)
   float decay_mul;              // 1 - lr_p * wd_p; exactly 1.0f when the parameter does not decay
   bf16* param_bf16 = nullptr;   // (n) or nullptr: gets bf16(new param), rounded to nearest even
+  // (3) or nullptr: device memory holding {neg_step_size, bias_correction2_sqrt, decay_mul},
+  // read by the kernel instead of the three inline fields above (which are then ignored).
+  const float* scalars = nullptr;
 };
 
 struct AdamWScalars {
@@ -57,6 +69,10 @@ struct AdamWScalars {
 // nothing, neither parameters nor moments nor bf16 copies. The optimiser passes the flag its
 // gradient-norm step computed on the device (kernels/grad_norm.h, status[2]), so a step with a
 // non-finite gradient or loss is dropped without the host waiting to read that decision.
+//
+// The call only enqueues kernel launches (nothing allocated, no host wait), so it can be captured
+// into a CUDA graph; the launches' parameters are the slots, `s` and `skip`, so a replay reads the
+// scalars afresh only from slots whose `scalars` points to device memory (see the top).
 void adamw_step(const AdamWSlot* slots, int64_t count, AdamWScalars s,
                 const float* skip,  // () or nullptr
                 cudaStream_t stream);

@@ -1,6 +1,6 @@
 // CUDA multi-tensor AdamW (see kernels/adamw.h for the update and the contract).
 //
-// Launch: kernels/cuda/multi_tensor.cuh, up to 48 slots per launch in an AdamWTable (~3.5 KB of
+// Launch: kernels/cuda/multi_tensor.cuh, up to 48 slots per launch in an AdamWTable (~3.8 KB of
 // kernel parameters, under the classic 4 KB limit), chunks of 4096 elements a block. 256 threads
 // a block, 16 elements a thread per chunk (float4 when the four f32 pointers of the slot are
 // 16-byte aligned and the bf16 copy, if any, 8-byte aligned; the chunk's n % 4 tail scalar).
@@ -42,15 +42,25 @@ struct AdamWTable {  // a multi_tensor.cuh table
 };
 static_assert(sizeof(AdamWTable) <= 4096, "kernel parameters must stay under 4 KB");
 
+// The per-step scalars of one slot: from the device memory its `scalars` points to (rewritten
+// before each replay of a captured step), else the inline fields (kernels/adamw.h).
+struct StepScalars {
+  float neg_step_size, bias_correction2_sqrt, decay_mul;
+};
+__device__ __forceinline__ StepScalars step_scalars(const AdamWSlot& slot) {
+  if (slot.scalars != nullptr) return {slot.scalars[0], slot.scalars[1], slot.scalars[2]};
+  return {slot.neg_step_size, slot.bias_correction2_sqrt, slot.decay_mul};
+}
+
 // One element: the loop body of AdamW::step, operation for operation.
 __device__ __forceinline__ void adamw_element(float& p, float& m, float& v, float g,
-                                              const AdamWSlot& slot, const AdamWScalars& s) {
-  const float pk = __fmul_rn(p, slot.decay_mul);                            // param.mul_(1 - lr wd)
+                                              const StepScalars& step, const AdamWScalars& s) {
+  const float pk = __fmul_rn(p, step.decay_mul);                          // param.mul_(1 - lr wd)
   const float mk = __fadd_rn(__fmul_rn(m, s.beta1), __fmul_rn(s.one_minus_beta1, g));
   const float vk = __fadd_rn(__fmul_rn(v, s.beta2),
                              __fmul_rn(__fmul_rn(s.one_minus_beta2, g), g));
-  const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(vk), slot.bias_correction2_sqrt), s.eps);
-  p = __fadd_rn(pk, __fdiv_rn(__fmul_rn(slot.neg_step_size, mk), denom));  // addcdiv_(m, denom)
+  const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(vk), step.bias_correction2_sqrt), s.eps);
+  p = __fadd_rn(pk, __fdiv_rn(__fmul_rn(step.neg_step_size, mk), denom));  // addcdiv_(m, denom)
   m = mk;
   v = vk;
 }
@@ -62,6 +72,7 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(const __grid_constant__
     const int s = detail::slot_of_block(table, b);
     const AdamWSlot& slot = table.slot[s];
     const auto [begin, end] = detail::chunk_of_block(table, s, b, kChunk);
+    const StepScalars step = step_scalars(slot);  // each thread reads them once per chunk
     float* const param = slot.param;
     const float* const grad = slot.grad;
     float* const m = slot.exp_avg;
@@ -76,10 +87,10 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(const __grid_constant__
       for (int64_t j = begin + 4 * threadIdx.x; j < end4; j += 4 * kThreads) {
         float4 p4 = detail::load4(param + j), m4 = detail::load4(m + j), v4 = detail::load4(v + j);
         const float4 g4 = detail::load4(grad + j);
-        adamw_element(p4.x, m4.x, v4.x, g4.x, slot, table.s);
-        adamw_element(p4.y, m4.y, v4.y, g4.y, slot, table.s);
-        adamw_element(p4.z, m4.z, v4.z, g4.z, slot, table.s);
-        adamw_element(p4.w, m4.w, v4.w, g4.w, slot, table.s);
+        adamw_element(p4.x, m4.x, v4.x, g4.x, step, table.s);
+        adamw_element(p4.y, m4.y, v4.y, g4.y, step, table.s);
+        adamw_element(p4.z, m4.z, v4.z, g4.z, step, table.s);
+        adamw_element(p4.w, m4.w, v4.w, g4.w, step, table.s);
         detail::store4(param + j, p4);
         detail::store4(m + j, m4);
         detail::store4(v + j, v4);
@@ -94,7 +105,7 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(const __grid_constant__
     }
     for (; i < end; i += kThreads) {
       float pk = param[i], mk = m[i], vk = v[i];
-      adamw_element(pk, mk, vk, grad[i], slot, table.s);
+      adamw_element(pk, mk, vk, grad[i], step, table.s);
       param[i] = pk;
       m[i] = mk;
       v[i] = vk;

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <map>
 #include <set>
 
@@ -48,6 +49,13 @@ const Tensor* checked_grad(const Parameter& p, Device device, const char* op) {
   return &g;
 }
 
+// Throws unless this step's scheduled lr and weight decay are finite and >= 0.
+void check_schedule(double lr, double weight_decay, const char* op) {
+  CNX_CHECK(std::isfinite(lr) && lr >= 0, op, ": lr must be finite and >= 0, got ", lr);
+  CNX_CHECK(std::isfinite(weight_decay) && weight_decay >= 0, op,
+            ": weight_decay must be finite and >= 0, got ", weight_decay);
+}
+
 Tensor i64_scalar(int64_t v) { return Tensor::from_data<int64_t>(Shape{}, std::vector<int64_t>{v}); }
 
 // The integer in a one-element i64 or i32 tensor, or nothing if it is not one.
@@ -92,6 +100,11 @@ AdamW::AdamW(const std::vector<Parameter>& params, const AdamWOptions& options,
   }
   param_steps_.assign(params_.size(), 0);
   bf16_.resize(params_.size());
+  step_scalars_.assign(3 * params_.size(), 0.0f);
+  step_decays_.assign(params_.size(), false);
+  if (device_.is_cuda() && !params_.empty())
+    step_scalars_device_ = Tensor::zeros(Shape{static_cast<int64_t>(params_.size()), 3},
+                                         DType::f32, device_);
 }
 
 void AdamW::keep_bf16_copies(const std::vector<size_t>& which) {
@@ -109,48 +122,100 @@ void AdamW::refresh_bf16_copies() {
 }
 
 void AdamW::step(double lr, double weight_decay, const StepStatus* status) {
-  CNX_CHECK(std::isfinite(lr) && lr >= 0, "AdamW.step: lr must be finite and >= 0, got ", lr);
-  CNX_CHECK(std::isfinite(weight_decay) && weight_decay >= 0,
-            "AdamW.step: weight_decay must be finite and >= 0, got ", weight_decay);
-  std::vector<const Tensor*> grads;
-  for (const Parameter& p : params_) grads.push_back(checked_grad(p, device_, "AdamW.step"));
+  // Everything is checked before anything is counted or queued: a refused step changes nothing.
+  check_schedule(lr, weight_decay, "AdamW.step");
+  std::vector<size_t> with_grad;
+  for (size_t i = 0; i < params_.size(); ++i)
+    if (checked_grad(params_[i], device_, "AdamW.step")) with_grad.push_back(i);
   if (status) status->check(device_, "AdamW.step");
-  // The CPU reads the skip decision now; a CUDA device reads it in the kernel (no host wait).
-  const bool skip_on_host = status && device_.is_cpu() && status->skipped();
+  prepare(lr, weight_decay, std::move(with_grad));
+  launch(status, "AdamW.step");
+}
 
+void AdamW::prepare_step(double lr, double weight_decay) {
+  check_schedule(lr, weight_decay, "AdamW.prepare_step");
+  std::vector<size_t> every(params_.size());
+  for (size_t i = 0; i < every.size(); ++i) every[i] = i;
+  prepare(lr, weight_decay, std::move(every));
+}
+
+void AdamW::launch_step(const StepStatus* status) { launch(status, "AdamW.launch_step"); }
+
+void AdamW::prepare(double lr, double weight_decay, std::vector<size_t> which) {
   const double beta1 = options_.beta1, beta2 = options_.beta2;
-  // PyTorch's Python scalars become f32 when they meet the f32 tensors.
-  const float b1 = static_cast<float>(beta1), one_minus_b1 = static_cast<float>(1 - beta1);
-  const float b2 = static_cast<float>(beta2), one_minus_b2 = static_cast<float>(1 - beta2);
-  const float eps = static_cast<float>(options_.eps);
-
   // Counted whether or not the device skips the step (uncount_step takes it back).
   ++step_count_;
-  last_counted_.clear();
+  last_counted_ = std::move(which);
   can_uncount_ = true;
-  std::vector<cuda::AdamWSlot> slots;  // the CUDA path: every update in one adamw_step call
-  for (size_t i = 0; i < params_.size(); ++i) {
-    if (!grads[i]) continue;
+  for (size_t i : last_counted_) {
     const int64_t t = ++param_steps_[i];
-    last_counted_.push_back(i);
-    if (skip_on_host) continue;
     const double lr_p = lr * lr_scales_[i];
     const double wd_p = params_[i].decay ? weight_decay : 0.0;
     // As torch.optim.AdamW (_single_tensor_adamw), in double:
     const double bias_correction1 = 1 - std::pow(beta1, static_cast<double>(t));
     const double bias_correction2 = 1 - std::pow(beta2, static_cast<double>(t));
-    const float neg_step_size = static_cast<float>(-(lr_p / bias_correction1));
-    const float bias_correction2_sqrt = static_cast<float>(std::sqrt(bias_correction2));
     const bool decay = wd_p != 0;
-    const float decay_mul = static_cast<float>(1 - lr_p * wd_p);
+    float* const scalars = &step_scalars_[3 * i];  // the kernel's order (kernels/adamw.h)
+    scalars[0] = static_cast<float>(-(lr_p / bias_correction1));      // neg_step_size
+    scalars[1] = static_cast<float>(std::sqrt(bias_correction2));     // bias_correction2_sqrt
+    scalars[2] = decay ? static_cast<float>(1 - lr_p * wd_p) : 1.0f;  // decay_mul
+    step_decays_[i] = decay;
+  }
+  // The whole table, also the rows of parameters not counted (unused): one small copy, queued
+  // behind whatever still reads the table (a replay of the last step).
+  if (step_scalars_device_.defined())
+    copy_bytes(step_scalars_device_.data<float>(), device_, step_scalars_.data(), Device::cpu(),
+               static_cast<int64_t>(step_scalars_.size() * sizeof(float)));
+  step_prepared_ = true;
+}
 
-    if (device_.is_cuda()) {
+void AdamW::launch(const StepStatus* status, const char* op) {
+  CNX_CHECK(step_prepared_, op, ": no prepared step to launch (call prepare_step first, once "
+            "before each launch_step; uncount_step and load_state_dict drop a prepared step)");
+  std::vector<const Tensor*> grads(params_.size(), nullptr);
+  for (size_t i : last_counted_) {
+    grads[i] = checked_grad(params_[i], device_, op);
+    CNX_CHECK(grads[i], op, ": parameter ", params_[i].name, " has no gradient, but the prepared "
+              "step counted it (prepare_step counts every parameter)");
+  }
+  if (status) status->check(device_, op);
+  step_prepared_ = false;
+  // The CPU reads the skip decision now; a CUDA device reads it in the kernel (no host wait).
+  if (status && device_.is_cpu() && status->skipped()) return;
+
+  // PyTorch's Python scalars become f32 when they meet the f32 tensors.
+  const double beta1 = options_.beta1, beta2 = options_.beta2;
+  const float b1 = static_cast<float>(beta1), one_minus_b1 = static_cast<float>(1 - beta1);
+  const float b2 = static_cast<float>(beta2), one_minus_b2 = static_cast<float>(1 - beta2);
+  const float eps = static_cast<float>(options_.eps);
+
+  if (device_.is_cuda()) {
+#if defined(CNX_CUDA) && CNX_CUDA
+    // One slot per counted parameter, pointing to its row of the device table, where the kernel
+    // reads the scalars: the slots, and so the launches' parameters, are the same every step.
+    // The inline scalars go unused; NaN, so that a kernel that read them could not go unnoticed.
+    const float unused = std::numeric_limits<float>::quiet_NaN();
+    std::vector<cuda::AdamWSlot> slots;
+    for (size_t i : last_counted_)
       slots.push_back({params_[i].value.data<float>(), grads[i]->data<float>(), m_[i].data<float>(),
-                       v_[i].data<float>(), params_[i].value.numel(), neg_step_size,
-                       bias_correction2_sqrt, decay ? decay_mul : 1.0f,
-                       bf16_[i].defined() ? bf16_[i].data<bf16>() : nullptr});
-      continue;
-    }
+                       v_[i].data<float>(), params_[i].value.numel(), unused, unused, unused,
+                       bf16_[i].defined() ? bf16_[i].data<bf16>() : nullptr,
+                       step_scalars_device_.data<float>() + 3 * i});
+    // The same f32 scalars and per-element expressions as the loop below (kernels/adamw.h).
+    const cuda::AdamWScalars scalars{b1, one_minus_b1, b2, one_minus_b2, eps};
+    cuda::DeviceGuard guard(device_);
+    cuda::adamw_step(slots.data(), static_cast<int64_t>(slots.size()), scalars,
+                     status ? status->skip_flag() : nullptr, cuda::device_stream(device_));
+    return;
+#else
+    fail(op, ": parameters on ", device_.str(), " but this build has no CUDA backend");
+#endif
+  }
+  for (size_t i : last_counted_) {
+    const float neg_step_size = step_scalars_[3 * i];
+    const float bias_correction2_sqrt = step_scalars_[3 * i + 1];
+    const float decay_mul = step_scalars_[3 * i + 2];
+    const bool decay = step_decays_[i];
     float* p = params_[i].value.data<float>();      // (numel)
     float* m = m_[i].data<float>();                 // (numel)
     float* v = v_[i].data<float>();                 // (numel)
@@ -172,17 +237,6 @@ void AdamW::step(double lr, double weight_decay, const StepStatus* status) {
       if (pb) pb[k] = bf16(pn);  // the cast op's rounding (tensor/dtype.h), in the same pass
     }
   }
-  if (device_.is_cuda()) {
-#if defined(CNX_CUDA) && CNX_CUDA
-    // The same f32 scalars and per-element expressions as the loop above (kernels/adamw.h).
-    const cuda::AdamWScalars scalars{b1, one_minus_b1, b2, one_minus_b2, eps};
-    cuda::DeviceGuard guard(device_);
-    cuda::adamw_step(slots.data(), static_cast<int64_t>(slots.size()), scalars,
-                     status ? status->skip_flag() : nullptr, cuda::device_stream(device_));
-#else
-    fail("AdamW.step: parameters on ", device_.str(), " but this build has no CUDA backend");
-#endif
-  }
 }
 
 void AdamW::uncount_step() {
@@ -192,6 +246,7 @@ void AdamW::uncount_step() {
   for (size_t i : last_counted_) --param_steps_[i];
   last_counted_.clear();
   can_uncount_ = false;
+  step_prepared_ = false;  // a prepared step's scalars used the counts just taken back
 }
 
 NamedTensors AdamW::state_dict() const {
@@ -240,6 +295,7 @@ void AdamW::load_state_dict(const NamedTensors& tensors) {
   step_count_ = step_count;
   last_counted_.clear();
   can_uncount_ = false;  // the counts of the last step are not this state's
+  step_prepared_ = false;  // nor the scalars of a prepared step
   // The values are unchanged here, but a resume loads the model's state just before this one:
   // refreshing covers that order without the caller knowing about the copies.
   refresh_bf16_copies();

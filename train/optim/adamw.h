@@ -32,6 +32,29 @@
 // the host reading it. The host cannot know at the call whether the step happened, so it counts
 // the step either way; uncount_step() takes that count back once the host has read the status.
 //
+// CUDA graphs: step() is two halves that a caller may also call apart, so that the device half
+// can be captured once into a CUDA graph and replayed every step:
+//   prepare_step(lr, wd)   the host half, outside any capture: counts the step for every
+//                          parameter, computes each parameter's per-step scalars in double (as
+//                          step() does) and copies them, as floats, into a device table that the
+//                          optimiser allocates once (at construction) and never moves;
+//   launch_step(&status)   the device half: enqueues the multi-tensor update, whose kernels read
+//                          the scalars from that table when they run. Its launches' parameters are
+//                          the addresses of the parameters, gradients, moments, bf16 copies, the
+//                          table and the status, nothing that changes from step to step.
+// So a launch_step captured once replays correctly after each new prepare_step, as long as the
+// gradients live in the same buffers (the graph holds their addresses), the status is the same
+// tensor, and the parameters with a bf16 copy are the same as at capture:
+//   opt.prepare_step(lr, wd);                  // before capture: launch_step needs a prepared step
+//   cudaStreamBeginCapture(stream, ...); ... opt.launch_step(&status); ... cudaStreamEndCapture(...)
+//   per step:  opt.prepare_step(lr_k, wd_k);  cudaGraphLaunch(exec, stream);
+// In this mode prepare_step cannot see which gradients the captured backward will produce, so it
+// counts every parameter: each must have a gradient by the time launch_step runs (launch_step
+// checks). The table copy is queued on the device's stream from pageable memory (no host wait,
+// tensor/cuda_memory.h), behind the previous replay that still reads the table. uncount_step()
+// takes a prepare_step's counts back like a step()'s. On the CPU there is nothing to capture:
+// prepare_step keeps the scalars on the host and launch_step runs the loop.
+//
 // bf16 copies (mixed precision): keep_bf16_copies() makes the optimiser keep a bf16 copy of
 // chosen parameters (the GEMM weights a bf16 forward reads: ConvNeXt::bf16_gemm_weights()),
 // rewritten by every step() in the same pass as the update (on CUDA in the AdamW kernel, on the
@@ -83,13 +106,35 @@ class AdamW {
   // parameter with a gradient go up by one, as for an applied step (the host does not know yet).
   void step(double lr, double weight_decay, const StepStatus* status = nullptr);
 
-  // Undoes the step counts of the last step() call: step_count() and the param_step() of exactly
-  // the parameters that step counted (those with a gradient) go back by one, so the next step
-  // uses the bias corrections of a run that never saw the skipped one. Nothing else changes.
-  // Contract: the trainer calls it once it has read that the last step was skipped
-  // (status.skipped()), and before the next step(); calling it for an applied step would make
-  // the counts disagree with the moments. Throws cnx::Error when there is no step to undo (no
-  // step yet, called twice, or after load_state_dict).
+  // ---- the step in two halves (CUDA graphs, see the top of the file) -------------------------
+  // step(lr, wd, status) is prepare_step for the parameters that have a gradient, then
+  // launch_step(status); these two do the same for every parameter.
+  //
+  // The host half: checks lr >= 0 and weight_decay >= 0 (finite), counts the step for every
+  // parameter (step_count() and every param_step() go up by one, as in step()), computes each
+  // one's scalars as step() does and, on CUDA, queues their copy into the optimiser's device
+  // table. No host wait, no allocation. Call it outside any stream capture (a copy from pageable
+  // memory cannot be captured), once before each launch_step or each replay of a captured one.
+  // Calling it again before the launch makes a new step (counted again).
+  void prepare_step(double lr, double weight_decay);
+  // The device half: updates the parameters the last prepare_step counted, with its scalars,
+  // conditionally on `status` as step() is. On CUDA it only enqueues kernels, reading the
+  // scalars from the device table when they run; it allocates nothing and does not wait, so it
+  // can be captured. Throws cnx::Error, before anything is queued, when no prepare_step came
+  // since the last launch_step (or since uncount_step or load_state_dict), when one of the
+  // counted parameters has no gradient or a bad one (shape, dtype, device), or for a bad
+  // status; the counts of that prepare_step then stand (uncount_step takes them back).
+  void launch_step(const StepStatus* status = nullptr);
+
+  // Undoes the step counts of the last step() or prepare_step() call: step_count() and the
+  // param_step() of exactly the parameters that step counted (those with a gradient; every one
+  // for prepare_step) go back by one, so the next step uses the bias corrections of a run that
+  // never saw the skipped one. Nothing else changes, except that a prepared step not launched
+  // yet is dropped (launch_step then throws). Contract: the trainer calls it once it has read
+  // that the last step was skipped (status.skipped()), and before the next step() or
+  // prepare_step(); calling it for an applied step would make the counts disagree with the
+  // moments. Throws cnx::Error when there is no step to undo (no step yet, called twice, or
+  // after load_state_dict).
   void uncount_step();
 
   // step() calls so far, less those taken back by uncount_step(); restored by load_state_dict.
@@ -145,11 +190,27 @@ class AdamW {
   std::vector<Tensor> bf16_;   // bf16(value) or undefined, per parameter
   std::vector<int64_t> param_steps_;
   int64_t step_count_ = 0;
-  // The parameters the last step() counted (those with a gradient), for uncount_step(); valid
-  // only while can_uncount_.
+  // The parameters the last step() or prepare_step() counted, for launch_step() and
+  // uncount_step(); valid only while can_uncount_.
   std::vector<size_t> last_counted_;
   bool can_uncount_ = false;
+  // What prepare_step computed, for launch_step: per parameter (indexed by parameter, valid for
+  // those in last_counted_), the kernel's three scalars {neg_step_size, bias_correction2_sqrt,
+  // decay_mul} (kernels/adamw.h), and whether it decays this step (the CPU loop multiplies by
+  // decay_mul only then, as PyTorch skips weight_decay == 0; decay_mul is exactly 1 otherwise).
+  std::vector<float> step_scalars_;  // (size(), 3)
+  std::vector<bool> step_decays_;    // (size())
+  // The device copy of step_scalars_, f32 (size(), 3) on a CUDA device (undefined on the CPU):
+  // allocated by the constructor and never reallocated, so that a captured launch_step's
+  // pointers into it stay valid.
+  Tensor step_scalars_device_;
+  bool step_prepared_ = false;  // a prepare_step since the last launch_step
   Device device_;  // where the parameters, gradients and moments are
+
+  // The host half of a step for the parameters `which` (increasing indices; lr and weight_decay
+  // already checked), and the device half; `op` names the public call in error messages.
+  void prepare(double lr, double weight_decay, std::vector<size_t> which);
+  void launch(const StepStatus* status, const char* op);
 };
 
 // ---- gradient-norm clipping --------------------------------------------------------------------
