@@ -2,6 +2,7 @@
 // caching allocator per device over cudaMalloc/cudaFree (or, with CNX_CUDA_NO_CACHING=1, plain
 // cudaMalloc/cudaFree and the small registry that keeps CUDA graphs' memory private), and copies
 // and fills on the device's stream.
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -11,6 +12,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "kernels/cuda/launch.cuh"
 #include "tensor/cuda_check.h"
 #include "tensor/cuda_context.h"
 #include "tensor/cuda_memory.h"
@@ -276,6 +278,38 @@ void cuda_zero(void* dst, Device device, int64_t nbytes) {
   if (nbytes == 0) return;
   cuda::DeviceGuard guard(device);
   CNX_CUDA_CHECK(cudaMemsetAsync(dst, 0, static_cast<size_t>(nbytes), cuda::device_stream(device)));
+}
+
+namespace {
+// dst[i] = value for i < n, one element per thread of a grid-stride loop.
+template <class Word>
+__global__ void fill_kernel(Word* dst, int64_t n, Word value) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    dst[i] = value;
+}
+
+template <class Word>
+void launch_fill(void* dst, int64_t count, uint64_t pattern, cudaStream_t stream) {
+  constexpr int kThreads = 256;
+  const int64_t blocks = std::min<int64_t>((count + kThreads - 1) / kThreads, 4096);
+  cuda::launch<fill_kernel<Word>>(dim3(static_cast<unsigned>(blocks)), dim3(kThreads), 0, stream,
+                                  static_cast<Word*>(dst), count, static_cast<Word>(pattern));
+  CNX_CUDA_LAUNCH_CHECK();
+}
+}  // namespace
+
+void cuda_fill(void* dst, Device device, int64_t count, int elem_bytes, uint64_t pattern) {
+  CNX_CHECK(elem_bytes == 1 || elem_bytes == 2 || elem_bytes == 4 || elem_bytes == 8,
+            "cuda_fill: elements of ", elem_bytes, " bytes (1, 2, 4 or 8)");
+  if (count == 0) return;
+  cuda::DeviceGuard guard(device);
+  const cudaStream_t stream = cuda::device_stream(device);
+  switch (elem_bytes) {
+    case 1: launch_fill<uint8_t>(dst, count, pattern, stream); break;
+    case 2: launch_fill<uint16_t>(dst, count, pattern, stream); break;
+    case 4: launch_fill<uint32_t>(dst, count, pattern, stream); break;
+    default: launch_fill<uint64_t>(dst, count, pattern, stream); break;
+  }
 }
 
 namespace cuda {

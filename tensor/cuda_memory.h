@@ -31,6 +31,10 @@ void cuda_free(void* ptr, Device device) noexcept;
 // One side at least is a CUDA device.
 void cuda_copy(void* dst, Device dst_device, const void* src, Device src_device, int64_t nbytes);
 void cuda_zero(void* dst, Device device, int64_t nbytes);
+// Sets `count` elements of `elem_bytes` bytes (1, 2, 4 or 8) at dst to the low elem_bytes bytes
+// of `pattern` (little-endian: the element's own bytes), with a kernel on the device's stream: no
+// host memory is involved, so a CUDA graph can capture it (Tensor::full on a device uses it).
+void cuda_fill(void* dst, Device device, int64_t count, int elem_bytes, uint64_t pattern);
 
 namespace cuda {
 

@@ -32,6 +32,7 @@ void* cuda_malloc(int64_t, Device) { no_cuda("cuda_malloc"); }
 void cuda_free(void*, Device) noexcept {}
 void cuda_copy(void*, Device, const void*, Device, int64_t) { no_cuda("cuda_copy"); }
 void cuda_zero(void*, Device, int64_t) { no_cuda("cuda_zero"); }
+void cuda_fill(void*, Device, int64_t, int, uint64_t) { no_cuda("cuda_fill"); }
 
 namespace cuda {
 CachingAllocator& device_allocator(Device) { no_cuda("device_allocator"); }

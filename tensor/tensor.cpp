@@ -5,6 +5,7 @@
 
 #include "kernels/cast.h"
 #include "tensor/cuda_context.h"
+#include "tensor/cuda_memory.h"
 
 namespace cnx {
 
@@ -82,7 +83,14 @@ Tensor Tensor::ones(const Shape& shape, DType dtype, Device device) {
 }
 
 Tensor Tensor::full(const Shape& shape, double value, DType dtype, Device device) {
-  return make_tensor(shape, dtype, device, [&](int64_t) { return value; });
+  if (!device.is_cuda()) return make_tensor(shape, dtype, device, [&](int64_t) { return value; });
+  // On a device, filled there from one element's bytes: no copy from the host, so that a CUDA
+  // graph can capture it (the constants ops make, e.g. backward's seed of ones).
+  uint64_t pattern = 0;
+  fill_host(&pattern, dtype, 1, [&](int64_t) { return value; });
+  Tensor t = empty(shape, dtype, device);
+  cuda_fill(t.raw_data(), device, t.numel(), static_cast<int>(dtype_size(dtype)), pattern);
+  return t;
 }
 
 Tensor Tensor::randn(const Shape& shape, Generator& gen, DType dtype, Device device, double mean,

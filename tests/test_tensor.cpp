@@ -1,6 +1,8 @@
 // Tensor, Shape, dtypes, the Philox generator and device copies.
 #include <gtest/gtest.h>
 
+#include <cstring>
+
 #include <cmath>
 #include <numeric>
 
@@ -220,6 +222,16 @@ TEST(Device, CudaRoundTrip) {
   EXPECT_EQ(z.to_vector<double>(), std::vector<double>(9, 0.0));
   auto f = Tensor::full({4}, -1.5, DType::f32, Device::cuda());
   EXPECT_EQ(f.to_vector<float>(), std::vector<float>(4, -1.5f));
+  // full on a device is filled there (cuda_fill, one kernel per element size): every dtype
+  // gives the bytes of the host's full, for an odd count.
+  for (DType t : {DType::u8, DType::bf16, DType::f16, DType::f32, DType::i32, DType::f64, DType::i64}) {
+    const Tensor on_device = Tensor::full({3, 1001}, 7.0 - 0.375 * (t != DType::u8 && t != DType::i32 && t != DType::i64), t,
+                                          Device::cuda()).to(Device::cpu());
+    const Tensor on_host = Tensor::full({3, 1001}, 7.0 - 0.375 * (t != DType::u8 && t != DType::i32 && t != DType::i64), t);
+    ASSERT_EQ(on_device.nbytes(), on_host.nbytes());
+    EXPECT_EQ(std::memcmp(on_device.raw_data(), on_host.raw_data(), static_cast<size_t>(on_host.nbytes())), 0)
+        << dtype_name(t);
+  }
 }
 
 TEST(Float16, KnownValuesAndRounding) {

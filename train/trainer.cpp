@@ -28,6 +28,7 @@
 #include "train/optim/schedule.h"
 #include "train/optim/step_status.h"
 #include "train/run_dir.h"
+#include "tensor/cuda_graph.h"
 #include "tensor/cuda_memory.h"
 #include "tensor/escape.h"
 #include "tensor/readback.h"
@@ -108,6 +109,8 @@ void TrainConfig::validate() const {
             "--device must be auto, cpu or cuda, got '", device, "'");
   CNX_CHECK(use_amp == "auto" || use_amp == "true" || use_amp == "false",
             "--use_amp must be auto, true or false, got '", use_amp, "'");
+  CNX_CHECK(cuda_graphs == "auto" || cuda_graphs == "true" || cuda_graphs == "false",
+            "--cuda_graphs must be auto, true or false, got '", cuda_graphs, "'");
   bool known = data_set == "image_folder";
   std::string names;
   for (const std::string& d : known_datasets()) {
@@ -128,6 +131,18 @@ void TrainConfig::validate() const {
   CNX_CHECK(mixup_prob >= 0 && mixup_prob <= 1, "--mixup_prob must be in [0, 1], got ", mixup_prob);
   CNX_CHECK(mixup_switch_prob >= 0 && mixup_switch_prob <= 1,
             "--mixup_switch_prob must be in [0, 1], got ", mixup_switch_prob);
+}
+
+bool TrainConfig::use_cuda_graphs(const Device& on, bool batch_norm) const {
+  if (cuda_graphs == "false") return false;
+  const bool required = cuda_graphs == "true";
+  CNX_CHECK(!required || on.is_cuda(), "--cuda_graphs true needs a CUDA device (--device cuda); this run is on ",
+            on.str());
+  // BatchNorm's num_batches_tracked is counted on the host by each forward, which a replay
+  // does not run.
+  CNX_CHECK(!required || !batch_norm, "--cuda_graphs true: the model has BatchNorm, whose step is not captured "
+            "(its num_batches_tracked is counted on the host); use --cuda_graphs false");
+  return on.is_cuda() && !batch_norm;
 }
 
 DType TrainConfig::activations(const Device& on) const {
@@ -169,7 +184,8 @@ std::string TrainConfig::to_json() const {
             {"model_ema_eval", model_ema_eval}, {"seed", seed}, {"output_dir", output_dir},
             {"resume", resume}, {"auto_resume", auto_resume}, {"save_ckpt", save_ckpt},
             {"save_ckpt_freq", save_ckpt_freq}, {"save_ckpt_num", save_ckpt_num},
-            {"finetune", finetune}, {"device", device}, {"use_amp", use_amp}, {"log_every", log_every},
+            {"finetune", finetune}, {"device", device}, {"use_amp", use_amp}, {"cuda_graphs", cuda_graphs},
+            {"log_every", log_every},
             {"max_steps", max_steps}, {"skip_nonfinite", skip_nonfinite}};
   return j.dump(2);
 }
@@ -225,7 +241,7 @@ TrainConfig TrainConfig::from_json(const std::string& text) {
   get("seed", c.seed); get("output_dir", c.output_dir); get("resume", c.resume);
   get("auto_resume", c.auto_resume); get("save_ckpt", c.save_ckpt);
   get("save_ckpt_freq", c.save_ckpt_freq); get("save_ckpt_num", c.save_ckpt_num);
-  get("finetune", c.finetune); get("device", c.device); get("use_amp", c.use_amp);
+  get("finetune", c.finetune); get("device", c.device); get("use_amp", c.use_amp); get("cuda_graphs", c.cuda_graphs);
   get("log_every", c.log_every);
   get("max_steps", c.max_steps);
   get("skip_nonfinite", c.skip_nonfinite);
@@ -494,6 +510,30 @@ struct PendingStep {
   Readback status;                   // StepStatus::values on its way to the host
 };
 
+// One micro-batch on the device: what a training forward, its loss and its backward read.
+struct MicroBatch {
+  Tensor images;       // (B, S, S, C), batch_images' dtype
+  Tensor labels;       // (B) i64
+  Tensor targets;      // (B, K) f32 soft targets (Mixup/CutMix), or undefined
+  Tensor drop_scales;  // (drop_path_blocks, B) pre-drawn drop-path multipliers, or undefined:
+                       // the forward draws them (ConvNeXt::draw_drop_scales)
+};
+
+// The captured training step (--cuda_graphs). A graph replays kernels on the addresses they
+// were captured with, and with the arguments they had then; so everything that changes from
+// step to step lives in device buffers refilled outside the graph before each replay: each
+// micro-batch's images, labels, targets and drop-path multipliers (`inputs`, copied in as the
+// batches arrive), AdamW's per-parameter scalars (AdamW::prepare_step), and the poison factor
+// of the non-finite-step tests. Everything the step allocates comes from the graph's private
+// pool (tensor/cuda_graph.h); `status` is the StepStatus each replay writes.
+struct CapturedStep {
+  std::vector<MicroBatch> inputs;  // one per micro-batch of a step (update_freq)
+  Tensor poison;                   // f32 [] 1 or NaN; defined only with poison_steps_for_testing
+  bool warmed_up = false;          // the first step ran (uncaptured)
+  cuda::Graph graph;               // captured on the second step
+  Tensor status;                   // f32 [4] StepStatus::values, written by every replay
+};
+
 class TrainingRun {
  public:
   explicit TrainingRun(const TrainConfig& cfg) : cfg_(cfg) {}
@@ -506,6 +546,21 @@ class TrainingRun {
   TrainConfig resume(const std::string& path);
   void plan_lr(const std::optional<TrainConfig>& resumed_config);
   bool train_epoch(int64_t epoch, int64_t first_batch);
+  // ---- one optimiser step (train_epoch calls these) ----
+  // The micro-batch `b` on the device: fresh tensors (uncaptured), or copied into the captured
+  // step's static inputs with its drop-path multipliers drawn now (captured).
+  MicroBatch device_batch(const Batch& b, int64_t micro);
+  // One micro-batch's forward, loss and backward: the gradients accumulate, the loss (divided
+  // by update_freq) is added to step_loss_ on the device.
+  void forward_backward(const MicroBatch& in);
+  // The optimiser's device half after the micro-batches: the clip and the skip decision, AdamW
+  // (its scalars set by prepare_step), the EMA, the gradients dropped. Returns the status.
+  Tensor finish_step_on_device();
+  // The whole step from the captured step's inputs: its micro-batches, then the optimiser. The
+  // body that is captured; run uncaptured on the first step (the warm-up).
+  Tensor captured_step_body();
+  // Runs the step whose micro-batches are staged: warm-up, capture or replay. Returns the status.
+  Tensor run_captured_step();
   bool end_epoch(int64_t epoch);
   // Reads the pending step's outcome (waiting for that step only): its loss, the skip and its
   // consequences (AdamW's step count, the streak, a stop when too many come in a row).
@@ -540,6 +595,7 @@ class TrainingRun {
   std::unique_ptr<MetricsLog> metrics_;
   Tensor inv_update_freq_;
   bool tty_ = false;
+  std::unique_ptr<CapturedStep> captured_;  // with --cuda_graphs (null: every step uncaptured)
 
   // The position: the next epoch and batch, the optimiser steps taken.
   int64_t start_epoch_ = 0, start_batch_ = 0, step_ = 0;
@@ -805,34 +861,26 @@ bool TrainingRun::train_epoch(int64_t epoch, int64_t first_batch) {
       current_lr_ = lr_schedule_[static_cast<size_t>(std::min(step_, total_steps_ - 1))];
       step_loss_ = Tensor();
     }
-    Tensor logits = model_->forward(batch_images(b, device_), /*training=*/true, *drop_gen_, activations_,
-                                    &opt_->bf16_copies());
-    // Mixup/CutMix: soft targets (smoothing folded in), as main.py's SoftTargetCrossEntropy.
-    Tensor loss = b.targets.defined() ? soft_cross_entropy(logits, b.targets.to(device_))
-                                      : cross_entropy(logits, b.labels.to(device_), cfg_.smoothing);
-    if (!cfg_.poison_steps_for_testing.empty() &&
-        std::count(cfg_.poison_steps_for_testing.begin(), cfg_.poison_steps_for_testing.end(), step_))
-      loss = mul(loss, Tensor::full({}, std::numeric_limits<double>::quiet_NaN(), DType::f32, device_));
-    // The loss stays on the device: a non-finite one makes non-finite gradients, and the step
-    // is skipped on the device (clip_grad_norm_status).
-    const Tensor scaled = cfg_.update_freq > 1 ? mul(loss, inv_update_freq_) : loss;
-    scaled.backward();
-    {
-      NoGradGuard no_grad;
-      step_loss_ = step_loss_.defined() ? add(step_loss_, scaled.detach()) : scaled.detach();
-    }
+    const MicroBatch in = device_batch(b, micro);
+    if (!captured_) forward_backward(in);  // captured: the micro-batches run with the step
     images_since_log_ += b.labels.numel();
     if (micro != cfg_.update_freq - 1) continue;
 
     // ---- the optimiser step, applied or skipped on the device ----
-    const StepStatus status = clip_grad_norm_status(model_->parameters(), cfg_.clip_grad, step_loss_);
-    settle_pending();  // the step before: its tail has run while this one's backward was queued
-    opt_->step(current_lr_, cfg_.weight_decay, &status);
-    if (ema_) ema_->update(model_->parameters(), &status);
-    model_->zero_grad();
+    Tensor status;
+    if (captured_) {
+      status = run_captured_step();
+    } else {
+      const StepStatus st = clip_grad_norm_status(model_->parameters(), cfg_.clip_grad, step_loss_);
+      settle_pending();  // the step before: its tail has run while this one's backward was queued
+      opt_->step(current_lr_, cfg_.weight_decay, &st);
+      if (ema_) ema_->update(model_->parameters(), &st);
+      model_->zero_grad();
+      status = st.values;
+    }
     ++step_;
     ++steps_since_log_;
-    pending_ = PendingStep{epoch, b.index + 1, step_, drop_gen_->offset(), Readback(status.values)};
+    pending_ = PendingStep{epoch, b.index + 1, step_, drop_gen_->offset(), Readback(status)};
     if (!gemm_paths_reported_) report_gemm_paths();
     log_step(epoch, b.index);
 
@@ -845,6 +893,101 @@ bool TrainingRun::train_epoch(int64_t epoch, int64_t first_batch) {
   }
   settle_pending();
   return true;
+}
+
+MicroBatch TrainingRun::device_batch(const Batch& b, int64_t micro) {
+  MicroBatch fresh{batch_images(b, device_), b.labels.to(device_),
+                   b.targets.defined() ? b.targets.to(device_) : Tensor(), Tensor()};
+  if (!captured_) return fresh;
+  // Captured: the step reads its inputs from the same buffers every time. The first step
+  // (uncaptured, the warm-up) makes them, outside any graph's pool; later ones copy into them.
+  const int64_t B = b.labels.numel();
+  const bool draws = model_->drop_path_blocks() > 0;
+  const Tensor drop_scales = draws ? model_->draw_drop_scales(B, *drop_gen_, activations_) : Tensor();
+  MicroBatch& in = captured_->inputs[static_cast<size_t>(micro)];
+  if (!in.images.defined()) {
+    in = MicroBatch{fresh.images, fresh.labels, fresh.targets, draws ? drop_scales.to(device_) : Tensor()};
+    return in;
+  }
+  auto refill = [](Tensor& dst, const Tensor& src, const char* what) {
+    CNX_CHECK(src.shape() == dst.shape() && src.dtype() == dst.dtype(), "--cuda_graphs: the captured step's ",
+              what, " are ", dst.str(), " but this batch's are ", src.str(),
+              " (the shapes must not change; use --cuda_graphs false)");
+    dst.copy_from(src);
+  };
+  refill(in.images, fresh.images, "images");
+  refill(in.labels, fresh.labels, "labels");
+  if (in.targets.defined()) refill(in.targets, fresh.targets, "soft targets");
+  if (draws) refill(in.drop_scales, drop_scales, "drop-path multipliers");
+  return in;
+}
+
+void TrainingRun::forward_backward(const MicroBatch& in) {
+  Tensor logits = model_->forward(in.images, /*training=*/true, *drop_gen_, activations_, &opt_->bf16_copies(),
+                                  in.drop_scales.defined() ? &in.drop_scales : nullptr);
+  // Mixup/CutMix: soft targets (smoothing folded in), as main.py's SoftTargetCrossEntropy.
+  Tensor loss = in.targets.defined() ? soft_cross_entropy(logits, in.targets)
+                                     : cross_entropy(logits, in.labels, cfg_.smoothing);
+  if (captured_ && captured_->poison.defined()) {
+    loss = mul(loss, captured_->poison);  // 1, or NaN on a poisoned step (set before the step)
+  } else if (!cfg_.poison_steps_for_testing.empty() &&
+             std::count(cfg_.poison_steps_for_testing.begin(), cfg_.poison_steps_for_testing.end(), step_)) {
+    loss = mul(loss, Tensor::full({}, std::numeric_limits<double>::quiet_NaN(), DType::f32, device_));
+  }
+  // The loss stays on the device: a non-finite one makes non-finite gradients, and the step
+  // is skipped on the device (clip_grad_norm_status).
+  const Tensor scaled = cfg_.update_freq > 1 ? mul(loss, inv_update_freq_) : loss;
+  scaled.backward();
+  NoGradGuard no_grad;
+  step_loss_ = step_loss_.defined() ? add(step_loss_, scaled.detach()) : scaled.detach();
+}
+
+Tensor TrainingRun::finish_step_on_device() {
+  const StepStatus st = clip_grad_norm_status(model_->parameters(), cfg_.clip_grad, step_loss_);
+  opt_->launch_step(&st);
+  if (ema_) ema_->update(model_->parameters(), &st);
+  model_->zero_grad();
+  step_loss_ = Tensor();
+  return st.values;
+}
+
+Tensor TrainingRun::captured_step_body() {
+  step_loss_ = Tensor();
+  for (const MicroBatch& in : captured_->inputs) forward_backward(in);
+  return finish_step_on_device();
+}
+
+Tensor TrainingRun::run_captured_step() {
+  CapturedStep& c = *captured_;
+  if (c.poison.defined()) {
+    const bool poisoned = std::count(cfg_.poison_steps_for_testing.begin(), cfg_.poison_steps_for_testing.end(), step_);
+    c.poison.copy_from(Tensor::full({}, poisoned ? std::numeric_limits<double>::quiet_NaN() : 1.0));
+  }
+  // AdamW's scalars for this step depend on whether the step before was skipped (its counts
+  // are taken back): read it first. (The micro-batches' inputs are already queued.)
+  settle_pending();
+  opt_->prepare_step(current_lr_, cfg_.weight_decay);
+  if (!c.graph.empty()) {  // every step after the second: one launch
+    c.graph.replay();
+    ++result_.graph_replays;
+    return c.status;
+  }
+  if (!c.warmed_up) {  // the first step runs uncaptured: cuBLAS's handles and workspaces, the
+    c.warmed_up = true;  // GEMM plans and the cache's blocks are made outside any capture
+    return captured_step_body();
+  }
+  // The second step is captured, then replayed. The warm-up step's blocks, cached now, would
+  // sit beside the graph's own pool unused: give them back first (this waits for the device).
+  cuda::empty_cache(device_);
+  Tensor status;
+  c.graph = cuda::Graph::capture(device_, [&] { status = captured_step_body(); });
+  c.status = status;
+  c.graph.replay();
+  ++result_.graph_replays;
+  std::printf("cuda graphs: the training step is captured (%lld micro-batch%s, the clip, AdamW%s) and replayed\n",
+              static_cast<long long>(cfg_.update_freq), cfg_.update_freq > 1 ? "es" : "", ema_ ? ", the EMA" : "");
+  std::fflush(stdout);
+  return c.status;
 }
 
 void TrainingRun::report_gemm_paths() {
@@ -991,6 +1134,11 @@ TrainResult TrainingRun::run() {
   }
   metrics_ = std::make_unique<MetricsLog>(cfg_.output_dir, step_, start_epoch_);
   inv_update_freq_ = Tensor::full({}, 1.0 / static_cast<double>(cfg_.update_freq), DType::f32, device_);
+  if (cfg_.use_cuda_graphs(device_, model_->has_batch_norm())) {
+    captured_ = std::make_unique<CapturedStep>();
+    captured_->inputs.resize(static_cast<size_t>(cfg_.update_freq));
+    if (!cfg_.poison_steps_for_testing.empty()) captured_->poison = Tensor::ones({}, DType::f32, device_);
+  }
   if (stop_requested(0, 0, false)) return result_;
 
   for (int64_t epoch = start_epoch_; epoch < cfg_.epochs; ++epoch) {

@@ -90,6 +90,12 @@ struct TrainConfig {
   // bf16 mixed precision (ConvNeXt::forward's activations): auto = on on a CUDA device, off on
   // the CPU (where bf16 is emulated: slower than f32, for checking the numerics); true | false.
   std::string use_amp = "auto";
+  // CUDA graphs: the whole training step (every micro-batch's forward and backward, the clip,
+  // AdamW and the EMA) captured once and replayed with one launch. auto = on with a CUDA device
+  // for a model without BatchNorm (the roadmap's ResNet-style steps have it); true (errors where
+  // auto would be off) | false. The shapes are fixed: the training loader drops a last partial
+  // batch. Bitwise the same run either way.
+  std::string cuda_graphs = "auto";
   int64_t log_every = 50;       // optimiser steps between log lines
   int64_t max_steps = -1;       // > 0: stop after this many optimiser steps, leaving a
                                 // recovery checkpoint (as a signal does)
@@ -107,6 +113,10 @@ struct TrainConfig {
   void validate() const;
   // The activation dtype of the model on `device`: bf16 when use_amp says so, else f32.
   DType activations(const Device& device) const;
+  // Whether the training step is captured (cuda_graphs) on `device` for a model with or without
+  // BatchNorm; throws cnx::Error for --cuda_graphs true where it cannot be (no CUDA device, a
+  // model with BatchNorm, whose num_batches_tracked a replay would not count).
+  bool use_cuda_graphs(const Device& device, bool batch_norm) const;
   std::string to_json() const;  // every field (but the testing one)
   // The fields present in a to_json() text (others keep their defaults).
   static TrainConfig from_json(const std::string& text);
@@ -128,6 +138,8 @@ struct TrainResult {
   bool interrupted = false;    // stopped by a signal; a recovery checkpoint was written
                                // (if training had begun and there is an --output_dir)
   int64_t nonfinite_skipped = 0;  // optimiser steps skipped for a non-finite loss or gradient
+  int64_t graph_replays = 0;      // optimiser steps run as a replay of the captured step
+                                  // (--cuda_graphs; the first two steps are not replays)
   int64_t image_height = 0, image_width = 0;  // of the training batches
   int64_t num_parameters = 0;                 // of the model trained
   int64_t macs_per_image = 0;                 // its multiply-adds at that size (ConvNeXt::macs)

@@ -261,6 +261,8 @@ void add_recipe_flags(CLI::App* sub, TrainConfig& c, std::string& seed_text) {
   opt("--finetune", c.finetune, "Start from these weights (the head is re-initialised if it does not fit)");
   opt("--device", c.device, "auto (the CPU for now), cpu, cuda or cuda:N");
   opt("--use_amp", c.use_amp, "bf16 mixed precision: auto (on for CUDA), true (on the CPU: emulated, slow) or false");
+  opt("--cuda_graphs", c.cuda_graphs,
+      "Capture the training step as one CUDA graph and replay it: auto (on for CUDA, models without BatchNorm), true or false");
   opt("--log_every", c.log_every, "Optimiser steps between log lines");
   opt("--max_steps", c.max_steps, "Stop after this many optimiser steps (-1: no limit)");
   opt("--progress_bar", c.progress_bar, "A live progress line on a terminal");
