@@ -19,8 +19,8 @@
 #                    bench_cuda_kernels, convnext (cuDNN optional: PyTorch's wheel copy is
 #                    used when there is no system one)                             -> build.log
 #   tests            the GPU tests (Cuda*, bf16, AMP, readback/upload)             -> ctest.log
-#   step             the training-step benchmark: ConvNeXt-T fp32 and bf16, batch 128 and 256
-#                                                                                  -> bench_train_step.{json,txt}
+#   step             the training-step benchmark: ConvNeXt-T fp32 and bf16, batch 128 and 256,
+#                    launched kernel by kernel and replayed as a CUDA graph (_graph) -> bench_train_step.{json,txt}
 #   pytorch_eager    tools/bench_pytorch.py eager, bf16 and fp32, batch 128 and 256 -> bench_pytorch_eager*.json
 #   sanitize         compute-sanitizer memcheck, racecheck, initcheck on the GPU tests -> sanitizer.log
 #   kernels          every kernel benchmark                                        -> bench_cuda_kernels.{json,txt}
@@ -109,7 +109,7 @@ run_step() {
   $B/bench/bench_cuda_kernels --benchmark_filter=train_step --benchmark_out="$OUT/bench_train_step.json" \
       --benchmark_out_format=json --benchmark_counters_tabular=true > "$OUT/bench_train_step.txt" 2>&1
   local rc=$?
-  cat "$OUT/bench_train_step.txt" | tail -8
+  cat "$OUT/bench_train_step.txt" | tail -12
   return $rc
 }
 
@@ -146,7 +146,7 @@ for s in "${steps[@]}"; do
   case $s in
     build) timed build 270 || { status=1; break; } ;;
     tests) timed tests 90 || status=1 ;;
-    step) timed step 75 || status=1 ;;
+    step) timed step 110 || status=1 ;;
     pytorch_eager) timed pytorch_eager 100 || status=1 ;;
     sanitize) timed sanitize 300 || status=1 ;;
     kernels) timed kernels 150 || status=1 ;;
