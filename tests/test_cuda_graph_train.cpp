@@ -7,6 +7,7 @@
 
 #include <unistd.h>
 
+#include <cstdlib>
 #include <filesystem>
 #include <string>
 
@@ -143,6 +144,11 @@ TEST(CudaGraphTrainingFlags, GraphsNeedACudaDeviceAndAModelWithoutBatchNorm) {
   EXPECT_FALSE(c.use_cuda_graphs(Device::cpu(), false));
   EXPECT_FALSE(c.use_cuda_graphs(Device::cuda(0), true));
   EXPECT_TRUE(c.use_cuda_graphs(Device::cuda(0), false));
+  ::setenv("CNX_CUDA_SYNC", "1", 1);  // a synchronisation after every launch: no capture
+  EXPECT_FALSE(c.use_cuda_graphs(Device::cuda(0), false));
+  c.cuda_graphs = "true";
+  test::expect_error([&] { (void)c.use_cuda_graphs(Device::cuda(0), false); }, {"CNX_CUDA_SYNC=1"});
+  ::unsetenv("CNX_CUDA_SYNC");
   c.cuda_graphs = "false";
   EXPECT_FALSE(c.use_cuda_graphs(Device::cuda(0), false));
   EXPECT_EQ(TrainConfig::from_json(TrainConfig{}.to_json()).cuda_graphs, "auto");

@@ -83,10 +83,13 @@ TEST(CudaTrainStep, TheHostWaitsAtMostOncePerStepAndOnlyForTheStepBefore) {
     EXPECT_EQ(extra(&emu::HostSyncCounts::blocking_copies), 0);
     EXPECT_EQ(extra(&emu::HostSyncCounts::stream_syncs), 0);
     EXPECT_EQ(extra(&emu::HostSyncCounts::device_syncs), 0);
-    EXPECT_EQ(extra(&emu::HostSyncCounts::frees), 0);
     // ... only the wait for the step before's status (an event behind that step's last kernel),
-    // at most one per step.
-    EXPECT_LE(extra(&emu::HostSyncCounts::event_syncs), 8);
+    // at most one per step. One more of each is the data loader's, not the step's, and depends
+    // on timing: when the host runs ahead, the pinned batch pool (train/data/loader.h) may grow
+    // by a buffer (a cudaFreeHost when the loader goes) or wait for one's copy to end (an event).
+    // One free or wait per step would add 8.
+    EXPECT_LE(extra(&emu::HostSyncCounts::frees), 1);
+    EXPECT_LE(extra(&emu::HostSyncCounts::event_syncs), 8 + 1);
   }
   fs::remove_all(root);
 #else

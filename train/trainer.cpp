@@ -8,6 +8,7 @@
 #include <limits>
 #include <csignal>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -142,7 +143,13 @@ bool TrainConfig::use_cuda_graphs(const Device& on, bool batch_norm) const {
   // does not run.
   CNX_CHECK(!required || !batch_norm, "--cuda_graphs true: the model has BatchNorm, whose step is not captured "
             "(its num_batches_tracked is counted on the host); use --cuda_graphs false");
-  return on.is_cuda() && !batch_norm;
+  // CNX_CUDA_SYNC=1 (tensor/cuda_check.h) synchronises after every launch, which a capture
+  // forbids: the debugging switch runs the step uncaptured.
+  const char* sync = std::getenv("CNX_CUDA_SYNC");
+  const bool sync_each_launch = sync && std::string(sync) != "0";
+  CNX_CHECK(!required || !sync_each_launch, "--cuda_graphs true: CNX_CUDA_SYNC=", sync,
+            " synchronises after every launch, which a capture forbids; use --cuda_graphs false");
+  return on.is_cuda() && !batch_norm && !sync_each_launch;
 }
 
 DType TrainConfig::activations(const Device& on) const {

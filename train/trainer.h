@@ -92,7 +92,8 @@ struct TrainConfig {
   std::string use_amp = "auto";
   // CUDA graphs: the whole training step (every micro-batch's forward and backward, the clip,
   // AdamW and the EMA) captured once and replayed with one launch. auto = on with a CUDA device
-  // for a model without BatchNorm (the roadmap's ResNet-style steps have it); true (errors where
+  // for a model without BatchNorm (the roadmap's ResNet-style steps have it), unless
+  // CNX_CUDA_SYNC=1 (a synchronisation after every launch); true (errors where
   // auto would be off) | false. The shapes are fixed: the training loader drops a last partial
   // batch. Bitwise the same run either way.
   std::string cuda_graphs = "auto";
@@ -115,7 +116,7 @@ struct TrainConfig {
   DType activations(const Device& device) const;
   // Whether the training step is captured (cuda_graphs) on `device` for a model with or without
   // BatchNorm; throws cnx::Error for --cuda_graphs true where it cannot be (no CUDA device, a
-  // model with BatchNorm, whose num_batches_tracked a replay would not count).
+  // model with BatchNorm, whose num_batches_tracked a replay would not count, CNX_CUDA_SYNC=1).
   bool use_cuda_graphs(const Device& device, bool batch_norm) const;
   std::string to_json() const;  // every field (but the testing one)
   // The fields present in a to_json() text (others keep their defaults).
