@@ -132,6 +132,20 @@ TEST_F(CudaGraphTraining, AStoppedAndResumedCapturedRunContinuesBitwise) {
                       checkpoint_path((root_ / "parts").string(), "1"));
 }
 
+// A capture that fails (here a copy to the host inside the step, which synchronises) is not
+// fatal: the run says so and goes on uncaptured, bitwise the run that never tried.
+TEST_F(CudaGraphTraining, AFailedCaptureFallsBackToTheUncapturedStep) {
+  CNX_SKIP_WITHOUT_DEVICE();
+  const TrainResult plain = train(config("false", "plain"));
+  TrainConfig c = config("true", "fallback");
+  c.fail_capture_for_testing = true;
+  const TrainResult fallback = train(c);
+  EXPECT_EQ(fallback.graph_replays, 0);
+  EXPECT_EQ(fallback.losses, plain.losses);
+  expect_same_tensors(checkpoint_path((root_ / "plain").string(), "1"),
+                      checkpoint_path((root_ / "fallback").string(), "1"));
+}
+
 TEST(CudaGraphTrainingFlags, GraphsNeedACudaDeviceAndAModelWithoutBatchNorm) {
   TrainConfig c;
   c.cuda_graphs = "maybe";

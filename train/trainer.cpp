@@ -537,6 +537,7 @@ struct CapturedStep {
   std::vector<MicroBatch> inputs;  // one per micro-batch of a step (update_freq)
   Tensor poison;                   // f32 [] 1 or NaN; defined only with poison_steps_for_testing
   bool warmed_up = false;          // the first step ran (uncaptured)
+  bool failed = false;             // the capture failed: every step runs uncaptured
   cuda::Graph graph;               // captured on the second step
   Tensor status;                   // f32 [4] StepStatus::values, written by every replay
 };
@@ -979,7 +980,7 @@ Tensor TrainingRun::run_captured_step() {
     ++result_.graph_replays;
     return c.status;
   }
-  if (!c.warmed_up) {  // the first step runs uncaptured: cuBLAS's handles and workspaces, the
+  if (!c.warmed_up || c.failed) {  // the first step runs uncaptured: cuBLAS's handles and workspaces, the
     c.warmed_up = true;  // GEMM plans and the cache's blocks are made outside any capture
     return captured_step_body();
   }
@@ -987,7 +988,25 @@ Tensor TrainingRun::run_captured_step() {
   // sit beside the graph's own pool unused: give them back first (this waits for the device).
   cuda::empty_cache(device_);
   Tensor status;
-  c.graph = cuda::Graph::capture(device_, [&] { status = captured_step_body(); });
+  try {
+    c.graph = cuda::Graph::capture(device_, [&] {
+      status = captured_step_body();
+      if (cfg_.fail_capture_for_testing) (void)status.to(Device::cpu());  // a sync: not capturable
+    });
+  } catch (const Error& e) {
+    // Nothing of the step ran: only its host side did, partly. Drop what it left (gradients
+    // made in the graph's memory, the loss, AdamW's prepared step) and run the step, and every
+    // later one, uncaptured.
+    std::printf("cuda graphs: %s\ncuda graphs: the run goes on uncaptured (bitwise the same; "
+                "--cuda_graphs false skips the attempt)\n", e.what());
+    std::fflush(stdout);
+    model_->zero_grad();
+    step_loss_ = Tensor();
+    opt_->uncount_step();
+    opt_->prepare_step(current_lr_, cfg_.weight_decay);
+    c.failed = true;
+    return captured_step_body();
+  }
   c.status = status;
   c.graph.replay();
   ++result_.graph_replays;

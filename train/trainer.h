@@ -105,6 +105,8 @@ struct TrainConfig {
                                 // a row before the run stops (0: stop at the first)
   // Testing only (not a flag, not saved): the optimiser steps whose loss is made NaN.
   std::vector<int64_t> poison_steps_for_testing;
+  // Testing only: the training step's capture (--cuda_graphs) makes a call that fails it.
+  bool fail_capture_for_testing = false;
 
   // The training loader's options these flags describe (the -1 defaults resolved by dataset).
   LoaderOptions train_loader_options() const;
