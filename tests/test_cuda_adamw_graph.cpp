@@ -38,14 +38,10 @@
 
 using namespace cnx;
 
+using cnx::test::normal_floats;
+
 namespace {
 
-std::vector<float> randf(int64_t n, uint64_t seed, double std = 1.0) {
-  Generator g(seed);
-  std::vector<float> v(static_cast<size_t>(n));
-  for (float& x : v) x = static_cast<float>(std * g.normal());
-  return v;
-}
 
 // The bits of every element (bitwise comparison, NaN-safe), of an f32 or bf16 tensor.
 std::vector<uint32_t> bits(const Tensor& t) {
@@ -77,7 +73,7 @@ std::vector<Parameter> make_params(Device device) {
     Parameter p;
     p.name = "p" + std::to_string(i);
     p.official_shape = Shape{n};
-    p.value = Tensor::from_data<float>(Shape{n}, randf(n, 100 + i)).to(device);
+    p.value = Tensor::from_data<float>(Shape{n}, normal_floats(n, 100 + i)).to(device);
     p.decay = i % 3 != 0;
     params.push_back(p);
   }
@@ -92,7 +88,7 @@ std::vector<double> lr_scales() {
 
 // The gradient values of step `step` for parameter i.
 Tensor grad_values(size_t i, int64_t n, int step) {
-  return Tensor::from_data<float>(Shape{n}, randf(n, 1000 * static_cast<uint64_t>(step) + i, 0.1));
+  return Tensor::from_data<float>(Shape{n}, normal_floats(n, 1000 * static_cast<uint64_t>(step) + i, 0.1));
 }
 
 // An optimiser over its own parameters, with bf16 copies of every other one.

@@ -61,16 +61,6 @@ class CudaGraphTraining : public ::testing::Test {
   fs::path root_;
 };
 
-// Every tensor of two checkpoint files (model, EMA, AdamW moments and counts), bitwise.
-void expect_same_tensors(const std::string& a_path, const std::string& b_path) {
-  const Safetensors a = read_safetensors(a_path), b = read_safetensors(b_path);
-  ASSERT_EQ(a.tensors.size(), b.tensors.size());
-  for (size_t i = 0; i < a.tensors.size(); ++i) {
-    EXPECT_EQ(a.tensors[i].first, b.tensors[i].first);
-    EXPECT_EQ(test::values(a.tensors[i].second), test::values(b.tensors[i].second)) << a.tensors[i].first;
-  }
-}
-
 TEST_F(CudaGraphTraining, ACapturedRunIsBitwiseTheUncapturedRun) {
   CNX_SKIP_WITHOUT_DEVICE();
   const TrainResult plain = train(config("false", "plain"));
@@ -83,7 +73,7 @@ TEST_F(CudaGraphTraining, ACapturedRunIsBitwiseTheUncapturedRun) {
   EXPECT_EQ(graphs.last_acc1, plain.last_acc1);
   EXPECT_EQ(graphs.last_loss, plain.last_loss);
   for (const char* ck : {"0", "1"})
-    expect_same_tensors(checkpoint_path((root_ / "plain").string(), ck),
+    test::expect_same_file_tensors(checkpoint_path((root_ / "plain").string(), ck),
                         checkpoint_path((root_ / "graphs").string(), ck));
   // The steps really changed the weights (a graph that replayed nothing would not).
   EXPECT_NE(plain.losses.front(), plain.losses.back());
@@ -108,7 +98,7 @@ TEST_F(CudaGraphTraining, MixupAndASkippedStepReplayBitwise) {
     if (std::isnan(plain.losses[i])) EXPECT_TRUE(std::isnan(graphs.losses[i])) << "step " << i;
     else EXPECT_EQ(graphs.losses[i], plain.losses[i]) << "step " << i;
   }
-  expect_same_tensors(checkpoint_path((root_ / "plain").string(), "1"),
+  test::expect_same_file_tensors(checkpoint_path((root_ / "plain").string(), "1"),
                       checkpoint_path((root_ / "graphs").string(), "1"));
 }
 
@@ -128,7 +118,7 @@ TEST_F(CudaGraphTraining, AStoppedAndResumedCapturedRunContinuesBitwise) {
   std::vector<double> joined = first.losses;
   joined.insert(joined.end(), second.losses.begin(), second.losses.end());
   EXPECT_EQ(joined, whole.losses);
-  expect_same_tensors(checkpoint_path((root_ / "whole").string(), "1"),
+  test::expect_same_file_tensors(checkpoint_path((root_ / "whole").string(), "1"),
                       checkpoint_path((root_ / "parts").string(), "1"));
 }
 
@@ -142,7 +132,7 @@ TEST_F(CudaGraphTraining, AFailedCaptureFallsBackToTheUncapturedStep) {
   const TrainResult fallback = train(c);
   EXPECT_EQ(fallback.graph_replays, 0);
   EXPECT_EQ(fallback.losses, plain.losses);
-  expect_same_tensors(checkpoint_path((root_ / "plain").string(), "1"),
+  test::expect_same_file_tensors(checkpoint_path((root_ / "plain").string(), "1"),
                       checkpoint_path((root_ / "fallback").string(), "1"));
 }
 

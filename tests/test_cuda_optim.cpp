@@ -47,17 +47,13 @@
 
 using namespace cnx;
 
+using cnx::test::normal_floats;
+
 namespace {
 
 #if CNX_TEST_CUDA
 const Device kGpu = Device::cuda(0);
 
-std::vector<float> randf(int64_t n, uint64_t seed, double std = 1.0) {
-  Generator g(seed);
-  std::vector<float> v(static_cast<size_t>(n));
-  for (float& x : v) x = static_cast<float>(std * g.normal());
-  return v;
-}
 
 // The bits of every element (NaN-safe bitwise comparison).
 std::vector<uint32_t> bits(const Tensor& t) {
@@ -100,7 +96,7 @@ Parameter make_param(size_t i, int64_t n, const std::vector<float>& v, Device de
 Twin make_twin(const std::vector<int64_t>& sizes, uint64_t seed) {
   Twin t;
   for (size_t i = 0; i < sizes.size(); ++i) {
-    const std::vector<float> v = randf(sizes[i], seed + 2 * i);
+    const std::vector<float> v = normal_floats(sizes[i], seed + 2 * i);
     t.cpu.push_back(make_param(i, sizes[i], v, Device::cpu()));
     t.gpu.push_back(make_param(i, sizes[i], v, kGpu));
   }
@@ -113,7 +109,7 @@ void set_grads(Twin& t, uint64_t seed, double std = 1.0, const std::vector<size_
   for (size_t i = 0; i < t.cpu.size(); ++i) {
     const bool none = std::find(without.begin(), without.end(), i) != without.end();
     const int64_t n = t.cpu[i].value.numel();
-    const Tensor g = Tensor::from_data<float>(Shape{n}, randf(n, seed * 1000 + i, std));
+    const Tensor g = Tensor::from_data<float>(Shape{n}, normal_floats(n, seed * 1000 + i, std));
     t.cpu[i].value.set_grad(none ? Tensor() : g);
     t.gpu[i].value.set_grad(none ? Tensor() : g.to(kGpu));
   }
@@ -123,7 +119,7 @@ void set_grads(std::vector<Parameter>& params, uint64_t seed, double std = 1.0) 
   for (size_t i = 0; i < params.size(); ++i) {
     const int64_t n = params[i].value.numel();
     params[i].value.set_grad(
-        Tensor::from_data<float>(Shape{n}, randf(n, seed * 1000 + i, std)).to(params[i].value.device()));
+        Tensor::from_data<float>(Shape{n}, normal_floats(n, seed * 1000 + i, std)).to(params[i].value.device()));
   }
 }
 
@@ -158,7 +154,7 @@ RawGrads raw_grads(const std::vector<int64_t>& sizes, int64_t misalign, uint64_t
     while (all.size() % 4 != 0) all.push_back(0.0f);
     if (i % 2 == 1) all.insert(all.end(), static_cast<size_t>(misalign), 0.0f);
     offsets.push_back(static_cast<int64_t>(all.size()));
-    r.host.push_back(randf(sizes[i], seed + i));
+    r.host.push_back(normal_floats(sizes[i], seed + i));
     all.insert(all.end(), r.host.back().begin(), r.host.back().end());
   }
   r.storage = Tensor::from_data<float>(Shape{static_cast<int64_t>(all.size())}, all).to(kGpu);

@@ -249,16 +249,6 @@ TEST_F(Training, FinetuneReinitialisesAHeadOfAnotherSize) {
 
 namespace {
 
-// Every tensor of two checkpoint files, bitwise.
-void expect_same_tensors(const std::string& a_path, const std::string& b_path) {
-  const Safetensors a = read_safetensors(a_path), b = read_safetensors(b_path);
-  ASSERT_EQ(a.tensors.size(), b.tensors.size());
-  for (size_t i = 0; i < a.tensors.size(); ++i) {
-    EXPECT_EQ(a.tensors[i].first, b.tensors[i].first);
-    EXPECT_EQ(test::values(a.tensors[i].second), test::values(b.tensors[i].second)) << a.tensors[i].first;
-  }
-}
-
 // Rewrites a checkpoint with its state JSON edited by `edit`.
 void edit_state(const std::string& path, const std::function<void(nlohmann::json&)>& edit) {
   Checkpoint ck = load_checkpoint(path);
@@ -407,7 +397,7 @@ TEST_F(Training, BestCheckpointIsKeptConsistentOnResume) {
   fs::remove(best);
   train(c);  // resumes from checkpoint-0 (nothing left to train)
   ASSERT_TRUE(fs::exists(best));
-  expect_same_tensors(best, checkpoint_path(c.output_dir, "0"));
+  test::expect_same_file_tensors(best, checkpoint_path(c.output_dir, "0"));
 }
 
 // A killed save's temporary is removed at start; a stray checkpoint-<20 digits> name is ignored

@@ -9,6 +9,7 @@
 #include <zlib.h>
 
 #include "autograd/function.h"
+#include "models/safetensors.h"
 
 namespace cnx::test {
 
@@ -30,6 +31,22 @@ void expect_close(const std::string& what, const std::vector<double>& got,
   EXPECT_EQ(bad, 0) << what << ": " << bad << " of " << got.size()
                     << " values out of tolerance (atol " << atol << ", rtol " << rtol << ")"
                     << report.str() << "\n  worst |error| " << worst << " at [" << worst_i << "]";
+}
+
+std::vector<float> normal_floats(int64_t n, uint64_t seed, double std) {
+  Generator g(seed);
+  std::vector<float> v(static_cast<size_t>(n));
+  for (float& x : v) x = static_cast<float>(std * g.normal());
+  return v;
+}
+
+void expect_same_file_tensors(const std::string& a_path, const std::string& b_path) {
+  const Safetensors a = read_safetensors(a_path), b = read_safetensors(b_path);
+  ASSERT_EQ(a.tensors.size(), b.tensors.size()) << a_path << " vs " << b_path;
+  for (size_t i = 0; i < a.tensors.size(); ++i) {
+    EXPECT_EQ(a.tensors[i].first, b.tensors[i].first);
+    EXPECT_EQ(values(a.tensors[i].second), values(b.tensors[i].second)) << a.tensors[i].first;
+  }
 }
 
 std::vector<double> values(const Tensor& t) { return t.to(Device::cpu()).to(DType::f64).to_vector<double>(); }

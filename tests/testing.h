@@ -21,6 +21,13 @@ void expect_close(const std::string& what, const std::vector<double>& got,
 // Any floating tensor's elements as doubles (copied to the host).
 std::vector<double> values(const Tensor& t);
 
+// n values drawn from normal(0, std) by a Generator seeded with `seed`, rounded to f32.
+std::vector<float> normal_floats(int64_t n, uint64_t seed, double std = 1.0);
+
+// EXPECTs two safetensors files (checkpoints) to hold the same tensors, in the same order,
+// bitwise (as doubles; names compared too).
+void expect_same_file_tensors(const std::string& a_path, const std::string& b_path);
+
 // f64 tensor with the given values (requires_grad off).
 Tensor from_doubles(const Shape& shape, const std::vector<double>& v);
 
