@@ -968,7 +968,8 @@ Tensor TrainingRun::captured_step_body() {
 Tensor TrainingRun::run_captured_step() {
   CapturedStep& c = *captured_;
   if (c.poison.defined()) {
-    const bool poisoned = std::count(cfg_.poison_steps_for_testing.begin(), cfg_.poison_steps_for_testing.end(), step_);
+    const std::vector<int64_t>& steps = cfg_.poison_steps_for_testing;
+    const bool poisoned = std::count(steps.begin(), steps.end(), step_) > 0;
     c.poison.copy_from(Tensor::full({}, poisoned ? std::numeric_limits<double>::quiet_NaN() : 1.0));
   }
   // AdamW's scalars for this step depend on whether the step before was skipped (its counts
@@ -980,8 +981,10 @@ Tensor TrainingRun::run_captured_step() {
     ++result_.graph_replays;
     return c.status;
   }
-  if (!c.warmed_up || c.failed) {  // the first step runs uncaptured: cuBLAS's handles and workspaces, the
-    c.warmed_up = true;  // GEMM plans and the cache's blocks are made outside any capture
+  // The first step runs uncaptured, so that cuBLAS's handles and workspaces, the GEMM plans and
+  // the cache's blocks are made outside any capture (and every step after a failed capture).
+  if (!c.warmed_up || c.failed) {
+    c.warmed_up = true;
     return captured_step_body();
   }
   // The second step is captured, then replayed. The warm-up step's blocks, cached now, would
@@ -1010,8 +1013,9 @@ Tensor TrainingRun::run_captured_step() {
   c.status = status;
   c.graph.replay();
   ++result_.graph_replays;
-  std::printf("cuda graphs: the training step is captured (%lld micro-batch%s, the clip, AdamW%s) and replayed\n",
-              static_cast<long long>(cfg_.update_freq), cfg_.update_freq > 1 ? "es" : "", ema_ ? ", the EMA" : "");
+  std::printf("cuda graphs: the training step is captured (%lld micro-batch%s, the clip, AdamW%s) and "
+              "replayed\n", static_cast<long long>(cfg_.update_freq), cfg_.update_freq > 1 ? "es" : "",
+              ema_ ? ", the EMA" : "");
   std::fflush(stdout);
   return c.status;
 }
