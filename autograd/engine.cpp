@@ -86,6 +86,18 @@ void accumulate(Tensor& slot, const Tensor& g) {
   else slot = add(slot, g);
 }
 
+// True when `g` is the only handle on its memory: no other Tensor shares its TensorImpl (as
+// when a backward hands grad_out through, or the same tensor to two inputs, or returns a tensor
+// it saved) and no other TensorImpl shares its storage (a view, such as reshape's backward
+// gives of grad_out). Memory is shared only through these two shared_ptrs (Tensor::empty makes
+// every storage), so such a gradient can become a leaf's .grad as it is: nothing else reads or
+// writes it, and the in-place += of later contributions (in this backward or a later one) and
+// the optimiser's in-place clipping change that leaf's gradient only. The engine's own handles
+// count too: grad_out, and a gradient still waiting in `grads` for its op's backward.
+bool sole_owner(const Tensor& g) {
+  return g.impl_ptr().use_count() == 1 && g.impl()->storage.use_count() == 1;
+}
+
 }  // namespace
 
 void run_backward(const Tensor& root) {
@@ -122,7 +134,7 @@ void run_backward(const Tensor& root) {
     for (size_t i = 0; i < input_grads.size(); ++i) {
       const Edge& e = fn->edges()[i];
       if (!e.defined()) continue;
-      const Tensor& g = input_grads[i];
+      Tensor& g = input_grads[i];
       CNX_CHECK(g.defined(), "backward: '", fn->name(), "' gave no gradient for input ", i);
       CNX_CHECK(g.shape() == fn->input_shape(i), "backward: '", fn->name(), "' gradient ", g.str(),
                 " for input ", i, " of shape ", fn->input_shape(i).str());
@@ -130,8 +142,9 @@ void run_backward(const Tensor& root) {
         accumulate(grads[e.fn.get()], g);
       } else {
         Tensor& leaf_grad = e.leaf->grad;
-        if (leaf_grad.defined()) add_(leaf_grad, g);  // parameters accumulate: +=
-        else leaf_grad = g.clone();                   // own it: later += must not alias
+        if (leaf_grad.defined()) add_(leaf_grad, g);     // parameters accumulate: +=
+        else if (sole_owner(g)) leaf_grad = std::move(g);  // a fresh gradient: taken, not copied
+        else leaf_grad = g.clone();  // shared: own a copy, or a later += would write the others
       }
     }
     fn->release();  // saved tensors and edges go now: the graph is freed as we walk it
