@@ -312,6 +312,16 @@ void expect_outputs_agree(DataLoader& f32, DataLoader& u8, int64_t epochs, bool 
       EXPECT_EQ(b.bytes->B, a.images.dim(0));
       EXPECT_EQ(a.images.to_vector<float>(), batch_images(b, Device::cpu()).to_vector<float>())
           << "epoch " << e << " batch " << a.index;
+      // Into an existing tensor (the captured training step's buffer): the same images, there.
+      const Tensor into = Tensor::empty(batch_image_shape(b), DType::f32);
+      EXPECT_EQ(batch_images(b, Device::cpu(), into).raw_data(), into.raw_data());
+      EXPECT_EQ(into.to_vector<float>(), a.images.to_vector<float>());
+      const Tensor into_f32 = Tensor::empty(batch_image_shape(a), DType::f32);
+      EXPECT_EQ(batch_images(a, Device::cpu(), into_f32).raw_data(), into_f32.raw_data());
+      EXPECT_EQ(into_f32.to_vector<float>(), a.images.to_vector<float>());
+      const Tensor wrong = Tensor::empty({1, 2, 3, 4}, DType::f32);
+      test::expect_error([&] { batch_images(b, Device::cpu(), wrong); }, {"finish_batch", "[1, 2, 3, 4]"});
+      test::expect_error([&] { batch_images(a, Device::cpu(), wrong); }, {"batch_images", "[1, 2, 3, 4]"});
       EXPECT_EQ(a.labels.to_vector<int64_t>(), b.labels.to_vector<int64_t>());
       EXPECT_EQ(a.targets.defined(), b.targets.defined());
       if (a.targets.defined()) {
@@ -614,8 +624,12 @@ TEST(CudaBatchFinish, LoaderU8BatchesFinishedOnTheDeviceMatchTheHost) {
     Batch a, b;
     while (f32.next(a)) {
       ASSERT_TRUE(u8.next(b));
-      const Tensor x = batch_images(b, Device::cuda(0));
+      // Every other batch into an existing device tensor (the captured step's input buffer).
+      const Tensor into = Tensor::empty(batch_image_shape(b), DType::f32, Device::cuda(0));
+      const bool use_into = a.index % 2 == 1;
+      const Tensor x = use_into ? batch_images(b, Device::cuda(0), into) : batch_images(b, Device::cuda(0));
       EXPECT_EQ(x.device(), Device::cuda(0));
+      if (use_into) EXPECT_EQ(x.raw_data(), into.raw_data());
       test::expect_close("epoch " + std::to_string(e) + " batch " + std::to_string(a.index),
                          as_doubles(x.to_vector<float>()), as_doubles(a.images.to_vector<float>()), 1e-5, 1e-5);
     }

@@ -569,6 +569,11 @@ class TrainingRun {
   Tensor captured_step_body();
   // Runs the step whose micro-batches are staged: warm-up, capture or replay. Returns the status.
   Tensor run_captured_step();
+  // Whether this step's loss is made NaN (TrainConfig::poison_steps_for_testing).
+  bool poisoned_step() const {
+    const std::vector<int64_t>& steps = cfg_.poison_steps_for_testing;
+    return std::count(steps.begin(), steps.end(), step_) > 0;
+  }
   bool end_epoch(int64_t epoch);
   // Reads the pending step's outcome (waiting for that step only): its loss, the skip and its
   // consequences (AdamW's step count, the streak, a stop when too many come in a row).
@@ -904,29 +909,30 @@ bool TrainingRun::train_epoch(int64_t epoch, int64_t first_batch) {
 }
 
 MicroBatch TrainingRun::device_batch(const Batch& b, int64_t micro) {
-  MicroBatch fresh{batch_images(b, device_), b.labels.to(device_),
-                   b.targets.defined() ? b.targets.to(device_) : Tensor(), Tensor()};
-  if (!captured_) return fresh;
+  auto on_device = [&](const Tensor& t) { return t.defined() ? t.to(device_) : Tensor(); };
+  if (!captured_) return MicroBatch{batch_images(b, device_), b.labels.to(device_), on_device(b.targets), Tensor()};
   // Captured: the step reads its inputs from the same buffers every time. The first step
-  // (uncaptured, the warm-up) makes them, outside any graph's pool; later ones copy into them.
+  // (uncaptured, the warm-up) makes them, outside any graph's pool; later ones write into them
+  // (the images finished straight into theirs, the rest copied from the host).
   const int64_t B = b.labels.numel();
   const bool draws = model_->drop_path_blocks() > 0;
   const Tensor drop_scales = draws ? model_->draw_drop_scales(B, *drop_gen_, activations_) : Tensor();
   MicroBatch& in = captured_->inputs[static_cast<size_t>(micro)];
   if (!in.images.defined()) {
-    in = MicroBatch{fresh.images, fresh.labels, fresh.targets, draws ? drop_scales.to(device_) : Tensor()};
+    in = MicroBatch{batch_images(b, device_), b.labels.to(device_), on_device(b.targets), on_device(drop_scales)};
     return in;
   }
-  auto refill = [](Tensor& dst, const Tensor& src, const char* what) {
-    CNX_CHECK(src.shape() == dst.shape() && src.dtype() == dst.dtype(), "--cuda_graphs: the captured step's ",
-              what, " are ", dst.str(), " but this batch's are ", src.str(),
-              " (the shapes must not change; use --cuda_graphs false)");
-    dst.copy_from(src);
+  auto check_same = [](const Tensor& dst, const Shape& shape, const char* what) {
+    CNX_CHECK(shape == dst.shape(), "--cuda_graphs: the captured step's ", what, " are ", dst.str(),
+              " but this batch's are ", shape.str(), " (the shapes must not change; use --cuda_graphs false)");
   };
-  refill(in.images, fresh.images, "images");
-  refill(in.labels, fresh.labels, "labels");
-  if (in.targets.defined()) refill(in.targets, fresh.targets, "soft targets");
-  if (draws) refill(in.drop_scales, drop_scales, "drop-path multipliers");
+  check_same(in.images, batch_image_shape(b), "images");
+  check_same(in.labels, b.labels.shape(), "labels");
+  if (in.targets.defined()) check_same(in.targets, b.targets.shape(), "soft targets");
+  batch_images(b, device_, in.images);
+  in.labels.copy_from(b.labels);
+  if (in.targets.defined()) in.targets.copy_from(b.targets);
+  if (draws) in.drop_scales.copy_from(drop_scales);  // its shape follows the labels'
   return in;
 }
 
@@ -938,8 +944,7 @@ void TrainingRun::forward_backward(const MicroBatch& in) {
                                      : cross_entropy(logits, in.labels, cfg_.smoothing);
   if (captured_ && captured_->poison.defined()) {
     loss = mul(loss, captured_->poison);  // 1, or NaN on a poisoned step (set before the step)
-  } else if (!cfg_.poison_steps_for_testing.empty() &&
-             std::count(cfg_.poison_steps_for_testing.begin(), cfg_.poison_steps_for_testing.end(), step_)) {
+  } else if (poisoned_step()) {
     loss = mul(loss, Tensor::full({}, std::numeric_limits<double>::quiet_NaN(), DType::f32, device_));
   }
   // The loss stays on the device: a non-finite one makes non-finite gradients, and the step
@@ -968,9 +973,7 @@ Tensor TrainingRun::captured_step_body() {
 Tensor TrainingRun::run_captured_step() {
   CapturedStep& c = *captured_;
   if (c.poison.defined()) {
-    const std::vector<int64_t>& steps = cfg_.poison_steps_for_testing;
-    const bool poisoned = std::count(steps.begin(), steps.end(), step_) > 0;
-    c.poison.copy_from(Tensor::full({}, poisoned ? std::numeric_limits<double>::quiet_NaN() : 1.0));
+    c.poison.copy_from(Tensor::full({}, poisoned_step() ? std::numeric_limits<double>::quiet_NaN() : 1.0));
   }
   // AdamW's scalars for this step depend on whether the step before was skipped (its counts
   // are taken back): read it first. (The micro-batches' inputs are already queued.)

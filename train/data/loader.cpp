@@ -165,9 +165,25 @@ Tensor normalize_image(std::span<const uint8_t> hwc, int64_t H, int64_t W, int64
 
 // ---- the batch finish, where the model runs -----------------------------------------------------
 
-Tensor finish_batch(ByteBatch& bb, Device device) {
+namespace {
+// `into` if given (checked to be an f32 `shape` tensor on `device`), else a new one.
+Tensor output_images(const Tensor& into, const Shape& shape, Device device, const char* op) {
+  if (!into.defined()) return Tensor::empty(shape, DType::f32, device);
+  CNX_CHECK(into.shape() == shape && into.dtype() == DType::f32 && into.device() == device, op,
+            ": the output ", into.str(), " is not the batch's f32 ", shape.str(), " on ", device.str());
+  return into;
+}
+}  // namespace
+
+Shape batch_image_shape(const Batch& b) {
+  if (b.images.defined()) return b.images.shape();
+  CNX_CHECK(b.bytes, "batch_image_shape: the batch has neither images nor bytes");
+  return Shape{b.bytes->B, b.bytes->H, b.bytes->W, b.bytes->C};
+}
+
+Tensor finish_batch(ByteBatch& bb, Device device, const Tensor& into) {
   CNX_CHECK(bb.buffer.defined(), "finish_batch: the batch holds no buffer");
-  Tensor out = Tensor::empty({bb.B, bb.H, bb.W, bb.C}, DType::f32, device);
+  Tensor out = output_images(into, Shape{bb.B, bb.H, bb.W, bb.C}, device, "finish_batch");
   if (device.is_cpu()) {
     cpu::batch_finish(out.data<float>(), bb.pixels(), bb.erase(), bb.mix, bb.norm, bb.B, bb.H, bb.W, bb.C);
     return out;
@@ -190,10 +206,15 @@ Tensor finish_batch(ByteBatch& bb, Device device) {
 #endif
 }
 
-Tensor batch_images(const Batch& b, Device device) {
-  if (b.images.defined()) return b.images.to(device);
+Tensor batch_images(const Batch& b, Device device, const Tensor& into) {
+  if (b.images.defined()) {
+    if (!into.defined()) return b.images.to(device);
+    Tensor out = output_images(into, b.images.shape(), device, "batch_images");
+    out.copy_from(b.images);
+    return out;
+  }
   CNX_CHECK(b.bytes, "batch_images: the batch has neither images nor bytes");
-  return finish_batch(*b.bytes, device);
+  return finish_batch(*b.bytes, device, into);
 }
 
 // ---- the ImageFolder per-image transform -------------------------------------------------------

@@ -223,11 +223,15 @@ Generator sample_generator(uint64_t seed, int64_t epoch, int64_t position);
 // The float images of a ByteBatch on `device`: on the CPU the CPU finish; on a CUDA device an
 // asynchronous copy of the block (pixels and erase params) to device memory on the device's
 // stream, then the CUDA finish on that stream (the block returns to its pool only after the
-// copy has completed).
-Tensor finish_batch(ByteBatch& bytes, Device device);
-// The images of a loader's batch on `device`, whatever its output: images.to(device) for f32,
-// finish_batch(*bytes, device) for u8.
-Tensor batch_images(const Batch& b, Device device);
+// copy has completed). `into` (optional): an existing f32 (B, H, W, C) tensor on `device` to
+// write the images into and return, instead of a new one (the captured training step's input
+// buffer, train/trainer.cpp); cnx::Error if its shape, dtype or device differ.
+Tensor finish_batch(ByteBatch& bytes, Device device, const Tensor& into = Tensor());
+// The images of a loader's batch on `device`, whatever its output: images.to(device) for f32
+// (copied into `into` when given), finish_batch(*bytes, device, into) for u8.
+Tensor batch_images(const Batch& b, Device device, const Tensor& into = Tensor());
+// The shape of batch_images(b, ...): (B, H, W, C).
+Shape batch_image_shape(const Batch& b);
 
 // One uint8 HxWxC image (C <= 3) normalised into a (1, S, S, C) f32 tensor exactly as the
 // evaluation loader does (for `convnext predict`).
