@@ -100,7 +100,9 @@ bool sole_owner(const Tensor& g) {
 
 }  // namespace
 
-void run_backward(const Tensor& root) {
+void run_backward(const Tensor& root) { run_backward(root, nullptr); }
+
+void run_backward(const Tensor& root, const std::function<void(TensorImpl* leaf)>& on_grad_ready) {
   CNX_CHECK(root.defined(), "backward: called on an undefined tensor");
   CNX_CHECK(root.numel() == 1, "backward: needs a one-element loss, got ", root.str());
   CNX_CHECK(root.requires_grad(), "backward: ", root.str(),
@@ -112,6 +114,7 @@ void run_backward(const Tensor& root) {
     Tensor g = root.grad();
     if (g.defined()) add_(g, seed);
     else root.impl()->grad = seed;
+    if (on_grad_ready) on_grad_ready(root.impl());
     return;
   }
 
@@ -119,6 +122,14 @@ void run_backward(const Tensor& root) {
   for (const auto& fn : order)
     CNX_CHECK(!fn->released(), "backward: the graph through '", fn->name(),
               "' was freed by an earlier backward(); run the forward again");
+
+  // With on_grad_ready: how many gradient contributions each leaf still waits for (one per
+  // edge that reaches it; a parameter used twice gets two).
+  std::unordered_map<TensorImpl*, int> leaf_uses;
+  if (on_grad_ready)
+    for (const auto& fn : order)
+      for (const Edge& e : fn->edges())
+        if (!e.fn && e.leaf) ++leaf_uses[e.leaf.get()];
 
   std::unordered_map<Function*, Tensor> grads;  // dL/d(output of fn), summed over consumers
   grads[root.grad_fn().get()] = seed;
@@ -145,6 +156,7 @@ void run_backward(const Tensor& root) {
         if (leaf_grad.defined()) add_(leaf_grad, g);     // parameters accumulate: +=
         else if (sole_owner(g)) leaf_grad = std::move(g);  // a fresh gradient: taken, not copied
         else leaf_grad = g.clone();  // shared: own a copy, or a later += would write the others
+        if (on_grad_ready && --leaf_uses[e.leaf.get()] == 0) on_grad_ready(e.leaf.get());
       }
     }
     fn->release();  // saved tensors and edges go now: the graph is freed as we walk it
@@ -152,5 +164,8 @@ void run_backward(const Tensor& root) {
 }
 
 void Tensor::backward() const { run_backward(*this); }
+void Tensor::backward(const std::function<void(TensorImpl* leaf)>& on_grad_ready) const {
+  run_backward(*this, on_grad_ready);
+}
 
 }  // namespace cnx

@@ -14,6 +14,7 @@
 #pragma once
 
 #include <initializer_list>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -82,5 +83,7 @@ Tensor& record(std::shared_ptr<Function> fn, Tensor& out, std::initializer_list<
 
 // Runs reverse-mode autodiff from a one-element tensor (what Tensor::backward calls).
 void run_backward(const Tensor& root);
+// on_grad_ready(leaf): called once per leaf, after its last gradient contribution.
+void run_backward(const Tensor& root, const std::function<void(TensorImpl* leaf)>& on_grad_ready);
 
 }  // namespace cnx

@@ -13,6 +13,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -100,6 +101,10 @@ class Tensor {
   // Reverse-mode: d(this)/d(leaf) accumulated (+=) into every leaf that requires grad.
   // This tensor must hold one element. Frees the graph's saved tensors afterwards.
   void backward() const;
+  // The same, calling on_grad_ready(leaf) as soon as a leaf's gradient is complete (the last
+  // op that uses it has added its part), while the rest of the backward still runs: the
+  // data-parallel gradient buckets start their allreduce there (train/dist/grad_reducer.h).
+  void backward(const std::function<void(TensorImpl* leaf)>& on_grad_ready) const;
 
   TensorImpl* impl() const { return impl_.get(); }
   const std::shared_ptr<TensorImpl>& impl_ptr() const { return impl_; }

@@ -17,6 +17,7 @@ packages=(
   llvm                              # llvm-symbolizer: source lines in the sanitizer reports
   clang libclang-rt-14-dev          # the fuzz targets (tests/fuzz): clang's libFuzzer, sanitizers
   libomp-dev                        # OpenMP for the clang build of the library (tests/fuzz)
+  libopenmpi-dev openmpi-bin        # data-parallel ranks (train/dist/; mpirun runs the 2-rank tests)
   dataset-fashion-mnist             # the default training data (/usr/share/datasets/fashion-mnist)
 )
 
