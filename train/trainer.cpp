@@ -3,6 +3,8 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
+#include <cstdarg>
 #include <chrono>
 #include <cmath>
 #include <limits>
@@ -24,6 +26,7 @@
 #include "train/data/dataset.h"
 #include "train/data/loader.h"
 #include "train/data/rand_augment.h"
+#include "train/dist/grad_reducer.h"
 #include "train/optim/adamw.h"
 #include "train/optim/ema.h"
 #include "train/optim/schedule.h"
@@ -45,6 +48,12 @@ constexpr int64_t kOldReferenceBatch = 4096;  // lr_rule "per_4096": --lr was fo
 // per total batch 4096 is 8e-3 per 256): 4e-3 for the default job's batch 128, as main.py's.
 constexpr double kDefaultBlr = 8e-3;
 constexpr uint64_t kDropPathStream = 0x64726f7070617468ull;  // "droppath": its own generator
+
+// The drop-path generator's seed of a rank: rank 0's is a one-process run's, each other rank's
+// its own (the ranks drop different samples, reproducibly from (seed, rank)).
+uint64_t drop_path_seed(uint64_t seed, int rank) {
+  return (seed ^ kDropPathStream) + 0x9E3779B97F4A7C15ull * static_cast<uint64_t>(rank);
+}
 }  // namespace
 
 // ---- configuration -----------------------------------------------------------------------------
@@ -134,9 +143,11 @@ void TrainConfig::validate() const {
             "--mixup_switch_prob must be in [0, 1], got ", mixup_switch_prob);
 }
 
-bool TrainConfig::use_cuda_graphs(const Device& on, bool batch_norm) const {
+bool TrainConfig::use_cuda_graphs(const Device& on, bool batch_norm, int world_size) const {
   if (cuda_graphs == "false") return false;
   const bool required = cuda_graphs == "true";
+  CNX_CHECK(!required || world_size == 1, "--cuda_graphs true: a run of ", world_size,
+            " ranks is not captured yet (its gradient collectives are not); use --cuda_graphs false");
   CNX_CHECK(!required || on.is_cuda(), "--cuda_graphs true needs a CUDA device (--device cuda); this run is on ",
             on.str());
   // BatchNorm's num_batches_tracked is counted on the host by each forward, which a replay
@@ -149,7 +160,7 @@ bool TrainConfig::use_cuda_graphs(const Device& on, bool batch_norm) const {
   const bool sync_each_launch = sync && std::string(sync) != "0";
   CNX_CHECK(!required || !sync_each_launch, "--cuda_graphs true: CNX_CUDA_SYNC=", sync,
             " synchronises after every launch, which a capture forbids; use --cuda_graphs false");
-  return on.is_cuda() && !batch_norm && !sync_each_launch;
+  return on.is_cuda() && !batch_norm && !sync_each_launch && world_size == 1;
 }
 
 DType TrainConfig::activations(const Device& on) const {
@@ -365,9 +376,14 @@ void score(const Tensor& logits, const Tensor& labels, int64_t& top1, int64_t& t
   }
 }
 
-// Stops at the next batch when a stop signal arrives (EvalResult::interrupted).
+// Stops at the next batch when a stop signal arrives (EvalResult::interrupted). With a world of
+// several ranks, every rank evaluates its shard of the split (LoaderOptions::rank) and the counts
+// are summed over the ranks: every test image counted once, the same Acc@1 and Acc@5 as one
+// process (the loss up to the order of its sum). The ranks' shards differ in batches, so no
+// collective can run per batch: a signal is acted on after the evaluation.
 EvalResult evaluate_loaded(const ConvNeXt& model, DataLoader& loader,
-                           DType activations = DType::f32) {
+                           DType activations = DType::f32, dist::Communicator* world = nullptr) {
+  const bool ranks = world != nullptr && world->size() > 1;
   NoGradGuard no_grad;
   loader.start_epoch(0);
   Generator unused(0);  // evaluation draws nothing
@@ -377,7 +393,7 @@ EvalResult evaluate_loaded(const ConvNeXt& model, DataLoader& loader,
   EvalResult r;
   Batch b;
   while (loader.next(b)) {
-    if (stop_signal().load() != 0) {
+    if (!ranks && stop_signal().load() != 0) {
       r.interrupted = true;
       break;
     }
@@ -386,12 +402,34 @@ EvalResult evaluate_loaded(const ConvNeXt& model, DataLoader& loader,
           top1, top5, loss_sum);
     r.images += b.labels.numel();
   }
+  if (ranks) {
+    std::array<int64_t, 3> counts{top1, top5, r.images};
+    world->allreduce_sum(counts);
+    std::array<double, 1> sums{loss_sum};
+    world->allreduce_sum(sums);
+    top1 = counts[0];
+    top5 = counts[1];
+    r.images = counts[2];
+    loss_sum = sums[0];
+  }
   if (r.images > 0) {
     r.acc1 = 100.0 * static_cast<double>(top1) / static_cast<double>(r.images);
     r.acc5 = 100.0 * static_cast<double>(top5) / static_cast<double>(r.images);
     r.loss = loss_sum / static_cast<double>(r.images);
   }
   return r;
+}
+
+// FNV-1a over the bytes of every parameter (copied to the host): equal on every rank of a
+// data-parallel run whose ranks are in step.
+uint64_t weights_digest(std::vector<Parameter>& params) {
+  uint64_t h = 0xcbf29ce484222325ull;
+  for (const Parameter& p : params) {
+    const Tensor host = p.value.to(Device::cpu());
+    const auto* bytes = static_cast<const unsigned char*>(host.raw_data());
+    for (int64_t i = 0; i < host.nbytes(); ++i) h = (h ^ bytes[i]) * 0x100000001b3ull;
+  }
+  return h;
 }
 
 double resident_mb() {
@@ -459,17 +497,23 @@ LoaderOptions eval_loader_options(int64_t batch_size, int workers, int64_t input
 }  // namespace
 
 EvalResult evaluate(const ConvNeXt& model, const std::string& data_set, const std::string& data_path,
-                    int64_t batch_size, int workers, int64_t input_size, double crop_pct) {
-  SplitData test = open_split(data_set, data_path, /*train=*/false,
-                              eval_loader_options(batch_size, workers, input_size, crop_pct).for_device(model.device()));
+                    int64_t batch_size, int workers, int64_t input_size, double crop_pct, dist::Communicator* world) {
+  LoaderOptions o = eval_loader_options(batch_size, workers, input_size, crop_pct).for_device(model.device());
+  if (world != nullptr) {
+    o.rank = world->rank();
+    o.world_size = world->size();
+  }
+  SplitData test = open_split(data_set, data_path, /*train=*/false, o);
   CNX_CHECK(test.num_classes() == model.config().num_classes, "eval: the model has ",
             model.config().num_classes, " classes, ", data_set, " has ", test.num_classes());
-  return evaluate_loaded(model, *test.loader);
+  return evaluate_loaded(model, *test.loader, DType::f32, world);
 }
 
-LrChoice resolve_lr(const TrainConfig& c, const std::optional<TrainConfig>& resumed) {
-  const int64_t total = c.batch_size * c.update_freq;
-  const std::string batch = " (total batch " + std::to_string(total) + ")";
+LrChoice resolve_lr(const TrainConfig& c, const std::optional<TrainConfig>& resumed, int world_size) {
+  const int64_t total = c.batch_size * c.update_freq * world_size;
+  const std::string batch = " (total batch " + std::to_string(total) + " = " + std::to_string(c.batch_size) + " x " +
+                            std::to_string(c.update_freq) + " x " + std::to_string(world_size) + " rank" +
+                            (world_size == 1 ? "" : "s") + ")";
   if (resumed && resumed->lr_rule == "per_4096") {
     const double given = resumed->lr == -1 ? 0.128 : resumed->lr;  // 0.128: the old default
     const ScaledValue old = scale_lr_linear(given, total, kOldReferenceBatch, "lr");
@@ -544,10 +588,18 @@ struct CapturedStep {
 
 class TrainingRun {
  public:
-  explicit TrainingRun(const TrainConfig& cfg) : cfg_(cfg) {}
+  TrainingRun(const TrainConfig& cfg, dist::Communicator& world) : cfg_(cfg), world_(world) {}
   TrainResult run();
 
  private:
+  // Rank 0 prints; the other ranks' lines go nowhere (printf's format, on stdout).
+  void say(const char* format, ...) const __attribute__((format(printf, 2, 3)));
+  void flush() const {
+    if (world_.is_root()) std::fflush(stdout);
+  }
+  // The device of this rank: --device, or with several ranks and --device cuda, the GPU of its
+  // local rank.
+  Device rank_device() const;
   void open_data();
   void build_model();
   // Returns the configuration the checkpoint was trained with.
@@ -560,7 +612,12 @@ class TrainingRun {
   MicroBatch device_batch(const Batch& b, int64_t micro);
   // One micro-batch's forward, loss and backward: the gradients accumulate, the loss (divided
   // by update_freq) is added to step_loss_ on the device.
-  void forward_backward(const MicroBatch& in);
+  // With several ranks, the last micro-batch's backward starts the gradient buckets' averaging
+  // (`last`: it is the step's last micro-batch).
+  void forward_backward(const MicroBatch& in, bool last);
+  // With several ranks: the gradients and the step's loss averaged over them (GradReducer),
+  // before the clip. Nothing with one rank.
+  void average_over_ranks();
   // The optimiser's device half after the micro-batches: the clip and the skip decision, AdamW
   // (its scalars set by prepare_step), the EMA, the gradients dropped. Returns the status.
   Tensor finish_step_on_device();
@@ -592,8 +649,13 @@ class TrainingRun {
   Checkpoint snapshot(int64_t epoch, int64_t batch, std::optional<double> acc1,
                       std::optional<uint64_t> drop_offset = std::nullopt) const;
   void keep_best_consistent(const std::string& resumed_path, const ResumeState& state, const Checkpoint& ck);
+  void resume_drop_generator(const std::string& path, const ResumeState& state, const json& raw);
+  // Every rank must hold bitwise the same weights: compared (a digest each) after every epoch.
+  void check_ranks_in_step(int64_t epoch);
 
   const TrainConfig& cfg_;
+  dist::Communicator& world_;
+  std::unique_ptr<dist::GradReducer> reducer_;  // with more than one rank
   Device device_ = Device::cpu();
   DType activations_ = DType::f32;
   SplitData train_set_, test_set_;
@@ -626,14 +688,39 @@ class TrainingRun {
   double loss_since_log_ = 0, current_lr_ = 0;
 };
 
+void TrainingRun::say(const char* format, ...) const {
+  if (!world_.is_root()) return;
+  va_list args;
+  va_start(args, format);
+  std::vprintf(format, args);
+  va_end(args);
+}
+
+Device TrainingRun::rank_device() const {
+  if (world_.size() == 1) return resolve_device(cfg_.device);
+  const Device d = resolve_device(cfg_.device);
+  if (!d.is_cuda()) return d;
+  CNX_CHECK(cfg_.device == "cuda", "--device ", cfg_.device, ": with ", world_.size(),
+            " ranks each rank takes the GPU of its local rank; use --device cuda");
+  CNX_CHECK(world_.local_rank() < cuda_device_count(), world_.describe(), ": this machine has ",
+            cuda_device_count(), " GPU(s), one per rank is needed (fewer ranks per machine: mpirun --npernode)");
+  return Device::cuda(world_.local_rank());
+}
+
 void TrainingRun::open_data() {
   // for_device: on a CUDA device the loaders hand out uint8 batches in pinned memory, finished
   // on the device (batch_images); on the CPU float batches finished by the workers.
-  train_set_ = open_split(cfg_.data_set, cfg_.data_path, /*train=*/true,
-                          cfg_.train_loader_options().for_device(device_));
-  test_set_ = open_split(cfg_.data_set, cfg_.data_path, /*train=*/false,
-                         eval_loader_options(cfg_.batch_size, cfg_.num_workers, cfg_.input_size, cfg_.crop_pct)
-                             .for_device(device_));
+  // Each rank reads its shard of every epoch (DistributedSampler's: the same permutation for any
+  // world size, strided by rank), and its shard of the test split.
+  LoaderOptions train_options = cfg_.train_loader_options().for_device(device_);
+  LoaderOptions test_options =
+      eval_loader_options(cfg_.batch_size, cfg_.num_workers, cfg_.input_size, cfg_.crop_pct).for_device(device_);
+  for (LoaderOptions* o : {&train_options, &test_options}) {
+    o->rank = world_.rank();
+    o->world_size = world_.size();
+  }
+  train_set_ = open_split(cfg_.data_set, cfg_.data_path, /*train=*/true, train_options);
+  test_set_ = open_split(cfg_.data_set, cfg_.data_path, /*train=*/false, test_options);
   CNX_CHECK(train_set_.num_classes() == test_set_.num_classes(), cfg_.data_set, ": the training split has ",
             train_set_.num_classes(), " classes, the test split ", test_set_.num_classes());
   batches_ = train_set_.loader->batches_per_epoch();
@@ -648,12 +735,12 @@ void TrainingRun::open_data() {
 void TrainingRun::build_model() {
   Generator init(cfg_.seed);
   model_ = std::make_unique<ConvNeXt>(cfg_.model_config(train_set_.num_classes(), train_set_.channels()), init);
-  std::printf("model %s: %zu tensors, %lld parameters; %s: %lld train / %lld test images, %lld classes\n",
+  say("model %s: %zu tensors, %lld parameters; %s: %lld train / %lld test images, %lld classes\n",
               model_->config().name.c_str(), model_->parameters().size(),
               static_cast<long long>(model_->num_parameters()), cfg_.data_set.c_str(),
               static_cast<long long>(train_set_.size()), static_cast<long long>(test_set_.size()),
               static_cast<long long>(train_set_.num_classes()));
-  std::printf("precision: %s\n", activations_ == DType::bf16
+  say("precision: %s\n", activations_ == DType::bf16
                                      ? "bf16 mixed (bf16 activations, fp32 weights and optimiser)"
                                      : "fp32");
   if (!cfg_.finetune.empty()) {
@@ -663,7 +750,7 @@ void TrainingRun::build_model() {
       const bool head = it->first == "head.weight" || it->first == "head.bias";
       if (head && (it->first == "head.weight" ? it->second.shape() != want
                                               : it->second.shape() != Shape{want[0]})) {
-        std::printf("finetune: %s %s does not fit %lld classes: re-initialised (head_init_scale %g)\n",
+        say("finetune: %s %s does not fit %lld classes: re-initialised (head_init_scale %g)\n",
                     it->first.c_str(), it->second.shape().str().c_str(),
                     static_cast<long long>(want[0]), cfg_.head_init_scale);
         it = weights.erase(it);
@@ -678,7 +765,7 @@ void TrainingRun::build_model() {
       if (!present) weights.emplace_back(h, to_official_layout(model_->parameter(h).value, ParamLayout::plain));
     }
     model_->load_state_dict(weights);
-    std::printf("finetune: loaded %s\n", cfg_.finetune.c_str());
+    say("finetune: loaded %s\n", cfg_.finetune.c_str());
   }
   // On its device before the optimiser and the EMA alias its parameters. (The initial values
   // were drawn on the host, so every device starts from the same weights.)
@@ -690,7 +777,11 @@ void TrainingRun::build_model() {
   // the forward does not cast them every step (a resume's load_state_dict refreshes them).
   if (activations_ == DType::bf16) opt_->keep_bf16_copies(model_->bf16_gemm_weights());
   if (cfg_.model_ema) ema_ = std::make_unique<ModelEma>(model_->parameters(), cfg_.model_ema_decay);
-  drop_gen_ = std::make_unique<Generator>(cfg_.seed ^ kDropPathStream);
+  drop_gen_ = std::make_unique<Generator>(drop_path_seed(cfg_.seed, world_.rank()));
+  if (world_.size() > 1) {
+    reducer_ = std::make_unique<dist::GradReducer>(world_, model_->parameters(), device_);
+    say("data parallel: %d ranks, %s\n", world_.size(), reducer_->describe().c_str());
+  }
 }
 
 TrainConfig TrainingRun::resume(const std::string& path) {
@@ -715,11 +806,11 @@ TrainConfig TrainingRun::resume(const std::string& path) {
   step_ = state.step;
   best_acc1_ = state.best_acc1;
   nonfinite_ = {state.nonfinite_skipped, state.nonfinite_streak};
-  drop_gen_->set_state(state.drop_seed, state.drop_offset);
-  std::printf("resumed from %s: epoch %lld, batch %lld, step %lld\n", path.c_str(),
+  resume_drop_generator(path, state, json::parse(ck.state_json));
+  say("resumed from %s: epoch %lld, batch %lld, step %lld\n", path.c_str(),
               static_cast<long long>(start_epoch_), static_cast<long long>(start_batch_),
               static_cast<long long>(step_));
-  keep_best_consistent(path, state, ck);
+  if (world_.is_root()) keep_best_consistent(path, state, ck);
   try {
     return TrainConfig::from_json(state.config);
   } catch (const Error& e) {
@@ -747,7 +838,7 @@ void TrainingRun::keep_best_consistent(const std::string& resumed_path, const Re
   if (best_file_acc >= state.best_acc1) return;
   if (state.acc1 && *state.acc1 == state.best_acc1) {
     save_checkpoint(best, ck);
-    std::printf("%s was older than the best accuracy recorded (%.2f): rewritten from %s\n", best.c_str(),
+    say("%s was older than the best accuracy recorded (%.2f): rewritten from %s\n", best.c_str(),
                 state.best_acc1, resumed_path.c_str());
   } else {
     std::fprintf(stderr, "warning: %s holds an accuracy of %.2f, the resumed state records a best of %.2f\n",
@@ -756,15 +847,44 @@ void TrainingRun::keep_best_consistent(const std::string& resumed_path, const Re
 }
 
 void TrainingRun::plan_lr(const std::optional<TrainConfig>& resumed_config) {
-  const LrChoice lr = resolve_lr(cfg_, resumed_config);
-  std::printf("%s\n", lr.description.c_str());
+  const LrChoice lr = resolve_lr(cfg_, resumed_config, world_.size());
+  say("%s\n", lr.description.c_str());
   lr_schedule_ = cosine_scheduler(lr.value, cfg_.min_lr, cfg_.epochs, steps_per_epoch_, cfg_.warmup_epochs,
                                   cfg_.warmup_lr, cfg_.warmup_steps);
 }
 
+// Every rank's drop-path generator is recorded ("drop_gens", in rank order, with "world_size";
+// "drop_gen" is rank 0's, as a one-process checkpoint has it). Resumed with the same world size,
+// each rank takes its own back: bitwise the run that was not stopped. With another world size
+// the data shards and the batches' composition change anyway: each rank starts its generator
+// from its seed at rank 0's position, and rank 0 says so.
+void TrainingRun::resume_drop_generator(const std::string& path, const ResumeState& state, const json& raw) {
+  const int saved_world = raw.value("world_size", 1);
+  if (saved_world == world_.size()) {
+    if (raw.contains("drop_gens")) {
+      const json& mine = raw.at("drop_gens").at(static_cast<size_t>(world_.rank()));
+      drop_gen_->set_state(mine.at("seed").get<uint64_t>(), mine.at("offset").get<uint64_t>());
+    } else {
+      drop_gen_->set_state(state.drop_seed, state.drop_offset);  // one process, or an older file
+    }
+    return;
+  }
+  drop_gen_->set_state(drop_path_seed(cfg_.seed, world_.rank()), state.drop_offset);
+  if (world_.is_root())
+    std::fprintf(stderr,
+                 "warning: %s was trained by %d rank%s, this run has %d: the total batch, the data shards and the "
+                 "drop-path draws change from here on (the weights, the optimiser state and the position carry over)\n",
+                 path.c_str(), saved_world, saved_world == 1 ? "" : "s", world_.size());
+}
+
 Checkpoint TrainingRun::snapshot(int64_t epoch, int64_t batch, std::optional<double> acc1,
                                  std::optional<uint64_t> drop_offset) const {
+  // Collective: every rank's generator state (each rank has drawn as many as the others, but
+  // from its own seed).
+  const json mine = {{"seed", drop_gen_->seed()}, {"offset", drop_offset.value_or(drop_gen_->offset())}};
+  const std::vector<std::string> all = world_.allgather(mine.dump());
   Checkpoint ck;
+  if (!world_.is_root()) return ck;  // rank 0 writes the checkpoints
   for (auto& [name, t] : model_->state_dict()) ck.tensors.emplace_back("model." + name, t);
   for (auto& nt : opt_->state_dict()) ck.tensors.push_back(nt);
   if (ema_)
@@ -776,6 +896,12 @@ Checkpoint TrainingRun::snapshot(int64_t epoch, int64_t batch, std::optional<dou
                 {"data_seed", cfg_.seed}, {"resume_key", resume_key(cfg_)},
                 {"config", json::parse(cfg_.to_json())}};
   if (acc1) state["acc1"] = *acc1;
+  if (world_.size() > 1) {
+    state["world_size"] = world_.size();
+    json gens = json::array();
+    for (const std::string& g : all) gens.push_back(json::parse(g));
+    state["drop_gens"] = gens;
+  }
   ck.state_json = state.dump();
   return ck;
 }
@@ -785,23 +911,31 @@ void TrainingRun::stop_with_recovery(int64_t epoch, int64_t batch, const std::st
   std::string where;
   if (!cfg_.output_dir.empty() && cfg_.save_ckpt) {
     where = checkpoint_path(cfg_.output_dir, "recovery");
-    save_checkpoint(where, snapshot(epoch, batch, std::nullopt, drop_offset));
+    const Checkpoint ck = snapshot(epoch, batch, std::nullopt, drop_offset);  // every rank
+    if (world_.is_root()) save_checkpoint(where, ck);
   }
-  std::printf("%sstopped %s at step %lld%s%s\n", tty_ ? "\r\033[K" : "", why.c_str(),
+  say("%sstopped %s at step %lld%s%s\n", tty_ ? "\r\033[K" : "", why.c_str(),
               static_cast<long long>(step_), where.empty() ? "" : ": recovery checkpoint ", where.c_str());
-  std::fflush(stdout);
+  flush();
 }
 
 bool TrainingRun::stop_requested(int64_t epoch, int64_t batch, bool started) {
-  const int sig = stop_signal().load();
+  int sig = stop_signal().load();
+  if (world_.size() > 1) {
+    // The ranks stop together: a signal seen by any (mpirun forwards SIGTERM to all, each at
+    // its own moment) stops every rank at this same point.
+    std::array<int64_t, 1> any{sig};
+    world_.allreduce_max(any);
+    sig = static_cast<int>(any[0]);
+  }
   if (sig == 0) return false;
   settle_pending();  // the checkpoint's counters include the last step
   result_.interrupted = true;
   if (started) {
     stop_with_recovery(epoch, batch, "by signal " + std::to_string(sig));
   } else {  // nothing trained yet: whatever was resumed from is still on disk
-    std::printf("stopped by signal %d before training began\n", sig);
-    std::fflush(stdout);
+    say("stopped by signal %d before training began\n", sig);
+    flush();
   }
   return true;
 }
@@ -819,10 +953,10 @@ void TrainingRun::log_step(int64_t epoch, int64_t batch_index) {
     if (filled < width) bar += '>' + std::string(static_cast<size_t>(width - filled - 1), ' ');
     // The loss of the last step read back (one step behind: the bar never waits for the GPU).
     const double loss = result_.losses.empty() ? std::numeric_limits<double>::quiet_NaN() : result_.losses.back();
-    std::printf("\r\033[Kepoch %lld [%s] %lld/%lld loss %.4f eta %d:%02d", static_cast<long long>(epoch),
+    say("\r\033[Kepoch %lld [%s] %lld/%lld loss %.4f eta %d:%02d", static_cast<long long>(epoch),
                 bar.c_str(), static_cast<long long>(done), static_cast<long long>(batches_), loss,
                 static_cast<int>(left) / 60, static_cast<int>(left) % 60);
-    std::fflush(stdout);
+    flush();
   }
   if (!log_now) return;
   const auto now = std::chrono::steady_clock::now();
@@ -844,12 +978,12 @@ void TrainingRun::log_step(int64_t epoch, int64_t batch_index) {
     gpu_mem = " gpu_mem " + fixed(peak_mb, 0) + " MB";
     record["gpu_mem_mb"] = peak_mb;
   }
-  std::printf("%sepoch %lld step %lld/%lld loss %s lr %s grad_norm %s img/s %s ms/step %s mem %s MB%s\n",
+  say("%sepoch %lld step %lld/%lld loss %s lr %s grad_norm %s img/s %s ms/step %s mem %s MB%s\n",
               tty_ ? "\r\033[K" : "", static_cast<long long>(epoch),
               static_cast<long long>(step_ - epoch * steps_per_epoch_), static_cast<long long>(steps_per_epoch_),
               fixed(mean_loss, 4).c_str(), sci(current_lr_).c_str(), fixed(norm, 3).c_str(), fixed(ips, 1).c_str(),
               fixed(ms, 1).c_str(), fixed(resident_mb(), 0).c_str(), gpu_mem.c_str());
-  std::fflush(stdout);
+  flush();
   metrics_->write(record);
   t_log_ = now;
   images_since_log_ = steps_since_log_ = finite_steps_since_log_ = 0;
@@ -875,8 +1009,8 @@ bool TrainingRun::train_epoch(int64_t epoch, int64_t first_batch) {
       step_loss_ = Tensor();
     }
     const MicroBatch in = device_batch(b, micro);
-    if (!captured_) forward_backward(in);  // captured: the micro-batches run with the step
-    images_since_log_ += b.labels.numel();
+    if (!captured_) forward_backward(in, micro == cfg_.update_freq - 1);  // captured: with the step
+    images_since_log_ += b.labels.numel() * world_.size();
     if (micro != cfg_.update_freq - 1) continue;
 
     // ---- the optimiser step, applied or skipped on the device ----
@@ -884,6 +1018,7 @@ bool TrainingRun::train_epoch(int64_t epoch, int64_t first_batch) {
     if (captured_) {
       status = run_captured_step();
     } else {
+      average_over_ranks();
       const StepStatus st = clip_grad_norm_status(model_->parameters(), cfg_.clip_grad, step_loss_);
       settle_pending();  // the step before: its tail has run while this one's backward was queued
       opt_->step(current_lr_, cfg_.weight_decay, &st);
@@ -936,7 +1071,7 @@ MicroBatch TrainingRun::device_batch(const Batch& b, int64_t micro) {
   return in;
 }
 
-void TrainingRun::forward_backward(const MicroBatch& in) {
+void TrainingRun::forward_backward(const MicroBatch& in, bool last) {
   Tensor logits = model_->forward(in.images, /*training=*/true, *drop_gen_, activations_, &opt_->bf16_copies(),
                                   in.drop_scales.defined() ? &in.drop_scales : nullptr);
   // Mixup/CutMix: soft targets (smoothing folded in), as main.py's SoftTargetCrossEntropy.
@@ -950,12 +1085,25 @@ void TrainingRun::forward_backward(const MicroBatch& in) {
   // The loss stays on the device: a non-finite one makes non-finite gradients, and the step
   // is skipped on the device (clip_grad_norm_status).
   const Tensor scaled = cfg_.update_freq > 1 ? mul(loss, inv_update_freq_) : loss;
-  scaled.backward();
+  if (reducer_ && last) {
+    scaled.backward(reducer_->hook());  // each finished bucket starts its averaging at once
+  } else {
+    scaled.backward();
+  }
   NoGradGuard no_grad;
   step_loss_ = step_loss_.defined() ? add(step_loss_, scaled.detach()) : scaled.detach();
 }
 
+void TrainingRun::average_over_ranks() {
+  if (!reducer_) return;
+  reducer_->finish();
+  // The logged loss is the mean over the ranks, and a non-finite loss on one rank skips the
+  // step on every rank (its gradients, averaged, are non-finite everywhere too).
+  reducer_->average(step_loss_);
+}
+
 Tensor TrainingRun::finish_step_on_device() {
+  average_over_ranks();
   const StepStatus st = clip_grad_norm_status(model_->parameters(), cfg_.clip_grad, step_loss_);
   opt_->launch_step(&st);
   if (ema_) ema_->update(model_->parameters(), &st);
@@ -966,7 +1114,8 @@ Tensor TrainingRun::finish_step_on_device() {
 
 Tensor TrainingRun::captured_step_body() {
   step_loss_ = Tensor();
-  for (const MicroBatch& in : captured_->inputs) forward_backward(in);
+  for (size_t m = 0; m < captured_->inputs.size(); ++m)
+    forward_backward(captured_->inputs[m], m + 1 == captured_->inputs.size());
   return finish_step_on_device();
 }
 
@@ -1003,9 +1152,9 @@ Tensor TrainingRun::run_captured_step() {
     // Nothing of the step ran: only its host side did, partly. Drop what it left (gradients
     // made in the graph's memory, the loss, AdamW's prepared step) and run the step, and every
     // later one, uncaptured.
-    std::printf("cuda graphs: %s\ncuda graphs: the run goes on uncaptured (bitwise the same; "
+    say("cuda graphs: %s\ncuda graphs: the run goes on uncaptured (bitwise the same; "
                 "--cuda_graphs false skips the attempt)\n", e.what());
-    std::fflush(stdout);
+    flush();
     model_->zero_grad();
     step_loss_ = Tensor();
     opt_->uncount_step();
@@ -1016,10 +1165,10 @@ Tensor TrainingRun::run_captured_step() {
   c.status = status;
   c.graph.replay();
   ++result_.graph_replays;
-  std::printf("cuda graphs: the training step is captured (%lld micro-batch%s, the clip, AdamW%s) and "
+  say("cuda graphs: the training step is captured (%lld micro-batch%s, the clip, AdamW%s) and "
               "replayed\n", static_cast<long long>(cfg_.update_freq), cfg_.update_freq > 1 ? "es" : "",
               ema_ ? ", the EMA" : "");
-  std::fflush(stdout);
+  flush();
   return c.status;
 }
 
@@ -1035,9 +1184,9 @@ void TrainingRun::report_gemm_paths() {
   }
   std::string line;
   for (const auto& [path, n] : by_path) line += (line.empty() ? "" : ", ") + std::to_string(n) + " " + path;
-  std::printf("gemm paths (first step, %zu distinct GEMMs): %s\n%s", records.size(), line.c_str(),
+  say("gemm paths (first step, %zu distinct GEMMs): %s\n%s", records.size(), line.c_str(),
               cuda::format_gemm_paths(slow).c_str());
-  std::fflush(stdout);
+  flush();
 }
 
 void TrainingRun::settle_pending() {
@@ -1061,7 +1210,7 @@ void TrainingRun::settle_pending() {
   opt_->uncount_step();
   ++nonfinite_.skipped;
   ++nonfinite_.streak;
-  std::printf("%sepoch %lld step %lld: %s: optimiser step skipped (%lld in a row, %lld in all)\n",
+  say("%sepoch %lld step %lld: %s: optimiser step skipped (%lld in a row, %lld in all)\n",
               tty_ ? "\r\033[K" : "", static_cast<long long>(p.epoch), static_cast<long long>(p.step),
               std::isfinite(loss) ? ("gradient norm " + fixed(norm, 3)).c_str() : "non-finite loss",
               static_cast<long long>(nonfinite_.streak), static_cast<long long>(nonfinite_.skipped));
@@ -1081,15 +1230,26 @@ void TrainingRun::settle_pending() {
   }
 }
 
+void TrainingRun::check_ranks_in_step(int64_t epoch) {
+  if (world_.size() == 1) return;
+  result_.weights_digest = weights_digest(model_->parameters());
+  const std::vector<std::string> all = world_.allgather(std::to_string(result_.weights_digest));
+  for (int r = 1; r < world_.size(); ++r)
+    CNX_CHECK(all[static_cast<size_t>(r)] == all[0], "after epoch ", epoch, " the weights of rank ", r,
+              " differ from rank 0's (FNV-1a ", all[static_cast<size_t>(r)], " vs ", all[0],
+              "): the ranks are out of step (a different build, flags or data on one of them?)");
+}
+
 bool TrainingRun::end_epoch(int64_t epoch) {
+  check_ranks_in_step(epoch);
   // A signal during evaluation stops it at the next batch; the recovery checkpoint continues at
   // the end of this epoch's batches, so the resumed run evaluates this epoch.
   const int64_t end_batch = steps_per_epoch_ * cfg_.update_freq;
-  const EvalResult ev = evaluate_loaded(*model_, *test_set_.loader, activations_);
+  const EvalResult ev = evaluate_loaded(*model_, *test_set_.loader, activations_, &world_);
   if (ev.interrupted) return !stop_requested(epoch, end_batch, true);
   json record = {{"type", "eval"}, {"epoch", epoch}, {"step", step_}, {"acc1", ev.acc1},
                  {"acc5", ev.acc5}, {"loss", ev.loss}};
-  std::printf("epoch %lld test: Acc@1 %.2f Acc@5 %.2f loss %.4f", static_cast<long long>(epoch), ev.acc1,
+  say("epoch %lld test: Acc@1 %.2f Acc@5 %.2f loss %.4f", static_cast<long long>(epoch), ev.acc1,
               ev.acc5, ev.loss);
   if (ema_ && cfg_.model_ema_eval) {
     if (!ema_model_) {
@@ -1099,17 +1259,17 @@ bool TrainingRun::end_epoch(int64_t epoch) {
     }
     ema_->copy_to(ema_model_->parameters());
     ema_model_->copy_buffers_from(*model_);  // BatchNorm statistics: the live model's
-    const EvalResult ee = evaluate_loaded(*ema_model_, *test_set_.loader, activations_);
+    const EvalResult ee = evaluate_loaded(*ema_model_, *test_set_.loader, activations_, &world_);
     if (ee.interrupted) {
-      std::printf("\n");
+      say("\n");
       return !stop_requested(epoch, end_batch, true);
     }
-    std::printf(" | EMA Acc@1 %.2f Acc@5 %.2f loss %.4f", ee.acc1, ee.acc5, ee.loss);
+    say(" | EMA Acc@1 %.2f Acc@5 %.2f loss %.4f", ee.acc1, ee.acc5, ee.loss);
     record["ema_acc1"] = ee.acc1;
     record["ema_acc5"] = ee.acc5;
     record["ema_loss"] = ee.loss;
   }
-  std::printf("\n");
+  say("\n");
   metrics_->write(record);
   result_.last_acc1 = ev.acc1;
   result_.last_acc5 = ev.acc5;
@@ -1121,7 +1281,8 @@ bool TrainingRun::end_epoch(int64_t epoch) {
   result_.best_acc1 = best_acc1_;
 
   if (!cfg_.output_dir.empty() && cfg_.save_ckpt) {
-    const Checkpoint ck = snapshot(epoch + 1, 0, ev.acc1);
+    const Checkpoint ck = snapshot(epoch + 1, 0, ev.acc1);  // every rank; rank 0 writes
+    if (!world_.is_root()) return true;
     // best first: killed between the two writes, the resumed run (from the older numbered
     // checkpoint) redoes this epoch and finds best already holding it, never an older one.
     if (best) save_checkpoint(checkpoint_path(cfg_.output_dir, "best"), ck);
@@ -1137,11 +1298,14 @@ bool TrainingRun::end_epoch(int64_t epoch) {
 
 TrainResult TrainingRun::run() {
   cfg_.validate();
-  device_ = resolve_device(cfg_.device);
+  device_ = rank_device();
   activations_ = cfg_.activations(device_);  // bf16 under --use_amp
   tty_ = cfg_.progress_bar && ::isatty(STDOUT_FILENO);
+  result_.world_size = world_.size();
+  // Rank 0 alone writes in the output folder (the others' RunDir and MetricsLog have none).
+  const std::string own_dir = world_.is_root() ? cfg_.output_dir : std::string();
   // The folder first: a second run on it is refused before it loads anything.
-  run_dir_ = std::make_unique<RunDir>(cfg_.output_dir);
+  run_dir_ = std::make_unique<RunDir>(own_dir);
   open_data();
   if (stop_requested(0, 0, false)) return result_;
   build_model();
@@ -1154,20 +1318,21 @@ TrainResult TrainingRun::run() {
   std::string resume_path = cfg_.resume;
   if (resume_path.empty() && cfg_.auto_resume && !cfg_.output_dir.empty())
     resume_path = find_resume_checkpoint(cfg_.output_dir);
+  if (world_.size() > 1) resume_path = world_.allgather(resume_path)[0];  // rank 0's choice for all
   std::optional<TrainConfig> resumed_config;
   if (!resume_path.empty()) {
     resumed_config = resume(resume_path);
   }
   plan_lr(resumed_config);
   result_.best_acc1 = best_acc1_;
-  if (!cfg_.output_dir.empty()) {
+  if (!own_dir.empty()) {
     std::ofstream config_file(fs::path(cfg_.output_dir) / "config.json");
     config_file << cfg_.to_json() << '\n';
     CNX_CHECK(config_file.good(), cfg_.output_dir, "/config.json: cannot write it");
   }
-  metrics_ = std::make_unique<MetricsLog>(cfg_.output_dir, step_, start_epoch_);
+  metrics_ = std::make_unique<MetricsLog>(own_dir, step_, start_epoch_);
   inv_update_freq_ = Tensor::full({}, 1.0 / static_cast<double>(cfg_.update_freq), DType::f32, device_);
-  if (cfg_.use_cuda_graphs(device_, model_->has_batch_norm())) {
+  if (cfg_.use_cuda_graphs(device_, model_->has_batch_norm(), world_.size())) {
     captured_ = std::make_unique<CapturedStep>();
     captured_->inputs.resize(static_cast<size_t>(cfg_.update_freq));
     if (!cfg_.poison_steps_for_testing.empty()) captured_->poison = Tensor::ones({}, DType::f32, device_);
@@ -1181,13 +1346,14 @@ TrainResult TrainingRun::run() {
     if (!go_on) return result_;
   }
   result_.steps = step_;
-  std::printf("done: %lld epochs, best test Acc@1 %.2f\n", static_cast<long long>(result_.epochs_done),
+  say("done: %lld epochs, best test Acc@1 %.2f\n", static_cast<long long>(result_.epochs_done),
               result_.best_acc1);
   return result_;
 }
 
 }  // namespace
 
-TrainResult train(const TrainConfig& cfg) { return TrainingRun(cfg).run(); }
+TrainResult train(const TrainConfig& cfg, dist::Communicator& world) { return TrainingRun(cfg, world).run(); }
+TrainResult train(const TrainConfig& cfg) { return train(cfg, dist::Communicator::world()); }
 
 }  // namespace cnx

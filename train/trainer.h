@@ -17,6 +17,7 @@
 
 #include "models/convnext.h"
 #include "train/data/loader.h"
+#include "train/dist/communicator.h"
 
 namespace cnx {
 
@@ -119,7 +120,9 @@ struct TrainConfig {
   // Whether the training step is captured (cuda_graphs) on `device` for a model with or without
   // BatchNorm; throws cnx::Error for --cuda_graphs true where it cannot be (no CUDA device, a
   // model with BatchNorm, whose num_batches_tracked a replay would not count, CNX_CUDA_SYNC=1).
-  bool use_cuda_graphs(const Device& device, bool batch_norm) const;
+  // With more than one rank (world_size), auto is off and true refuses: the NCCL collectives
+  // of the gradient buckets are not captured yet.
+  bool use_cuda_graphs(const Device& device, bool batch_norm, int world_size = 1) const;
   std::string to_json() const;  // every field (but the testing one)
   // The fields present in a to_json() text (others keep their defaults).
   static TrainConfig from_json(const std::string& text);
@@ -146,6 +149,8 @@ struct TrainResult {
   int64_t image_height = 0, image_width = 0;  // of the training batches
   int64_t num_parameters = 0;                 // of the model trained
   int64_t macs_per_image = 0;                 // its multiply-adds at that size (ConvNeXt::macs)
+  int world_size = 1;                         // ranks that trained together
+  uint64_t weights_digest = 0;  // several ranks: FNV-1a of every parameter's bytes after the last epoch
 };
 
 // The peak learning rate of a run, and how it was obtained (printed at start):
@@ -155,12 +160,13 @@ struct TrainResult {
 //   neither           --blr 8e-3: 4e-3 at the default total batch 128 (main.py's default lr)
 //   resuming a checkpoint whose config has lr_rule "per_4096" (made when --lr was scaled by
 //   total batch / 4096): the lr that run trained with, whatever --lr and --blr say now.
-// total batch = batch_size * update_freq.
+// total batch = batch_size * update_freq * world_size (the ranks of a data-parallel run).
 struct LrChoice {
   double value = 0;
   std::string description;
 };
-LrChoice resolve_lr(const TrainConfig& config, const std::optional<TrainConfig>& resumed = std::nullopt);
+LrChoice resolve_lr(const TrainConfig& config, const std::optional<TrainConfig>& resumed = std::nullopt,
+                    int world_size = 1);
 
 // The device a --device flag names: "cpu"; "cuda" or "cuda:N", which must exist (otherwise a
 // cnx::Error says whether the build has the CUDA backend and how many devices are visible); and
@@ -175,7 +181,19 @@ std::atomic<int>& stop_signal();
 void install_stop_handlers();
 
 // Runs training; prints progress to stdout. Throws cnx::Error on bad input.
+//
+// Data-parallel (train/dist/): every rank of `world` runs train() with the same configuration.
+// Each reads its own shard of every epoch's order (LoaderOptions::rank), so the total batch is
+// batch_size x update_freq x world size; the gradients are averaged over the ranks before the
+// clip and AdamW (train/dist/grad_reducer.h), so every rank keeps bitwise the same weights;
+// drop path draws from a generator of its own per rank. Rank 0 alone prints, writes metrics and
+// checkpoints; the losses and accuracies it reports are over all ranks (the evaluation is
+// sharded, its counts summed). A checkpoint holds every rank's drop-path generator: resumed
+// with the same world size, a run continues bitwise; with another, with a warning. On CUDA each
+// rank takes the GPU of its local rank (--device cuda) and the gradients go through NCCL.
+// A world of one (a process started without an MPI launcher) is exactly the one-process run.
 TrainResult train(const TrainConfig& config);
+TrainResult train(const TrainConfig& config, dist::Communicator& world);
 
 // Accuracy of a model on a dataset split, computed on the model's device.
 struct EvalResult {
@@ -184,8 +202,10 @@ struct EvalResult {
   bool interrupted = false;  // a stop signal arrived: the figures cover `images` only
 };
 // image_folder: the val split at input_size with crop_pct (the eval transform).
+// With a world of several ranks (each calls it with the same model): each evaluates its shard
+// and the counts are summed: the same Acc@1 and Acc@5 as one process, every image once.
 EvalResult evaluate(const ConvNeXt& model, const std::string& data_set,
                     const std::string& data_path, int64_t batch_size, int workers,
-                    int64_t input_size = 224, double crop_pct = -1);
+                    int64_t input_size = 224, double crop_pct = -1, dist::Communicator* world = nullptr);
 
 }  // namespace cnx

@@ -49,6 +49,7 @@ struct TrainFlags {
   TrainConfig cfg;
   ModelFlags model;
   std::string seed_text = "0";  // parsed here: CLI11 would wrap -1 and 2^64 into a uint64
+  double dist_timeout = -1;      // seconds; -1: CNX_DIST_TIMEOUT or 600
 };
 
 
@@ -56,6 +57,7 @@ int run_train(TrainFlags& f) {
   f.model.apply(f.cfg);
   f.cfg.seed = parse_seed(f.seed_text);
   install_stop_handlers();
+  if (f.dist_timeout != -1) dist::Communicator::set_timeout_seconds(f.dist_timeout);
   const TrainResult r = train(f.cfg);
   if (r.interrupted) return 128 + stop_signal().load();  // the shell's convention: 130, 143
   return 0;
@@ -275,6 +277,9 @@ Command train_command(CLI::App& app) {
   CLI::App* sub = app.add_subcommand("train", "Train a ConvNeXt (defaults: a small model on Fashion-MNIST)");
   f->model.add(sub);
   add_recipe_flags(sub, f->cfg, f->seed_text);
+  sub->add_option("--dist_timeout", f->dist_timeout,
+                  "Under mpirun: seconds a rank waits for the others in one collective before it ends the job "
+                  "(-1: CNX_DIST_TIMEOUT, else 600)");
   return {sub, [f] { return run_train(*f); }};
 }
 

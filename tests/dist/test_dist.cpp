@@ -1,0 +1,300 @@
+// Data-parallel training on CPU ranks: run under an MPI launcher with two ranks,
+//
+//   mpiexec -np 2 --oversubscribe build/test_dist
+//
+// (ctest runs it so: the dist.* tests of tests/CMakeLists.txt). Every rank runs every test, in
+// the same order, so the collectives inside meet; a test that fails on one rank fails the job.
+// Each test trains a tiny ConvNeXt on a tiny Fashion-MNIST-format dataset (four classes, a
+// bright square in one quadrant) written here.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <numeric>
+
+#include <nlohmann/json.hpp>
+
+#include "models/convnext.h"
+#include "tests/testing.h"
+#include "train/checkpoint.h"
+#include "train/dist/communicator.h"
+#include "train/dist/grad_reducer.h"
+#include "train/trainer.h"
+
+using namespace cnx;
+using cnx::dist::Communicator;
+namespace fs = std::filesystem;
+
+namespace {
+
+Communicator& world() { return Communicator::world(); }
+
+// A folder every rank sees (rank 0 makes it, the others wait), removed at the end.
+class DistTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    root_ = fs::temp_directory_path() /
+            ("cnx_dist_" + std::string(::testing::UnitTest::GetInstance()->current_test_info()->name()));
+    if (world().is_root()) {
+      fs::remove_all(root_);
+      fs::create_directories(root_ / "data");
+      test::write_quadrant_split((root_ / "data").string(), "train", kTrainImages, 1);
+      test::write_quadrant_split((root_ / "data").string(), "t10k", kTestImages, 2);
+    }
+    world().barrier();
+  }
+  void TearDown() override {
+    world().barrier();
+    if (world().is_root()) fs::remove_all(root_);
+  }
+
+  // 1280 training images: 10 steps an epoch at a total batch of 128. 101 test images: the two
+  // ranks' evaluation shards differ in size (51 and 50), and the last batches are partial.
+  static constexpr int kTrainImages = 1280, kTestImages = 101;
+
+  TrainConfig config(int64_t batch_size) const {
+    TrainConfig c;
+    c.depths = {1, 1};
+    c.dims = {8, 16};
+    c.data_path = (root_ / "data").string();
+    c.batch_size = batch_size;
+    c.epochs = 2;
+    c.augment = true;  // the crop and flip draws are keyed by the global position: same pixels
+    c.lr = 2e-3;
+    c.warmup_epochs = 0;
+    c.num_workers = 1;
+    c.log_every = 1000;
+    c.progress_bar = false;
+    c.save_ckpt_num = 10;
+    return c;
+  }
+  std::string dir(const std::string& name) const { return (root_ / name).string(); }
+
+  fs::path root_;
+};
+
+// The model's parameters in a checkpoint, as doubles, by name.
+std::map<std::string, std::vector<double>> checkpoint_weights(const std::string& path) {
+  std::map<std::string, std::vector<double>> out;
+  for (const auto& [name, t] : load_checkpoint(path).tensors)
+    if (name.rfind("model.", 0) == 0) out[name] = test::values(t);
+  return out;
+}
+
+// Largest |a - b| over every weight, relative to max(1, |b|).
+double max_weight_difference(const std::string& a_path, const std::string& b_path) {
+  const auto a = checkpoint_weights(a_path), b = checkpoint_weights(b_path);
+  EXPECT_EQ(a.size(), b.size());
+  double worst = 0;
+  for (const auto& [name, va] : a) {
+    const auto it = b.find(name);
+    if (it == b.end()) {
+      ADD_FAILURE() << name << " missing";
+      continue;
+    }
+    EXPECT_EQ(va.size(), it->second.size()) << name;
+    for (size_t i = 0; i < std::min(va.size(), it->second.size()); ++i)
+      worst = std::max(worst, std::abs(va[i] - it->second[i]) / std::max(1.0, std::abs(it->second[i])));
+  }
+  return worst;
+}
+
+}  // namespace
+
+// ---- the collectives ---------------------------------------------------------------------------
+
+TEST(DistCommunicator, CollectivesCombineEveryRank) {
+  Communicator& w = world();
+  ASSERT_EQ(w.size(), 2) << "run under mpiexec -np 2";
+  const int r = w.rank();
+  std::vector<double> d{1.5 + r, -2.0 * r};
+  w.allreduce_sum(d);
+  EXPECT_EQ(d, (std::vector<double>{4.0, -2.0}));
+  std::vector<int64_t> m{r == 0 ? 7 : 3, r == 1 ? 9 : -1};
+  w.allreduce_max(m);
+  EXPECT_EQ(m, (std::vector<int64_t>{7, 9}));
+  std::vector<float> f(1000);
+  std::iota(f.begin(), f.end(), static_cast<float>(r));  // rank 0: 0, 1, ...; rank 1: 1, 2, ...
+  dist::Request req = w.iallreduce_sum(f);
+  req.wait();
+  for (size_t i = 0; i < f.size(); ++i) ASSERT_EQ(f[i], static_cast<float>(2 * i + 1)) << i;
+  const std::vector<std::string> all = w.allgather(std::string(static_cast<size_t>(r) * 3 + 1, 'a' + r));
+  ASSERT_EQ(all.size(), 2u);
+  EXPECT_EQ(all[0], "a");
+  EXPECT_EQ(all[1], "bbbb");
+  std::array<std::byte, 4> id{};
+  if (r == 0) std::memcpy(id.data(), "nccl", 4);
+  w.broadcast(id, 0);
+  EXPECT_EQ(std::memcmp(id.data(), "nccl", 4), 0);
+  // A world of one inside the job: the identity.
+  std::vector<double> one{3.0};
+  Communicator::self().allreduce_sum(one);
+  EXPECT_EQ(one[0], 3.0);
+  EXPECT_EQ(Communicator::self().size(), 1);
+}
+
+// ---- the gradient buckets ----------------------------------------------------------------------
+
+// Each rank's gradients are known values; the hook is called in an order other than the
+// buckets' (the buckets still start in index order on both ranks, or the collectives would not
+// meet); after finish() every gradient is the mean of the two ranks' values, exactly.
+TEST(DistGradReducer, AveragesEveryGradientOverTheRanks) {
+  Communicator& w = world();
+  std::vector<Parameter> params;
+  const std::vector<int64_t> sizes{5, 300, 7, 1000, 1, 64};
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    Parameter p;
+    p.name = "p" + std::to_string(i);
+    p.value = Tensor::zeros({sizes[i]}).set_requires_grad(true);
+    params.push_back(std::move(p));
+  }
+  // Buckets of at least 1 KB: {p5 p4 p3}, {p2 p1}, {p0} (reverse order).
+  dist::GradReducer reducer(w, params, Device::cpu(), 1024);
+  ASSERT_EQ(reducer.buckets().size(), 3u);
+  auto grad_value = [](int rank, size_t p, int64_t i) {
+    return static_cast<float>(0.25 * static_cast<double>(rank + 1) * static_cast<double>(p + 1) + 1e-3 * i);
+  };
+  for (int step = 0; step < 2; ++step) {  // twice: the reducer resets between steps
+    for (size_t p = 0; p < params.size(); ++p) {
+      std::vector<float> g(static_cast<size_t>(sizes[p]));
+      for (int64_t i = 0; i < sizes[p]; ++i) g[static_cast<size_t>(i)] = grad_value(w.rank(), p, i) + static_cast<float>(step);
+      params[p].value.set_grad(Tensor::from_data<float>({sizes[p]}, g));
+    }
+    auto hook = reducer.hook();
+    for (size_t p : {0, 2, 1, 5, 3, 4}) hook(params[p].value.impl());
+    reducer.finish();
+    for (size_t p = 0; p < params.size(); ++p) {
+      const std::vector<float> got = params[p].value.grad().to_vector<float>();
+      for (int64_t i = 0; i < sizes[p]; ++i) {
+        const float g0 = grad_value(0, p, i) + static_cast<float>(step);
+        const float g1 = grad_value(1, p, i) + static_cast<float>(step);
+        const float want = (g0 + g1) * 0.5f;  // the sum of the two (either order), halved
+        ASSERT_EQ(got[static_cast<size_t>(i)], want) << "p" << p << "[" << i << "] step " << step;
+      }
+    }
+  }
+  Tensor loss = Tensor::full({}, w.rank() == 0 ? 1.0 : 2.0);
+  reducer.average(loss);
+  EXPECT_EQ(loss.item(), 1.5);
+}
+
+// ---- training ----------------------------------------------------------------------------------
+
+// Two ranks at batch 64 against one process at batch 128, from the same weights and the same
+// data order: each step's images are the same 128 (the union of the two ranks' shards of it),
+// so the losses and the weights agree up to float32 summation order. Also: every rank ends with
+// bitwise the same weights (the trainer checks it after each epoch and fails otherwise), and the
+// sharded evaluation counts what the single process counts.
+TEST_F(DistTest, TwoRanksOfHalfTheBatchTrainAsOneProcess) {
+  Communicator& w = world();
+  TrainConfig two = config(64);
+  two.output_dir = dir("two_ranks");
+  const TrainResult r2 = train(two, w);
+  // Every rank runs the one-process reference in its own folder (no collective in it).
+  TrainConfig one = config(128);
+  one.output_dir = dir("one_process_rank" + std::to_string(w.rank()));
+  const TrainResult r1 = train(one, Communicator::self());
+
+  ASSERT_EQ(r2.world_size, 2);
+  ASSERT_EQ(r1.world_size, 1);
+  ASSERT_EQ(r2.losses.size(), 20u);
+  ASSERT_EQ(r1.losses.size(), 20u);
+  double worst_loss = 0;
+  for (size_t i = 0; i < r1.losses.size(); ++i) {
+    worst_loss = std::max(worst_loss, std::abs(r2.losses[i] - r1.losses[i]) / std::abs(r1.losses[i]));
+    EXPECT_NEAR(r2.losses[i], r1.losses[i], 1e-4 * std::abs(r1.losses[i])) << "step " << i + 1;
+  }
+  const double worst_weight = max_weight_difference(checkpoint_path(dir("two_ranks"), "1"),
+                                                    checkpoint_path(one.output_dir, "1"));
+  EXPECT_LT(worst_weight, 1e-4);
+  EXPECT_GT(r1.losses.front(), 2 * r1.losses.back()) << "it learns";
+  EXPECT_EQ(r2.last_acc1, r1.last_acc1);
+  if (w.is_root())
+    std::printf("2 ranks x 64 vs 1 x 128 over 20 steps: largest relative loss difference %.3g, largest weight "
+                "difference %.3g (relative to max(1, |w|)); Acc@1 %.2f vs %.2f\n",
+                worst_loss, worst_weight, r2.last_acc1, r1.last_acc1);
+  // The 2-rank run's losses are the same on both ranks (each is the mean over the ranks).
+  const std::vector<std::string> all = w.allgather(nlohmann::json(r2.losses).dump());
+  EXPECT_EQ(all[0], all[1]);
+}
+
+// The sharded evaluation (51 + 50 images, partial batches) counts exactly what one process
+// counts, for a model that is far from perfect (freshly initialised: about chance).
+TEST_F(DistTest, ShardedEvaluationEqualsOneProcess) {
+  Communicator& w = world();
+  ConvNeXtConfig mc;
+  mc.depths = {1, 1};
+  mc.dims = {8, 16};
+  mc.in_chans = 1;
+  mc.num_classes = 10;
+  Generator init(3);
+  const ConvNeXt model(mc, init);
+  const std::string data = (root_ / "data").string();
+  const EvalResult sharded = evaluate(model, "fashion_mnist", data, 16, 1, 224, -1, &w);
+  const EvalResult whole = evaluate(model, "fashion_mnist", data, 16, 1, 224, -1);
+  EXPECT_EQ(sharded.images, kTestImages);
+  EXPECT_EQ(whole.images, kTestImages);
+  EXPECT_EQ(sharded.acc1, whole.acc1);
+  EXPECT_EQ(sharded.acc5, whole.acc5);
+  EXPECT_NEAR(sharded.loss, whole.loss, 1e-12 * std::abs(whole.loss));
+  EXPECT_GT(whole.acc1, 0.0);
+  EXPECT_LT(whole.acc1, 100.0);
+}
+
+// A 2-rank run stopped after 7 steps (a recovery checkpoint, as a signal leaves) and resumed is
+// bitwise the uninterrupted 2-rank run: losses and every tensor of the final checkpoint. Drop
+// path is on, so each rank's generator must come back as it was.
+TEST_F(DistTest, StoppedAndResumedIsBitwiseTheUninterruptedRun) {
+  Communicator& w = world();
+  TrainConfig c = config(64);
+  c.drop_path = 0.2;
+  c.depths = {2, 1};
+  c.output_dir = dir("whole");
+  const TrainResult whole = train(c, w);
+
+  TrainConfig first = c;
+  first.output_dir = dir("parts");
+  first.max_steps = 7;
+  const TrainResult a = train(first, w);
+  ASSERT_EQ(a.steps, 7);
+  TrainConfig rest = c;
+  rest.output_dir = dir("parts");
+  rest.auto_resume = true;
+  const TrainResult b = train(rest, w);
+
+  std::vector<double> losses = a.losses;
+  losses.insert(losses.end(), b.losses.begin(), b.losses.end());
+  ASSERT_EQ(losses.size(), whole.losses.size());
+  for (size_t i = 0; i < losses.size(); ++i) EXPECT_EQ(losses[i], whole.losses[i]) << "step " << i + 1;
+  if (w.is_root()) test::expect_same_file_tensors(checkpoint_path(dir("whole"), "1"), checkpoint_path(dir("parts"), "1"));
+  w.barrier();
+}
+
+namespace {
+class RankFailures : public ::testing::EmptyTestEventListener {
+ public:
+  explicit RankFailures(int rank) : rank_(rank) {}
+  void OnTestPartResult(const ::testing::TestPartResult& r) override {
+    if (r.failed())
+      std::fprintf(stderr, "rank %d: %s:%d: failure\n%s\n", rank_, r.file_name() ? r.file_name() : "?",
+                   r.line_number(), r.summary());
+  }
+
+ private:
+  int rank_;
+};
+}  // namespace
+
+int main(int argc, char** argv) {
+  ::testing::InitGoogleTest(&argc, argv);
+  Communicator& w = Communicator::world();
+  // One report: rank 0's. The other ranks print their failures only, each line marked.
+  if (!w.is_root()) {
+    ::testing::TestEventListeners& listeners = ::testing::UnitTest::GetInstance()->listeners();
+    delete listeners.Release(listeners.default_result_printer());
+    listeners.Append(new RankFailures(w.rank()));
+  }
+  return RUN_ALL_TESTS();
+}
