@@ -4,6 +4,7 @@
 // truncated header, text, PNG) skipped and counted without a crash.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
@@ -209,6 +210,76 @@ TEST_F(FolderLoaderTest, BadFilesAreSkippedAndCounted) {
   strict.start_epoch(0);
   Batch b;
   test::expect_error([&] { strict.next(b); }, {"could not be decoded", "allowed 10%"});
+}
+
+// Data-parallel shards of an ImageFolder (loader.h, "Order:"): with W = 2 at batch size 2, the
+// ranks' batch i together are the unsharded batch i at batch size 4, image for image (the
+// RandomResizedCrop / flip / RandAugment / erasing draws are keyed by the global position), also
+// when bad files are replaced (the replacement, searched in dataset order, may come from the
+// other rank's shard, and is the same as unsharded). Evaluation: every file once across ranks.
+TEST_F(FolderLoaderTest, ShardsTogetherAreTheUnshardedBatches) {
+  make(5, 3);
+  const fs::path tr = fs::path(root_) / "train" / "horizontal";
+  std::ofstream(tr / "00001a.jpg") << "not an image at all\n";  // sorted after 00001.jpg
+  const ImageFolder train = scan_image_folder(root_, "train");
+  ASSERT_EQ(train.samples.size(), 11u);
+  LoaderOptions o = folder_training(4, 16, 0);
+  o.reprob = 0.5;
+  o.folder.max_bad_fraction = 0.5;
+  DataLoader whole(train, o);
+  int64_t replaced = 0;  // the bad file drawn among the compared positions (checked below)
+  for (int64_t e = 0; e < 3; ++e) {
+    const auto want = epoch(whole, e);
+    ASSERT_EQ(want.size(), 2u);  // 11 files at batch 4, drop_last
+    replaced += whole.decode_failures();
+    std::vector<std::vector<Batch>> got;
+    for (int r = 0; r < 2; ++r) {
+      LoaderOptions s = o;
+      s.batch_size = 2;
+      s.rank = r;
+      s.world_size = 2;
+      s.workers = r;
+      DataLoader loader(train, s);
+      EXPECT_EQ(loader.batches_per_epoch(), 3);  // 6 of the 12 padded positions at batch 2
+      got.push_back(epoch(loader, e));
+      ASSERT_EQ(got[r].size(), 3u);
+    }
+    const int64_t image = 16 * 16 * 3;
+    for (size_t i = 0; i < want.size(); ++i) {
+      const auto w_img = want[i].images.to_vector<float>();
+      const auto w_lab = want[i].labels.to_vector<int64_t>();
+      for (int r = 0; r < 2; ++r) {
+        const auto g_img = got[r][i].images.to_vector<float>();
+        const auto g_lab = got[r][i].labels.to_vector<int64_t>();
+        ASSERT_EQ(g_lab.size(), 2u);  // a bad file is replaced: the batch stays full
+        for (int64_t k = 0; k < 2; ++k) {
+          const int64_t q = r + 2 * k;  // the global position 4i + q, entry q of the whole batch
+          EXPECT_EQ(g_lab[k], w_lab[q]) << "epoch " << e << " batch " << i << " rank " << r;
+          EXPECT_TRUE(std::equal(g_img.begin() + k * image, g_img.begin() + (k + 1) * image,
+                                 w_img.begin() + q * image))
+              << "epoch " << e << " batch " << i << " rank " << r << " entry " << k;
+        }
+      }
+    }
+  }
+  EXPECT_GT(replaced, 0) << "the bad file was never drawn: the replacement is not tested";
+
+  const ImageFolder val = scan_image_folder(root_, "val");
+  LoaderOptions ev = LoaderOptions::evaluation(2);
+  ev.folder.input_size = 16;
+  std::vector<int64_t> labels(6, -1);
+  for (int r = 0; r < 4; ++r) {
+    LoaderOptions s = ev;
+    s.rank = r;
+    s.world_size = 4;
+    DataLoader loader(val, s);
+    EXPECT_EQ(loader.batches_per_epoch(), 1);  // 2, 2, 1, 1 files
+    int64_t j = 0;
+    for (const Batch& b : epoch(loader, 0))
+      for (int64_t l : b.labels.to_vector<int64_t>()) labels.at(static_cast<size_t>(r + 4 * j++)) = l;
+    EXPECT_EQ(j, r < 2 ? 2 : 1);
+  }
+  EXPECT_EQ(labels, (std::vector<int64_t>{0, 0, 0, 1, 1, 1}));
 }
 
 TEST(SyntheticFolder, RefusesANonEmptyFolder) {

@@ -9,6 +9,7 @@
 #include <mutex>
 #include <numeric>
 #include <optional>
+#include <string>
 #include <thread>
 
 #include "tensor/cuda_context.h"
@@ -270,14 +271,15 @@ struct DataLoader::Impl {
   std::shared_ptr<HostBufferPool> pool;  // the blocks of the uint8 batches
   int64_t erase_offset = 0;        // where a block's erase params start
   int nworkers = 0, depth = 0;
-  int64_t per_epoch = 0;
+  int64_t shard = 0;      // this rank's samples an epoch (N when world_size is 1)
+  int64_t per_epoch = 0;  // this rank's batches an epoch
   mutable DecodeStats decode_stats;  // this epoch's decode attempts (ImageFolder)
 
   // The epoch being delivered. Written by the consumer only while no worker runs (workers are
   // joined before and started after), read by the workers.
   bool started = false;
   int64_t epoch = -1;
-  std::vector<int64_t> order;  // dataset index of each position in the epoch
+  std::vector<int64_t> order;  // dataset index of each shard entry in the epoch
   int64_t end = 0;             // one past the last batch index
   std::exception_ptr failed;   // a batch failed: every next() rethrows it (consumer only)
 
@@ -291,6 +293,10 @@ struct DataLoader::Impl {
   std::vector<std::thread> threads;
 
   bool augmenting() const { return opt.train && opt.augment; }
+
+  // The global position (in the padded epoch order, or the dataset's in evaluation) of shard
+  // entry j: rank + world_size * j. All per-sample draws are keyed by it.
+  int64_t global_position(int64_t j) const { return opt.rank + int64_t{opt.world_size} * j; }
 
   int64_t label_of(int64_t i) const {
     const int64_t label = ds ? ds->labels[static_cast<size_t>(i)] : folder->samples[static_cast<size_t>(i)].second;
@@ -320,7 +326,8 @@ struct DataLoader::Impl {
     decode_stats.record(ok);
     if (!ok) {
       warn_skipped(path, error);
-      decode_stats.check(opt.folder.max_bad_fraction, N);  // this epoch's failures vs the split
+      // This epoch's failures vs the samples this loader visits (the split when unsharded).
+      decode_stats.check(opt.folder.max_bad_fraction, shard);
     }
     return ok;
   }
@@ -328,8 +335,8 @@ struct DataLoader::Impl {
   // Batch `index` of the epoch: the uint8 batch (pixels, erase and mix parameters, labels,
   // targets), then, with output f32, its CPU finish.
   Batch build(int64_t index) const {
-    const int64_t lo = index * opt.batch_size;
-    const int64_t hi = std::min(lo + opt.batch_size, N);
+    const int64_t lo = index * opt.batch_size;  // shard entries [lo, hi)
+    const int64_t hi = std::min(lo + opt.batch_size, shard);
     const int64_t image = out_h * out_w * C;
     auto bytes = std::make_shared<ByteBatch>();
     ByteBatch& bb = *bytes;
@@ -345,8 +352,9 @@ struct DataLoader::Impl {
     std::vector<int64_t> labels;
     labels.reserve(static_cast<size_t>(hi - lo));
     int64_t B = 0;  // samples written so far
-    for (int64_t pos = lo; pos < hi; ++pos) {
-      int64_t i = order[static_cast<size_t>(pos)];
+    for (int64_t j = lo; j < hi; ++j) {
+      int64_t i = order[static_cast<size_t>(j)];
+      const int64_t pos = global_position(j);
       uint8_t* dst = pixels + B * image;
       Generator gen = sample_generator(opt.seed, epoch, pos);
       if (ds) {
@@ -354,7 +362,8 @@ struct DataLoader::Impl {
         place->write(dst, ds->images.data() + i * ds->H * ds->W * ds->C, cf);
       } else {
         bool ok = folder_sample(dst, i, gen);
-        // Training: the next sample in dataset order that decodes takes its place.
+        // Training: the next sample in dataset order that decodes takes its place (it may lie
+        // outside this rank's shard), with the draws of this position.
         for (int64_t tries = 1; !ok && opt.train && tries < N; ++tries) {
           i = (i + 1) % N;
           gen = sample_generator(opt.seed, epoch, pos);
@@ -378,7 +387,9 @@ struct DataLoader::Impl {
     if (augmenting() && opt.mixing()) {
       MixupOptions mo = opt.mixup;
       mo.num_classes = num_classes;
-      Generator gen(splitmix64(mix_key(opt.seed, kMixStream, epoch) ^ static_cast<uint64_t>(index)));
+      // Keyed by (batch index, rank): index * W + rank, the batch index itself when W = 1.
+      const int64_t mix_index = index * opt.world_size + opt.rank;
+      Generator gen(splitmix64(mix_key(opt.seed, kMixStream, epoch) ^ static_cast<uint64_t>(mix_index)));
       const MixupDraw d = draw_mixup_cutmix(out_h, out_w, gen, mo);
       bb.mix = mix_params(d);
       b.targets = Tensor::from_data<float>({B, num_classes}, mixup_targets(labels, d.lam, mo));
@@ -433,6 +444,9 @@ struct DataLoader::Impl {
   // Checks shared by both kinds of dataset and the worker/prefetch/epoch sizes.
   void finish_setup() {
     CNX_CHECK(opt.batch_size > 0, "DataLoader: batch size must be > 0, got ", opt.batch_size);
+    CNX_CHECK(opt.world_size >= 1, "DataLoader: world_size must be >= 1, got ", opt.world_size);
+    CNX_CHECK(opt.rank >= 0 && opt.rank < opt.world_size, "DataLoader: rank ", opt.rank,
+              " is outside [0, world_size) = [0, ", opt.world_size, ")");
     CNX_CHECK(opt.workers >= -1, "DataLoader: workers must be >= 0 (or -1: default), got ", opt.workers);
     CNX_CHECK(opt.prefetch == -1 || opt.prefetch >= 1,
               "DataLoader: prefetch must be >= 1 (or -1: 2 x workers), got ", opt.prefetch);
@@ -447,9 +461,18 @@ struct DataLoader::Impl {
       nworkers = opt.workers;
     }
     depth = opt.prefetch == -1 ? std::max(1, 2 * nworkers) : opt.prefetch;
-    per_epoch = opt.drop_last ? N / opt.batch_size : (N + opt.batch_size - 1) / opt.batch_size;
-    CNX_CHECK(per_epoch > 0, who, ": batch size ", opt.batch_size, " is larger than its ", N,
-              " samples and drop_last is on: an epoch would have no batch");
+    // The shard (loader.h, "Order:"): training pads the order to ceil(N / W) * W positions, so
+    // every rank has ceil(N / W); evaluation takes the positions r, r + W, ... < N.
+    const int64_t W = opt.world_size, r = opt.rank;
+    shard = opt.train ? (N + W - 1) / W : (N - r + W - 1) / W;
+    per_epoch = opt.drop_last ? shard / opt.batch_size : (shard + opt.batch_size - 1) / opt.batch_size;
+    // An empty evaluation shard (N < W) has no batch; that is not an error without drop_last.
+    CNX_CHECK(per_epoch > 0 || !opt.drop_last, who, ": batch size ", opt.batch_size,
+              " is larger than its ", shard, " samples",
+              W > 1 ? " (the shard of rank " + std::to_string(r) + " of " + std::to_string(W) +
+                          "; " + std::to_string(N) + " in all)"
+                    : std::string(),
+              " and drop_last is on: an epoch would have no batch");
     // The pool of uint8 batch blocks: [pixels (batch, S, S, C) | erase params (batch)]. At most
     // `depth` batches are claimed but not delivered, the consumer holds one, and one or two may
     // still be copying to the device: depth + 3 blocks suffice in the steady state.
@@ -543,11 +566,22 @@ void DataLoader::start_epoch(int64_t epoch, int64_t first_batch) {
   m.failed = nullptr;
   m.epoch = epoch;
   m.decode_stats.reset();
+  // The shard's dataset indices (loader.h, "Order:"): entry j is global position
+  // p = rank + W*j; training: the epoch's permutation padded cyclically (p mod N, which is
+  // DistributedSampler's indices += indices[:padding], repeated when the padding exceeds N);
+  // evaluation: the dataset position p itself. With W = 1, the permutation / 0..N-1.
   if (m.opt.train) {
-    m.order = epoch_permutation(m.N, m.opt.seed, epoch);
-  } else if (static_cast<int64_t>(m.order.size()) != m.N) {
-    m.order.resize(static_cast<size_t>(m.N));
-    std::iota(m.order.begin(), m.order.end(), int64_t{0});
+    std::vector<int64_t> perm = epoch_permutation(m.N, m.opt.seed, epoch);
+    if (m.opt.world_size == 1) {
+      m.order = std::move(perm);
+    } else {
+      m.order.resize(static_cast<size_t>(m.shard));
+      for (int64_t j = 0; j < m.shard; ++j)
+        m.order[static_cast<size_t>(j)] = perm[static_cast<size_t>(m.global_position(j) % m.N)];
+    }
+  } else if (static_cast<int64_t>(m.order.size()) != m.shard) {  // built once: it never changes
+    m.order.resize(static_cast<size_t>(m.shard));
+    for (int64_t j = 0; j < m.shard; ++j) m.order[static_cast<size_t>(j)] = m.global_position(j);
   }
   m.end = m.per_epoch;
   m.next_claim = m.next_deliver = first_batch;

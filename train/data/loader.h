@@ -21,9 +21,26 @@
 //          pixel value 0, before normalisation), else S = H (and W for the width).
 //          ImageFolder: S = input_size, C = 3.
 //   Order: training shuffles every epoch with a Fisher-Yates permutation drawn from a Philox
-//          Generator whose key is mixed (splitmix64) from (seed, epoch) alone; evaluation keeps
-//          the dataset's order.
-//          Batch i of an epoch holds the samples at positions [i*B, (i+1)*B) of that order.
+//          Generator whose key is mixed (splitmix64) from (seed, epoch) alone (not from the
+//          world size); evaluation keeps the dataset's order. The "global position" p of a
+//          sample is its index in that order.
+//          Data parallel (world_size W ranks, each with its own loader; PyTorch's
+//          DistributedSampler): rank r takes the positions p = r, r + W, r + 2W, ... (strided),
+//          its shard; shard entry j is global position p = r + W*j.
+//           - training: the order is padded to T = ceil(N / W) * W positions by repeating its
+//             own start (position p >= N holds the sample of position p - N; p mod N in
+//             general, which is DistributedSampler's repetition also when N < W): every shard
+//             has T / W samples, and batches_per_epoch() is the same on every rank.
+//           - evaluation: no padding; rank r takes the dataset positions r, r + W, ... < N, so
+//             across the ranks every sample is seen exactly once; shards differ in size by at
+//             most one (empty when r >= N), and so may batches_per_epoch() (0 for an empty
+//             shard with drop_last off).
+//          Batch i of an epoch holds the shard entries [i*B, (i+1)*B) (with W = 1: the order's
+//          positions [i*B, (i+1)*B)); drop_last drops a last, partial batch of the shard.
+//          Every per-sample draw below is keyed by the global position p, never by the shard
+//          index j: the sample at position p gets the same pixels whatever W, so with batch
+//          size B / W the union of the ranks' batch i is the W = 1 batch i of size B (for
+//          B divisible by W), in another order (Mixup/CutMix aside, which is per batch).
 //   Augmentation, in-memory datasets (training only, `augment`): the image (already padded to
 //          S) is zero-padded by kCropPadding = 4 on every side and an SxS window is cut at offset
 //          (dy, dx) in [0, 8]^2, then flipped left-right with probability 1/2 (RandomCrop(S,
@@ -42,16 +59,21 @@
 //          (after the steps above, same per-sample generator: for in-memory datasets one keyed
 //          like sample_generator; draw_random_erasing, its noise keyed by a word pair drawn from
 //          that generator), then Mixup/CutMix (mixup.mixup_alpha or cutmix_alpha > 0) on
-//          the whole batch from a Generator keyed by (seed, epoch, batch index)
-//          (draw_mixup_cutmix, mixup_targets).
-// So a batch depends only on (dataset, options, seed, epoch, batch index): not on the number of
-// workers, the order in which they finish, or whether the epoch was resumed with
-// start_epoch(epoch, first_batch).
+//          the whole batch from a Generator keyed by (seed, epoch, batch index * W + rank)
+//          (draw_mixup_cutmix, mixup_targets): with W = 1 the batch index, with W > 1 each
+//          rank's batch i draws its own.
+// So a batch depends only on (dataset, options, seed, epoch, batch index, rank, world size): not
+// on the number of workers, the order in which they finish, or whether the epoch was resumed
+// with start_epoch(epoch, first_batch).
 //
 // Files that do not decode (ImageFolder): each is skipped with a warning on stderr and counted.
 // In training the sample is replaced by the next sample of the dataset that decodes (so batches
-// keep their size and stay deterministic); in evaluation it is left out of its batch. When the
-// failures of an epoch exceed max_bad_fraction of the split, the batch that crosses the line
+// keep their size and stay deterministic), searched in dataset order from the failed one,
+// wrapping around, with the draws of the failed sample's global position; the replacement may
+// lie outside the rank's shard (and be another rank's sample too): it depends only on the
+// dataset and on which files decode, not on W or the rank. In evaluation the sample is left out
+// of its batch. When the failures of an epoch exceed max_bad_fraction of the samples this loader
+// visits in an epoch (its shard: the whole split when W = 1), the batch that crosses the line
 // fails with a one-line error (rethrown by next()).
 //
 //   DataLoader loader(train_set, LoaderOptions::training(128, seed));
@@ -145,6 +167,10 @@ struct LoaderOptions {
   MixupOptions mixup{.mixup_alpha = 0.0, .cutmix_alpha = 0.0};
   LoaderOutput output = LoaderOutput::f32;  // u8: Batch::bytes instead of Batch::images
   bool pinned = false;  // output u8: page-locked buffers (ignored without a CUDA device)
+  // Data parallel: this loader delivers rank `rank`'s shard of `world_size` (see "Order:"
+  // above); 0 <= rank < world_size. world_size 1: the whole dataset, as without sharding.
+  int rank = 0;
+  int world_size = 1;
 
   static LoaderOptions training(int64_t batch_size, uint64_t seed) {
     LoaderOptions o;
@@ -218,6 +244,8 @@ CropFlip crop_flip(uint64_t seed, int64_t epoch, int64_t position);
 
 // The generator of the per-sample augmentation draws (ImageFolder pipeline, Random Erasing)
 // of the sample at `position` in epoch `epoch`: its own key, mixed from (seed, epoch, position).
+// `position` (here and in crop_flip) is the global position in the (padded) epoch order, the
+// same whatever the world size.
 Generator sample_generator(uint64_t seed, int64_t epoch, int64_t position);
 
 // The float images of a ByteBatch on `device`: on the CPU the CPU finish; on a CUDA device an
@@ -249,6 +277,8 @@ class DataLoader {
   DataLoader(const DataLoader&) = delete;
   DataLoader& operator=(const DataLoader&) = delete;
 
+  // This rank's batches an epoch: the same on every rank in training; in evaluation it may
+  // differ by one between ranks (and be 0 for an empty shard).
   int64_t batches_per_epoch() const;
   int64_t image_height() const;  // S
   int64_t image_width() const;
