@@ -17,6 +17,12 @@
 #include "train/checkpoint.h"
 #include "train/trainer.h"
 
+// The runs below go through train() alone, which builds without CUDA: a CPU-only build lists
+// the tests and skips them, saying why.
+#if !CNX_TEST_CUDA
+#define CNX_SKIP_WITHOUT_DEVICE() CNX_SKIP_BUILT_WITHOUT_CUDA()
+#endif
+
 namespace cnx {
 namespace {
 

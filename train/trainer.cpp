@@ -340,6 +340,9 @@ void install_stop_handlers() {
   std::signal(SIGINT, on_stop_signal);
   std::signal(SIGTERM, on_stop_signal);
   std::signal(SIGHUP, on_stop_signal);
+  // mpirun forwards SIGUSR1 to every rank (and SIGTERM to it ends the job without a grace
+  // period): `kill -USR1 <mpirun>` stops a data-parallel run with a recovery checkpoint.
+  std::signal(SIGUSR1, on_stop_signal);
 }
 
 // ---- evaluation -------------------------------------------------------------------------------

@@ -174,9 +174,10 @@ LrChoice resolve_lr(const TrainConfig& config, const std::optional<TrainConfig>&
 // the CPU on a device (then auto should pick cuda:0 when one is visible).
 Device resolve_device(const std::string& flag);
 
-// Set by the SIGINT/SIGTERM/SIGHUP handlers (install_stop_handlers): a dropped SSH session
-// (SIGHUP) stops a run like Ctrl-C. Checked between steps, between evaluation batches and
-// between the phases of a run's start. (SIGQUIT keeps its default: a core dump on request.)
+// Set by the SIGINT/SIGTERM/SIGHUP/SIGUSR1 handlers (install_stop_handlers): a dropped SSH session
+// (SIGHUP) stops a run like Ctrl-C; SIGUSR1 is the one mpirun forwards to every rank.
+// Checked between steps, between evaluation batches and between the phases of a run's start;
+// with several ranks, all stop at the same step. (SIGQUIT keeps its default: a core dump.)
 std::atomic<int>& stop_signal();
 void install_stop_handlers();
 
