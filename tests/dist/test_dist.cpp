@@ -16,6 +16,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "autograd/ops.h"
 #include "models/convnext.h"
 #include "tests/testing.h"
 #include "train/checkpoint.h"
@@ -178,6 +179,47 @@ TEST(DistGradReducer, AveragesEveryGradientOverTheRanks) {
   Tensor loss = Tensor::full({}, w.rank() == 0 ? 1.0 : 2.0);
   reducer.average(loss);
   EXPECT_EQ(loss.item(), 1.5);
+}
+
+// In a real backward the buckets start while it runs: the first (the head's end of the model)
+// after only its own gradients, long before the stem's arrive; and the averaged gradients equal
+// the mean of the two ranks' own (each rank feeds its own images).
+TEST(DistGradReducer, BucketsStartDuringTheBackward) {
+  Communicator& w = world();
+  ConvNeXtConfig mc;
+  mc.depths = {1, 1};
+  mc.dims = {8, 16};
+  mc.in_chans = 1;
+  mc.num_classes = 4;
+  Generator init(5);
+  ConvNeXt model(mc, init);
+  dist::GradReducer reducer(w, model.parameters(), Device::cpu(), 2048);
+  const size_t n = reducer.buckets().size();
+  ASSERT_GE(n, 3u);
+  Generator data(100 + static_cast<uint64_t>(w.rank()));
+  const Tensor x = Tensor::randn({4, 16, 16, 1}, data);
+  const Tensor y = Tensor::from_data<int64_t>({4}, std::vector<int64_t>{0, 1, 2, w.rank() == 0 ? 3 : 1});
+  Generator unused(0);
+  cross_entropy(model.forward(x, /*training=*/true, unused), y, 0.0).backward(reducer.hook());
+  // This rank's own gradients, before the averaging writes over them.
+  std::vector<std::vector<float>> own;
+  for (Parameter& p : model.parameters()) own.push_back(p.value.grad().to_vector<float>());
+  reducer.finish();
+  const int total = static_cast<int>(model.parameters().size());
+  for (size_t k = 0; k < n; ++k) {
+    const int at = reducer.buckets()[k].announced_at_start;
+    EXPECT_GE(at, static_cast<int>(reducer.buckets()[k].params.size())) << "bucket " << k;
+    EXPECT_LE(at, total) << "bucket " << k;
+    if (k > 0) EXPECT_GE(at, reducer.buckets()[k - 1].announced_at_start) << "bucket " << k;
+  }
+  EXPECT_LT(reducer.buckets()[0].announced_at_start, total / 2) << "the first bucket started late";
+  // Each averaged gradient is (own + other) / 2, with the other rank's own gradient gathered.
+  for (size_t i = 0; i < own.size(); ++i) {
+    std::vector<float> sum = own[i];
+    w.allreduce_sum(sum);
+    const std::vector<float> got = model.parameters()[i].value.grad().to_vector<float>();
+    for (size_t j = 0; j < got.size(); ++j) ASSERT_EQ(got[j], sum[j] * 0.5f) << model.parameters()[i].name;
+  }
 }
 
 // ---- training ----------------------------------------------------------------------------------

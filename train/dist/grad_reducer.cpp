@@ -109,6 +109,7 @@ void GradReducer::on_ready(TensorImpl* leaf) {
   Bucket& b = buckets_[it->second];
   CNX_CHECK(!b.started, "GradReducer: a gradient of an already reduced bucket changed during the backward");
   ++b.ready;
+  ++announced_;
   start_ready_buckets();
   backend_->progress();
 }
@@ -120,6 +121,7 @@ void GradReducer::start_ready_buckets() {
     Bucket& b = buckets_[next_to_start_];
     if (b.ready < static_cast<int>(b.params.size())) return;
     b.started = true;
+    b.announced_at_start = announced_;
     backend_->start(next_to_start_, b);
     ++next_to_start_;
   }
@@ -129,6 +131,7 @@ void GradReducer::finish() {
   // Gradients the hook did not announce (a backward run without it): every one must exist.
   for (Bucket& b : buckets_) {
     if (b.started) continue;
+    b.announced_at_start = -1;
     for (Parameter* p : b.params)
       CNX_CHECK(p->value.grad().defined(), "GradReducer: ", p->name, " has no gradient to average");
     b.ready = static_cast<int>(b.params.size());
@@ -140,6 +143,7 @@ void GradReducer::finish() {
     b.started = false;
   }
   next_to_start_ = 0;
+  announced_ = 0;
 }
 
 void GradReducer::average(Tensor& t) { backend_->average(t); }

@@ -46,6 +46,9 @@ struct Bucket {
   int64_t numel = 0;               // of the flat buffer
   int ready = 0;                   // gradients complete in this step
   bool started = false;
+  // How many gradients of the whole model the backward had announced when this bucket started
+  // in the last step (-1: finish() started it): the overlap, observable.
+  int announced_at_start = -1;
 };
 
 // How a bucket is averaged: MPI on host memory (CPU ranks) or NCCL on a stream (CUDA ranks).
@@ -99,6 +102,7 @@ class GradReducer {
   std::vector<Bucket> buckets_;
   std::unordered_map<TensorImpl*, size_t> bucket_of_;  // parameter value -> bucket
   size_t next_to_start_ = 0;
+  int announced_ = 0;  // gradients announced by the hook in this step
   std::unique_ptr<BucketBackend> backend_;
 };
 
