@@ -48,13 +48,11 @@ constexpr int64_t kOldReferenceBatch = 4096;  // lr_rule "per_4096": --lr was fo
 // per total batch 4096 is 8e-3 per 256): 4e-3 for the default job's batch 128, as main.py's.
 constexpr double kDefaultBlr = 8e-3;
 constexpr uint64_t kDropPathStream = 0x64726f7070617468ull;  // "droppath": its own generator
+}  // namespace
 
-// The drop-path generator's seed of a rank: rank 0's is a one-process run's, each other rank's
-// its own (the ranks drop different samples, reproducibly from (seed, rank)).
 uint64_t drop_path_seed(uint64_t seed, int rank) {
   return (seed ^ kDropPathStream) + 0x9E3779B97F4A7C15ull * static_cast<uint64_t>(rank);
 }
-}  // namespace
 
 // ---- configuration -----------------------------------------------------------------------------
 
@@ -916,6 +914,7 @@ void TrainingRun::stop_with_recovery(int64_t epoch, int64_t batch, const std::st
     where = checkpoint_path(cfg_.output_dir, "recovery");
     const Checkpoint ck = snapshot(epoch, batch, std::nullopt, drop_offset);  // every rank
     if (world_.is_root()) save_checkpoint(where, ck);
+    world_.barrier();  // no rank returns before the checkpoint is on disk
   }
   say("%sstopped %s at step %lld%s%s\n", tty_ ? "\r\033[K" : "", why.c_str(),
               static_cast<long long>(step_), where.empty() ? "" : ": recovery checkpoint ", where.c_str());
@@ -1285,7 +1284,10 @@ bool TrainingRun::end_epoch(int64_t epoch) {
 
   if (!cfg_.output_dir.empty() && cfg_.save_ckpt) {
     const Checkpoint ck = snapshot(epoch + 1, 0, ev.acc1);  // every rank; rank 0 writes
-    if (!world_.is_root()) return true;
+    if (!world_.is_root()) {
+      world_.barrier();  // no rank goes on before the checkpoints are on disk
+      return true;
+    }
     // best first: killed between the two writes, the resumed run (from the older numbered
     // checkpoint) redoes this epoch and finds best already holding it, never an older one.
     if (best) save_checkpoint(checkpoint_path(cfg_.output_dir, "best"), ck);
@@ -1295,6 +1297,7 @@ bool TrainingRun::end_epoch(int64_t epoch) {
     }
     std::error_code ec;  // a finished epoch supersedes a recovery checkpoint
     fs::remove(checkpoint_path(cfg_.output_dir, "recovery"), ec);
+    world_.barrier();
   }
   return true;
 }

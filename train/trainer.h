@@ -174,6 +174,11 @@ LrChoice resolve_lr(const TrainConfig& config, const std::optional<TrainConfig>&
 // the CPU on a device (then auto should pick cuda:0 when one is visible).
 Device resolve_device(const std::string& flag);
 
+// The seed of a rank's drop-path generator: rank 0's is a one-process run's (so one rank is
+// bitwise a run without MPI), every other rank's its own: the ranks drop different samples,
+// reproducibly from (seed, rank), the generator's position following the step.
+uint64_t drop_path_seed(uint64_t seed, int rank);
+
 // Set by the SIGINT/SIGTERM/SIGHUP/SIGUSR1 handlers (install_stop_handlers): a dropped SSH session
 // (SIGHUP) stops a run like Ctrl-C; SIGUSR1 is the one mpirun forwards to every rank.
 // Checked between steps, between evaluation batches and between the phases of a run's start;

@@ -229,14 +229,11 @@ TEST(DistGradReducer, BucketsStartDuringTheBackward) {
 // so the losses and the weights agree up to float32 summation order. Also: every rank ends with
 // bitwise the same weights (the trainer checks it after each epoch and fails otherwise), and the
 // sharded evaluation counts what the single process counts.
-TEST_F(DistTest, TwoRanksOfHalfTheBatchTrainAsOneProcess) {
+void expect_two_ranks_train_as_one_process(DistTest& t, const TrainConfig& two, const TrainConfig& one,
+                                           const std::string& what) {
   Communicator& w = world();
-  TrainConfig two = config(64);
-  two.output_dir = dir("two_ranks");
   const TrainResult r2 = train(two, w);
   // Every rank runs the one-process reference in its own folder (no collective in it).
-  TrainConfig one = config(128);
-  one.output_dir = dir("one_process_rank" + std::to_string(w.rank()));
   const TrainResult r1 = train(one, Communicator::self());
 
   ASSERT_EQ(r2.world_size, 2);
@@ -248,18 +245,60 @@ TEST_F(DistTest, TwoRanksOfHalfTheBatchTrainAsOneProcess) {
     worst_loss = std::max(worst_loss, std::abs(r2.losses[i] - r1.losses[i]) / std::abs(r1.losses[i]));
     EXPECT_NEAR(r2.losses[i], r1.losses[i], 1e-4 * std::abs(r1.losses[i])) << "step " << i + 1;
   }
-  const double worst_weight = max_weight_difference(checkpoint_path(dir("two_ranks"), "1"),
+  const double worst_weight = max_weight_difference(checkpoint_path(two.output_dir, "1"),
                                                     checkpoint_path(one.output_dir, "1"));
   EXPECT_LT(worst_weight, 1e-4);
   EXPECT_LT(r1.losses.back(), 0.9 * r1.losses.front()) << "it learns: " << ::testing::PrintToString(r1.losses);
   EXPECT_EQ(r2.last_acc1, r1.last_acc1);
   if (w.is_root())
-    std::printf("2 ranks x 64 vs 1 x 128 over 20 steps: largest relative loss difference %.3g, largest weight "
-                "difference %.3g (relative to max(1, |w|)); Acc@1 %.2f vs %.2f\n",
-                worst_loss, worst_weight, r2.last_acc1, r1.last_acc1);
+    std::printf("%s over 20 steps: largest relative loss difference %.3g, largest weight difference %.3g "
+                "(relative to max(1, |w|)); Acc@1 %.2f vs %.2f\n",
+                what.c_str(), worst_loss, worst_weight, r2.last_acc1, r1.last_acc1);
   // The 2-rank run's losses are the same on both ranks (each is the mean over the ranks).
   const std::vector<std::string> all = w.allgather(nlohmann::json(r2.losses).dump());
   EXPECT_EQ(all[0], all[1]);
+  (void)t;
+}
+
+TEST_F(DistTest, TwoRanksOfHalfTheBatchTrainAsOneProcess) {
+  TrainConfig two = config(64);
+  two.output_dir = dir("two_ranks");
+  TrainConfig one = config(128);
+  one.output_dir = dir("one_process_rank" + std::to_string(world().rank()));
+  expect_two_ranks_train_as_one_process(*this, two, one, "2 ranks x 64 vs 1 x 128");
+}
+
+// With --update_freq 2 only the step's second micro-batch reduces (the first accumulates
+// locally): 2 ranks x 32 x 2 micro-batches see each step the 128 images one process sees.
+TEST_F(DistTest, TwoRanksWithGradientAccumulationTrainAsOneProcess) {
+  TrainConfig two = config(32);
+  two.update_freq = 2;
+  two.output_dir = dir("two_ranks");
+  TrainConfig one = config(128);
+  one.output_dir = dir("one_process_rank" + std::to_string(world().rank()));
+  expect_two_ranks_train_as_one_process(*this, two, one, "2 ranks x 32 x update_freq 2 vs 1 x 128");
+}
+
+// A 2-rank checkpoint resumed by one process: it goes on (with a warning on stderr) from the
+// same epoch and batch, with the weights and optimiser state of the 2-rank run.
+TEST_F(DistTest, ResumedWithAnotherWorldSizeGoesOnWithAWarning) {
+  Communicator& w = world();
+  TrainConfig c = config(64);
+  c.output_dir = dir("two_ranks");
+  c.max_steps = 7;
+  const TrainResult a = train(c, w);
+  ASSERT_EQ(a.steps, 7);
+  TrainConfig one = config(64);
+  one.output_dir = dir("one_rank" + std::to_string(w.rank()));
+  one.resume = checkpoint_path(dir("two_ranks"), "recovery");
+  ::testing::internal::CaptureStderr();
+  const TrainResult b = train(one, Communicator::self());
+  const std::string err = ::testing::internal::GetCapturedStderr();
+  EXPECT_NE(err.find("was trained by 2 ranks, this run has 1"), std::string::npos) << err;
+  // One process at batch 64 has 20 steps an epoch: the rest of epoch 0 (batches 7..19), then 20.
+  EXPECT_EQ(b.steps, 7 + 13 + 20);
+  EXPECT_EQ(b.losses.size(), 33u);
+  w.barrier();
 }
 
 // The sharded evaluation (51 + 50 images, partial batches) counts exactly what one process
@@ -306,6 +345,21 @@ TEST_F(DistTest, StoppedAndResumedIsBitwiseTheUninterruptedRun) {
   first.max_steps = 7;
   const TrainResult a = train(first, w);
   ASSERT_EQ(a.steps, 7);
+  // The recovery checkpoint holds both ranks' drop-path generators: their own seeds (rank 0's
+  // a one-process run's, recorded as "drop_gen" too), at the same position.
+  const nlohmann::json state =
+      nlohmann::json::parse(load_checkpoint(checkpoint_path(dir("parts"), "recovery")).state_json);
+  // (EXPECT, not ASSERT, before the next collective: a rank that left the test early would leave
+  // the other waiting in it until the watchdog ends the job.)
+  EXPECT_EQ(state.at("world_size"), 2);
+  const nlohmann::json& gens = state.at("drop_gens");
+  EXPECT_EQ(gens.size(), 2u);
+  EXPECT_EQ(gens[0].at("seed").get<uint64_t>(), drop_path_seed(c.seed, 0));
+  EXPECT_EQ(gens[1].at("seed").get<uint64_t>(), drop_path_seed(c.seed, 1));
+  EXPECT_NE(gens[0].at("seed"), gens[1].at("seed"));
+  EXPECT_EQ(gens[0].at("offset"), gens[1].at("offset"));
+  EXPECT_GT(gens[0].at("offset").get<uint64_t>(), 0u);
+  EXPECT_EQ(state.at("drop_gen"), gens[0]);
   TrainConfig rest = c;
   rest.output_dir = dir("parts");
   rest.auto_resume = true;
