@@ -36,6 +36,7 @@
 #include <vector>
 
 #include "tests/cuda_testing.h"
+#include "tests/dist_testing.h"
 #include "train/dist/communicator.h"
 #include "train/dist/grad_reducer.h"
 
@@ -71,65 +72,7 @@ Communicator& world() { return Communicator::world(); }
 // Each process drives its own GPU (on the emulated device: its own emulated GPU, cuda:0).
 Device rank_device() { return Device::cuda(world().local_rank() % cuda_device_count()); }
 
-std::vector<uint32_t> bits(const std::vector<float>& v) {
-  std::vector<uint32_t> out(v.size());
-  std::memcpy(out.data(), v.data(), v.size() * sizeof(float));
-  return out;
-}
-
-// Rank r's gradient of parameter i at step s, element j: multiples of 1/8 below 100 in
-// magnitude, so every sum over a few ranks is exact in f32 whatever its order.
-float grad_value(int r, size_t i, int s, int64_t j) {
-  const int64_t k = (j * 7 + static_cast<int64_t>(i) * 3 + s) % 17 - 8;
-  return static_cast<float>(k) * 0.125f * static_cast<float>(r + 1) + 0.5f * static_cast<float>(r) - s;
-}
-
-// What every rank must hold: the exact sum over the ranks, times 1.0f / W (one rounding).
-std::vector<float> expected_average(size_t i, int s, int64_t n, int world_size) {
-  const float inv = 1.0f / static_cast<float>(world_size);
-  std::vector<float> out(static_cast<size_t>(n));
-  for (int64_t j = 0; j < n; ++j) {
-    float sum = 0.0f;
-    for (int r = 0; r < world_size; ++r) sum += grad_value(r, i, s, j);
-    out[static_cast<size_t>(j)] = sum * inv;
-  }
-  return out;
-}
-
-// Parameters of assorted sizes (odd ones, a single element, ...), in model order.
-std::vector<Parameter> make_params(Device device) {
-  const std::vector<Shape> shapes = {{3}, {5, 2}, {17}, {1}, {4, 3, 2}, {40}, {2}, {33}, {6}};
-  std::vector<Parameter> params;
-  for (size_t i = 0; i < shapes.size(); ++i) {
-    Parameter p;
-    p.name = "p";  // (not "p" + to_string: g++ 12 warns falsely, -Wrestrict)
-    p.name += std::to_string(i);
-    p.official_shape = shapes[i];
-    p.value = Tensor::zeros(shapes[i], DType::f32, device);
-    params.push_back(std::move(p));
-  }
-  return params;
-}
-
-// This rank's gradients of step s, copied to the device on its stream (queued: the pack must
-// wait for them).
-void set_rank_grads(std::vector<Parameter>& params, int s) {
-  for (size_t i = 0; i < params.size(); ++i) {
-    const int64_t n = params[i].value.numel();
-    std::vector<float> v(static_cast<size_t>(n));
-    for (int64_t j = 0; j < n; ++j) v[static_cast<size_t>(j)] = grad_value(world().rank(), i, s, j);
-    params[i].value.set_grad(
-        Tensor::from_data<float>(params[i].value.shape(), v).to(params[i].value.device()));
-  }
-}
-
-void expect_averaged(const std::vector<Parameter>& params, int s) {
-  for (size_t i = 0; i < params.size(); ++i) {
-    const std::vector<float> want = expected_average(i, s, params[i].value.numel(), world().size());
-    EXPECT_EQ(bits(params[i].value.grad().to_vector<float>()), bits(want))
-        << params[i].name << " at step " << s << " on " << world().describe();
-  }
-}
+using test::float_bits;
 
 #if defined(CNX_CUDA_EMULATOR) && CNX_CUDA_EMULATOR
 uint64_t collectives() { return emu::host_sync_counts().collectives; }
@@ -143,43 +86,30 @@ TEST(CudaNccl, GradReducerAveragesEveryBucketOverTheRanks) {
   CNX_SKIP_WITHOUT_NCCL();
   const Device device = rank_device();
   const cuda::DeviceGuard guard(device);
-  std::vector<Parameter> params = make_params(device);
-  // 64 bytes: five buckets, some of one gradient, some of two (the layout is the reducer's).
-  dist::GradReducer reducer(world(), params, device, /*bucket_bytes=*/64);
+  std::vector<Parameter> params = test::make_dist_test_params(device);
+  dist::GradReducer reducer(world(), params, device, test::kDistTestBucketBytes);
   const std::vector<dist::Bucket>& buckets = reducer.buckets();
-  ASSERT_EQ(buckets.size(), 5u) << reducer.describe();
+  ASSERT_EQ(buckets.size(), test::kDistTestBuckets) << reducer.describe();
 
-  // Step 0: the hook, in an order unlike the backward's (the stem's gradient first).
-  set_rank_grads(params, 0);
-  std::vector<size_t> bucket_of(params.size());
-  for (size_t k = 0; k < buckets.size(); ++k)
-    for (const Parameter* p : buckets[k].params) bucket_of[static_cast<size_t>(p - params.data())] = k;
-  std::vector<int> ready(buckets.size(), 0);
+  // Step 0: the hook, in an order unlike the backward's.
+  test::set_rank_grads(params, world().rank(), 0);
 #if defined(CNX_CUDA_EMULATOR) && CNX_CUDA_EMULATOR
   emu::reset_host_sync_counts();
+  test::hook_in_odd_order(reducer, params, [](size_t started) {
+    EXPECT_EQ(collectives(), started) << "each started bucket's allreduce runs at its start, in the backward";
+  });
+#else
+  test::hook_in_odd_order(reducer, params);
 #endif
-  const auto hook = reducer.hook();
-  for (size_t i : {0u, 4u, 8u, 2u, 6u, 1u, 5u, 3u, 7u}) {
-    hook(params[i].value.impl());
-    ++ready[bucket_of[i]];
-    // Started: exactly the longest prefix of complete buckets.
-    size_t prefix = 0;
-    while (prefix < buckets.size() && ready[prefix] == static_cast<int>(buckets[prefix].params.size())) ++prefix;
-    for (size_t k = 0; k < buckets.size(); ++k)
-      EXPECT_EQ(buckets[k].started, k < prefix) << "bucket " << k << " after the hook of " << params[i].name;
-#if defined(CNX_CUDA_EMULATOR) && CNX_CUDA_EMULATOR
-    EXPECT_EQ(collectives(), prefix) << "each started bucket's allreduce runs at its start, in the backward";
-#endif
-  }
   reducer.finish();
 #if defined(CNX_CUDA_EMULATOR) && CNX_CUDA_EMULATOR
   EXPECT_EQ(host_waits(), 0u) << "the hooks and finish() made the host wait for the device";
   EXPECT_EQ(collectives(), buckets.size());
 #endif
-  expect_averaged(params, 0);
+  test::expect_grads_averaged(params, 0, world());
 
   // Step 1: the same buffers, and finish() alone starts every bucket.
-  set_rank_grads(params, 1);
+  test::set_rank_grads(params, world().rank(), 1);
 #if defined(CNX_CUDA_EMULATOR) && CNX_CUDA_EMULATOR
   emu::reset_host_sync_counts();
 #endif
@@ -189,7 +119,7 @@ TEST(CudaNccl, GradReducerAveragesEveryBucketOverTheRanks) {
   EXPECT_EQ(collectives(), buckets.size());
 #endif
   for (const dist::Bucket& b : buckets) EXPECT_FALSE(b.started) << "finish() leaves every bucket ready for the next step";
-  expect_averaged(params, 1);
+  test::expect_grads_averaged(params, 1, world());
 #else
   CNX_SKIP_BUILT_WITHOUT_CUDA();
 #endif
@@ -201,7 +131,7 @@ TEST(CudaNccl, AverageOfALossIsTheMeanOverTheRanks) {
   CNX_SKIP_WITHOUT_NCCL();
   const Device device = rank_device();
   const cuda::DeviceGuard guard(device);
-  std::vector<Parameter> params = make_params(device);
+  std::vector<Parameter> params = test::make_dist_test_params(device);
   dist::GradReducer reducer(world(), params, device);
   const int W = world().size(), r = world().rank();
   const float inv = 1.0f / static_cast<float>(W);
@@ -224,7 +154,7 @@ TEST(CudaNccl, AverageOfALossIsTheMeanOverTheRanks) {
     c += 3.5f + static_cast<float>(q);
   }
   EXPECT_EQ(std::bit_cast<uint32_t>(loss.to_vector<float>()[0]), std::bit_cast<uint32_t>(loss_sum * inv));
-  EXPECT_EQ(bits(three.to_vector<float>()), bits({a * inv, b * inv, c * inv}));
+  EXPECT_EQ(float_bits(three.to_vector<float>()), float_bits({a * inv, b * inv, c * inv}));
   // Wrong input: one line, no collective started (every rank refuses alike).
   Tensor cpu = Tensor::zeros(Shape{1});
   EXPECT_THROW(reducer.average(cpu), Error);
@@ -299,10 +229,10 @@ TEST(EmulatedNccl, AllReduceSumsAveragesAndTakesTheMaxInStreamOrder) {
     rank_sum += q;
     bf_sum += 1.5f * (q + 1);
   }
-  EXPECT_EQ(bits(host_copy(out, mine.size())), bits(sum));
-  EXPECT_EQ(bits(host_copy(f, mine.size())), bits(mine)) << "out of place: the send buffer is left alone";
-  EXPECT_EQ(bits(host_copy(avg, mine.size())), bits(pre));
-  EXPECT_EQ(bits(host_copy(max, mine.size())), bits(most));
+  EXPECT_EQ(float_bits(host_copy(out, mine.size())), float_bits(sum));
+  EXPECT_EQ(float_bits(host_copy(f, mine.size())), float_bits(mine)) << "out of place: the send buffer is left alone";
+  EXPECT_EQ(float_bits(host_copy(avg, mine.size())), float_bits(pre));
+  EXPECT_EQ(float_bits(host_copy(max, mine.size())), float_bits(most));
   EXPECT_EQ(host_copy(i64, ints.size()), (std::vector<int64_t>{W * (int64_t{1} << 40), rank_sum, -3 * W}));
   EXPECT_EQ(host_copy(bf, halves.size()), (std::vector<uint16_t>{bf16_bits(bf_sum), bf16_bits(-0.25f * W)}));
   ncclResult_t async = ncclInternalError;
