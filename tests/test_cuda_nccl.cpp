@@ -19,7 +19,8 @@
 //  - the host never waits: no synchronisation, blocking copy or free from the first hook to the
 //    end of finish(), nor in average() (emulated device: its counters);
 //  - a second step reuses the buffers, and finish() without any hook (a backward run without it)
-//    starts every bucket itself;
+//    starts every bucket itself; a reducer destroyed between its starts and finish() closes
+//    cleanly, and a new one (a new communicator) works;
 //  - the emulated NCCL: sum, avg (NCCL's pre-multiplied form), max, f32, bf16, int64; a buffer that
 //    is not device memory, a null communicator and a capturing stream are refused; the collective
 //    sees the work queued before it on its stream.
@@ -158,6 +159,29 @@ TEST(CudaNccl, AverageOfALossIsTheMeanOverTheRanks) {
   // Wrong input: one line, no collective started (every rank refuses alike).
   Tensor cpu = Tensor::zeros(Shape{1});
   EXPECT_THROW(reducer.average(cpu), Error);
+#else
+  CNX_SKIP_BUILT_WITHOUT_CUDA();
+#endif
+}
+
+TEST(CudaNccl, AStepAbandonedBeforeFinishClosesAndANewReducerWorks) {
+#if CNX_TEST_CUDA
+  CNX_SKIP_WITHOUT_DEVICE();
+  CNX_SKIP_WITHOUT_NCCL();
+  const Device device = rank_device();
+  const cuda::DeviceGuard guard(device);
+  std::vector<Parameter> params = test::make_dist_test_params(device);
+  {
+    // Every bucket started (its collective queued), then an exception would leave the step: the
+    // destructor waits for the communication stream, then frees the buffers and the communicator.
+    dist::GradReducer reducer(world(), params, device, test::kDistTestBucketBytes);
+    test::set_rank_grads(params, world().rank(), 2);
+    test::hook_in_odd_order(reducer, params);
+  }
+  dist::GradReducer reducer(world(), params, device, test::kDistTestBucketBytes);
+  test::set_rank_grads(params, world().rank(), 3);
+  reducer.finish();
+  test::expect_grads_averaged(params, 3, world());
 #else
   CNX_SKIP_BUILT_WITHOUT_CUDA();
 #endif

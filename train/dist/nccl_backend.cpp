@@ -140,8 +140,12 @@ class NcclBackend final : public BucketBackend {
     try {
       const cuda::DeviceGuard guard(device_);
       if (failed_) {
-        // The collectives may wait for a peer that is gone: abort them, never wait.
+        // The collectives may wait for a peer that is gone: abort them first (then the stream's
+        // other work, packs and unpacks, can finish before the buffers go back to the cache).
         if (nccl_) log(ncclCommAbort(nccl_), "ncclCommAbort");
+        const cudaError_t e = cudaStreamSynchronize(stream());
+        if (e != cudaSuccess)
+          std::fprintf(stderr, "cnx: cudaStreamSynchronize of the NCCL stream failed: %s\n", cudaGetErrorString(e));
       } else {
         // Nothing is freed while the comm stream may still use it (a step abandoned between
         // start and finish); a host wait is fine here, outside the step.
