@@ -34,6 +34,20 @@ namespace cnx::emu {
 // thrown by `work` becomes the context's sticky error (as a fault in a kernel would).
 void enqueue(cudaStream_t stream, std::string what, std::function<void()> work);
 
+// Runs `work` now, on the calling host thread, in the order of `stream`: it is queued like any
+// item (after the legacy default stream's implicit waits) and the stream is drained up to it, so
+// everything queued on the stream before it (and, through the stream's waits on events, the work
+// of other streams it depends on) runs first; what is queued after it runs later, as usual. For
+// the host-driven collectives of the NCCL emulation (nccl.cpp), whose MPI calls block until every
+// rank has arrived: run at the call, they meet their peers in the program order of the NCCL
+// calls, whatever each rank's host synchronises later (a collective run at a later drain could
+// wait for a peer that is itself blocked in a host collective). On a GPU the device would run it
+// while the host goes on, so this is not counted as a host wait (HostSyncCounts::collectives).
+// Refused on a capturing stream (cudaErrorStreamCaptureUnsupported; the capture is invalidated):
+// a collective cannot be recorded to run at a replay here. Returns the context's sticky error
+// when earlier work (or `work`, by throwing DeviceFault) failed, cudaSuccess otherwise.
+cudaError_t run_in_stream_order(cudaStream_t stream, std::string what, std::function<void()> work);
+
 // Thrown by emulated device work (a kernel, a GEMM) that hits an error the real device would
 // report asynchronously: the message becomes the sticky error's text, every later runtime call
 // fails with `code`.
@@ -152,6 +166,7 @@ struct HostSyncCounts {
   uint64_t blocking_copies = 0;
   uint64_t frees = 0;            // cudaFree and cudaFreeHost of a non-null pointer: they synchronise
   uint64_t queries = 0;          // cudaStreamQuery, cudaEventQuery: a poll, not a wait; apart
+  uint64_t collectives = 0;      // run_in_stream_order (NCCL collectives): not a wait; apart
   uint64_t total_blocking() const {
     return stream_syncs + device_syncs + event_syncs + blocking_copies + frees;
   }

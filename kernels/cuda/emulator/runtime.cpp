@@ -904,6 +904,22 @@ void enqueue(cudaStream_t stream, std::string what, std::function<void()> work, 
   push(dev, stream_of(stream), std::move(what), std::move(work), std::move(note));
 }
 
+cudaError_t run_in_stream_order(cudaStream_t stream, std::string what, std::function<void()> work) {
+  CNX_EMU_ENTER();
+  if (cudaError_t e = check_stream(dev, stream, "run_in_stream_order (" + what + ")")) return e;
+  CUstream_st* s = stream_of(stream);
+  if (s->capture) {
+    if (cudaError_t e = capture_gate(s, what)) return e;
+    invalidate(*s->capture, what);
+    return error(cudaErrorStreamCaptureUnsupported,
+                 what + ": not emulated on a capturing stream (the capture is now invalidated)");
+  }
+  ++dev.syncs.collectives;
+  push(dev, s, std::move(what), std::move(work));
+  drain(dev, s);
+  return dev.sticky;
+}
+
 HostSyncCounts host_sync_counts() {
   Device& dev = device();
   std::lock_guard<std::recursive_mutex> lock(dev.mutex);
