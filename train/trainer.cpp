@@ -703,9 +703,14 @@ Device TrainingRun::rank_device() const {
   if (!d.is_cuda()) return d;
   CNX_CHECK(cfg_.device == "cuda", "--device ", cfg_.device, ": with ", world_.size(),
             " ranks each rank takes the GPU of its local rank; use --device cuda");
+#if CNX_CUDA_EMULATOR
+  // Each process emulates a GPU of its own: every rank's cuda:0 is a different device.
+  return Device::cuda(world_.local_rank() % cuda_device_count());
+#else
   CNX_CHECK(world_.local_rank() < cuda_device_count(), world_.describe(), ": this machine has ",
             cuda_device_count(), " GPU(s), one per rank is needed (fewer ranks per machine: mpirun --npernode)");
   return Device::cuda(world_.local_rank());
+#endif
 }
 
 void TrainingRun::open_data() {

@@ -22,6 +22,7 @@
 #include "train/checkpoint.h"
 #include "train/dist/communicator.h"
 #include "train/dist/grad_reducer.h"
+#include "tensor/device.h"
 #include "train/trainer.h"
 
 using namespace cnx;
@@ -299,6 +300,42 @@ TEST_F(DistTest, ResumedWithAnotherWorldSizeGoesOnWithAWarning) {
   EXPECT_EQ(b.steps, 7 + 13 + 20);
   EXPECT_EQ(b.losses.size(), 33u);
   w.barrier();
+}
+
+// The CUDA ranks: the same comparison with --device cuda, the gradients averaged by NCCL
+// (train/dist/nccl_backend.cpp). On the emulated device each process is a GPU of its own and
+// NCCL's collectives are served by MPI; a real build without a GPU skips it (two GPUs run it).
+TEST_F(DistTest, CudaTwoRanksTrainAsOneProcess) {
+  if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  if (!dist::built_with_nccl()) GTEST_SKIP() << "built without NCCL";
+  Communicator& w = world();
+  TrainConfig two = config(32);
+  two.device = "cuda";
+  two.use_amp = "false";
+  two.max_steps = 6;
+  two.output_dir = dir("two_ranks");
+  TrainConfig one = config(64);
+  one.device = "cuda";
+  one.use_amp = "false";
+  one.max_steps = 6;
+  one.output_dir = dir("one_process_rank" + std::to_string(w.rank()));
+  const TrainResult r2 = train(two, w);
+  const TrainResult r1 = train(one, Communicator::self());
+  ASSERT_EQ(r2.losses.size(), 6u);
+  ASSERT_EQ(r1.losses.size(), 6u);
+  double worst_loss = 0;
+  for (size_t i = 0; i < r1.losses.size(); ++i) {
+    worst_loss = std::max(worst_loss, std::abs(r2.losses[i] - r1.losses[i]) / std::abs(r1.losses[i]));
+    EXPECT_NEAR(r2.losses[i], r1.losses[i], 1e-4 * std::abs(r1.losses[i])) << "step " << i + 1;
+  }
+  const double worst_weight = max_weight_difference(checkpoint_path(two.output_dir, "recovery"),
+                                                    checkpoint_path(one.output_dir, "recovery"));
+  EXPECT_LT(worst_weight, 1e-4);
+  if (w.is_root())
+    std::printf("cuda: 2 ranks x 32 vs 1 x 64 over 6 steps: largest relative loss difference %.3g, largest "
+                "weight difference %.3g\n", worst_loss, worst_weight);
+  const std::vector<std::string> all = w.allgather(nlohmann::json(r2.losses).dump());
+  EXPECT_EQ(all[0], all[1]);
 }
 
 // The sharded evaluation (51 + 50 images, partial batches) counts exactly what one process
