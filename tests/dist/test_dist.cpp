@@ -148,7 +148,7 @@ TEST(DistGradReducer, AveragesEveryGradientOverTheRanks) {
   const std::vector<int64_t> sizes{5, 300, 7, 1000, 1, 64};
   for (size_t i = 0; i < sizes.size(); ++i) {
     Parameter p;
-    p.name = "p" + std::to_string(i);
+    p.name = std::string(1, 'p') + std::to_string(i);  // (not "p" + ...: a false -Wrestrict in g++ 12)
     p.value = Tensor::zeros({sizes[i]}).set_requires_grad(true);
     params.push_back(std::move(p));
   }
@@ -211,7 +211,9 @@ TEST(DistGradReducer, BucketsStartDuringTheBackward) {
     const int at = reducer.buckets()[k].announced_at_start;
     EXPECT_GE(at, static_cast<int>(reducer.buckets()[k].params.size())) << "bucket " << k;
     EXPECT_LE(at, total) << "bucket " << k;
-    if (k > 0) EXPECT_GE(at, reducer.buckets()[k - 1].announced_at_start) << "bucket " << k;
+    if (k > 0) {
+      EXPECT_GE(at, reducer.buckets()[k - 1].announced_at_start) << "bucket " << k;
+    }
   }
   EXPECT_LT(reducer.buckets()[0].announced_at_start, total / 2) << "the first bucket started late";
   // Each averaged gradient is (own + other) / 2, with the other rank's own gradient gathered.
@@ -230,35 +232,35 @@ TEST(DistGradReducer, BucketsStartDuringTheBackward) {
 // so the losses and the weights agree up to float32 summation order. Also: every rank ends with
 // bitwise the same weights (the trainer checks it after each epoch and fails otherwise), and the
 // sharded evaluation counts what the single process counts.
-void expect_two_ranks_train_as_one_process(DistTest& t, const TrainConfig& two, const TrainConfig& one,
-                                           const std::string& what) {
+// Trains `two` on both ranks and `one` (the one-process reference, in each rank's own folder,
+// no collective in it) and compares: every step's loss, every weight of the checkpoint `tag`,
+// and the accuracy; the 2-rank losses must be the same on both ranks.
+void expect_two_ranks_train_as_one_process(const TrainConfig& two, const TrainConfig& one, size_t steps,
+                                           const std::string& tag, const std::string& what) {
   Communicator& w = world();
   const TrainResult r2 = train(two, w);
-  // Every rank runs the one-process reference in its own folder (no collective in it).
   const TrainResult r1 = train(one, Communicator::self());
 
-  ASSERT_EQ(r2.world_size, 2);
-  ASSERT_EQ(r1.world_size, 1);
-  ASSERT_EQ(r2.losses.size(), 20u);
-  ASSERT_EQ(r1.losses.size(), 20u);
+  EXPECT_EQ(r2.world_size, 2);
+  EXPECT_EQ(r1.world_size, 1);
+  ASSERT_EQ(r2.losses.size(), steps);
+  ASSERT_EQ(r1.losses.size(), steps);
   double worst_loss = 0;
   for (size_t i = 0; i < r1.losses.size(); ++i) {
     worst_loss = std::max(worst_loss, std::abs(r2.losses[i] - r1.losses[i]) / std::abs(r1.losses[i]));
     EXPECT_NEAR(r2.losses[i], r1.losses[i], 1e-4 * std::abs(r1.losses[i])) << "step " << i + 1;
   }
-  const double worst_weight = max_weight_difference(checkpoint_path(two.output_dir, "1"),
-                                                    checkpoint_path(one.output_dir, "1"));
+  const double worst_weight =
+      max_weight_difference(checkpoint_path(two.output_dir, tag), checkpoint_path(one.output_dir, tag));
   EXPECT_LT(worst_weight, 1e-4);
-  EXPECT_LT(r1.losses.back(), 0.9 * r1.losses.front()) << "it learns: " << ::testing::PrintToString(r1.losses);
+  EXPECT_LT(r1.losses.back(), 0.95 * r1.losses.front()) << "it learns: " << ::testing::PrintToString(r1.losses);
   EXPECT_EQ(r2.last_acc1, r1.last_acc1);
   if (w.is_root())
-    std::printf("%s over 20 steps: largest relative loss difference %.3g, largest weight difference %.3g "
+    std::printf("%s over %zu steps: largest relative loss difference %.3g, largest weight difference %.3g "
                 "(relative to max(1, |w|)); Acc@1 %.2f vs %.2f\n",
-                what.c_str(), worst_loss, worst_weight, r2.last_acc1, r1.last_acc1);
-  // The 2-rank run's losses are the same on both ranks (each is the mean over the ranks).
+                what.c_str(), steps, worst_loss, worst_weight, r2.last_acc1, r1.last_acc1);
   const std::vector<std::string> all = w.allgather(nlohmann::json(r2.losses).dump());
   EXPECT_EQ(all[0], all[1]);
-  (void)t;
 }
 
 TEST_F(DistTest, TwoRanksOfHalfTheBatchTrainAsOneProcess) {
@@ -266,7 +268,7 @@ TEST_F(DistTest, TwoRanksOfHalfTheBatchTrainAsOneProcess) {
   two.output_dir = dir("two_ranks");
   TrainConfig one = config(128);
   one.output_dir = dir("one_process_rank" + std::to_string(world().rank()));
-  expect_two_ranks_train_as_one_process(*this, two, one, "2 ranks x 64 vs 1 x 128");
+  expect_two_ranks_train_as_one_process(two, one, 20, "1", "2 ranks x 64 vs 1 x 128");
 }
 
 // With --update_freq 2 only the step's second micro-batch reduces (the first accumulates
@@ -277,7 +279,7 @@ TEST_F(DistTest, TwoRanksWithGradientAccumulationTrainAsOneProcess) {
   two.output_dir = dir("two_ranks");
   TrainConfig one = config(128);
   one.output_dir = dir("one_process_rank" + std::to_string(world().rank()));
-  expect_two_ranks_train_as_one_process(*this, two, one, "2 ranks x 32 x update_freq 2 vs 1 x 128");
+  expect_two_ranks_train_as_one_process(two, one, 20, "1", "2 ranks x 32 x update_freq 2 vs 1 x 128");
 }
 
 // A 2-rank checkpoint resumed by one process: it goes on (with a warning on stderr) from the
@@ -319,23 +321,7 @@ TEST_F(DistTest, CudaTwoRanksTrainAsOneProcess) {
   one.use_amp = "false";
   one.max_steps = 6;
   one.output_dir = dir("one_process_rank" + std::to_string(w.rank()));
-  const TrainResult r2 = train(two, w);
-  const TrainResult r1 = train(one, Communicator::self());
-  ASSERT_EQ(r2.losses.size(), 6u);
-  ASSERT_EQ(r1.losses.size(), 6u);
-  double worst_loss = 0;
-  for (size_t i = 0; i < r1.losses.size(); ++i) {
-    worst_loss = std::max(worst_loss, std::abs(r2.losses[i] - r1.losses[i]) / std::abs(r1.losses[i]));
-    EXPECT_NEAR(r2.losses[i], r1.losses[i], 1e-4 * std::abs(r1.losses[i])) << "step " << i + 1;
-  }
-  const double worst_weight = max_weight_difference(checkpoint_path(two.output_dir, "recovery"),
-                                                    checkpoint_path(one.output_dir, "recovery"));
-  EXPECT_LT(worst_weight, 1e-4);
-  if (w.is_root())
-    std::printf("cuda: 2 ranks x 32 vs 1 x 64 over 6 steps: largest relative loss difference %.3g, largest "
-                "weight difference %.3g\n", worst_loss, worst_weight);
-  const std::vector<std::string> all = w.allgather(nlohmann::json(r2.losses).dump());
-  EXPECT_EQ(all[0], all[1]);
+  expect_two_ranks_train_as_one_process(two, one, 6, "recovery", "cuda: 2 ranks x 32 vs 1 x 64");
 }
 
 // The sharded evaluation (51 + 50 images, partial batches) counts exactly what one process
