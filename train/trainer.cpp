@@ -512,9 +512,13 @@ EvalResult evaluate(const ConvNeXt& model, const std::string& data_set, const st
 
 LrChoice resolve_lr(const TrainConfig& c, const std::optional<TrainConfig>& resumed, int world_size) {
   const int64_t total = c.batch_size * c.update_freq * world_size;
-  const std::string batch = " (total batch " + std::to_string(total) + " = " + std::to_string(c.batch_size) + " x " +
-                            std::to_string(c.update_freq) + " x " + std::to_string(world_size) + " rank" +
-                            (world_size == 1 ? "" : "s") + ")";
+  // "128" or, with several ranks, "128 = 64 x 1 x 2 ranks" (batch_size x update_freq x ranks)
+  const std::string total_text =
+      std::to_string(total) + (world_size == 1 ? std::string()
+                                               : " = " + std::to_string(c.batch_size) + " x " +
+                                                     std::to_string(c.update_freq) + " x " +
+                                                     std::to_string(world_size) + " ranks");
+  const std::string batch = " (total batch " + total_text + ")";
   if (resumed && resumed->lr_rule == "per_4096") {
     const double given = resumed->lr == -1 ? 0.128 : resumed->lr;  // 0.128: the old default
     const ScaledValue old = scale_lr_linear(given, total, kOldReferenceBatch, "lr");
@@ -526,7 +530,7 @@ LrChoice resolve_lr(const TrainConfig& c, const std::optional<TrainConfig>& resu
   const double blr = c.blr != -1 ? c.blr : kDefaultBlr;
   const double lr = blr * static_cast<double>(total) / 256.0;
   return {lr, "lr " + sci(lr) + " = --blr " + sci(blr) + (c.blr != -1 ? "" : " (the default)") + " x total batch " +
-                  std::to_string(total) + " / 256"};
+                  (world_size == 1 ? total_text : "(" + total_text + ")") + " / 256"};
 }
 
 // ---- training ---------------------------------------------------------------------------------

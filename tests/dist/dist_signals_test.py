@@ -14,6 +14,9 @@ killed_rank      SIGKILL to rank 1 mid-run: mpiexec must exit non-zero within 60
 hung_rank        SIGSTOP to rank 1 mid-run (a rank that hangs without dying) with
                  --dist_timeout 5: rank 0's watchdog ends it, mpiexec must exit non-zero within
                  60 s, and rank 0 must say why.
+failing_rank     Rank 0 alone fails (its first checkpoint cannot be written: a folder holds its
+                 name) while rank 1 waits for it: the job must end within 60 s, non-zero, with
+                 rank 0's one-line error.
 
 Python's standard library only. The ranks are found as the convnext children of this test's
 own mpiexec (their OMPI_COMM_WORLD_RANK), so tests running beside it are never touched.
@@ -178,11 +181,31 @@ def ends_the_job(r, name, sig, extra, expect_in_log):
     print(f"{name}: mpiexec exited with status {rc} {took:.1f} s after rank 1 got signal {sig}")
 
 
+def failing_rank(r):
+    out = os.path.join(r.root, "failing_rank")
+    os.makedirs(os.path.join(out, "checkpoint-0.safetensors"))  # the rename onto it fails
+    t0 = time.time()
+    p, log = r.start(out, 3)
+    try:
+        rc = p.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        raise AssertionError("failing_rank: mpiexec still running after 60 s")
+    finally:
+        log.close()
+    took = time.time() - t0
+    text = r.log_text(out)
+    assert rc != 0, "failing_rank: mpiexec exited 0"
+    assert "rank 0: convnext train:" in text and "(ending every rank)" in text, text[-3000:]
+    print(f"failing_rank: mpiexec exited with status {rc}, {took:.1f} s after the start (rank 0 failed "
+          f"at the end of epoch 0)")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("convnext")
     ap.add_argument("mpiexec")
-    ap.add_argument("--only", choices=["stop_and_resume", "killed_rank", "hung_rank"])
+    ap.add_argument("--only", choices=["stop_and_resume", "killed_rank", "hung_rank", "failing_rank"])
     args = ap.parse_args()
     root = tempfile.mkdtemp(prefix="cnx_dist_signals_")
     try:
@@ -193,6 +216,8 @@ def main():
             ends_the_job(r, "killed_rank", signal.SIGKILL, [], None)
         if args.only in (None, "hung_rank"):
             ends_the_job(r, "hung_rank", signal.SIGSTOP, ["--dist_timeout", "5"], "has waited")
+        if args.only in (None, "failing_rank"):
+            failing_rank(r)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return 0
