@@ -36,6 +36,7 @@
 //   ./build-emu/cost_model --dtype both --extrapolate_to 128 --json cost.json
 //   ./build-emu/cost_model --image_size 64 --batch 1 --check_batch 3   # the linearity check
 //   CNX_LINEAR_BGRADB=0 ./build-emu/cost_model ...                 # a fusion switched off
+//   (every switch: kernels/fusion.h; the output's "fusions:" line says which were on)
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
@@ -52,6 +53,7 @@
 #include "autograd/function.h"
 #include "autograd/ops.h"
 #include "kernels/cuda/emulator/emulator.h"
+#include "kernels/fusion.h"
 #include "models/convnext.h"
 #include "tensor/cuda_context.h"
 #include "tensor/pinned_memory.h"
@@ -445,12 +447,22 @@ int main(int argc, char** argv) {
               "      clip_grad_norm_status (max %g), AdamW, %szero_grad, status read back\n",
               o.drop_path, o.smoothing, o.clip_grad, o.ema ? "EMA update, " : "");
   std::printf("environment: %s\n", env_line.empty() ? "(no CNX_* variables)" : env_line.c_str());
+  nlohmann::json fusions = nlohmann::json::object();  // kernels/fusion.h, as this run has them
+  std::string fusion_line;
+  for (int f = 0; f < kFusionCount; ++f) {
+    const bool on = fusion_enabled(static_cast<Fusion>(f));
+    fusions[fusion_env_name(static_cast<Fusion>(f))] = on;
+    fusion_line += std::string(fusion_line.empty() ? "" : " ") + fusion_env_name(static_cast<Fusion>(f)) +
+                   (on ? "=on" : "=off");
+  }
+  std::printf("fusions: %s\n", fusion_line.c_str());
   std::printf("assumed H200 figures (not measurements): %.1f TB/s memory, %.0f TFLOP/s bf16, %.0f TFLOP/s TF32, "
               "%.0f TFLOP/s fp32; TF32 %s\n",
               spec.hbm_tbps, spec.bf16_tflops, spec.tf32_tflops, spec.fp32_tflops,
               cuda::allow_tf32() ? "allowed (CNX_ALLOW_TF32)" : "off (the library's default): fp32 GEMMs at the fp32 figure");
 
   nlohmann::json out = {{"model", o.model}, {"image_size", o.image_size}, {"environment", switches},
+                        {"fusions", fusions},
                         {"assumed_device", {{"hbm_tbps", spec.hbm_tbps}, {"bf16_tflops", spec.bf16_tflops},
                                             {"tf32_tflops", spec.tf32_tflops}, {"fp32_tflops", spec.fp32_tflops}}},
                         {"traced_batches", {batch, batch + 1}}, {"extrapolate_to", extrapolate_to},

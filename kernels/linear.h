@@ -168,10 +168,13 @@ void linear_backward(bf16* din, float* dweight, float* dbias, const bf16* dout, 
 //   "cuBLASLt+BGRADB epilogue"         dweight, dbias written by the GEMM (the fast path)
 //   "cuBLASLt"                         a GEMM with nothing else to do (no bias, din, dweight
 //                                      without dbias)
-//   "cuBLASLt, then bias pass"         forward, fp32: the epilogue refused, out += bias after
+//   "cuBLASLt, then bias pass"         forward, fp32: the epilogue refused (or switched off,
+//                                      CNX_LINEAR_BIAS=0), out += bias after
 //   "cuBLASLt to fp32 scratch, then bias pass"
-//                                      forward, bf16: the epilogue refused; an fp32 (M, N) copy
-//   "cuBLASLt, then column sums"       dweight: BGRADB refused, dbias by column_sums
+//                                      forward, bf16: the epilogue refused (or switched off);
+//                                      an fp32 (M, N) copy
+//   "cuBLASLt, then column sums"       dweight: BGRADB refused (or CNX_LINEAR_BGRADB=0), dbias
+//                                      by column_sums
 // and each of them with "cuBLAS fallback" in place of "cuBLASLt" where cuBLASLt offered no
 // algorithm at all and classic cuBLAS (cublasSgemm / cublasGemmEx) ran the product.
 enum class GemmPass { forward, dinput, dweight };

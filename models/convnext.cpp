@@ -13,6 +13,7 @@
 
 #include "autograd/function.h"
 #include "autograd/ops.h"
+#include "kernels/fusion.h"
 #include "models/state_dict.h"
 
 namespace cnx {
@@ -23,17 +24,14 @@ constexpr double kBatchNormEps = 1e-5;      // PyTorch's BatchNorm2d defaults
 constexpr double kBatchNormMomentum = 0.1;
 
 // Whether a block on CUDA runs its depthwise conv and LayerNorm as one fused op
-// (dwconv_layer_norm: one kernel, y stays in shared memory). On unless the environment sets
-// CNX_FUSE_DWCONV_LN=0, which selects the two ops, so that a benchmark or a cost model can
-// compare the two. Read once per process. The CPU always runs the two ops (the fused op's CPU
-// path is the same two reference ops, so there is nothing to gain).
-bool fuse_dwconv_layer_norm() {
-  static const bool on = [] {
-    const char* v = std::getenv("CNX_FUSE_DWCONV_LN");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
-  return on;
-}
+// (dwconv_layer_norm: one kernel, y stays in shared memory). On unless CNX_FUSE_DWCONV_LN=0
+// (kernels/fusion.h), which selects the two ops, so that a benchmark or a cost model can compare
+// the two. The CPU always runs the two ops (the fused op's CPU path is the same two reference
+// ops, so there is nothing to gain).
+bool fuse_dwconv_layer_norm() { return fusion_enabled(Fusion::dwconv_layernorm); }
+// Whether a block ends with scaled_residual (one pass) or with layer_scale, drop_path and add
+// (CNX_FUSE_SCALED_RESIDUAL=0), on either device.
+bool fuse_scaled_residual() { return fusion_enabled(Fusion::scaled_residual); }
 constexpr double kInitStd = 0.02;
 
 std::string join(const std::vector<int64_t>& v) {
@@ -899,15 +897,23 @@ Tensor ConvNeXt::block_forward(const Block& b, const Tensor& x, bool training, G
   if (b.n3.present()) h = norm_forward(b.n3, h, training);
   const Tensor shortcut =
       b.projection ? norm_forward(b.proj_norm, conv_forward(b.proj, x, bf16_weights), training) : x;
-  // shortcut + drop_path(layer_scale(h)) in one pass; the drop-path draw is drop_path()'s (the
-  // same samples, from the same generator state, as the unfused ops).
+  // shortcut + drop_path(layer_scale(h)) in one pass (or as the three ops with
+  // CNX_FUSE_SCALED_RESIDUAL=0, kernels/fusion.h); the drop-path draw is drop_path()'s (the same
+  // samples, from the same generator state, as the unfused ops).
   const Tensor gamma = b.gamma >= 0 ? p(b.gamma) : Tensor();
   Tensor scale;
   if (training && b.drop_prob > 0)
     scale = drop_scale.defined() ? drop_scale
                                  : drop_path_scale(x.dim(0), b.drop_prob, drop_gen, param_dtype(h.dtype()),
                                                    h.device());
-  Tensor out = scaled_residual(shortcut, h, gamma, scale);
+  Tensor out;
+  if (fuse_scaled_residual()) {
+    out = scaled_residual(shortcut, h, gamma, scale);
+  } else {
+    if (gamma.defined()) h = layer_scale(h, gamma);
+    if (scale.defined()) h = drop_path(h, scale);
+    out = add(shortcut, h);
+  }
   return b.act_out ? act_forward(out) : out;
 }
 

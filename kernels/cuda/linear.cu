@@ -27,6 +27,7 @@
 #include "kernels/cast.h"
 #include "kernels/cuda/launch.cuh"
 #include "kernels/cuda/vec.cuh"
+#include "kernels/fusion.h"
 #include "kernels/linear.h"
 #include "tensor/cuda_check.h"
 #include "tensor/cuda_context.h"
@@ -366,15 +367,11 @@ void note(GemmPass pass, int64_t M, int64_t K, int64_t N, std::string path, std:
                   std::move(why)});
 }
 
-// CNX_LINEAR_BGRADB=0 replaces the bias-gradient epilogue with the column-sum kernels below
-// (both are deterministic; the switch is for comparing them).
-bool use_bgradb() {
-  static const bool on = [] {
-    const char* v = std::getenv("CNX_LINEAR_BGRADB");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
-  return on;
-}
+// CNX_LINEAR_BGRADB=0 replaces the bias-gradient epilogue with the column-sum kernels below,
+// CNX_LINEAR_BIAS=0 the forward's BIAS epilogue with the plain GEMM and bias_rows (the fallback
+// path); both are deterministic, and the switches are for comparing the paths (kernels/fusion.h).
+bool use_bgradb() { return fusion_enabled(Fusion::linear_bgradb); }
+bool use_bias_epilogue() { return fusion_enabled(Fusion::linear_bias); }
 
 // ---- small kernels -----------------------------------------------------------------------------
 
@@ -524,14 +521,17 @@ void forward(T* out, const T* in, const T* weight, const float* bias, int64_t M,
     note<T>(GemmPass::forward, M, K, N, ran.path(), ran.why);
     return;
   }
-  g.epilogue = CUBLASLT_EPILOGUE_BIAS;  // bias (N) added to every column of out^T: every row of out
-  g.bias = bias_t;
-  const Lt lt = try_gemm(g, stream);
-  if (lt == Lt::ran) {
-    note<T>(GemmPass::forward, M, K, N, "cuBLASLt+BIAS epilogue");
-    return;
+  std::string why = "CNX_LINEAR_BIAS=0";  // why the bias is not the epilogue's
+  if (use_bias_epilogue()) {
+    g.epilogue = CUBLASLT_EPILOGUE_BIAS;  // bias (N) added to every column of out^T: every row of out
+    g.bias = bias_t;
+    const Lt lt = try_gemm(g, stream);
+    if (lt == Lt::ran) {
+      note<T>(GemmPass::forward, M, K, N, "cuBLASLt+BIAS epilogue");
+      return;
+    }
+    why = why_not(lt, g);
   }
-  const std::string why = why_not(lt, g);
   g.epilogue = CUBLASLT_EPILOGUE_DEFAULT;  // no epilogue for this call: add the bias after
   g.bias = nullptr;
   if constexpr (std::is_same_v<T, float>) {

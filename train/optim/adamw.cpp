@@ -7,6 +7,7 @@
 #include <set>
 
 #include "kernels/adamw.h"
+#include "kernels/fusion.h"
 #include "kernels/grad_norm.h"
 #include "models/state_dict.h"
 #include "tensor/cuda_context.h"
@@ -111,6 +112,9 @@ void AdamW::keep_bf16_copies(const std::vector<size_t>& which) {
   for (size_t i : which)
     CNX_CHECK(i < params_.size(), "AdamW.keep_bf16_copies: parameter index ", i, " but there are ",
               params_.size(), " parameters");
+  // CNX_BF16_WEIGHT_COPIES=0 (kernels/fusion.h): no copies, so a bf16 forward casts each GEMM
+  // weight itself, as it would without this optimiser (the unfused step, for comparisons).
+  if (!fusion_enabled(Fusion::bf16_weight_copies)) return;
   for (size_t i : which)
     if (!bf16_[i].defined()) bf16_[i] = params_[i].value.detach().to(DType::bf16);
 }

@@ -155,7 +155,8 @@ class AdamW {
   // ---- bf16 copies (see the top of the file) ---------------------------------------------------
   // Keeps a bf16 copy of parameters `which` (indices into parameters(); repeats and indices
   // already kept are fine), made now by casting the values. Throws cnx::Error for an index out
-  // of range.
+  // of range. Does nothing (after the check) when CNX_BF16_WEIGHT_COPIES=0 (kernels/fusion.h):
+  // bf16_copies() then stays all undefined, and the forward casts the weights.
   void keep_bf16_copies(const std::vector<size_t>& which);
   // Rewrites every kept copy as the cast of its parameter's current value. Call it after
   // anything but step() wrote the parameters (the top of the file says who).
