@@ -76,8 +76,12 @@ def train_lines(out_dir):
 class Runner:
     def __init__(self, convnext, mpiexec, root):
         self.convnext, self.mpiexec, self.root = convnext, mpiexec, root
+        # CNX_TEST_PAUSE_BEFORE_RENAME_MS holds every checkpoint save (one an epoch) for a moment
+        # (the arithmetic is unchanged): a run of a few milliseconds a step lasts long enough
+        # to be signalled before it ends.
         self.env = dict(os.environ, OMP_NUM_THREADS="1", OMPI_ALLOW_RUN_AS_ROOT="1",
-                        OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMPI_MCA_rmaps_base_oversubscribe="1")
+                        OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMPI_MCA_rmaps_base_oversubscribe="1",
+                        CNX_TEST_PAUSE_BEFORE_RENAME_MS="200")
         self.data = os.path.join(root, "data")
         subprocess.run([convnext, "make-folder", "--out", self.data, "--train_per_class", "32",
                         "--val_per_class", "8", "--height", "40", "--width", "40"],
@@ -118,11 +122,11 @@ class Runner:
 
 
 def stop_and_resume(r):
-    epochs = 6  # 64 images / (4 x 2 x 2 ranks) = 4 steps an epoch: 24 steps
+    epochs = 10  # 64 images / (4 x 2 x 2 ranks) = 4 steps an epoch: 40 steps, >= 2 s of saves
     whole = os.path.join(r.root, "whole")
     assert r.run(whole, epochs) == 0, r.log_text(whole)[-3000:]
     parts = os.path.join(r.root, "parts")
-    stops = [("SIGUSR1 to mpiexec", 5), ("SIGTERM to every rank", 13)]
+    stops = [("SIGUSR1 to mpiexec", 5), ("SIGTERM to every rank", 17)]
     for how, at_step in stops:
         p, log = r.start(parts, epochs, ["--auto_resume", "true"])
         r.wait_for_steps(p, parts, at_step)
@@ -134,7 +138,7 @@ def stop_and_resume(r):
         rc = p.wait(timeout=120)
         log.close()
         text = r.log_text(parts)
-        assert rc != 0, f"{how}: mpiexec exited 0"
+        assert rc != 0, f"{how}: mpiexec exited 0 (did the run end before the signal?)"
         recovery = os.path.join(parts, "checkpoint-recovery.safetensors")
         assert os.path.exists(recovery), f"{how}: no recovery checkpoint\n" + text[-3000:]
         assert "stopped by signal" in text, text[-3000:]

@@ -54,9 +54,9 @@ int main(int argc, char** argv) {
     } catch (const std::exception& e) {  // cnx::Error and anything else: one line
       // One of several ranks (mpirun): the others would wait for it in their next collective,
       // so the whole job ends now (MPI_Abort), with this line.
-      cnx::dist::Communicator& world = cnx::dist::Communicator::world();
-      if (world.size() > 1)
-        world.abort("convnext " + c.app->get_name() + ": " + e.what() + " (ending every rank)");
+      cnx::dist::Communicator* world = cnx::dist::Communicator::world_if_made();
+      if (world != nullptr && world->size() > 1)
+        world->abort("convnext " + c.app->get_name() + ": " + e.what() + " (ending every rank)");
       std::fprintf(stderr, "convnext %s: %s\n", c.app->get_name().c_str(), e.what());
       return 1;
     }

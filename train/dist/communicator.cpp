@@ -212,6 +212,12 @@ Communicator::Communicator(std::unique_ptr<Impl> impl, int rank, int size, int l
 
 Communicator::~Communicator() = default;
 
+namespace {
+std::atomic<Communicator*> g_world{nullptr};
+}  // namespace
+
+Communicator* Communicator::world_if_made() { return g_world.load(); }
+
 Communicator& Communicator::world() {
   static Communicator* w = [] {
     if (!launched_as_rank()) {
@@ -244,6 +250,7 @@ Communicator& Communicator::world() {
     return new Communicator(std::make_unique<Impl>(), 0, 1, 0, 1);
 #endif
   }();
+  g_world.store(w);
   return *w;
 }
 

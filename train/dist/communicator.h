@@ -57,6 +57,9 @@ class Communicator {
  public:
   // This process's world, made on first use (thread-safe). MPI is finalised at exit.
   static Communicator& world();
+  // The world if world() has made it (nullptr before, or when making it failed): for an error
+  // path that must not start MPI, or throw again.
+  static Communicator* world_if_made();
   // A world of this process alone, whatever the launcher (MPI_COMM_SELF under MPI): a
   // one-process reference run inside an MPI job (the tests).
   static Communicator& self();
