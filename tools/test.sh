@@ -53,6 +53,8 @@ GPU_TARGETS=(convnext $(cd tests && ls test_cuda_*.cpp | sed 's/\.cpp$//')
              test_bf16_ops test_bf16_gemm test_bf16_layernorm test_bf16_dwconv test_bf16_weights
              test_scaled_residual test_batch_finish test_amp test_cli test_safetensors test_tensor
              test_emulator test_emulator_cublas)
+# The two-rank tests (dist.Cuda: two emulated GPUs, NCCL over MPI) when MPI is there.
+if command -v mpiexec >/dev/null 2>&1; then GPU_TARGETS+=(test_dist); fi
 
 emulator_suite() {  # build dir, extra cmake flags...
   local dir=$1
