@@ -499,11 +499,9 @@ LoaderOptions eval_loader_options(int64_t batch_size, int workers, int64_t input
 
 EvalResult evaluate(const ConvNeXt& model, const std::string& data_set, const std::string& data_path,
                     int64_t batch_size, int workers, int64_t input_size, double crop_pct, dist::Communicator* world) {
-  LoaderOptions o = eval_loader_options(batch_size, workers, input_size, crop_pct).for_device(model.device());
-  if (world != nullptr) {
-    o.rank = world->rank();
-    o.world_size = world->size();
-  }
+  const LoaderOptions o = eval_loader_options(batch_size, workers, input_size, crop_pct)
+                              .for_device(model.device())
+                              .for_rank(world ? world->rank() : 0, world ? world->size() : 1);
   SplitData test = open_split(data_set, data_path, /*train=*/false, o);
   CNX_CHECK(test.num_classes() == model.config().num_classes, "eval: the model has ",
             model.config().num_classes, " classes, ", data_set, " has ", test.num_classes());
@@ -702,9 +700,8 @@ void TrainingRun::say(const char* format, ...) const {
 }
 
 Device TrainingRun::rank_device() const {
-  if (world_.size() == 1) return resolve_device(cfg_.device);
   const Device d = resolve_device(cfg_.device);
-  if (!d.is_cuda()) return d;
+  if (world_.size() == 1 || !d.is_cuda()) return d;
   CNX_CHECK(cfg_.device == "cuda", "--device ", cfg_.device, ": with ", world_.size(),
             " ranks each rank takes the GPU of its local rank; use --device cuda");
 #if CNX_CUDA_EMULATOR
@@ -722,15 +719,12 @@ void TrainingRun::open_data() {
   // on the device (batch_images); on the CPU float batches finished by the workers.
   // Each rank reads its shard of every epoch (DistributedSampler's: the same permutation for any
   // world size, strided by rank), and its shard of the test split.
-  LoaderOptions train_options = cfg_.train_loader_options().for_device(device_);
-  LoaderOptions test_options =
-      eval_loader_options(cfg_.batch_size, cfg_.num_workers, cfg_.input_size, cfg_.crop_pct).for_device(device_);
-  for (LoaderOptions* o : {&train_options, &test_options}) {
-    o->rank = world_.rank();
-    o->world_size = world_.size();
-  }
-  train_set_ = open_split(cfg_.data_set, cfg_.data_path, /*train=*/true, train_options);
-  test_set_ = open_split(cfg_.data_set, cfg_.data_path, /*train=*/false, test_options);
+  train_set_ = open_split(cfg_.data_set, cfg_.data_path, /*train=*/true,
+                          cfg_.train_loader_options().for_device(device_).for_rank(world_.rank(), world_.size()));
+  test_set_ = open_split(cfg_.data_set, cfg_.data_path, /*train=*/false,
+                         eval_loader_options(cfg_.batch_size, cfg_.num_workers, cfg_.input_size, cfg_.crop_pct)
+                             .for_device(device_)
+                             .for_rank(world_.rank(), world_.size()));
   CNX_CHECK(train_set_.num_classes() == test_set_.num_classes(), cfg_.data_set, ": the training split has ",
             train_set_.num_classes(), " classes, the test split ", test_set_.num_classes());
   batches_ = train_set_.loader->batches_per_epoch();

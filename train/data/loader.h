@@ -193,6 +193,13 @@ struct LoaderOptions {
     o.pinned = device.is_cuda();
     return o;
   }
+  // These options for rank `of_rank` of `ranks` data-parallel ranks (its shard: "Order:").
+  LoaderOptions for_rank(int of_rank, int ranks) const {
+    LoaderOptions o = *this;
+    o.rank = of_rank;
+    o.world_size = ranks;
+    return o;
+  }
 };
 
 // A batch before its finish (kernels/batch_finish.h): one block of the loader's pool holding the
