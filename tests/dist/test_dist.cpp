@@ -77,6 +77,16 @@ class DistTest : public ::testing::Test {
   fs::path root_;
 };
 
+// The tiny ConvNeXt of config() (one-channel images) with `classes` outputs.
+ConvNeXtConfig tiny_model(int64_t classes) {
+  ConvNeXtConfig mc;
+  mc.depths = {1, 1};
+  mc.dims = {8, 16};
+  mc.in_chans = 1;
+  mc.num_classes = classes;
+  return mc;
+}
+
 // The model's parameters in a checkpoint, as doubles, by name.
 std::map<std::string, std::vector<double>> checkpoint_weights(const std::string& path) {
   std::map<std::string, std::vector<double>> out;
@@ -187,13 +197,8 @@ TEST(DistGradReducer, AveragesEveryGradientOverTheRanks) {
 // the mean of the two ranks' own (each rank feeds its own images).
 TEST(DistGradReducer, BucketsStartDuringTheBackward) {
   Communicator& w = world();
-  ConvNeXtConfig mc;
-  mc.depths = {1, 1};
-  mc.dims = {8, 16};
-  mc.in_chans = 1;
-  mc.num_classes = 4;
   Generator init(5);
-  ConvNeXt model(mc, init);
+  ConvNeXt model(tiny_model(4), init);
   dist::GradReducer reducer(w, model.parameters(), Device::cpu(), 2048);
   const size_t n = reducer.buckets().size();
   ASSERT_GE(n, 3u);
@@ -328,13 +333,8 @@ TEST_F(DistTest, CudaTwoRanksTrainAsOneProcess) {
 // counts, for a model that is far from perfect (freshly initialised: about chance).
 TEST_F(DistTest, ShardedEvaluationEqualsOneProcess) {
   Communicator& w = world();
-  ConvNeXtConfig mc;
-  mc.depths = {1, 1};
-  mc.dims = {8, 16};
-  mc.in_chans = 1;
-  mc.num_classes = 10;
   Generator init(3);
-  ConvNeXt model(mc, init);
+  ConvNeXt model(tiny_model(10), init);
   // The data's four classes get a head start, so that the predictions spread over them (about
   // chance, 25%) instead of all falling on one of the six classes the data never has.
   for (Parameter& p : model.parameters())
