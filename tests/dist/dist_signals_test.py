@@ -26,22 +26,16 @@ import json
 import os
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import tempfile
 import time
 
 
-def tensors(path):
-    """name -> (dtype, shape, raw bytes) of a safetensors file."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-        buf = f.read()
-    header.pop("__metadata__", None)
-    return {k: (v["dtype"], v["shape"], buf[v["data_offsets"][0]:v["data_offsets"][1]])
-            for k, v in header.items()}
+# The safetensors reader of the one-process kill test (tests/kill_resume_test.py).
+sys.dont_write_bytecode = True  # no __pycache__ in the source tree
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from kill_resume_test import tensors  # noqa: E402
 
 
 def ranks_of(mpiexec_pid):
